@@ -1,0 +1,25 @@
+"""dtypelint: find dtype conflicts in PyTorch models before the backend does.
+
+Pipeline: ``load`` -> ``trace`` -> ``graph`` -> ``rules`` -> ``report`` | ``fix``.
+"""
+
+from dtypelint.audit import audit, audit_config, trace
+from dtypelint.errors import DtypelintError, LoadError, UsageError
+from dtypelint.graph import DtypeGraph
+from dtypelint.report import CATEGORIES, Finding, Fix, Report
+from dtypelint.trace import Tracer
+
+__all__ = [
+    "CATEGORIES",
+    "DtypeGraph",
+    "DtypelintError",
+    "Finding",
+    "Fix",
+    "LoadError",
+    "Report",
+    "Tracer",
+    "UsageError",
+    "audit",
+    "audit_config",
+    "trace",
+]

@@ -1,0 +1,203 @@
+"""The audit API: load -> trace -> graph -> rules -> report, for a model object or a config."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Mapping
+from contextlib import ExitStack
+from typing import Any
+
+import torch
+
+from dtypelint.dtypes import dtype_name, parse_dtype
+from dtypelint.errors import UsageError
+from dtypelint.graph import DtypeGraph
+from dtypelint.load import build_fake_model, call_arguments, config_dtype, load_config, sample_inputs
+from dtypelint.report import Report
+from dtypelint.rules import Selection, run_rules
+from dtypelint.rules.base import Options, RuleContext
+from dtypelint.rules.packs import load_pack
+from dtypelint.trace import TraceResult, Tracer
+
+MODES = ("value", "meta")
+
+
+def infer_compute_dtype(model: torch.nn.Module) -> torch.dtype:
+    """The floating dtype holding most parameter elements (float32 for a model without any)."""
+    sizes: Counter[torch.dtype] = Counter()
+    for param in model.parameters():
+        if param.is_floating_point():
+            sizes[param.dtype] += param.numel()
+    return sizes.most_common(1)[0][0] if sizes else torch.float32
+
+
+def _unwrap(model: Any, notes: list[str]) -> torch.nn.Module:
+    original = getattr(model, "_orig_mod", None)
+    if isinstance(original, torch.nn.Module):
+        notes.append("torch.compile'd model: audited its eager original (_orig_mod)")
+        model = original
+    if not isinstance(model, torch.nn.Module):
+        raise UsageError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    return model
+
+
+def _fake_state(model: torch.nn.Module, fake_mode: Any) -> dict[str, torch.Tensor]:
+    """Fake CPU stand-ins for every parameter and buffer, real or on the meta device."""
+    converter = fake_mode.fake_tensor_converter
+    state = {}
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if tensor.device.type == "meta":
+            state[name] = converter.from_meta_and_device(fake_mode, tensor, torch.device("cpu"))
+        else:
+            state[name] = fake_mode.from_tensor(tensor)
+    return state
+
+
+def _run(
+    model: torch.nn.Module, inputs: Any, *, mode: str, stats: bool, fake_mode: Any = None, notes: list[str]
+) -> TraceResult:
+    """Trace one forward. Exceptions of the forward are kept in the result, never raised."""
+    if mode not in MODES:
+        raise UsageError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
+    args, kwargs, names = call_arguments(model, inputs)
+    state = None
+    if mode == "meta" and fake_mode is None:
+        from torch._subclasses.fake_tensor import FakeTensorMode
+
+        fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
+        state = _fake_state(model, fake_mode)
+    elif mode == "value" and any(t.device.type == "meta" for t in [*model.parameters(), *model.buffers()]):
+        raise UsageError("the model has tensors on the meta device, which value mode cannot run; use mode='meta'")
+    tracer = Tracer(model, stats=stats and mode == "value", state=state)
+    tracer.add_inputs(args, kwargs, names)
+    error = None
+    with ExitStack() as stack:
+        if fake_mode is not None:
+            stack.enter_context(fake_mode)
+        stack.enter_context(torch.no_grad())
+        try:
+            with tracer:
+                if state is None:
+                    model(*args, **kwargs)
+                else:
+                    torch.func.functional_call(model, state, args, kwargs, strict=False)
+        except Exception as exception:  # noqa: BLE001 - the audit reports whatever the forward raised
+            error = exception
+    return TraceResult(tracer, error, fake=fake_mode is not None, notes=notes)
+
+
+def _graph(result: TraceResult) -> DtypeGraph:
+    graph = DtypeGraph.from_trace(result)
+    result.tracer.release()
+    return graph
+
+
+def trace(model: torch.nn.Module, inputs: Any, *, mode: str = "value", stats: bool = False) -> DtypeGraph:
+    """Run ``model`` on ``inputs`` under the tracer and return the dtype graph (never raises for a
+    forward that fails: the graph holds the ops up to the failing one, marked ``failed``)."""
+    notes: list[str] = []
+    model = _unwrap(model, notes)
+    return _graph(_run(model, inputs, mode=mode, stats=stats, notes=notes))
+
+
+def _report(
+    result: TraceResult,
+    *,
+    compute_dtype: torch.dtype,
+    backend: str,
+    selection: Selection,
+    options: Options | None,
+) -> Report:
+    pack = load_pack(backend)
+    graph = _graph(result)
+    context = RuleContext(
+        graph=graph,
+        model=result.tracer.model_info,
+        compute_dtype=compute_dtype,
+        pack=pack,
+        error=result.error,
+        options=options or Options(),
+    )
+    return Report(
+        graph=graph,
+        findings=run_rules(context, selection),
+        model=context.model.class_name,
+        backend=pack.name,
+        mode=graph.graph["mode"],
+        compute_dtype=dtype_name(compute_dtype),
+        notes=result.notes,
+    )
+
+
+def _selection(
+    select: list[str] | None,
+    ignore: list[str] | None,
+    extend_select: list[str] | None,
+    per_location_ignores: Mapping[str, list[str]] | None,
+    severity: Mapping[str, str] | None,
+) -> Selection:
+    return Selection(
+        select=list(select) if select is not None else None,
+        extend_select=list(extend_select or []),
+        ignore=list(ignore or []),
+        per_location_ignores=dict(per_location_ignores or {}),
+        severity=dict(severity or {}),
+    )
+
+
+def audit(
+    model: torch.nn.Module,
+    inputs: Any,
+    *,
+    dtype: str | torch.dtype | None = None,
+    backend: str = "hf-eager",
+    mode: str = "value",
+    stats: bool = True,
+    select: list[str] | None = None,
+    ignore: list[str] | None = None,
+    extend_select: list[str] | None = None,
+    per_location_ignores: Mapping[str, list[str]] | None = None,
+    severity: Mapping[str, str] | None = None,
+    options: Options | None = None,
+) -> Report:
+    """Trace one forward of ``model`` on ``inputs`` and run the rules of ``backend`` over it.
+
+    ``inputs`` is a tensor, a tuple of positional arguments or a dict of keyword arguments. ``dtype`` is
+    the intended compute dtype (default: the dtype of most parameter elements). ``mode="meta"`` runs the
+    forward on fake copies of the weights. The model is left exactly as it was.
+    """
+    notes: list[str] = []
+    model = _unwrap(model, notes)
+    selection = _selection(select, ignore, extend_select, per_location_ignores, severity)
+    compute_dtype = parse_dtype(dtype) or infer_compute_dtype(model)
+    load_pack(backend)  # a bad backend fails before the forward runs
+    result = _run(model, inputs, mode=mode, stats=stats, notes=notes)
+    return _report(result, compute_dtype=compute_dtype, backend=backend, selection=selection, options=options)
+
+
+def audit_config(
+    config: Any,
+    *,
+    dtype: str | torch.dtype | None = None,
+    backend: str = "hf-eager",
+    batch: int = 1,
+    seq_len: int = 16,
+    trust_remote_code: bool = False,
+    select: list[str] | None = None,
+    ignore: list[str] | None = None,
+    extend_select: list[str] | None = None,
+    per_location_ignores: Mapping[str, list[str]] | None = None,
+    severity: Mapping[str, str] | None = None,
+    options: Options | None = None,
+) -> Report:
+    """Audit a causal LM from its config alone (meta mode): no weights are allocated, so a 70B config
+    audits on a laptop. ``config`` is a transformers config, a ``config.json`` path or a directory."""
+    selection = _selection(select, ignore, extend_select, per_location_ignores, severity)
+    config = load_config(config, trust_remote_code=trust_remote_code)
+    compute_dtype = parse_dtype(dtype) or config_dtype(config) or torch.float32
+    load_pack(backend)
+    model, fake_mode = build_fake_model(config, compute_dtype)
+    with fake_mode:
+        inputs = sample_inputs(model, config, batch=batch, seq_len=seq_len)
+    result = _run(model, inputs, mode="meta", stats=False, fake_mode=fake_mode, notes=[])
+    return _report(result, compute_dtype=compute_dtype, backend=backend, selection=selection, options=options)

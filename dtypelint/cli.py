@@ -1,0 +1,128 @@
+"""The ``dtypelint`` command.
+
+Exit codes: 0 no finding at or above ``--fail-on``; 1 findings at or above it; 2 usage error or a model,
+config or rule pack that could not be loaded (one line on stderr; ``--debug`` shows the traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from dtypelint.errors import DtypelintError
+
+EXIT_CLEAN, EXIT_FINDINGS, EXIT_ERROR = 0, 1, 2
+WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dtypelint", description=__doc__.splitlines()[0])
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    check = commands.add_parser("check", help="audit a checkpoint directory or a config")
+    check.add_argument("path", help="checkpoint directory, or a config.json / directory without weights")
+    check.add_argument("--dtype", default="auto", help="float16|bfloat16|float32|auto (default: the config's)")
+    check.add_argument("--backend", default="hf-eager", help="rule pack name or path (default: hf-eager)")
+    check.add_argument("--mode", choices=("value", "meta"), help="value (real weights) or meta (config only)")
+    check.add_argument("--batch", type=int, default=1)
+    check.add_argument("--seq-len", type=int, default=16)
+    check.add_argument("--format", choices=("text", "json"), default="text")
+    check.add_argument("--fail-on", choices=("info", "warning", "error"), default="error")
+    check.add_argument("--exit-zero", action="store_true", help="exit 0 whatever the findings")
+    check.add_argument("--select", type=_codes, help="comma-separated codes, prefixes or names")
+    check.add_argument("--ignore", type=_codes, default=[])
+    check.add_argument("--extend-select", type=_codes, default=[])
+    check.add_argument("--trust-remote-code", action="store_true")
+
+    commands.add_parser("rules", help="list the rules")
+    explain = commands.add_parser("explain", help="print a rule's documentation")
+    explain.add_argument("code")
+    return parser
+
+
+def _codes(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def _has_weights(path: Path) -> bool:
+    return path.is_dir() and any(next(path.glob(pattern), None) for pattern in WEIGHT_PATTERNS)
+
+
+def _check(options: argparse.Namespace) -> int:
+    from dtypelint.audit import audit, audit_config
+    from dtypelint.dtypes import parse_dtype
+    from dtypelint.errors import LoadError, UsageError
+    from dtypelint.load import config_dtype, load_checkpoint, load_config, sample_inputs
+    from dtypelint.rules.packs import load_pack
+
+    # Cheap validation first: a typo must not cost a model load.
+    dtype = None if options.dtype == "auto" else parse_dtype(options.dtype)
+    load_pack(options.backend)
+    path = Path(options.path)
+    if not path.exists():
+        raise LoadError(f"{path} does not exist")
+    if path.is_dir() and not any(path.iterdir()):
+        raise LoadError(f"{path} is an empty directory")
+    mode = options.mode or ("value" if _has_weights(path) else "meta")
+    selection = dict(select=options.select, ignore=options.ignore, extend_select=options.extend_select)
+    if mode == "meta":
+        report = audit_config(
+            path, dtype=dtype, backend=options.backend, batch=options.batch, seq_len=options.seq_len,
+            trust_remote_code=options.trust_remote_code, **selection,
+        )
+    else:
+        if not _has_weights(path):
+            raise UsageError(f"{path} holds no weights (*.safetensors, pytorch_model*.bin); use --mode meta")
+        config = load_config(path, trust_remote_code=options.trust_remote_code)
+        load_dtype = dtype or config_dtype(config)
+        model = load_checkpoint(path, load_dtype, trust_remote_code=options.trust_remote_code)
+        inputs = sample_inputs(model, config, batch=options.batch, seq_len=options.seq_len)
+        report = audit(model, inputs, dtype=load_dtype, backend=options.backend, **selection)
+    if options.format == "json":
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        print(report.render())
+    failing = report.at_or_above(options.fail_on)
+    return EXIT_FINDINGS if failing and not options.exit_zero else EXIT_CLEAN
+
+
+def _rules() -> int:
+    from tabulate import tabulate
+
+    from dtypelint.rules import all_rules
+
+    rows = [(rule.code, rule.name, rule.category, rule.severity, rule.summary) for rule in all_rules()]
+    print(tabulate(rows, headers=("code", "name", "category", "severity", "summary"), maxcolwidths=[None] * 4 + [70]))
+    return EXIT_CLEAN
+
+
+def _explain(code: str) -> int:
+    from dtypelint.rules import find_rule
+
+    rule = find_rule(code)
+    print(f"# {rule.name} ({rule.code})\n\ncategory: {rule.category}, default severity: {rule.severity}, "
+          f"fix: {rule.fix_availability}\n\n{rule.docs}")
+    return EXIT_CLEAN
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    options = _parser().parse_args(argv)
+    try:
+        if options.command == "check":
+            return _check(options)
+        if options.command == "rules":
+            return _rules()
+        return _explain(options.code)
+    except DtypelintError as error:
+        if options.debug:
+            raise
+        print(f"dtypelint: error: {error}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,15 @@
+"""The errors dtypelint raises on bad input. The CLI prints them as one line and exits with code 2."""
+
+from __future__ import annotations
+
+
+class DtypelintError(Exception):
+    """Base class: a problem with what the user asked for, not a bug in dtypelint."""
+
+
+class UsageError(DtypelintError, ValueError):
+    """An argument, option or configuration value is invalid."""
+
+
+class LoadError(DtypelintError):
+    """A model, checkpoint, config or rule pack could not be loaded."""

@@ -1,0 +1,242 @@
+"""Stage 3 of the pipeline: the dtype graph built from a trace.
+
+``DtypeGraph`` *is* a ``networkx.DiGraph``. Op nodes (``op0``, ``op1``, ... in execution order) and
+tensor nodes (``t0``, ``t1``, ...) alternate: an edge ``tensor -> op`` is an input (attribute ``arg``,
+the argument position or keyword), an edge ``op -> tensor`` an output. An in-place op produces a new
+version of the tensor it mutates, so the graph stays acyclic.
+
+Op node attributes: ``kind="op"``, ``index``, ``target`` (``aten.mm.default``), ``name`` (``aten.mm``),
+``module`` (state-dict path of the module that ran it, ``""`` for the root), ``inplace``, ``failed``.
+Tensor node attributes: ``kind="tensor"``, ``dtype`` (``"float16"``), ``shape`` (tuple), ``device``,
+``origin`` (``parameter`` | ``buffer`` | ``attribute`` | ``input`` | ``constant`` | ``op``), ``name``
+(qualified name of a leaf), and in value mode with statistics ``min``/``max``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import networkx as nx
+import torch
+
+from dtypelint.dtypes import dtype_name
+from dtypelint.errors import UsageError
+from dtypelint.trace import Origin, TensorRecord, TraceResult
+
+_PRODUCED = Origin("op")
+LEAF_ORIGINS = frozenset({"parameter", "buffer", "attribute", "input", "constant"})
+
+# Ops that only re-view or re-label a tensor: following them keeps the identity of what flows.
+VIEW_OPS = frozenset(
+    {
+        "aten.t", "aten.view", "aten._unsafe_view", "aten.reshape", "aten.transpose", "aten.permute",
+        "aten.expand", "aten.unsqueeze", "aten.squeeze", "aten.slice", "aten.select", "aten.alias",
+        "aten.detach", "aten.clone", "aten.contiguous", "aten.lift_fresh", "aten.as_strided",
+        "aten.split", "aten.split_with_sizes", "aten.chunk", "aten.unbind", "aten.flatten", "aten.repeat",
+    }
+)
+# Ops whose purpose is to change the dtype: an explicit cast is never a conflict by itself.
+CAST_OPS = frozenset({"aten._to_copy", "aten.to", "aten.copy_", "aten.copy", "aten._to_dtype"})
+
+
+class DtypeGraph(nx.DiGraph):
+    """A networkx digraph of ops and tensors with the queries the rules need."""
+
+    @classmethod
+    def from_trace(cls, result: TraceResult) -> DtypeGraph:
+        tracer = result.tracer
+        graph = cls()
+        graph.graph.update(
+            model=tracer.model_info.class_name,
+            mode="meta" if result.fake else "value",
+            error=None if result.error is None else f"{type(result.error).__name__}: {result.error}",
+        )
+        graph.add_nodes_from(
+            (f"t{index}", _tensor_attributes(tensor)) for index, tensor in enumerate(tracer.tensors)
+        )
+        ops, edges = [], []
+        for index, record in enumerate(tracer.records):
+            target = str(record.func)
+            if target.startswith("prim."):
+                continue  # metadata queries (prim.device under fake tensors), not data ops
+            op = f"op{index}"
+            name = target.rsplit(".", 1)[0] if target.count(".") > 1 else target
+            attributes = dict(
+                kind="op",
+                index=index,
+                target=target,
+                name=name,
+                module=record.module,
+                inplace=record.func._schema.is_mutable,
+                failed=not record.completed,
+            )
+            ops.append((op, attributes))
+            edges += [(f"t{tensor}", op, {"arg": argument}) for argument, tensor in record.inputs]
+            edges += [(op, f"t{tensor}", {"out": position}) for position, tensor in enumerate(record.outputs or [])]
+            if not record.inputs:
+                for tensor in record.outputs or []:
+                    graph.nodes[f"t{tensor}"].update(origin="constant", name=name)
+        graph.add_nodes_from(ops)
+        graph.add_edges_from(edges)
+        return graph
+
+    # Queries -------------------------------------------------------------------------------------------
+
+    def ops(self) -> Iterator[str]:
+        """Op nodes in execution order."""
+        return (node for node, kind in self.nodes(data="kind") if kind == "op")
+
+    def tensors(self) -> Iterator[str]:
+        return (node for node, kind in self.nodes(data="kind") if kind == "tensor")
+
+    def inputs(self, op: str) -> list[tuple[str, str]]:
+        """``(tensor node, argument)`` pairs of an op, in argument order."""
+        return [(source, data["arg"]) for source, _, data in self.in_edges(op, data=True)]
+
+    def outputs(self, op: str) -> list[str]:
+        return list(self.successors(op))
+
+    def producer(self, tensor: str) -> str | None:
+        return next(iter(self.predecessors(tensor)), None)
+
+    def consumers(self, tensor: str) -> list[str]:
+        return list(self.successors(tensor))
+
+    def dtype(self, tensor: str) -> torch.dtype:
+        return getattr(torch, self.nodes[tensor]["dtype"])
+
+    def floating_inputs(self, op: str) -> list[str]:
+        return [node for node, _ in self.inputs(op) if self.dtype(node).is_floating_point]
+
+    def leaves(self, tensor: str) -> list[str]:
+        """Every leaf tensor (parameter, buffer, attribute, input, constant) the tensor derives from."""
+        return [
+            node
+            for node in sorted(nx.ancestors(self, tensor) | {tensor}, key=_node_order)
+            if self.nodes[node]["kind"] == "tensor" and self.nodes[node]["origin"] in LEAF_ORIGINS
+        ]
+
+    def find_tensor(self, name: str) -> str | None:
+        """The leaf node of a named parameter, buffer, attribute or input, if the forward used it."""
+        return next((node for node, label in self.nodes(data="name") if label == name), None)
+
+    def source(self, tensor: str) -> str:
+        """The tensor this one is a view or copy of, followed back through view ops only."""
+        node = tensor
+        while (op := self.producer(node)) is not None and self.nodes[op]["name"] in VIEW_OPS:
+            node = self.inputs(op)[0][0]
+        return node
+
+    def describe(self, tensor: str) -> str:
+        """A short human label: ``buffer model.rotary_emb.inv_freq`` or ``activation of aten.mul``."""
+        source = self.nodes[self.source(tensor)]
+        if source["origin"] in ("parameter", "buffer", "attribute", "input"):
+            return f"{source['origin']} {source['name']}"
+        if source["origin"] == "constant":
+            return f"constant from {source['name']}" if source["name"] else "constant"
+        op = self.producer(self.source(tensor))
+        return f"activation from {self.nodes[op]['name']}" if op else "activation"
+
+    def dtype_conflicts(self) -> Iterator[str]:
+        """Ops (not explicit casts) whose floating tensor inputs have different dtypes."""
+        for op in self.ops():
+            if self.nodes[op]["name"] in CAST_OPS:
+                continue
+            if len({self.nodes[node]["dtype"] for node in self.floating_inputs(op)}) > 1:
+                yield op
+
+    def downstream(self, node: str) -> set[str]:
+        return nx.descendants(self, node)
+
+    def neighbourhood(self, node: str, radius: int = 2) -> DtypeGraph:
+        """The subgraph within ``radius`` edges of ``node``, in either direction."""
+        return self.subgraph(nx.ego_graph(self, node, radius=radius, undirected=True)).copy()
+
+    def label(self, node: str) -> str:
+        data = self.nodes[node]
+        if data["kind"] == "op":
+            where = f" @ {data['module']}" if data["module"] else ""
+            return f"{data['name']}{where}"
+        name = data["name"] if data["origin"] in LEAF_ORIGINS and data["name"] else data["origin"]
+        return f"{name} {data['dtype']}{list(data['shape'])}"
+
+    # Export --------------------------------------------------------------------------------------------
+
+    def to_node_link(self) -> dict[str, Any]:
+        return nx.node_link_data(_export_ready(self), edges="edges")
+
+    def to_mermaid(self, nodes: Iterable[str] | None = None) -> str:
+        """A Mermaid flowchart of the given nodes (all when None): ops are boxes, tensors rounded."""
+        chosen = self if nodes is None else self.subgraph(nodes)
+        lines = ["flowchart TD"]
+        for node, data in chosen.nodes(data=True):
+            text = self.label(node).replace('"', "'")
+            shape = f'["{text}"]' if data["kind"] == "op" else f'("{text}")'
+            lines.append(f"    {node}{shape}")
+            if data.get("failed"):
+                lines.append(f"    style {node} stroke:#d00,stroke-width:3px")
+        lines += [f"    {source} --> {target}" for source, target in chosen.edges]
+        return "\n".join(lines) + "\n"
+
+    def to_dot(self) -> str:
+        lines = ["digraph dtypes {", "  rankdir=TB;"]
+        for node, data in self.nodes(data=True):
+            shape = "box" if data["kind"] == "op" else "ellipse"
+            lines.append(f"  {node} [shape={shape}, label={json.dumps(self.label(node))}];")
+        lines += [f"  {source} -> {target};" for source, target in self.edges]
+        lines.append("}")
+        return "\n".join(lines) + "\n"
+
+    def write(self, path: str | Path) -> Path:
+        """Write the graph in the format named by the extension: .json, .graphml, .dot or .mmd."""
+        path = Path(path)
+        suffix = path.suffix.lower()
+        if suffix == ".json":
+            path.write_text(json.dumps(self.to_node_link(), indent=1))
+        elif suffix == ".graphml":
+            nx.write_graphml(_export_ready(self), path)
+        elif suffix in (".dot", ".gv"):
+            path.write_text(self.to_dot())
+        elif suffix in (".mmd", ".mermaid"):
+            path.write_text(self.to_mermaid())
+        else:
+            raise UsageError(f"cannot write a graph as {suffix or 'a file without extension'!r}; "
+                             "use .json, .graphml, .dot or .mmd")
+        return path
+
+
+def _tensor_attributes(tensor: TensorRecord) -> dict[str, Any]:
+    origin = tensor.origin or _PRODUCED
+    attributes: dict[str, Any] = dict(
+        kind="tensor",
+        dtype=dtype_name(tensor.dtype),
+        shape=tuple(tensor.shape),
+        device=str(tensor.device),
+        origin=origin.kind,
+        name=origin.name,
+    )
+    if tensor.stats is not None:
+        attributes.update(min=tensor.stats[0], max=tensor.stats[1])
+    return attributes
+
+
+def _node_order(node: str) -> tuple[str, int]:
+    return node[0], int(node.lstrip("opt"))
+
+
+def _export_ready(graph: DtypeGraph) -> nx.DiGraph:
+    """A plain copy whose attributes are all str/int/float/bool, as GraphML and JSON need."""
+    plain = nx.DiGraph()
+    plain.graph.update({key: value for key, value in graph.graph.items() if value is not None})
+    for node, data in graph.nodes(data=True):
+        plain.add_node(node, **{key: _scalar(value) for key, value in data.items() if value is not None})
+    for source, target, data in graph.edges(data=True):
+        plain.add_edge(source, target, **{key: _scalar(value) for key, value in data.items()})
+    return plain
+
+
+def _scalar(value: Any) -> Any:
+    return str(list(value)) if isinstance(value, tuple) else value

@@ -1,0 +1,140 @@
+"""Stage 1 of the pipeline: get a model and sample inputs the way users load them.
+
+A checkpoint directory loads with ``from_pretrained(path, dtype=...)``; a config alone builds the model
+inside ``FakeTensorMode`` (meta mode: shapes and dtypes, no weight memory); sample inputs are synthesized
+from the config. Nothing is downloaded: every load is local.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dtypelint.dtypes import parse_dtype
+from dtypelint.errors import LoadError, UsageError
+
+
+def transformers_version() -> tuple[int, int]:
+    import transformers
+
+    major, minor = transformers.__version__.split(".")[:2]
+    return int(major), int(minor)
+
+
+def dtype_keyword() -> str:
+    """``from_pretrained``/``from_config`` take ``dtype=`` since transformers 4.56, ``torch_dtype=`` before."""
+    return "dtype" if transformers_version() >= (4, 56) else "torch_dtype"
+
+
+def load_config(config: Any, *, trust_remote_code: bool = False) -> Any:
+    """A transformers config from a config object, a ``config.json`` path or a directory holding one."""
+    from transformers import AutoConfig, PretrainedConfig
+
+    if isinstance(config, PretrainedConfig):
+        return config
+    path = Path(config)
+    if not path.exists():
+        raise LoadError(f"{path} does not exist")
+    file = path / "config.json" if path.is_dir() else path
+    if not file.is_file():
+        raise LoadError(f"{path} has no config.json")
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise LoadError(f"{file}: not valid JSON: {error}") from None
+    if not isinstance(data, dict):
+        raise LoadError(f"{file}: expected a JSON object")
+    if "auto_map" in data and not trust_remote_code:
+        raise UsageError(f"{file} needs remote code (auto_map); pass trust_remote_code=True / --trust-remote-code")
+    model_type = data.get("model_type")
+    try:
+        if path.is_dir():
+            return AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
+        return AutoConfig.for_model(model_type, **{k: v for k, v in data.items() if k != "model_type"})
+    except (KeyError, ValueError) as error:
+        if model_type is None:
+            raise LoadError(f"{file} has no model_type") from None
+        raise LoadError(f"{file}: cannot build a config for model_type {model_type!r}: {error}") from None
+
+
+def config_dtype(config: Any) -> torch.dtype | None:
+    """The dtype a config declares (``dtype`` in transformers 5, ``torch_dtype`` before)."""
+    declared = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    return parse_dtype(declared) if isinstance(declared, (str, torch.dtype)) else None
+
+
+def build_fake_model(config: Any, dtype: torch.dtype) -> tuple[torch.nn.Module, Any]:
+    """Build a causal LM from a config inside ``FakeTensorMode``: CPU tensors without storage."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from transformers import AutoModelForCausalLM
+
+    fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
+    try:
+        with fake_mode:
+            model = AutoModelForCausalLM.from_config(config, **{dtype_keyword(): dtype})
+    except ValueError as error:
+        raise LoadError(f"cannot build a causal LM for model_type {config.model_type!r}: {error}") from None
+    return model.eval(), fake_mode
+
+
+def sample_inputs(
+    model: torch.nn.Module, config: Any, *, batch: int = 1, seq_len: int = 16, seed: int = 0
+) -> dict[str, torch.Tensor]:
+    """``input_ids``, ``attention_mask`` and, where the forward takes them, ``position_ids``.
+
+    Call it inside the fake mode for a fake model, so the inputs are fake too.
+    """
+    if batch < 1 or seq_len < 1:
+        raise UsageError("batch and seq_len must be at least 1")
+    vocab = getattr(config, "vocab_size", None) or 2
+    generator = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(0, vocab, (batch, seq_len), generator=generator)
+    inputs = {"input_ids": input_ids, "attention_mask": torch.ones(batch, seq_len, dtype=torch.long)}
+    if "position_ids" in inspect.signature(model.forward).parameters:
+        inputs["position_ids"] = torch.arange(seq_len).unsqueeze(0).expand(batch, -1)
+    return inputs
+
+
+def call_arguments(model: torch.nn.Module, inputs: Any) -> tuple[tuple, dict[str, Any], list[str]]:
+    """Positional args, keyword args and the forward's positional parameter names for ``inputs``:
+    a tensor, a tuple/list of positional args, or a mapping of keyword args."""
+    if isinstance(inputs, torch.Tensor):
+        args, kwargs = (inputs,), {}
+    elif isinstance(inputs, (tuple, list)):
+        args, kwargs = tuple(inputs), {}
+    elif isinstance(inputs, Mapping):
+        args, kwargs = (), dict(inputs)
+        if not all(isinstance(key, str) for key in kwargs):
+            raise UsageError("keyword inputs need string keys")
+    else:
+        raise UsageError(
+            f"inputs must be a tensor, a tuple of positional arguments or a dict of keyword arguments, "
+            f"not {type(inputs).__name__}"
+        )
+    try:
+        parameters = inspect.signature(model.forward).parameters.values()
+        names = [p.name for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    except (TypeError, ValueError):
+        names = []
+    return args, kwargs, names
+
+
+def load_checkpoint(path: str | Path, dtype: torch.dtype | None, *, trust_remote_code: bool = False) -> torch.nn.Module:
+    """Load a Hugging Face checkpoint directory as users do: ``from_pretrained(path, dtype=dtype)``."""
+    from transformers import AutoModelForCausalLM
+
+    config = load_config(path, trust_remote_code=trust_remote_code)
+    arguments: dict[str, Any] = {dtype_keyword(): dtype or "auto"}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, config=config, local_files_only=True, trust_remote_code=trust_remote_code, **arguments
+        )
+    except (OSError, ValueError, RuntimeError) as error:
+        first_line = (str(error).strip().splitlines() or [""])[0]
+        raise LoadError(f"cannot load {path}: {first_line}") from None
+    return model.eval()

@@ -1,0 +1,130 @@
+"""Stage 5 of the pipeline: findings and the report that carries them to the user."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from tabulate import tabulate
+
+if TYPE_CHECKING:
+    from dtypelint.graph import DtypeGraph
+
+SEVERITIES = ("info", "warning", "error")
+
+# The documented vocabulary of finding categories.
+CATEGORIES = {
+    "kernel-contract": "a backend kernel's documented dtype contract is broken",
+    "mixed-input": "an op that needs one dtype receives several",
+    "promotion": "a wider leaf silently promotes the compute stream",
+    "nonfinite": "an op turns finite inputs into inf or NaN",
+    "overflow-risk": "finite values close to the dtype's largest value",
+    "param-dtype": "parameters or buffers that differ from the compute dtype",
+    "low-precision-op": "a numerically sensitive op runs in half precision",
+    "forward-error": "the forward pass raised",
+    "trace-limit": "part of the model could not be traced in this mode",
+}
+
+
+def severity_rank(severity: str) -> int:
+    return SEVERITIES.index(severity)
+
+
+@dataclass(frozen=True)
+class Fix:
+    """A proposed change: cast parameters or buffers to one dtype. ``safety`` is ``safe`` or ``unsafe``."""
+
+    tensors: tuple[str, ...]
+    to_dtype: str
+    safety: str
+    description: str
+
+
+@dataclass
+class Finding:
+    code: str
+    category: str
+    severity: str
+    location: str
+    tensor: str | None
+    op: str | None
+    dtypes: list[str]
+    message: str
+    fix: Fix | None = None
+    node: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data.pop("node")
+        return data
+
+
+@dataclass
+class Report:
+    """The result of an audit: the dtype graph, the findings and what was audited."""
+
+    graph: DtypeGraph
+    findings: list[Finding]
+    model: str
+    backend: str
+    mode: str
+    compute_dtype: str
+    notes: list[str] = field(default_factory=list)
+
+    def by_severity(self, severity: str) -> list[Finding]:
+        return [finding for finding in self.findings if finding.severity == severity]
+
+    @property
+    def errors(self) -> list[Finding]:
+        return self.by_severity("error")
+
+    def at_or_above(self, severity: str) -> list[Finding]:
+        rank = severity_rank(severity)
+        return [finding for finding in self.findings if severity_rank(finding.severity) >= rank]
+
+    def counts(self) -> dict[str, int]:
+        counter = Counter(finding.severity for finding in self.findings)
+        return {severity: counter.get(severity, 0) for severity in reversed(SEVERITIES)}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "backend": self.backend,
+            "mode": self.mode,
+            "compute_dtype": self.compute_dtype,
+            "summary": self.counts(),
+            "graph": {"ops": sum(1 for _ in self.graph.ops()), "tensors": sum(1 for _ in self.graph.tensors())},
+            "notes": list(self.notes),
+            "findings": [finding.to_dict() for finding in self.findings],
+        }
+
+    def summary_line(self) -> str:
+        counts = self.counts()
+        parts = [f"{count} {severity}{'s' if count != 1 else ''}" for severity, count in counts.items()]
+        return f"{self.model} [{self.mode}, {self.compute_dtype}, backend {self.backend}]: " + ", ".join(parts)
+
+    def table(self) -> str:
+        ordered = sorted(self.findings, key=lambda finding: -severity_rank(finding.severity))
+        rows = [
+            (
+                finding.severity,
+                finding.code,
+                finding.location or "<model>",
+                finding.tensor or "",
+                " ".join(finding.dtypes),
+                finding.message,
+            )
+            for finding in ordered
+        ]
+        headers = ("severity", "code", "location", "tensor", "dtypes", "message")
+        return tabulate(rows, headers=headers, tablefmt="simple", maxcolwidths=[None, None, 40, 40, 20, 70])
+
+    def render(self) -> str:
+        lines = [self.table()] if self.findings else []
+        lines += [f"note: {note}" for note in self.notes]
+        lines.append(self.summary_line())
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.render()

@@ -1,0 +1,86 @@
+"""Stage 4 of the pipeline: the rule engine.
+
+Each rule is one module of this package with its docs in ruff's sections. Backend packs
+(``dtypelint.rules.packs``) add the kernel contracts of one backend. ``run_rules`` applies the
+selection (``select`` / ``ignore`` / ``extend-select``, per-location ignores, severity overrides).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from fnmatch import fnmatchcase
+
+from dtypelint.errors import UsageError
+from dtypelint.report import SEVERITIES, Finding
+from dtypelint.rules.base import Rule, RuleContext
+from dtypelint.rules.forward_error import ForwardError
+from dtypelint.rules.mixed_input import MixedInput
+from dtypelint.rules.trace_limit import TraceLimit
+
+GENERIC_RULES: tuple[Rule, ...] = (ForwardError(), TraceLimit(), MixedInput())
+
+
+def all_rules() -> list[Rule]:
+    return list(GENERIC_RULES)
+
+
+def find_rule(code_or_name: str) -> Rule:
+    for rule in all_rules():
+        if code_or_name.upper() == rule.code or code_or_name == rule.name:
+            return rule
+    raise UsageError(f"unknown rule {code_or_name!r}; `dtypelint rules` lists them")
+
+
+def _matches(rule: Rule, selector: str) -> bool:
+    return selector == "ALL" or rule.code.startswith(selector.upper()) or selector == rule.name
+
+
+@dataclass
+class Selection:
+    """Which rules run and how loud they are. Selectors are codes, code prefixes (``DT1``) or names."""
+
+    select: list[str] | None = None
+    extend_select: list[str] = field(default_factory=list)
+    ignore: list[str] = field(default_factory=list)
+    per_location_ignores: dict[str, list[str]] = field(default_factory=dict)
+    severity: dict[str, str] = field(default_factory=dict)
+
+    def validate(self, rules: list[Rule]) -> None:
+        selectors = [*(self.select or []), *self.extend_select, *self.ignore, *self.severity]
+        selectors += [code for codes in self.per_location_ignores.values() for code in codes]
+        for selector in selectors:
+            if not any(_matches(rule, selector) for rule in rules):
+                raise UsageError(f"selector {selector!r} matches no rule; `dtypelint rules` lists them")
+        for selector, severity in self.severity.items():
+            if severity not in SEVERITIES:
+                raise UsageError(f"severity {severity!r} for {selector!r} is not one of {', '.join(SEVERITIES)}")
+
+    def enabled(self, rule: Rule) -> bool:
+        selected = self.select is None or any(_matches(rule, selector) for selector in self.select)
+        selected = selected or any(_matches(rule, selector) for selector in self.extend_select)
+        return selected and not any(_matches(rule, selector) for selector in self.ignore)
+
+    def severity_of(self, rule: Rule) -> str:
+        chosen = [severity for selector, severity in self.severity.items() if _matches(rule, selector)]
+        return chosen[-1] if chosen else rule.severity
+
+    def ignored_at(self, rule: Rule, location: str) -> bool:
+        return any(
+            fnmatchcase(location, pattern) and any(_matches(rule, selector) for selector in selectors)
+            for pattern, selectors in self.per_location_ignores.items()
+        )
+
+
+def run_rules(context: RuleContext, selection: Selection | None = None) -> list[Finding]:
+    selection = selection or Selection()
+    rules = all_rules()
+    selection.validate(rules)
+    findings: list[Finding] = []
+    for rule in rules:
+        if not selection.enabled(rule):
+            continue
+        severity = selection.severity_of(rule)
+        for finding in rule.check(context):
+            if not selection.ignored_at(rule, finding.location):
+                findings.append(replace(finding, severity=severity))
+    return findings

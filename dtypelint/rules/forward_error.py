@@ -1,0 +1,58 @@
+"""DT001 forward-error."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from dtypelint.report import Finding
+from dtypelint.rules.base import Rule, RuleContext
+from dtypelint.rules.trace_limit import is_trace_limit
+
+
+class ForwardError(Rule):
+    """
+    ## What it does
+    Reports that the sample forward pass raised, with the op that raised and its input dtypes.
+
+    ## Why is this bad?
+    The model cannot run as loaded: the same exception (for example ``mat1 and mat2 must have the same
+    dtype``) will stop the deployment. The trace up to the failing op is kept, so the other rules can
+    say which tensor caused it.
+
+    ## Example
+    A model converted with ``.half()`` whose ``lm_head`` was re-created in float32 afterwards.
+
+    Use instead: load with one dtype (``from_pretrained(path, dtype=torch.float16)``) or cast the stray
+    layer.
+
+    ## Fix safety
+    No automatic fix: the cause is named by ``mixed-input`` or a kernel contract where dtypelint knows it.
+    """
+
+    code = "DT001"
+    name = "forward-error"
+    category = "forward-error"
+    severity = "error"
+
+    def check(self, context: RuleContext) -> Iterator[Finding]:
+        error = context.error
+        if error is None or is_trace_limit(error):
+            return
+        graph = context.graph
+        failed = next((op for op in graph.ops() if graph.nodes[op]["failed"]), None)
+        first_line = (str(error).strip().splitlines() or [""])[0]
+        message = f"forward raised {type(error).__name__}: {first_line}"
+        if failed is None:
+            yield self.finding(location="", message=message)
+            return
+        data = graph.nodes[failed]
+        inputs = [node for node, _ in graph.inputs(failed)]
+        yield self.finding(
+            location=data["module"],
+            op=data["name"],
+            dtypes=[graph.nodes[node]["dtype"] for node in inputs],
+            message=f"{message} (at {data['name']} with inputs "
+            + ", ".join(f"{graph.describe(node)} {graph.nodes[node]['dtype']}" for node in inputs)
+            + ")",
+            node=failed,
+        )

@@ -1,0 +1,95 @@
+"""DT101 mixed-input."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterator
+
+from dtypelint.dtypes import dtype_name
+from dtypelint.report import Finding, Fix
+from dtypelint.rules.base import Rule, RuleContext
+
+# aten ops whose kernels take one floating dtype for all tensor operands.
+STRICT_OPS = frozenset(
+    {
+        "aten.mm", "aten.bmm", "aten.addmm", "aten.baddbmm", "aten.addbmm", "aten.addmv", "aten.addr",
+        "aten.mv", "aten.dot", "aten.vdot", "aten.matmul", "aten.linear", "aten._addmm_activation",
+        "aten.convolution", "aten._convolution", "aten.conv1d", "aten.conv2d", "aten.conv3d",
+        "aten.embedding_bag", "aten._embedding_bag",
+        "aten.scaled_dot_product_attention", "aten._scaled_dot_product_attention_math",
+        "aten._scaled_dot_product_flash_attention", "aten._scaled_dot_product_flash_attention_for_cpu",
+        "aten._scaled_dot_product_efficient_attention", "aten._scaled_dot_product_cudnn_attention",
+    }
+)
+
+
+class MixedInput(Rule):
+    """
+    ## What it does
+    Flags an op whose floating tensor inputs have different dtypes where the op needs one dtype: the
+    matmul family, convolutions and scaled-dot-product attention, and any op at which the forward
+    raised.
+
+    ## Why is this bad?
+    These kernels do not promote. ``F.linear`` with a float16 activation and a float32 weight raises
+    ``RuntimeError: mat1 and mat2 must have the same dtype`` (CPU, CUDA) or aborts inside a fused
+    backend kernel. A layer left in float32 in a float16 model is the usual cause.
+
+    ## Example
+    ```python
+    model = build().half()
+    model.head = nn.Linear(64, 10)      # created after .half(): float32
+    model(x)                            # RuntimeError in the head's addmm
+    ```
+
+    Use instead: create the layer before casting, or ``model.head.half()``.
+
+    ## Fix safety
+    The fix casts the odd parameter or buffer to the dtype the other inputs share. It is safe: the op
+    cannot run with both dtypes, so the value is rounded exactly as the working model's other weights
+    were.
+
+    ## Known problems
+    Explicit casts (``.float()``, ``.to()``) are never reported. Norm kernels are not in the list:
+    torch's layer_norm accepts a float32 weight with a half input; backend packs state stricter norms.
+
+    ## References
+    - https://pytorch.org/docs/stable/amp.html (ops autocast casts because they need one dtype)
+    """
+
+    code = "DT101"
+    name = "mixed-input"
+    category = "mixed-input"
+    severity = "error"
+    fix_availability = "sometimes"
+
+    def check(self, context: RuleContext) -> Iterator[Finding]:
+        graph = context.graph
+        for op in graph.dtype_conflicts():
+            data = graph.nodes[op]
+            if data["name"] not in STRICT_OPS and not data["failed"]:
+                continue
+            inputs = graph.floating_inputs(op)
+            present = {graph.nodes[node]["dtype"] for node in inputs}
+            counts = Counter(graph.nodes[node]["dtype"] for node in inputs)
+            compute = dtype_name(context.compute_dtype)
+            expected = compute if compute in present else max(counts, key=counts.__getitem__)
+            # Weights before biases: the matrix operand is what users recognise.
+            odd = sorted(
+                (graph.source(node) for node in inputs if graph.nodes[node]["dtype"] != expected),
+                key=lambda node: -len(graph.nodes[node]["shape"]),
+            )
+            fixable = [node for node in odd if graph.nodes[node]["origin"] in ("parameter", "buffer")]
+            names = [graph.nodes[node]["name"] for node in fixable]
+            fix = Fix(tuple(names), expected, "safe", f"cast {', '.join(names)} to {expected}") if names else None
+            culprit = graph.nodes[odd[0]]
+            described = ", ".join(f"{graph.describe(node)} {graph.nodes[node]['dtype']}" for node in inputs)
+            yield self.finding(
+                location=data["module"],
+                tensor=culprit["name"] if culprit["origin"] != "op" else None,
+                op=data["name"],
+                dtypes=sorted(present),
+                message=f"{data['name']} needs one dtype but receives {described}",
+                fix=fix,
+                node=op,
+            )

@@ -1,0 +1,295 @@
+"""Stage 2 of the pipeline: run one forward pass and record every aten op it dispatches.
+
+The recorder is a ``TorchDispatchMode``: it sees ops *after* autocast and decomposition, so the dtypes it
+records are the ones the kernels receive. Global module forward hooks keep a stack of module paths, so
+each op is attributed to the module that ran it (the shape of ``torch.utils.module_tracker``).
+
+The hot path only appends references; names, dtypes, shapes and the graph are derived afterwards
+(``dtypelint.graph``), because formatting inside the mode multiplies its cost.
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+@dataclass(frozen=True)
+class Origin:
+    """Where a leaf tensor comes from: ``parameter``, ``buffer``, ``attribute`` (a plain tensor attribute
+    of a module), ``input`` (a forward argument) or ``constant`` (created inside forward)."""
+
+    kind: str
+    name: str | None = None
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """A parameter or buffer of the model as it was when the trace started."""
+
+    kind: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    device: str
+    persistent: bool = True
+    requires_grad: bool = False
+
+
+@dataclass
+class ModelInfo:
+    """What the rules need to know about the model beyond the ops it ran."""
+
+    class_name: str
+    modules: dict[str, str]
+    tensors: dict[str, TensorInfo]
+    aliases: dict[str, list[str]]
+    keep_in_fp32_modules: list[str]
+    model_type: str | None
+
+    @classmethod
+    def of(cls, model: torch.nn.Module) -> ModelInfo:
+        tensors: dict[str, TensorInfo] = {}
+        aliases: dict[str, list[str]] = {}
+        seen: dict[int, str] = {}
+        for name, param in model.named_parameters(remove_duplicate=False):
+            if id(param) in seen:
+                aliases.setdefault(seen[id(param)], []).append(name)
+                continue
+            seen[id(param)] = name
+            tensors[name] = TensorInfo(
+                "parameter", param.dtype, tuple(param.shape), str(param.device), True, param.requires_grad
+            )
+        for module_name, module in model.named_modules():
+            non_persistent = module._non_persistent_buffers_set
+            for buffer_name, buffer in module._buffers.items():
+                if buffer is None:
+                    continue
+                name = _join(module_name, buffer_name)
+                tensors[name] = TensorInfo(
+                    "buffer", buffer.dtype, tuple(buffer.shape), str(buffer.device), buffer_name not in non_persistent
+                )
+        config = getattr(model, "config", None)
+        keep = getattr(model, "_keep_in_fp32_modules", None) or []
+        return cls(
+            class_name=type(model).__name__,
+            modules={name: type(module).__name__ for name, module in model.named_modules()},
+            tensors=tensors,
+            aliases=aliases,
+            keep_in_fp32_modules=sorted(keep),
+            model_type=getattr(config, "model_type", None),
+        )
+
+
+class TensorRecord:
+    """A tensor as an op saw it. ``origin`` is None for a tensor an op produced."""
+
+    __slots__ = ("dtype", "shape", "device", "origin", "stats")
+
+    def __init__(self, tensor: torch.Tensor, origin: Origin | None) -> None:
+        self.dtype = tensor.dtype
+        self.shape = tensor.shape
+        self.device = tensor.device
+        self.origin = origin
+        self.stats: tuple[float, float] | None = None
+
+
+class OpRecord:
+    """One dispatched op: its inputs as ``(argument, tensor index)`` pairs, recorded before it runs, and
+    its output tensor indices, which stay ``None`` when the op raised."""
+
+    __slots__ = ("func", "module", "inputs", "outputs")
+
+    def __init__(self, func: Any, module: str, inputs: list[tuple[str, int]]) -> None:
+        self.func = func
+        self.module = module
+        self.inputs = inputs
+        self.outputs: list[int] | None = None
+
+    @property
+    def completed(self) -> bool:
+        return self.outputs is not None
+
+
+_CONSTANT = Origin("constant")
+_MOVES_DATA_ONLY = frozenset(
+    getattr(torch.ops.aten, name)
+    for name in (
+        "cat", "stack", "index", "index_select", "gather", "embedding", "clone", "contiguous", "repeat",
+        "expand_copy", "slice_scatter", "select_scatter", "constant_pad_nd", "tril", "triu", "flip", "roll",
+    )
+)
+
+
+def iter_tensors(value: Any) -> Iterator[tuple[str, torch.Tensor]]:
+    """Tensors in an op's argument or result, one container level deep, with their position."""
+    if isinstance(value, torch.Tensor):
+        yield "", value
+    elif isinstance(value, (list, tuple)):
+        for index, item in enumerate(value):
+            if isinstance(item, torch.Tensor):
+                yield f"[{index}]", item
+
+
+def value_stats(tensor: torch.Tensor) -> tuple[float, float] | None:
+    """(min, max) of a real floating tensor; NaN or inf in either means non-finite values."""
+    if not tensor.is_floating_point() or tensor.numel() == 0 or tensor.device.type == "meta":
+        return None
+    if _is_fake(tensor):
+        return None
+    low, high = torch.aminmax(tensor.detach())
+    return low.item(), high.item()
+
+
+def stats_nonfinite(stats: tuple[float, float] | None) -> bool:
+    return stats is not None and not (math.isfinite(stats[0]) and math.isfinite(stats[1]))
+
+
+def _is_fake(tensor: torch.Tensor) -> bool:
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return isinstance(tensor, FakeTensor)
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+class Tracer(TorchDispatchMode):
+    """Record the ops of whatever runs inside ``with Tracer(model):``.
+
+    Leaves nothing behind: the global hooks are removed and grad mode and the default dtype are restored
+    on exit, also when the forward raises. The model itself is never touched.
+    """
+
+    def __init__(
+        self, model: torch.nn.Module, *, stats: bool = False, state: Mapping[str, torch.Tensor] | None = None
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.stats = stats
+        self.records: list[OpRecord] = []
+        self.tensors: list[TensorRecord] = []
+        self.origins: dict[int, Origin] = {}
+        self.model_info = ModelInfo.of(model)
+        # Origin tensors stay referenced so their ids cannot be reused during the trace. Activations are
+        # not kept alive (that would defeat the allocator's reuse): a weak reference guards their ids.
+        self._keepalive: list[torch.Tensor] = []
+        self._live: dict[int, tuple[int, weakref.ref]] = {}
+        self._module_names = {id(module): name for name, module in model.named_modules()}
+        self._module_stack: list[str] = [""]
+        self._hooks: list[Any] = []
+        self._saved_state: tuple[bool, torch.dtype] | None = None
+        self._register_model_origins(state)
+
+    def _register_model_origins(self, state: Mapping[str, torch.Tensor] | None) -> None:
+        """``state`` replaces the model's own tensors when the forward runs on substitutes (meta mode)."""
+        if state is None:
+            state = dict(self.model.named_parameters()) | dict(self.model.named_buffers())
+        for name, tensor in state.items():
+            info = self.model_info.tensors.get(name)
+            self._add_origin(tensor, Origin(info.kind if info else "parameter", name))
+        for module_name, module in self.model.named_modules():
+            for attribute, value in vars(module).items():
+                if isinstance(value, torch.Tensor):
+                    self._add_origin(value, Origin("attribute", _join(module_name, attribute)))
+
+    def _add_origin(self, tensor: torch.Tensor, origin: Origin) -> None:
+        if id(tensor) not in self.origins:
+            self.origins[id(tensor)] = origin
+            self._keepalive.append(tensor)
+
+    def add_inputs(self, args: tuple, kwargs: Mapping[str, Any], names: list[str]) -> None:
+        """Name the forward's tensor arguments so they appear as ``input`` leaves."""
+        for position, value in enumerate(args):
+            name = names[position] if position < len(names) else f"arg{position}"
+            for suffix, tensor in iter_tensors(value):
+                self._add_origin(tensor, Origin("input", name + suffix))
+        for name, value in kwargs.items():
+            for suffix, tensor in iter_tensors(value):
+                self._add_origin(tensor, Origin("input", name + suffix))
+
+    # Module tracker: the path of the innermost module running.
+    def _push_module(self, module: torch.nn.Module, args: Any) -> None:
+        self._module_stack.append(self._module_names.get(id(module), type(module).__name__))
+
+    def _pop_module(self, module: torch.nn.Module, args: Any, output: Any) -> None:
+        if len(self._module_stack) > 1:
+            self._module_stack.pop()
+
+    def _index(self, tensor: torch.Tensor) -> int:
+        """The index of the tensor record this object currently stands for, creating a leaf if new."""
+        entry = self._live.get(id(tensor))
+        if entry is not None and entry[1]() is tensor:
+            return entry[0]
+        return self._new(tensor, self.origins.get(id(tensor), _CONSTANT))
+
+    def _new(self, tensor: torch.Tensor, origin: Origin | None) -> int:
+        index = len(self.tensors)
+        self.tensors.append(TensorRecord(tensor, origin))
+        self._live[id(tensor)] = (index, weakref.ref(tensor))
+        return index
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        kwargs = kwargs or {}
+        inputs = []
+        for position, value in enumerate(args):
+            if isinstance(value, torch.Tensor):  # the common case, without the generator
+                inputs.append((str(position), self._index(value)))
+            elif isinstance(value, (list, tuple)):
+                inputs += [(f"{position}{suffix}", self._index(tensor)) for suffix, tensor in iter_tensors(value)]
+        for name, value in kwargs.items():
+            inputs += [(name + suffix, self._index(tensor)) for suffix, tensor in iter_tensors(value)]
+        record = OpRecord(func, self._module_stack[-1], inputs)
+        self.records.append(record)
+        outputs = func(*args, **kwargs)
+        # Views and data movement create no new values: their inputs were measured where they were made.
+        measure = self.stats and not func.is_view and func.overloadpacket not in _MOVES_DATA_ONLY
+        produced = []
+        for _, tensor in iter_tensors(outputs):
+            index = self._new(tensor, None)
+            if measure:
+                self.tensors[index].stats = value_stats(tensor)
+            produced.append(index)
+        record.outputs = produced
+        return outputs
+
+    def __enter__(self) -> Tracer:
+        self._saved_state = (torch.is_grad_enabled(), torch.get_default_dtype())
+        hooks = torch.nn.modules.module
+        self._hooks = [
+            hooks.register_module_forward_pre_hook(self._push_module),
+            hooks.register_module_forward_hook(self._pop_module, always_call=True),
+        ]
+        return super().__enter__()
+
+    def __exit__(self, exc_type, exc, traceback) -> None:  # noqa: ANN001
+        try:
+            super().__exit__(exc_type, exc, traceback)
+        finally:
+            for handle in self._hooks:
+                handle.remove()
+            self._hooks = []
+            grad_enabled, default_dtype = self._saved_state or (True, torch.float32)
+            torch.set_grad_enabled(grad_enabled)
+            torch.set_default_dtype(default_dtype)
+
+    def release(self) -> None:
+        """Drop the references the trace holds to the model's tensors (call once the graph is built)."""
+        self._keepalive = []
+        self._live = {}
+        self.origins = {}
+
+
+@dataclass
+class TraceResult:
+    """The outcome of a traced forward: the recorder, the exception if the forward raised, notes."""
+
+    tracer: Tracer
+    error: BaseException | None = None
+    fake: bool = False
+    notes: list[str] = field(default_factory=list)

@@ -1,0 +1,82 @@
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+TINY_LLAMA = EXAMPLES / "tiny-llama"
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_path() -> Path:
+    return TINY_LLAMA
+
+
+@pytest.fixture(scope="session")
+def _tiny_llama_fp16() -> nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    from dtypelint.load import dtype_keyword
+
+    return AutoModelForCausalLM.from_pretrained(TINY_LLAMA, **{dtype_keyword(): torch.float16}).eval()
+
+
+@pytest.fixture
+def tiny_llama_fp16(_tiny_llama_fp16: nn.Module) -> nn.Module:
+    """The example Llama as ``from_pretrained(dtype=float16)`` loads it: a fresh copy per test."""
+    return copy.deepcopy(_tiny_llama_fp16)
+
+
+@pytest.fixture
+def input_ids() -> torch.Tensor:
+    return torch.randint(0, 256, (1, 8), generator=torch.Generator().manual_seed(0))
+
+
+def snapshot(model: nn.Module) -> dict:
+    """Everything an audit must leave as it was."""
+    return {
+        "state": {name: tensor.detach().clone() for name, tensor in model.state_dict(keep_vars=True).items()},
+        "params": {name: (p.dtype, p.requires_grad, type(p)) for name, p in model.named_parameters()},
+        "buffers": {name: b.dtype for name, b in model.named_buffers()},
+        "persistent": {name: sorted(m._non_persistent_buffers_set) for name, m in model.named_modules()},
+        "hooks": [
+            (len(m._forward_hooks), len(m._forward_pre_hooks), len(m._backward_hooks)) for m in model.modules()
+        ],
+        "training": [m.training for m in model.modules()],
+    }
+
+
+def assert_unchanged(model: nn.Module, before: dict) -> None:
+    after = snapshot(model)
+    assert after["params"] == before["params"]
+    assert after["buffers"] == before["buffers"]
+    assert after["persistent"] == before["persistent"]
+    assert after["hooks"] == before["hooks"]
+    assert after["training"] == before["training"]
+    assert after["state"].keys() == before["state"].keys()
+    for name, tensor in before["state"].items():
+        assert torch.equal(after["state"][name], tensor), name
+    hooks = torch.nn.modules.module
+    assert not hooks._global_forward_hooks and not hooks._global_forward_pre_hooks
+
+
+class StrayFp32Layer(nn.Module):
+    """An fp16 MLP whose head was (re)created after ``.half()``: float32."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 16)).half()
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x))
+
+
+@pytest.fixture
+def stray_fp32_layer() -> nn.Module:
+    torch.manual_seed(0)
+    return StrayFp32Layer().eval()

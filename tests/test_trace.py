@@ -1,0 +1,204 @@
+"""The tracer and the dtype graph on real models."""
+
+from __future__ import annotations
+
+import networkx as nx
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import assert_unchanged, snapshot
+from torch import nn
+
+import dtypelint
+from dtypelint import Tracer, UsageError
+
+
+class EveryKindOfOp(nn.Module):
+    """Functional calls, tensor methods, an in-place op, factories, a buffer and a plain attribute."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(8, 8).half()
+        self.register_buffer("scale", torch.full((8,), 2.0))
+        self.offset = torch.ones(8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.linear(x, self.proj.weight, self.proj.bias)
+        h = h.float() * self.scale
+        h.add_(self.offset)
+        positions = torch.arange(8, dtype=torch.float32)
+        fill = torch.full((8,), 0.5)
+        return torch.matmul(h, torch.diag(positions + fill))
+
+
+def op_names(graph: dtypelint.DtypeGraph) -> list[str]:
+    return [graph.nodes[op]["name"] for op in graph.ops()]
+
+
+def test_tiny_llama_graph_has_fp32_inv_freq_feeding_rotary_ops(tiny_llama_fp16, input_ids):
+    graph = dtypelint.trace(tiny_llama_fp16, {"input_ids": input_ids})
+    inv_freq = graph.find_tensor("model.rotary_emb.inv_freq")
+    assert inv_freq is not None
+    assert graph.nodes[inv_freq]["origin"] == "buffer"
+    assert graph.nodes[inv_freq]["dtype"] == "float32"
+    assert graph.in_degree(inv_freq) == 0
+    consumers = graph.consumers(inv_freq)
+    assert consumers and all(graph.nodes[op]["module"] == "model.rotary_emb" for op in consumers)
+    # q and k projections run in float16.
+    for projection in ("q_proj", "k_proj"):
+        module = f"model.layers.0.self_attn.{projection}"
+        matmuls = [op for op in graph.ops() if graph.nodes[op]["module"] == module and graph.nodes[op]["name"] == "aten.mm"]
+        assert matmuls, module
+        assert {graph.nodes[t]["dtype"] for t in graph.outputs(matmuls[0])} == {"float16"}
+        weight = graph.find_tensor(f"{module}.weight")
+        assert weight in graph.leaves(graph.outputs(matmuls[0])[0])
+
+
+def test_records_every_kind_of_op_with_origins_and_modules():
+    model = EveryKindOfOp().eval()
+    graph = dtypelint.trace(model, torch.randn(2, 8, dtype=torch.float16))
+    names = op_names(graph)
+    for expected in ("aten.addmm", "aten._to_copy", "aten.mul", "aten.add_", "aten.arange", "aten.full", "aten.mm"):
+        assert expected in names, expected
+    origins = {graph.nodes[t]["name"]: graph.nodes[t]["origin"] for t in graph.tensors() if graph.nodes[t]["name"]}
+    assert origins["proj.weight"] == "parameter"
+    assert origins["scale"] == "buffer"
+    assert origins["offset"] == "attribute"
+    assert origins["x"] == "input"
+    assert origins["aten.arange"] == "constant"
+    # The in-place add makes a new version of h: the graph stays acyclic.
+    assert nx.is_directed_acyclic_graph(graph)
+    add_ = next(op for op in graph.ops() if graph.nodes[op]["name"] == "aten.add_")
+    assert graph.nodes[add_]["inplace"]
+    assert len(graph.outputs(add_)) == 1 and graph.outputs(add_)[0] not in [t for t, _ in graph.inputs(add_)]
+
+
+def test_ops_are_attributed_to_the_innermost_module(tiny_llama_fp16, input_ids):
+    graph = dtypelint.trace(tiny_llama_fp16, input_ids)
+    modules = {graph.nodes[op]["module"] for op in graph.ops()}
+    assert {"model.embed_tokens", "model.layers.1.mlp.down_proj", "model.norm", "lm_head"} <= modules
+
+
+def test_autocast_records_post_autocast_dtypes_and_no_false_mixed_input():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4)).eval()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        report = dtypelint.audit(model, torch.randn(2, 8))
+    assert not [f for f in report.findings if f.category == "mixed-input"], report
+    graph = report.graph
+    matmuls = [op for op in graph.ops() if graph.nodes[op]["name"] in ("aten.addmm", "aten.mm")]
+    assert matmuls
+    for op in matmuls:
+        assert {graph.nodes[t]["dtype"] for t in graph.floating_inputs(op)} == {"bfloat16"}
+
+
+def test_explicit_casts_are_not_conflicts():
+    class Casts(nn.Module):
+        def forward(self, x):
+            return x.float().half().to(torch.bfloat16).to(torch.float32)
+
+    graph = dtypelint.trace(Casts(), torch.randn(4, dtype=torch.float16))
+    assert list(graph.dtype_conflicts()) == []
+    report = dtypelint.audit(Casts(), torch.randn(4, dtype=torch.float16))
+    assert report.findings == []
+
+
+def test_failing_forward_keeps_trace_and_records_the_failing_op(stray_fp32_layer):
+    x = torch.randn(3, 16, dtype=torch.float16)
+    with pytest.raises(RuntimeError):
+        stray_fp32_layer(x)
+    before = snapshot(stray_fp32_layer)
+    graph = dtypelint.trace(stray_fp32_layer, x)
+    failed = [op for op in graph.ops() if graph.nodes[op]["failed"]]
+    assert len(failed) == 1
+    op = failed[0]
+    assert graph.nodes[op]["module"] == "head"
+    assert op == list(graph.ops())[-1] and graph.outputs(op) == []
+    assert {graph.nodes[t]["dtype"] for t in graph.floating_inputs(op)} == {"float16", "float32"}
+    assert "head.weight" in {graph.nodes[t]["name"] for t in graph.leaves(graph.inputs(op)[-1][0])}
+    assert "same dtype" in graph.graph["error"]
+    assert_unchanged(stray_fp32_layer, before)
+
+
+def test_audit_leaves_model_and_global_state_untouched(tiny_llama_fp16, input_ids):
+    before = snapshot(tiny_llama_fp16)
+    grad, default = torch.is_grad_enabled(), torch.get_default_dtype()
+    dtypelint.audit(tiny_llama_fp16, {"input_ids": input_ids})
+    assert_unchanged(tiny_llama_fp16, before)
+    assert torch.is_grad_enabled() == grad and torch.get_default_dtype() == default
+
+
+def test_state_restored_when_forward_changes_it_and_raises():
+    class Rude(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+
+        def forward(self, x):
+            torch.set_default_dtype(torch.float64)
+            torch.set_grad_enabled(True)
+            self.lin(x)
+            raise ValueError("boom")
+
+    model = Rude()
+    before = snapshot(model)
+    with torch.no_grad():
+        report = dtypelint.audit(model, torch.randn(2, 4))
+        assert not torch.is_grad_enabled()
+    assert torch.get_default_dtype() == torch.float32
+    assert_unchanged(model, before)
+    assert [f.code for f in report.findings] == ["DT001"]
+    assert "ValueError: boom" in report.findings[0].message
+
+
+def test_value_statistics_are_recorded_when_asked():
+    model = nn.Linear(4, 4).eval()
+    graph = dtypelint.trace(model, torch.full((1, 4), 3.0), stats=True)
+    addmm = next(op for op in graph.ops() if graph.nodes[op]["name"] == "aten.addmm")
+    output = graph.nodes[graph.outputs(addmm)[0]]
+    expected = model(torch.full((1, 4), 3.0))
+    assert output["min"] == pytest.approx(expected.min().item())
+    assert output["max"] == pytest.approx(expected.max().item())
+    plain = dtypelint.trace(model, torch.full((1, 4), 3.0))
+    assert all("min" not in data for _, data in plain.nodes(data=True))
+
+
+def test_compiled_model_is_audited_through_its_original(stray_fp32_layer):
+    compiled = torch.compile(stray_fp32_layer)
+    report = dtypelint.audit(compiled, torch.randn(2, 16, dtype=torch.float16))
+    assert any("_orig_mod" in note for note in report.notes)
+    assert any(f.code == "DT101" and f.tensor == "head.weight" for f in report.findings)
+
+
+def test_tracer_context_manager_removes_its_hooks_when_the_forward_raises(stray_fp32_layer):
+    with pytest.raises(RuntimeError), Tracer(stray_fp32_layer) as tracer:
+        hooks = torch.nn.modules.module
+        assert hooks._global_forward_hooks and hooks._global_forward_pre_hooks
+        stray_fp32_layer(torch.randn(2, 16, dtype=torch.float16))
+    assert not torch.nn.modules.module._global_forward_hooks
+    assert not torch.nn.modules.module._global_forward_pre_hooks
+    assert len(tracer.records) > 0
+
+
+@pytest.mark.parametrize(
+    "inputs", [None, "text", 3, {1: torch.ones(2)}], ids=["none", "string", "int", "non-string-key"]
+)
+def test_bad_inputs_raise_usage_error(stray_fp32_layer, inputs):
+    with pytest.raises(UsageError):
+        dtypelint.audit(stray_fp32_layer, inputs)
+
+
+def test_non_module_raises_usage_error():
+    with pytest.raises(UsageError, match="torch.nn.Module"):
+        dtypelint.audit(lambda x: x, torch.ones(2))
+
+
+def test_meta_device_model_needs_meta_mode():
+    with torch.device("meta"):
+        model = nn.Linear(4, 4)
+    with pytest.raises(UsageError, match="meta"):
+        dtypelint.audit(model, torch.ones(1, 4))
+    report = dtypelint.audit(model, torch.ones(1, 4), mode="meta")
+    assert report.mode == "meta" and report.findings == []
+    assert any(graph_op == "aten.addmm" for graph_op in op_names(report.graph))
+    assert model.weight.device.type == "meta"
