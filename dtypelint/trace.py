@@ -30,7 +30,7 @@ class Origin:
 
 @dataclass(frozen=True)
 class TensorInfo:
-    """A parameter or buffer of the model as it was when the trace started."""
+    """A parameter, buffer or plain tensor attribute of the model as it was when the trace started."""
 
     kind: str
     dtype: torch.dtype
@@ -50,6 +50,8 @@ class ModelInfo:
     aliases: dict[str, list[str]]
     keep_in_fp32_modules: list[str]
     model_type: str | None
+    hidden_size: int | None = None
+    head_dim: int | None = None
 
     @classmethod
     def of(cls, model: torch.nn.Module) -> ModelInfo:
@@ -73,6 +75,10 @@ class ModelInfo:
                 tensors[name] = TensorInfo(
                     "buffer", buffer.dtype, tuple(buffer.shape), str(buffer.device), buffer_name not in non_persistent
                 )
+            for attribute, value in vars(module).items():
+                name = _join(module_name, attribute)
+                if isinstance(value, torch.Tensor) and name not in tensors:
+                    tensors[name] = TensorInfo("attribute", value.dtype, tuple(value.shape), str(value.device))
         config = getattr(model, "config", None)
         keep = getattr(model, "_keep_in_fp32_modules", None) or []
         return cls(
@@ -82,7 +88,17 @@ class ModelInfo:
             aliases=aliases,
             keep_in_fp32_modules=sorted(keep),
             model_type=getattr(config, "model_type", None),
+            hidden_size=getattr(config, "hidden_size", None),
+            head_dim=_head_dim(config),
         )
+
+
+def _head_dim(config: Any) -> int | None:
+    head_dim = getattr(config, "head_dim", None)
+    if isinstance(head_dim, int):
+        return head_dim
+    hidden, heads = getattr(config, "hidden_size", None), getattr(config, "num_attention_heads", None)
+    return hidden // heads if isinstance(hidden, int) and isinstance(heads, int) and heads else None
 
 
 class TensorRecord:
@@ -226,7 +242,11 @@ class Tracer(TorchDispatchMode):
         entry = self._live.get(id(tensor))
         if entry is not None and entry[1]() is tensor:
             return entry[0]
-        return self._new(tensor, self.origins.get(id(tensor), _CONSTANT))
+        origin = self.origins.get(id(tensor), _CONSTANT)
+        index = self._new(tensor, origin)
+        if self.stats and origin.kind == "input":
+            self.tensors[index].stats = value_stats(tensor)
+        return index
 
     def _new(self, tensor: torch.Tensor, origin: Origin | None) -> int:
         index = len(self.tensors)

@@ -31,7 +31,7 @@ def test_report_serialises_with_the_documented_keys(stray_fp32_layer):
     data = json.loads(json.dumps(report.to_dict()))
     keys = {"code", "category", "severity", "location", "tensor", "op", "dtypes", "message", "fix"}
     assert data["findings"] and all(set(f) == keys for f in data["findings"])
-    assert data["summary"] == {"error": 2, "warning": 0, "info": 0}
+    assert data["summary"] == {"error": 2, "warning": 1, "info": 0}  # DT001, DT101; DT105
     assert all(f["category"] in dtypelint.CATEGORIES for f in data["findings"])
     text = report.render()
     assert "DT101" in text and "head.weight" in text and "2 errors" in text
@@ -40,13 +40,13 @@ def test_report_serialises_with_the_documented_keys(stray_fp32_layer):
 def test_select_ignore_and_severity_overrides(stray_fp32_layer):
     x = torch.randn(2, 16, dtype=torch.float16)
     only_mixed = dtypelint.audit(stray_fp32_layer, x, select=["DT1"])
-    assert [f.code for f in only_mixed.findings] == ["DT101"]
+    assert [f.code for f in only_mixed.findings] == ["DT101", "DT105"]
     by_name = dtypelint.audit(stray_fp32_layer, x, ignore=["mixed-input"])
-    assert [f.code for f in by_name.findings] == ["DT001"]
+    assert [f.code for f in by_name.findings] == ["DT001", "DT105"]
     softened = dtypelint.audit(stray_fp32_layer, x, select=["DT101"], severity={"DT101": "warning"})
     assert [f.severity for f in softened.findings] == ["warning"]
     located = dtypelint.audit(stray_fp32_layer, x, per_location_ignores={"hea*": ["DT101"]})
-    assert [f.code for f in located.findings] == ["DT001"]
+    assert [f.code for f in located.findings] == ["DT001", "DT105"]
 
 
 def test_unknown_selector_or_severity_is_a_usage_error(stray_fp32_layer):

@@ -14,14 +14,37 @@ from dtypelint.errors import UsageError
 from dtypelint.report import SEVERITIES, Finding
 from dtypelint.rules.base import Rule, RuleContext
 from dtypelint.rules.forward_error import ForwardError
+from dtypelint.rules.kernel_contract import ContractRule
+from dtypelint.rules.low_precision_op import LowPrecisionOp
 from dtypelint.rules.mixed_input import MixedInput
+from dtypelint.rules.nonfinite import Nonfinite
+from dtypelint.rules.overflow_risk import OverflowRisk
+from dtypelint.rules.packs import BackendPack, available_packs, load_pack
+from dtypelint.rules.param_dtype import ParamDtype
+from dtypelint.rules.promotion import Promotion
 from dtypelint.rules.trace_limit import TraceLimit
 
-GENERIC_RULES: tuple[Rule, ...] = (ForwardError(), TraceLimit(), MixedInput())
+GENERIC_RULES: tuple[Rule, ...] = (
+    ForwardError(),
+    TraceLimit(),
+    MixedInput(),
+    Promotion(),
+    Nonfinite(),
+    OverflowRisk(),
+    ParamDtype(),
+    LowPrecisionOp(),
+)
 
 
-def all_rules() -> list[Rule]:
-    return list(GENERIC_RULES)
+def pack_rules(pack: BackendPack) -> list[Rule]:
+    return [ContractRule(contract, pack.name) for contract in pack.contracts]
+
+
+def all_rules(packs: list[BackendPack] | None = None) -> list[Rule]:
+    """The generic rules and the contracts of ``packs`` (default: every shipped pack)."""
+    if packs is None:
+        packs = [load_pack(name) for name in available_packs()]
+    return [*GENERIC_RULES, *(rule for pack in packs for rule in pack_rules(pack))]
 
 
 def find_rule(code_or_name: str) -> Rule:
@@ -73,8 +96,9 @@ class Selection:
 
 def run_rules(context: RuleContext, selection: Selection | None = None) -> list[Finding]:
     selection = selection or Selection()
-    rules = all_rules()
-    selection.validate(rules)
+    rules = all_rules([context.pack])
+    # A selector may name a rule of another backend (one pyproject serves several): validate against all.
+    selection.validate(all_rules() + rules)
     findings: list[Finding] = []
     for rule in rules:
         if not selection.enabled(rule):

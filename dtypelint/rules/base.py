@@ -6,6 +6,7 @@ import inspect
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
@@ -15,6 +16,7 @@ from dtypelint.report import Finding, Fix
 if TYPE_CHECKING:
     from dtypelint.graph import DtypeGraph
     from dtypelint.rules.packs import BackendPack
+    from dtypelint.rules.sites import ModelSites
     from dtypelint.trace import ModelInfo
 
 
@@ -36,6 +38,12 @@ class RuleContext:
     pack: BackendPack
     error: BaseException | None = None
     options: Options = field(default_factory=Options)
+
+    @cached_property
+    def sites(self) -> ModelSites:
+        from dtypelint.rules.sites import ModelSites
+
+        return ModelSites(self.graph, self.model)
 
 
 class Rule:

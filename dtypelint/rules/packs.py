@@ -1,18 +1,55 @@
 """Backend rule packs: declarative TOML files in the top-level ``rules/`` folder, one per backend.
 
-A pack says what a backend's kernels accept. It is data, never code: nothing in it is evaluated.
-The schema is documented in ``rules/README.md``.
+A pack says what a backend's kernels accept. It is data, never code: nothing in it is evaluated. The
+schema is documented in ``rules/README.md``; a malformed pack raises ``LoadError`` naming the file, the
+entry and the problem.
 """
 
 from __future__ import annotations
 
+import re
 import tomllib
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
-from dtypelint.errors import LoadError, UsageError
+from dtypelint.dtypes import dtype_name, parse_dtype
+from dtypelint.errors import DtypelintError, LoadError, UsageError
+from dtypelint.report import SEVERITIES
+from dtypelint.rules.sites import valid_selector
+
+_CODE = re.compile(r"^[A-Z]{2,5}[0-9]{3}$")
+_NAME = re.compile(r"^[a-z0-9]+(-[a-z0-9]+)*$")
+
+
+@dataclass(frozen=True)
+class Contract:
+    """One kernel's dtype contract (a ``[[contract]]`` entry)."""
+
+    code: str
+    name: str
+    kernel: str
+    summary: str
+    why: str
+    references: tuple[str, ...]
+    modules: tuple[str, ...]
+    tensors: tuple[str, ...]
+    severity: str = "error"
+    owner: str | None = None
+    not_owner: str | None = None
+    model_types: tuple[str, ...] = ()
+    must_match: str | None = None
+    must_match_label: str = ""
+    accepted_dtypes: tuple[str, ...] = ()
+    gate_dtypes: tuple[str, ...] = ()
+    head_dims: tuple[int, ...] = ()
+    fix: str = "none"
+    fix_safety: str = "unsafe"
+    fix_cost: str = ""
+    example: str = ""
+    known_problems: str = ""
 
 
 @dataclass(frozen=True)
@@ -20,6 +57,7 @@ class BackendPack:
     name: str
     description: str
     intended_fp32: tuple[str, ...]
+    contracts: tuple[Contract, ...]
     path: Path
 
     def keeps_fp32(self, tensor: str) -> bool:
@@ -54,32 +92,126 @@ def load_pack(name_or_path: str | Path) -> BackendPack:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
         raise LoadError(f"{path}: not valid TOML: {error}") from None
-    header = _table(data, "pack", path, "the file")
-    name = _string(header, "name", path, "[pack]")
+    _Entry(path, "the file", data).only({"pack", "contract"})
+    header = _Entry(path, "[pack]", data.get("pack"))
+    header.only({"name", "description", "intended-fp32"})
+    entries = data.get("contract", [])
+    if not isinstance(entries, list):
+        raise LoadError(f"{path}: 'contract' must be an array of tables ([[contract]])")
+    contracts = tuple(_contract(_Entry(path, f"[[contract]] #{number}", entry)) for number, entry in enumerate(entries, 1))
+    codes = [contract.code for contract in contracts]
+    if duplicate := next((code for code in codes if codes.count(code) > 1), None):
+        raise LoadError(f"{path}: code {duplicate} is used by more than one contract")
     return BackendPack(
-        name=name,
-        description=str(header.get("description", "")),
-        intended_fp32=tuple(_strings(header, "intended-fp32", path, "[pack]")),
+        name=header.string("name"),
+        description=header.string("description", ""),
+        intended_fp32=tuple(header.strings("intended-fp32")),
+        contracts=contracts,
         path=path,
     )
 
 
-def _table(data: dict, key: str, path: Path, where: str) -> dict:
-    value = data.get(key)
-    if not isinstance(value, dict):
-        raise LoadError(f"{path}: {where} needs a [{key}] table")
-    return value
+def _contract(entry: _Entry) -> Contract:
+    entry.only(
+        {
+            "code", "name", "kernel", "summary", "why", "references", "modules", "tensors", "severity", "owner",
+            "not-owner", "model-types", "must-match", "must-match-label", "accepted-dtypes", "gate-dtypes", "head-dims", "fix",
+            "fix-safety", "fix-cost", "example", "known-problems",
+        }
+    )
+    code = entry.string("code")
+    entry.where = f"contract {code}"
+    if not _CODE.match(code):
+        raise entry.error("code", "must look like IPX101 (2-5 capitals, 3 digits)")
+    name = entry.string("name")
+    if not _NAME.match(name):
+        raise entry.error("name", "must be kebab-case")
+    selectors = [*entry.strings("tensors", required=True)]
+    must_match = entry.string("must-match", None)
+    for selector in [*selectors, *([must_match] if must_match else [])]:
+        if not valid_selector(selector):
+            raise entry.error("tensors", f"unknown selector {selector!r} (see rules/README.md)")
+    return Contract(
+        code=code,
+        name=name,
+        kernel=entry.string("kernel"),
+        summary=entry.string("summary"),
+        why=entry.string("why"),
+        references=tuple(entry.strings("references", required=True)),
+        modules=tuple(entry.strings("modules", required=True)),
+        tensors=tuple(selectors),
+        severity=entry.choice("severity", SEVERITIES, "error"),
+        owner=entry.string("owner", None),
+        not_owner=entry.string("not-owner", None),
+        model_types=tuple(entry.strings("model-types")),
+        must_match=must_match,
+        must_match_label=entry.string("must-match-label", ""),
+        accepted_dtypes=entry.dtypes("accepted-dtypes"),
+        gate_dtypes=entry.dtypes("gate-dtypes"),
+        head_dims=tuple(entry.integers("head-dims")),
+        fix=entry.choice("fix", ("cast", "none"), "none"),
+        fix_safety=entry.choice("fix-safety", ("safe", "unsafe"), "unsafe"),
+        fix_cost=entry.string("fix-cost", ""),
+        example=entry.string("example", ""),
+        known_problems=entry.string("known-problems", ""),
+    )
 
 
-def _string(data: dict, key: str, path: Path, where: str) -> str:
-    value = data.get(key)
-    if not isinstance(value, str) or not value:
-        raise LoadError(f"{path}: {where}: '{key}' must be a non-empty string")
-    return value
+class _Entry:
+    """Typed access to one TOML table, failing with the file, the entry and the key."""
 
+    _MISSING: Any = object()
 
-def _strings(data: dict, key: str, path: Path, where: str) -> list[str]:
-    value = data.get(key, [])
-    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
-        raise LoadError(f"{path}: {where}: '{key}' must be a list of strings")
-    return value
+    def __init__(self, path: Path, where: str, data: Any) -> None:
+        self.path, self.where = path, where
+        if not isinstance(data, dict):
+            raise LoadError(f"{path}: {where} is missing or not a table")
+        self.data = data
+
+    def error(self, key: str, problem: str) -> LoadError:
+        return LoadError(f"{self.path}: {self.where}: '{key}' {problem}")
+
+    def only(self, keys: set[str]) -> None:
+        for key in self.data:
+            if key not in keys:
+                raise self.error(key, f"is not a known key (known: {', '.join(sorted(keys))})")
+
+    def _get(self, key: str, default: Any) -> Any:
+        if key not in self.data:
+            if default is self._MISSING:
+                raise self.error(key, "is required")
+            return default
+        return self.data[key]
+
+    def string(self, key: str, default: Any = _MISSING) -> Any:
+        value = self._get(key, default)
+        if value is not default and (not isinstance(value, str) or not value.strip()):
+            raise self.error(key, "must be a non-empty string")
+        return value
+
+    def strings(self, key: str, *, required: bool = False) -> list[str]:
+        value = self._get(key, self._MISSING if required else [])
+        if not isinstance(value, list) or not all(isinstance(item, str) and item for item in value):
+            raise self.error(key, "must be a list of non-empty strings")
+        if required and not value:
+            raise self.error(key, "must not be empty")
+        return value
+
+    def integers(self, key: str) -> list[int]:
+        value = self._get(key, [])
+        if not isinstance(value, list) or not all(isinstance(item, int) and not isinstance(item, bool) for item in value):
+            raise self.error(key, "must be a list of integers")
+        return value
+
+    def choice(self, key: str, choices: tuple[str, ...], default: str) -> str:
+        value = self._get(key, default)
+        if value not in choices:
+            raise self.error(key, f"must be one of {', '.join(choices)}, not {value!r}")
+        return value
+
+    def dtypes(self, key: str) -> tuple[str, ...]:
+        names = self.strings(key)
+        try:
+            return tuple(dtype_name(parse_dtype(name)) for name in names)
+        except DtypelintError as error:
+            raise self.error(key, str(error)) from None

@@ -1,0 +1,74 @@
+"""DT104 overflow-risk."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+from dtypelint.report import Finding
+from dtypelint.rules.base import Rule, RuleContext
+from dtypelint.rules.nonfinite import finite, value_range
+
+
+class OverflowRisk(Rule):
+    """
+    ## What it does
+    In value mode, finds ops that produce finite values beyond a fraction (``overflow-fraction``, default
+    0.5) of their dtype's largest value, one finding per module.
+
+    ## Why is this bad?
+    Values at half of float16's 65504 on a 16-token sample overflow on a longer or less typical input.
+    The sample run passed; production will not.
+
+    ## Example
+    ``model.layers.3.mlp.down_proj`` returns 4.1e4 in float16: 63% of the range.
+
+    Use instead: run that module in float32 or bfloat16, or scale its weights.
+
+    ## Fix safety
+    No automatic fix.
+
+    ## Known problems
+    Values equal to the dtype's extreme (attention masks fill with ``finfo.min`` on purpose) and values
+    that an input already carried are not reported: only the op that made them large is.
+
+    ## Options
+    ``overflow-fraction`` in ``[tool.dtypelint]``.
+    """
+
+    code = "DT104"
+    name = "overflow-risk"
+    category = "overflow-risk"
+    severity = "warning"
+
+    def check(self, context: RuleContext) -> Iterator[Finding]:
+        graph, fraction = context.graph, context.options.overflow_fraction
+        reported: set[str] = set()
+        for op in graph.ops():
+            data = graph.nodes[op]
+            if data["module"] in reported:
+                continue
+            for tensor in graph.outputs(op):
+                bounds = value_range(graph, tensor)
+                dtype = graph.dtype(tensor)
+                if bounds is None or not finite(bounds) or not dtype.is_floating_point:
+                    continue
+                largest = torch.finfo(dtype).max
+                peak = max((abs(bound) for bound in bounds if abs(bound) < largest), default=0.0)
+                carried = max(
+                    (max(map(abs, value_range(graph, t) or (0.0, 0.0))) for t in graph.floating_inputs(op)),
+                    default=0.0,
+                )
+                if peak < fraction * largest or carried >= fraction * largest:
+                    continue
+                reported.add(data["module"])
+                yield self.finding(
+                    location=data["module"],
+                    op=data["name"],
+                    dtypes=[graph.nodes[tensor]["dtype"]],
+                    message=f"{data['name']} produced values up to {peak:.4g}, {peak / largest:.0%} of "
+                    f"{graph.nodes[tensor]['dtype']}'s largest value {largest:.6g}",
+                    node=op,
+                )
+                break

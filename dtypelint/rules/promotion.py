@@ -1,0 +1,108 @@
+"""DT102 promotion."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from dtypelint.dtypes import dtype_name, wider
+from dtypelint.graph import CAST_OPS, DtypeGraph
+from dtypelint.report import Finding, Fix
+from dtypelint.rules.base import Rule, RuleContext
+
+PROMOTING_ORIGINS = frozenset({"parameter", "buffer", "attribute", "constant"})
+
+
+def widened_ops(graph: DtypeGraph, start: str, dtype: str) -> int:
+    """How many ops after ``start`` go on producing ``dtype`` from its output, up to an explicit cast."""
+    seen, frontier = set(), list(graph.outputs(start))
+    while frontier:
+        tensor = frontier.pop()
+        for op in graph.consumers(tensor):
+            if op in seen or graph.nodes[op]["name"] in CAST_OPS:
+                continue
+            outputs = [t for t in graph.outputs(op) if graph.nodes[t]["dtype"] == dtype]
+            if outputs:
+                seen.add(op)
+                frontier += outputs
+    return len(seen)
+
+
+class Promotion(Rule):
+    """
+    ## What it does
+    Finds a floating leaf (buffer, parameter, tensor attribute or a constant made in forward) of a wider
+    dtype than the compute dtype that silently promotes the activation stream, following torch's own type
+    promotion: the op's recorded output dtype, as ``torch.result_type`` decided it.
+
+    ## Why is this bad?
+    ``x_fp16 * buffer_fp32`` is legal and returns float32: every op after it runs in float32, at twice
+    the memory and bandwidth, until something fails further on (``mat1 and mat2 must have the same
+    dtype`` in the next linear, or a fused kernel's dtype assert). The root cause sits far upstream.
+
+    ## Example
+    ```python
+    self.register_buffer("scale", torch.ones(hidden))   # float32, and model.half() was never called
+    ...
+    return x * self.scale                               # float16 in, float32 out
+    ```
+
+    Use instead: register the buffer in the model's dtype, or cast the product back (``.to(x.dtype)``).
+
+    ## Fix safety
+    The fix casts the buffer or parameter to the compute dtype. It is unsafe: the ops after it then
+    compute in the narrower dtype, which changes their results beyond rounding of the leaf.
+
+    ## Known problems
+    A 0-dim tensor does not promote a dimensioned one (torch's rule), so scalars are never reported.
+    Tensors the backend keeps in float32 by design (``intended-fp32`` of its pack) are skipped.
+
+    ## References
+    - https://pytorch.org/docs/stable/tensor_attributes.html#type-promotion-doc
+    """
+
+    code = "DT102"
+    name = "promotion"
+    category = "promotion"
+    severity = "warning"
+    fix_availability = "sometimes"
+
+    def check(self, context: RuleContext) -> Iterator[Finding]:
+        graph, compute = context.graph, context.compute_dtype
+        compute_name = dtype_name(compute)
+        reported: set[str] = set()
+        for op in graph.ops():
+            data = graph.nodes[op]
+            outputs = graph.outputs(op)
+            if data["name"] in CAST_OPS or not outputs or not wider(graph.dtype(outputs[0]), compute):
+                continue
+            inputs = graph.floating_inputs(op)
+            if not any(graph.nodes[tensor]["dtype"] == compute_name for tensor in inputs):
+                continue  # the stream did not enter in the compute dtype: nothing was promoted here
+            wide = graph.nodes[outputs[0]]["dtype"]
+            for tensor in inputs:
+                leaf = graph.source(tensor)
+                leaf_data = graph.nodes[leaf]
+                if leaf_data["dtype"] != wide or leaf_data["origin"] not in PROMOTING_ORIGINS:
+                    continue
+                name = leaf_data["name"] if leaf_data["origin"] != "constant" else None
+                if leaf in reported or (name and context.pack.keeps_fp32(name)):
+                    continue
+                reported.add(leaf)
+                yield self._finding(context, op, leaf, name, wide, compute_name)
+
+    def _finding(self, context: RuleContext, op: str, leaf: str, name: str | None, wide: str, compute: str) -> Finding:
+        graph = context.graph
+        data = graph.nodes[op]
+        fixable = graph.nodes[leaf]["origin"] in ("parameter", "buffer")
+        fix = Fix((name,), compute, "unsafe", f"cast {name} to {compute}") if name and fixable else None
+        after = widened_ops(graph, op, wide)
+        return self.finding(
+            location=data["module"],
+            tensor=name,
+            op=data["name"],
+            dtypes=[compute, wide],
+            message=f"{graph.describe(leaf)} ({wide}) promotes the {compute} stream to {wide} at {data['name']}; "
+            f"{after} later op{'s' if after != 1 else ''} then run in {wide}",
+            fix=fix,
+            node=op,
+        )

@@ -1,0 +1,156 @@
+"""Where a backend kernel's operands are in a traced model.
+
+A fused backend kernel (ipex-llm's ``xe_addons``) never runs on the CPU that traces the model, so its
+operands are mapped from the model's structure and the trace. A pack names operands with selectors,
+each resolved against one module ``M`` that the contract matched:
+
+``input``            the activation entering ``M``: the first floating tensor its ops consume that was made
+                     outside it (not a parameter, buffer or attribute); one with the model's hidden size
+                     last is preferred. For an attention module this is what its q/k/v projections read,
+                     so the q/k/v dtype (a backend linear returns its input's dtype).
+``raw-input``        the first tensor of any dtype entering ``M`` (a uint8 input to a linear).
+``owner-input``      ``input`` of ``M``'s parent module (the attention layer that owns a rotary module).
+``outputs``          the floating tensors ``M`` produces that ops outside it consume (a rotary module's cos/sin).
+``consumer-input``   ``input`` of the module that consumes ``M``'s first output (the attention layer
+                     receiving a model-level rotary module's cos/sin).
+``mask``             a 4-D floating tensor entering ``M`` other than ``input`` (the additive attention mask).
+``buffer:a|b``       ``M``'s buffer (or plain tensor attribute) ``a``, else ``b``: read from the model, so a
+                     buffer the forward never touches (ipex-llm reads ``inv_freq`` inside the kernel) counts.
+``param:a|b``        ``M``'s parameter ``a``, else ``b``.
+``sdpa-inputs``      query, key and value of the first scaled-dot-product-attention op ``M`` runs.
+``child-output:c``   the floating output of ``M``'s child module ``c``.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+from functools import cached_property
+
+from dtypelint.dtypes import dtype_name
+from dtypelint.graph import DtypeGraph
+from dtypelint.trace import ModelInfo
+
+SELECTORS = ("input", "raw-input", "owner-input", "outputs", "consumer-input", "mask", "sdpa-inputs")
+PREFIXED_SELECTORS = ("buffer:", "param:", "child-output:")
+WEIGHT_ORIGINS = frozenset({"parameter", "buffer", "attribute"})
+
+
+def valid_selector(selector: str) -> bool:
+    if selector in SELECTORS:
+        return True
+    prefix = next((p for p in PREFIXED_SELECTORS if selector.startswith(p)), None)
+    return prefix is not None and bool(selector[len(prefix):].strip("|"))
+
+
+@dataclass(frozen=True)
+class Operand:
+    """A resolved kernel operand: a label for messages, its dtype, and the tensor name or graph node."""
+
+    label: str
+    dtype: str
+    name: str | None = None
+    node: str | None = None
+
+
+def parent(path: str) -> str:
+    return path.rsplit(".", 1)[0] if "." in path else ""
+
+
+def inside(module: str, path: str) -> bool:
+    return not path or module == path or module.startswith(path + ".")
+
+
+class ModelSites:
+    """Per-module views of the graph, computed once per audit and shared by the contract rules."""
+
+    def __init__(self, graph: DtypeGraph, model: ModelInfo) -> None:
+        self.graph = graph
+        self.model = model
+
+    @cached_property
+    def _ops_by_module(self) -> dict[str, list[str]]:
+        index: dict[str, list[str]] = defaultdict(list)
+        for op in self.graph.ops():
+            index[self.graph.nodes[op]["module"]].append(op)
+        return index
+
+    def ops(self, path: str) -> list[str]:
+        """The ops of ``path`` and its submodules, in execution order."""
+        chosen = [op for module, ops in self._ops_by_module.items() if inside(module, path) for op in ops]
+        return sorted(chosen, key=lambda op: self.graph.nodes[op]["index"])
+
+    def entering(self, path: str) -> list[str]:
+        """Tensors made outside ``path`` that its ops consume (weights excluded), in first-use order."""
+        graph, seen = self.graph, {}
+        for op in self.ops(path):
+            for tensor, _ in graph.inputs(op):
+                if tensor in seen or graph.nodes[tensor]["origin"] in WEIGHT_ORIGINS:
+                    continue
+                producer = graph.producer(tensor)
+                if producer is None or not inside(graph.nodes[producer]["module"], path):
+                    seen[tensor] = None
+        return list(seen)
+
+    def input(self, path: str, *, floating: bool = True) -> str | None:
+        graph = self.graph
+        candidates = [t for t in self.entering(path) if not floating or graph.dtype(t).is_floating_point]
+        hidden = [t for t in candidates if graph.nodes[t]["shape"][-1:] == (self.model.hidden_size,)]
+        return (hidden or candidates or [None])[0]
+
+    def outputs(self, path: str) -> list[str]:
+        graph, found = self.graph, []
+        for op in self.ops(path):
+            for tensor in graph.outputs(op):
+                if graph.dtype(tensor).is_floating_point and any(
+                    not inside(graph.nodes[consumer]["module"], path) for consumer in graph.consumers(tensor)
+                ):
+                    found.append(tensor)
+        return found
+
+    def resolve(self, selector: str, path: str) -> list[Operand]:
+        """The operands ``selector`` names for the module at ``path`` (empty when it cannot be seen)."""
+        graph = self.graph
+        if selector in ("input", "raw-input", "owner-input"):
+            where = parent(path) if selector == "owner-input" else path
+            node = self.input(where, floating=selector != "raw-input")
+            return [self._node_operand(node, f"the activation entering {where or '<model>'}")] if node else []
+        if selector == "outputs":
+            return [self._node_operand(node, f"output of {path}") for node in self.outputs(path)]
+        if selector == "consumer-input":
+            outputs = self.outputs(path)
+            consumers = graph.consumers(outputs[0]) if outputs else []
+            outside = [op for op in consumers if not inside(graph.nodes[op]["module"], path)]
+            if not outside:
+                return []
+            module = graph.nodes[outside[0]]["module"]
+            node = self.input(module)
+            return [self._node_operand(node, f"the activation entering {module}")] if node else []
+        if selector == "mask":
+            main = self.input(path)
+            masks = [
+                t for t in self.entering(path)
+                if t != main and graph.dtype(t).is_floating_point and len(graph.nodes[t]["shape"]) == 4
+            ]
+            return [self._node_operand(masks[0], f"the attention mask entering {path}")] if masks else []
+        if selector == "sdpa-inputs":
+            attention = [op for op in self.ops(path) if "scaled_dot_product" in graph.nodes[op]["name"]]
+            if not attention:
+                return []
+            inputs = dict((argument, node) for node, argument in graph.inputs(attention[0]))
+            roles = (("0", "query"), ("1", "key"), ("2", "value"))
+            return [self._node_operand(inputs[key], f"the {role} of {path}") for key, role in roles if key in inputs]
+        kind, _, names = selector.partition(":")
+        if kind == "child-output":
+            return [self._node_operand(node, f"output of {path}.{names}") for node in self.outputs(f"{path}.{names}")[:1]]
+        wanted = "parameter" if kind == "param" else "buffer"
+        for name in names.split("|"):
+            qualified = f"{path}.{name}" if path else name
+            info = self.model.tensors.get(qualified)
+            if info is not None and (info.kind == wanted or kind == "buffer" and info.kind == "attribute"):
+                return [Operand(qualified, dtype_name(info.dtype), qualified, graph.find_tensor(qualified))]
+        return []
+
+    def _node_operand(self, node: str, label: str) -> Operand:
+        data = self.graph.nodes[node]
+        return Operand(label, data["dtype"], data["name"] if data["origin"] in WEIGHT_ORIGINS else None, node)
