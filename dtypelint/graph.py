@@ -24,7 +24,7 @@ import torch
 
 from dtypelint.dtypes import dtype_name
 from dtypelint.errors import UsageError
-from dtypelint.trace import Origin, TensorRecord, TraceResult
+from dtypelint.trace import DATA_MOVEMENT_OPS, Origin, TensorRecord, TraceResult
 
 _PRODUCED = Origin("op")
 LEAF_ORIGINS = frozenset({"parameter", "buffer", "attribute", "input", "constant"})
@@ -38,6 +38,7 @@ VIEW_OPS = frozenset(
         "aten.split", "aten.split_with_sizes", "aten.chunk", "aten.unbind", "aten.flatten", "aten.repeat",
     }
 )
+MOVING_OPS = frozenset(f"aten.{name}" for name in DATA_MOVEMENT_OPS) - {"aten.cat", "aten.stack"}
 # Ops whose purpose is to change the dtype: an explicit cast is never a conflict by itself.
 CAST_OPS = frozenset({"aten._to_copy", "aten.to", "aten.copy_", "aten.copy", "aten._to_dtype"})
 
@@ -123,10 +124,12 @@ class DtypeGraph(nx.DiGraph):
         """The leaf node of a named parameter, buffer, attribute or input, if the forward used it."""
         return next((node for node, label in self.nodes(data="name") if label == name), None)
 
-    def source(self, tensor: str) -> str:
-        """The tensor this one is a view or copy of, followed back through view ops only."""
+    def source(self, tensor: str, *, through_copies: bool = False) -> str:
+        """The tensor this one is a view of, followed back through view ops (and, with
+        ``through_copies``, through ops that copy values of their first input: index, gather, ...)."""
+        followed = VIEW_OPS | MOVING_OPS if through_copies else VIEW_OPS
         node = tensor
-        while (op := self.producer(node)) is not None and self.nodes[op]["name"] in VIEW_OPS:
+        while (op := self.producer(node)) is not None and self.nodes[op]["name"] in followed:
             node = self.inputs(op)[0][0]
         return node
 

@@ -132,13 +132,13 @@ class OpRecord:
 
 
 _CONSTANT = Origin("constant")
-_MOVES_DATA_ONLY = frozenset(
-    getattr(torch.ops.aten, name)
-    for name in (
-        "cat", "stack", "index", "index_select", "gather", "embedding", "clone", "contiguous", "repeat",
-        "expand_copy", "slice_scatter", "select_scatter", "constant_pad_nd", "tril", "triu", "flip", "roll",
-    )
+# aten ops that copy values without computing new ones (their output holds values of their inputs).
+DATA_MOVEMENT_OPS = (
+    "cat", "stack", "index", "index_select", "gather", "embedding", "clone", "contiguous", "repeat",
+    "expand_copy", "slice_scatter", "select_scatter", "constant_pad_nd", "tril", "triu", "flip", "roll",
 )
+_UNINITIALISED = ("empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "empty_permuted")
+_NOT_MEASURED = frozenset(getattr(torch.ops.aten, name) for name in (*DATA_MOVEMENT_OPS, *_UNINITIALISED))
 
 
 def iter_tensors(value: Any) -> Iterator[tuple[str, torch.Tensor]]:
@@ -268,7 +268,8 @@ class Tracer(TorchDispatchMode):
         self.records.append(record)
         outputs = func(*args, **kwargs)
         # Views and data movement create no new values: their inputs were measured where they were made.
-        measure = self.stats and not func.is_view and func.overloadpacket not in _MOVES_DATA_ONLY
+        # Uninitialised memory (aten.empty) holds garbage, not values.
+        measure = self.stats and not func.is_view and func.overloadpacket not in _NOT_MEASURED
         produced = []
         for _, tensor in iter_tensors(outputs):
             index = self._new(tensor, None)

@@ -10,6 +10,18 @@ from dtypelint.report import Finding
 from dtypelint.rules.base import Rule, RuleContext
 
 
+# Ops that write a value given by the code (a mask's -inf or finfo.min), not one computed from inputs.
+FILL_OPS = frozenset(
+    {"aten.masked_fill", "aten.masked_fill_", "aten.fill", "aten.fill_", "aten.index_fill", "aten.index_fill_",
+     "aten.full_like", "aten.new_full"}
+)
+
+
+def computes_values(graph: DtypeGraph, op: str) -> bool:
+    """False for factories and fills, whose extreme values are chosen on purpose."""
+    return bool(graph.floating_inputs(op)) and graph.nodes[op]["name"] not in FILL_OPS
+
+
 def value_range(graph: DtypeGraph, tensor: str) -> tuple[float, float] | None:
     """(min, max) recorded for a tensor or, for a view, for the tensor it views."""
     data = graph.nodes[graph.source(tensor)]
@@ -57,7 +69,7 @@ class Nonfinite(Rule):
         graph = context.graph
         for op in graph.ops():
             produced = [t for t in graph.outputs(op) if not finite(value_range(graph, t))]
-            if not produced:
+            if not produced or not computes_values(graph, op):
                 continue
             inputs = graph.floating_inputs(op)
             ranges = [value_range(graph, tensor) for tensor in inputs]

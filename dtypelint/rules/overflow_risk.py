@@ -8,7 +8,7 @@ import torch
 
 from dtypelint.report import Finding
 from dtypelint.rules.base import Rule, RuleContext
-from dtypelint.rules.nonfinite import finite, value_range
+from dtypelint.rules.nonfinite import computes_values, finite, value_range
 
 
 class OverflowRisk(Rule):
@@ -30,8 +30,9 @@ class OverflowRisk(Rule):
     No automatic fix.
 
     ## Known problems
-    Values equal to the dtype's extreme (attention masks fill with ``finfo.min`` on purpose) and values
-    that an input already carried are not reported: only the op that made them large is.
+    Values that factories and fills write (attention masks hold ``finfo.min`` on purpose), values equal to
+    the dtype's extreme, and values an input already carried are not reported: only the op that computed
+    them is.
 
     ## Options
     ``overflow-fraction`` in ``[tool.dtypelint]``.
@@ -47,7 +48,7 @@ class OverflowRisk(Rule):
         reported: set[str] = set()
         for op in graph.ops():
             data = graph.nodes[op]
-            if data["module"] in reported:
+            if data["module"] in reported or not computes_values(graph, op):
                 continue
             for tensor in graph.outputs(op):
                 bounds = value_range(graph, tensor)

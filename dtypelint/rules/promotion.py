@@ -10,6 +10,7 @@ from dtypelint.report import Finding, Fix
 from dtypelint.rules.base import Rule, RuleContext
 
 PROMOTING_ORIGINS = frozenset({"parameter", "buffer", "attribute", "constant"})
+STREAM = frozenset({"op", "input"})  # origins of activations, as opposed to weights
 
 
 def widened_ops(graph: DtypeGraph, start: str, dtype: str) -> int:
@@ -73,14 +74,19 @@ class Promotion(Rule):
         for op in graph.ops():
             data = graph.nodes[op]
             outputs = graph.outputs(op)
-            if data["name"] in CAST_OPS or not outputs or not wider(graph.dtype(outputs[0]), compute):
+            if data["name"] in CAST_OPS or data["inplace"] or not outputs:
+                continue  # casts are explicit; an in-place op keeps its target's dtype
+            if not wider(graph.dtype(outputs[0]), compute):
                 continue
             inputs = graph.floating_inputs(op)
-            if not any(graph.nodes[tensor]["dtype"] == compute_name for tensor in inputs):
-                continue  # the stream did not enter in the compute dtype: nothing was promoted here
+            if not any(
+                graph.nodes[tensor]["dtype"] == compute_name and graph.nodes[graph.source(tensor)]["origin"] in STREAM
+                for tensor in inputs
+            ):
+                continue  # no activation entered in the compute dtype: nothing was promoted here
             wide = graph.nodes[outputs[0]]["dtype"]
             for tensor in inputs:
-                leaf = graph.source(tensor)
+                leaf = graph.source(tensor, through_copies=True)
                 leaf_data = graph.nodes[leaf]
                 if leaf_data["dtype"] != wide or leaf_data["origin"] not in PROMOTING_ORIGINS:
                     continue
