@@ -14,9 +14,10 @@ from dtypelint.errors import UsageError
 from dtypelint.graph import DtypeGraph
 from dtypelint.load import build_fake_model, call_arguments, config_dtype, load_config, sample_inputs
 from dtypelint.report import Report
-from dtypelint.rules import Selection, run_rules
+from dtypelint.config import Settings
+from dtypelint.rules import all_rules, run_rules
 from dtypelint.rules.base import Options, RuleContext
-from dtypelint.rules.packs import load_pack
+from dtypelint.rules.packs import BackendPack, load_pack
 from dtypelint.trace import TraceResult, Tracer
 
 MODES = ("value", "meta")
@@ -100,15 +101,8 @@ def trace(model: torch.nn.Module, inputs: Any, *, mode: str = "value", stats: bo
     return _graph(_run(model, inputs, mode=mode, stats=stats, notes=notes))
 
 
-def _report(
-    result: TraceResult,
-    *,
-    compute_dtype: torch.dtype,
-    backend: str,
-    selection: Selection,
-    options: Options | None,
-) -> Report:
-    pack = load_pack(backend)
+def _report(result: TraceResult, *, compute_dtype: torch.dtype, settings: Settings) -> Report:
+    pack = _pack(settings)
     graph = _graph(result)
     context = RuleContext(
         graph=graph,
@@ -116,11 +110,11 @@ def _report(
         compute_dtype=compute_dtype,
         pack=pack,
         error=result.error,
-        options=options or Options(),
+        options=settings.options,
     )
     return Report(
         graph=graph,
-        findings=run_rules(context, selection),
+        findings=run_rules(context, settings.selection),
         model=context.model.class_name,
         backend=pack.name,
         mode=graph.graph["mode"],
@@ -129,20 +123,18 @@ def _report(
     )
 
 
-def _selection(
-    select: list[str] | None,
-    ignore: list[str] | None,
-    extend_select: list[str] | None,
-    per_location_ignores: Mapping[str, list[str]] | None,
-    severity: Mapping[str, str] | None,
-) -> Selection:
-    return Selection(
-        select=list(select) if select is not None else None,
-        extend_select=list(extend_select or []),
-        ignore=list(ignore or []),
-        per_location_ignores=dict(per_location_ignores or {}),
-        severity=dict(severity or {}),
-    )
+def _pack(settings: Settings) -> BackendPack:
+    return load_pack(settings.backend).extended([load_pack(path) for path in settings.rules])
+
+
+def resolve_settings(settings: Settings | None = None, **overrides: Any) -> Settings:
+    """``settings`` (default: built-in defaults, no file is read) with the non-None ``overrides`` on
+    top, validated (dtype, packs, selectors) so that a typo fails before any model work."""
+    resolved = (settings or Settings()).override(**overrides)
+    parse_dtype(resolved.dtype)
+    pack = _pack(resolved)
+    resolved.selection.validate(all_rules() + all_rules([pack]))
+    return resolved
 
 
 def audit(
@@ -150,54 +142,64 @@ def audit(
     inputs: Any,
     *,
     dtype: str | torch.dtype | None = None,
-    backend: str = "hf-eager",
+    backend: str | None = None,
     mode: str = "value",
     stats: bool = True,
+    rules: list[str] | None = None,
     select: list[str] | None = None,
     ignore: list[str] | None = None,
     extend_select: list[str] | None = None,
     per_location_ignores: Mapping[str, list[str]] | None = None,
     severity: Mapping[str, str] | None = None,
     options: Options | None = None,
+    settings: Settings | None = None,
 ) -> Report:
     """Trace one forward of ``model`` on ``inputs`` and run the rules of ``backend`` over it.
 
     ``inputs`` is a tensor, a tuple of positional arguments or a dict of keyword arguments. ``dtype`` is
-    the intended compute dtype (default: the dtype of most parameter elements). ``mode="meta"`` runs the
-    forward on fake copies of the weights. The model is left exactly as it was.
+    the intended compute dtype (default: the dtype of most parameter elements). ``backend`` names a
+    shipped pack or a pack file (default ``hf-eager``); ``rules`` adds packs. ``mode="meta"`` runs the
+    forward on fake copies of the weights. ``settings`` (``dtypelint.config.load_settings()``) supplies
+    defaults that the other arguments override. The model is left exactly as it was.
     """
     notes: list[str] = []
     model = _unwrap(model, notes)
-    selection = _selection(select, ignore, extend_select, per_location_ignores, severity)
-    compute_dtype = parse_dtype(dtype) or infer_compute_dtype(model)
-    load_pack(backend)  # a bad backend fails before the forward runs
+    resolved = resolve_settings(
+        settings, dtype=dtype, backend=backend, rules=rules, select=select, ignore=ignore,
+        extend_select=extend_select, per_location_ignores=per_location_ignores, severity=severity, options=options,
+    )
+    compute_dtype = parse_dtype(resolved.dtype) or infer_compute_dtype(model)
     result = _run(model, inputs, mode=mode, stats=stats, notes=notes)
-    return _report(result, compute_dtype=compute_dtype, backend=backend, selection=selection, options=options)
+    return _report(result, compute_dtype=compute_dtype, settings=resolved)
 
 
 def audit_config(
     config: Any,
     *,
     dtype: str | torch.dtype | None = None,
-    backend: str = "hf-eager",
+    backend: str | None = None,
     batch: int = 1,
     seq_len: int = 16,
     trust_remote_code: bool = False,
+    rules: list[str] | None = None,
     select: list[str] | None = None,
     ignore: list[str] | None = None,
     extend_select: list[str] | None = None,
     per_location_ignores: Mapping[str, list[str]] | None = None,
     severity: Mapping[str, str] | None = None,
     options: Options | None = None,
+    settings: Settings | None = None,
 ) -> Report:
     """Audit a causal LM from its config alone (meta mode): no weights are allocated, so a 70B config
     audits on a laptop. ``config`` is a transformers config, a ``config.json`` path or a directory."""
-    selection = _selection(select, ignore, extend_select, per_location_ignores, severity)
+    resolved = resolve_settings(
+        settings, dtype=dtype, backend=backend, rules=rules, select=select, ignore=ignore,
+        extend_select=extend_select, per_location_ignores=per_location_ignores, severity=severity, options=options,
+    )
     config = load_config(config, trust_remote_code=trust_remote_code)
-    compute_dtype = parse_dtype(dtype) or config_dtype(config) or torch.float32
-    load_pack(backend)
+    compute_dtype = parse_dtype(resolved.dtype) or config_dtype(config) or torch.float32
     model, fake_mode = build_fake_model(config, compute_dtype)
     with fake_mode:
         inputs = sample_inputs(model, config, batch=batch, seq_len=seq_len)
     result = _run(model, inputs, mode="meta", stats=False, fake_mode=fake_mode, notes=[])
-    return _report(result, compute_dtype=compute_dtype, backend=backend, selection=selection, options=options)
+    return _report(result, compute_dtype=compute_dtype, settings=resolved)

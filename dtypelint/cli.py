@@ -10,6 +10,7 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 from dtypelint.errors import DtypelintError
@@ -25,17 +26,19 @@ def _parser() -> argparse.ArgumentParser:
 
     check = commands.add_parser("check", help="audit a checkpoint directory or a config")
     check.add_argument("path", help="checkpoint directory, or a config.json / directory without weights")
-    check.add_argument("--dtype", default="auto", help="float16|bfloat16|float32|auto (default: the config's)")
-    check.add_argument("--backend", default="hf-eager", help="rule pack name or path (default: hf-eager)")
+    check.add_argument("--dtype", help="float16|bfloat16|float32|auto (default: the config's)")
+    check.add_argument("--backend", help="rule pack name or path (default: hf-eager)")
+    check.add_argument("--rules", action="append", metavar="PACK", help="an extra rule pack (repeatable)")
+    check.add_argument("--config", help="pyproject.toml to read [tool.dtypelint] from (default: the nearest)")
     check.add_argument("--mode", choices=("value", "meta"), help="value (real weights) or meta (config only)")
     check.add_argument("--batch", type=int, default=1)
     check.add_argument("--seq-len", type=int, default=16)
     check.add_argument("--format", choices=("text", "json"), default="text")
-    check.add_argument("--fail-on", choices=("info", "warning", "error"), default="error")
+    check.add_argument("--fail-on", choices=("info", "warning", "error"))
     check.add_argument("--exit-zero", action="store_true", help="exit 0 whatever the findings")
     check.add_argument("--select", type=_codes, help="comma-separated codes, prefixes or names")
-    check.add_argument("--ignore", type=_codes, default=[])
-    check.add_argument("--extend-select", type=_codes, default=[])
+    check.add_argument("--ignore", type=_codes)
+    check.add_argument("--extend-select", type=_codes)
     check.add_argument("--trust-remote-code", action="store_true")
 
     commands.add_parser("rules", help="list the rules")
@@ -53,26 +56,32 @@ def _has_weights(path: Path) -> bool:
 
 
 def _check(options: argparse.Namespace) -> int:
-    from dtypelint.audit import audit, audit_config
+    from dtypelint.audit import audit, audit_config, resolve_settings
+    from dtypelint.config import load_settings
     from dtypelint.dtypes import parse_dtype
     from dtypelint.errors import LoadError, UsageError
     from dtypelint.load import config_dtype, load_checkpoint, load_config, sample_inputs
-    from dtypelint.rules.packs import load_pack
 
-    # Cheap validation first: a typo must not cost a model load.
-    dtype = None if options.dtype == "auto" else parse_dtype(options.dtype)
-    load_pack(options.backend)
+    # Command-line options beat [tool.dtypelint]; --dtype auto means the checkpoint's own dtype.
+    settings = load_settings(options.config)
+    if options.dtype == "auto":
+        settings = replace(settings, dtype=None)
+    settings = resolve_settings(
+        settings, backend=options.backend, rules=options.rules, select=options.select, ignore=options.ignore,
+        extend_select=options.extend_select, fail_on=options.fail_on,
+        dtype=None if options.dtype == "auto" else options.dtype,
+    )
+    dtype = parse_dtype(settings.dtype)
     path = Path(options.path)
     if not path.exists():
         raise LoadError(f"{path} does not exist")
     if path.is_dir() and not any(path.iterdir()):
         raise LoadError(f"{path} is an empty directory")
     mode = options.mode or ("value" if _has_weights(path) else "meta")
-    selection = dict(select=options.select, ignore=options.ignore, extend_select=options.extend_select)
     if mode == "meta":
         report = audit_config(
-            path, dtype=dtype, backend=options.backend, batch=options.batch, seq_len=options.seq_len,
-            trust_remote_code=options.trust_remote_code, **selection,
+            path, dtype=dtype, batch=options.batch, seq_len=options.seq_len,
+            trust_remote_code=options.trust_remote_code, settings=settings,
         )
     else:
         if not _has_weights(path):
@@ -81,12 +90,12 @@ def _check(options: argparse.Namespace) -> int:
         load_dtype = dtype or config_dtype(config)
         model = load_checkpoint(path, load_dtype, trust_remote_code=options.trust_remote_code)
         inputs = sample_inputs(model, config, batch=options.batch, seq_len=options.seq_len)
-        report = audit(model, inputs, dtype=load_dtype, backend=options.backend, **selection)
+        report = audit(model, inputs, dtype=load_dtype, settings=settings)
     if options.format == "json":
         print(json.dumps(report.to_dict(), indent=2))
     else:
         print(report.render())
-    failing = report.at_or_above(options.fail_on)
+    failing = report.at_or_above(settings.fail_on)
     return EXIT_FINDINGS if failing and not options.exit_zero else EXIT_CLEAN
 
 

@@ -69,6 +69,8 @@ class Selection:
     severity: dict[str, str] = field(default_factory=dict)
 
     def validate(self, rules: list[Rule]) -> None:
+        """Reject selectors that match none of ``rules`` (pass every backend's: one pyproject.toml may
+        configure several) and unknown severities."""
         selectors = [*(self.select or []), *self.extend_select, *self.ignore, *self.severity]
         selectors += [code for codes in self.per_location_ignores.values() for code in codes]
         for selector in selectors:
@@ -97,8 +99,6 @@ class Selection:
 def run_rules(context: RuleContext, selection: Selection | None = None) -> list[Finding]:
     selection = selection or Selection()
     rules = all_rules([context.pack])
-    # A selector may name a rule of another backend (one pyproject serves several): validate against all.
-    selection.validate(all_rules() + rules)
     findings: list[Finding] = []
     for rule in rules:
         if not selection.enabled(rule):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from fnmatch import fnmatchcase
 from importlib import resources
 from pathlib import Path
@@ -63,6 +63,20 @@ class BackendPack:
     def keeps_fp32(self, tensor: str) -> bool:
         """True for a tensor this backend wants in float32 whatever the compute dtype."""
         return any(fnmatchcase(tensor, pattern) for pattern in self.intended_fp32)
+
+    def extended(self, others: list[BackendPack]) -> BackendPack:
+        """This pack with the contracts and float32 intents of ``others`` added (``--rules``)."""
+        if not others:
+            return self
+        contracts = self.contracts + tuple(c for other in others for c in other.contracts)
+        codes = [contract.code for contract in contracts]
+        if duplicate := next((code for code in codes if codes.count(code) > 1), None):
+            raise LoadError(f"contract code {duplicate} is defined by more than one of the packs in use")
+        return replace(
+            self,
+            intended_fp32=self.intended_fp32 + tuple(p for other in others for p in other.intended_fp32),
+            contracts=contracts,
+        )
 
 
 def pack_dir() -> Path:
