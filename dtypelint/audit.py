@@ -120,6 +120,7 @@ def _report(result: TraceResult, *, compute_dtype: torch.dtype, settings: Settin
         mode=graph.graph["mode"],
         compute_dtype=dtype_name(compute_dtype),
         notes=result.notes,
+        tensor_dtypes={name: dtype_name(info.dtype) for name, info in context.model.tensors.items()},
     )
 
 

@@ -12,8 +12,13 @@ import sys
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from dtypelint.errors import DtypelintError
+
+if TYPE_CHECKING:
+    from dtypelint.config import Settings
+    from dtypelint.report import Report
 
 EXIT_CLEAN, EXIT_FINDINGS, EXIT_ERROR = 0, 1, 2
 WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin")
@@ -40,6 +45,13 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--ignore", type=_codes)
     check.add_argument("--extend-select", type=_codes)
     check.add_argument("--trust-remote-code", action="store_true")
+    fixes = check.add_argument_group("fixes (value mode)")
+    fixes.add_argument("--fix", action="store_true", help="apply the safe fixes in memory, verified by a re-audit")
+    fixes.add_argument("--unsafe-fixes", action="store_true", help="also the fixes that may cost precision")
+    fixes.add_argument("--diff", action="store_true", help="list the casts a fix would make; change nothing")
+    fixes.add_argument("--write-plan", metavar="FILE", help="write the fix plan (JSON) for dtypelint.apply_plan")
+    fixes.add_argument("--save-fixed", metavar="DIR", help="save_pretrained the fixed model into a new directory")
+    fixes.add_argument("--force", action="store_true", help="let --save-fixed replace a non-empty directory")
 
     commands.add_parser("rules", help="list the rules")
     explain = commands.add_parser("explain", help="print a rule's documentation")
@@ -55,22 +67,28 @@ def _has_weights(path: Path) -> bool:
     return path.is_dir() and any(next(path.glob(pattern), None) for pattern in WEIGHT_PATTERNS)
 
 
-def _check(options: argparse.Namespace) -> int:
-    from dtypelint.audit import audit, audit_config, resolve_settings
+def _settings(options: argparse.Namespace) -> Settings:
+    """[tool.dtypelint] with the command line on top; ``--dtype auto`` means the checkpoint's own dtype."""
+    from dtypelint.audit import resolve_settings
     from dtypelint.config import load_settings
-    from dtypelint.dtypes import parse_dtype
-    from dtypelint.errors import LoadError, UsageError
-    from dtypelint.load import config_dtype, load_checkpoint, load_config, sample_inputs
 
-    # Command-line options beat [tool.dtypelint]; --dtype auto means the checkpoint's own dtype.
     settings = load_settings(options.config)
     if options.dtype == "auto":
         settings = replace(settings, dtype=None)
-    settings = resolve_settings(
+    return resolve_settings(
         settings, backend=options.backend, rules=options.rules, select=options.select, ignore=options.ignore,
         extend_select=options.extend_select, fail_on=options.fail_on,
         dtype=None if options.dtype == "auto" else options.dtype,
     )
+
+
+def _check(options: argparse.Namespace) -> int:
+    from dtypelint.audit import audit, audit_config
+    from dtypelint.dtypes import parse_dtype
+    from dtypelint.errors import LoadError, UsageError
+    from dtypelint.load import config_dtype, load_checkpoint, load_config, sample_inputs
+
+    settings = _settings(options)
     dtype = parse_dtype(settings.dtype)
     path = Path(options.path)
     if not path.exists():
@@ -78,24 +96,62 @@ def _check(options: argparse.Namespace) -> int:
     if path.is_dir() and not any(path.iterdir()):
         raise LoadError(f"{path} is an empty directory")
     mode = options.mode or ("value" if _has_weights(path) else "meta")
+    fixing = options.fix or options.diff or options.write_plan or options.save_fixed
+    if fixing and mode == "meta":
+        raise UsageError("fixes need real weights: --fix, --diff, --write-plan and --save-fixed work in value mode")
+    if options.save_fixed and not options.fix:
+        raise UsageError("--save-fixed needs --fix")
     if mode == "meta":
         report = audit_config(
             path, dtype=dtype, batch=options.batch, seq_len=options.seq_len,
             trust_remote_code=options.trust_remote_code, settings=settings,
         )
+        return _print(options, report, settings.fail_on)
+    if not _has_weights(path):
+        raise UsageError(f"{path} holds no weights (*.safetensors, pytorch_model*.bin); use --mode meta")
+    config = load_config(path, trust_remote_code=options.trust_remote_code)
+    load_dtype = dtype or config_dtype(config)
+    model = load_checkpoint(path, load_dtype, trust_remote_code=options.trust_remote_code)
+    inputs = sample_inputs(model, config, batch=options.batch, seq_len=options.seq_len)
+    report = audit(model, inputs, dtype=load_dtype, settings=settings)
+    if not fixing:
+        return _print(options, report, settings.fail_on)
+    return _fix(options, model, report, inputs, dtype=load_dtype, settings=settings)
+
+
+def _fix(options: argparse.Namespace, model: Any, report: Report, inputs: Any, **audit_options: Any) -> int:
+    from dtypelint.fix import fix, save_fixed
+
+    result = fix(model, report, inputs=inputs, unsafe=options.unsafe_fixes, dry_run=not options.fix, **audit_options)
+    if options.write_plan:
+        result.plan.write(options.write_plan)
+    if options.save_fixed and result.changed:
+        save_fixed(model, options.save_fixed, result.plan, source=options.path, force=options.force)
+    final = result.after if result.changed else report
+    if options.format == "json":
+        data = final.to_dict()
+        data["fix"] = {
+            "applied": bool(result.changed),
+            "rolled_back": result.rolled_back,
+            "reason": result.reason,
+            "changes": result.plan.to_dict()["changes"],
+            "output_change": result.output_change,
+            "rope_error": result.rope_error,
+        }
+        print(json.dumps(data, indent=2))
     else:
-        if not _has_weights(path):
-            raise UsageError(f"{path} holds no weights (*.safetensors, pytorch_model*.bin); use --mode meta")
-        config = load_config(path, trust_remote_code=options.trust_remote_code)
-        load_dtype = dtype or config_dtype(config)
-        model = load_checkpoint(path, load_dtype, trust_remote_code=options.trust_remote_code)
-        inputs = sample_inputs(model, config, batch=options.batch, seq_len=options.seq_len)
-        report = audit(model, inputs, dtype=load_dtype, settings=settings)
+        print(report.render())
+        print(result.render())
+    failing = final.at_or_above(audit_options["settings"].fail_on)
+    return EXIT_FINDINGS if failing and not options.exit_zero else EXIT_CLEAN
+
+
+def _print(options: argparse.Namespace, report: Report, fail_on: str) -> int:
     if options.format == "json":
         print(json.dumps(report.to_dict(), indent=2))
     else:
         print(report.render())
-    failing = report.at_or_above(settings.fail_on)
+    failing = report.at_or_above(fail_on)
     return EXIT_FINDINGS if failing and not options.exit_zero else EXIT_CLEAN
 
 

@@ -124,17 +124,44 @@ def call_arguments(model: torch.nn.Module, inputs: Any) -> tuple[tuple, dict[str
     return args, kwargs, names
 
 
-def load_checkpoint(path: str | Path, dtype: torch.dtype | None, *, trust_remote_code: bool = False) -> torch.nn.Module:
-    """Load a Hugging Face checkpoint directory as users do: ``from_pretrained(path, dtype=dtype)``."""
-    from transformers import AutoModelForCausalLM
+IPEX_INSTALL = (
+    "pip install torch==2.13.0 && pip install --no-deps ipex-llm==2.2.0 && pip install transformers==4.37.0 "
+    "tokenizers==0.15.2 accelerate==0.23.0 numpy sentencepiece py-cpuinfo protobuf (in its own virtual environment)"
+)
 
-    config = load_config(path, trust_remote_code=trust_remote_code)
-    arguments: dict[str, Any] = {dtype_keyword(): dtype or "auto"}
+
+def is_low_bit(path: str | Path) -> bool:
+    """True for a directory that ipex-llm's ``save_low_bit`` wrote."""
+    file = Path(path) / "config.json"
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            path, config=config, local_files_only=True, trust_remote_code=trust_remote_code, **arguments
-        )
-    except (OSError, ValueError, RuntimeError) as error:
+        return "bigdl_transformers_low_bit" in json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+
+
+def load_checkpoint(path: str | Path, dtype: torch.dtype | None, *, trust_remote_code: bool = False) -> torch.nn.Module:
+    """Load a checkpoint directory as users do: ``from_pretrained(path, dtype=dtype)``, or ipex-llm's
+    ``load_low_bit(path, torch_dtype=dtype)`` for a directory that ``save_low_bit`` wrote."""
+    config = load_config(path, trust_remote_code=trust_remote_code)
+    if is_low_bit(path):
+        try:
+            from ipex_llm.transformers import AutoModelForCausalLM
+        except ImportError:
+            raise UsageError(f"{path} is an ipex-llm low-bit checkpoint; install the ipex extra: {IPEX_INSTALL}") from None
+        load = AutoModelForCausalLM.load_low_bit
+        arguments: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+        if dtype is not None:
+            arguments["torch_dtype"] = dtype
+        path = str(path)
+    else:
+        from transformers import AutoModelForCausalLM
+
+        load = AutoModelForCausalLM.from_pretrained
+        arguments = {dtype_keyword(): dtype or "auto", "config": config, "local_files_only": True,
+                     "trust_remote_code": trust_remote_code}
+    try:
+        model = load(path, **arguments)
+    except (OSError, ValueError, RuntimeError, KeyError) as error:
         first_line = (str(error).strip().splitlines() or [""])[0]
         raise LoadError(f"cannot load {path}: {first_line}") from None
     return model.eval()

@@ -71,6 +71,7 @@ class Report:
     mode: str
     compute_dtype: str
     notes: list[str] = field(default_factory=list)
+    tensor_dtypes: dict[str, str] = field(default_factory=dict, repr=False)  # parameters and buffers
 
     def by_severity(self, severity: str) -> list[Finding]:
         return [finding for finding in self.findings if finding.severity == severity]

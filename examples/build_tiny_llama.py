@@ -6,6 +6,10 @@ classic keys, so transformers 4.37 (ipex-llm's pin) and transformers 5 both load
 (a non-persistent buffer the checkpoint cannot hold).
 
     python examples/build_tiny_llama.py [OUTPUT_DIR]
+
+With ``--low-bit``, in the ipex-llm environment, it also writes ``examples/tiny-llama-low-bit``: the
+same model quantized by ipex-llm (``from_pretrained(load_in_4bit=True)``) and saved with
+``save_low_bit``, which ``load_low_bit`` loads as in the seed report.
 """
 
 from __future__ import annotations
@@ -48,6 +52,16 @@ def build(output: Path, seed: int = 0) -> Path:
     return output
 
 
+def build_low_bit(source: Path, output: Path) -> Path:
+    from ipex_llm.transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(str(source), load_in_4bit=True).save_low_bit(str(output))
+    return output
+
+
 if __name__ == "__main__":
-    target = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).parent / "tiny-llama"
+    arguments = [argument for argument in sys.argv[1:] if argument != "--low-bit"]
+    target = Path(arguments[0]) if arguments else Path(__file__).parent / "tiny-llama"
     print(build(target))
+    if "--low-bit" in sys.argv:
+        print(build_low_bit(target, target.with_name(target.name + "-low-bit")))

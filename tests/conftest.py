@@ -64,6 +64,14 @@ def assert_unchanged(model: nn.Module, before: dict) -> None:
     assert not hooks._global_forward_hooks and not hooks._global_forward_pre_hooks
 
 
+def per_layer_rotary(model: nn.Module) -> nn.Module:
+    """The per-layer rotary layout ipex-llm pins (transformers 4.37), grafted onto a transformers 5 Llama:
+    a copy of the model-level rotary module (float32 ``inv_freq``) in each attention layer."""
+    for layer in model.model.layers:
+        layer.self_attn.rotary_emb = copy.deepcopy(model.model.rotary_emb)
+    return model
+
+
 class StrayFp32Layer(nn.Module):
     """An fp16 MLP whose head was (re)created after ``.half()``: float32."""
 

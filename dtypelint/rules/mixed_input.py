@@ -6,6 +6,7 @@ from collections import Counter
 from collections.abc import Iterator
 
 from dtypelint.dtypes import dtype_name
+from dtypelint.graph import DtypeGraph
 from dtypelint.report import Finding, Fix
 from dtypelint.rules.base import Rule, RuleContext
 
@@ -21,6 +22,21 @@ STRICT_OPS = frozenset(
         "aten._scaled_dot_product_efficient_attention", "aten._scaled_dot_product_cudnn_attention",
     }
 )
+
+
+def _operands(graph: DtypeGraph, op: str) -> list[str]:
+    """The inputs that must share a dtype. Scaled-dot-product attention also takes a bool or float32
+    mask with any query dtype ("Expected attn_mask dtype to be bool or float or to match query dtype")."""
+    inputs = graph.floating_inputs(op)
+    if "scaled_dot_product" not in graph.nodes[op]["name"]:
+        return inputs
+    by_argument = {argument: node for node, argument in graph.inputs(op)}
+    query = by_argument.get("0")
+    return [
+        node for node in inputs
+        if by_argument.get("attn_mask", by_argument.get("3")) != node
+        or graph.nodes[node]["dtype"] not in ("float32", query and graph.nodes[query]["dtype"])
+    ]
 
 
 class MixedInput(Rule):
@@ -69,8 +85,10 @@ class MixedInput(Rule):
             data = graph.nodes[op]
             if data["name"] not in STRICT_OPS and not data["failed"]:
                 continue
-            inputs = graph.floating_inputs(op)
+            inputs = _operands(graph, op)
             present = {graph.nodes[node]["dtype"] for node in inputs}
+            if len(present) < 2:
+                continue
             counts = Counter(graph.nodes[node]["dtype"] for node in inputs)
             compute = dtype_name(context.compute_dtype)
             expected = compute if compute in present else max(counts, key=counts.__getitem__)

@@ -116,7 +116,8 @@ class ModelSites:
             node = self.input(where, floating=selector != "raw-input")
             return [self._node_operand(node, f"the activation entering {where or '<model>'}")] if node else []
         if selector == "outputs":
-            return [self._node_operand(node, f"output of {path}") for node in self.outputs(path)]
+            outputs = self.outputs(path)
+            return [self._node_operand(node, f"output {n} of {path}") for n, node in enumerate(outputs)]
         if selector == "consumer-input":
             outputs = self.outputs(path)
             consumers = graph.consumers(outputs[0]) if outputs else []

@@ -1,0 +1,330 @@
+"""The last stage, besides the report: apply the findings' fixes to the model, verified and measured.
+
+``fix`` casts exactly the parameters and buffers that findings name, in place, re-audits with the same
+inputs, and rolls everything back (bit-identical) when a fixed finding remains or a new error appears.
+A fix plan (JSON) records the casts so they can be re-applied after any later load: ``inv_freq`` is a
+non-persistent buffer that ``save_pretrained`` does not store.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tabulate import tabulate
+
+from dtypelint.dtypes import dtype_name, parse_dtype
+from dtypelint.errors import LoadError, UsageError
+from dtypelint.report import Report
+
+PLAN_VERSION = 1
+PLAN_FILE = "dtypelint-fixes.json"
+
+
+@dataclass(frozen=True)
+class Change:
+    """Cast one parameter or buffer: one entry of a fix plan."""
+
+    tensor: str
+    from_dtype: str
+    to_dtype: str
+    code: str
+    reason: str
+    safety: str
+
+
+@dataclass
+class FixPlan:
+    model: str
+    changes: list[Change]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"version": PLAN_VERSION, "model": self.model, "changes": [asdict(c) for c in self.changes]}
+
+    def write(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        return path
+
+    @classmethod
+    def read(cls, path: str | Path) -> FixPlan:
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+            if data.get("version") != PLAN_VERSION:
+                raise ValueError(f"version {data.get('version')!r}, expected {PLAN_VERSION}")
+            changes = [Change(**entry) for entry in data["changes"]]
+            for change in changes:
+                parse_dtype(change.to_dtype), parse_dtype(change.from_dtype)
+            return cls(str(data.get("model", "")), changes)
+        except FileNotFoundError:
+            raise LoadError(f"fix plan {path} does not exist") from None
+        except (ValueError, KeyError, TypeError, AttributeError) as error:
+            raise LoadError(f"fix plan {path} is malformed: {error}") from None
+
+
+@dataclass
+class FixResult:
+    """What ``fix`` did: the plan, whether it was applied and kept, and what it cost."""
+
+    plan: FixPlan
+    applied: bool
+    rolled_back: bool = False
+    reason: str | None = None
+    before: Report | None = None
+    after: Report | None = None
+    output_change: dict[str, tuple[float, float] | None] = field(default_factory=dict)
+    rope_error: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def changed(self) -> list[Change]:
+        return self.plan.changes if self.applied and not self.rolled_back else []
+
+    def table(self) -> str:
+        rows = []
+        for change in self.plan.changes:
+            cost = self.output_change.get(change.code)
+            rows.append((
+                change.tensor, f"{change.from_dtype} -> {change.to_dtype}", change.code, change.safety,
+                "n/a" if cost is None else f"{cost[0]:.3g} / {cost[1]:.3g}",
+                f"{self.rope_error[change.tensor]:.3g}" if change.tensor in self.rope_error else "",
+            ))
+        headers = ("tensor", "cast", "code", "safety", "output max abs / rel change", "cos/sin max error")
+        return tabulate(rows, headers=headers, tablefmt="simple")
+
+    def summary_line(self) -> str:
+        count = len(self.plan.changes)
+        if not count:
+            return "no fix to apply"
+        if not self.applied:
+            return f"would cast {count} tensor{'s' if count != 1 else ''} (dry run)"
+        if self.rolled_back:
+            return f"rolled back {count} cast{'s' if count != 1 else ''}: {self.reason}"
+        return f"cast {count} tensor{'s' if count != 1 else ''}; re-audit: " + (
+            self.after.summary_line() if self.after else "not run"
+        )
+
+    def render(self) -> str:
+        return (self.table() + "\n" if self.plan.changes else "") + self.summary_line()
+
+    def __str__(self) -> str:
+        return self.render()
+
+
+def plan_fixes(report: Report, *, unsafe: bool = False) -> FixPlan:
+    """The casts the report's findings propose: safe ones, and unsafe ones too when ``unsafe``."""
+    tensors = report.tensor_dtypes
+    changes: dict[str, Change] = {}
+    for finding in report.findings:
+        fix = finding.fix
+        if fix is None or (fix.safety == "unsafe" and not unsafe):
+            continue
+        for name in fix.tensors:
+            if name not in changes:
+                changes[name] = Change(name, tensors.get(name, "?"), fix.to_dtype, finding.code, finding.message,
+                                       fix.safety)
+    return FixPlan(report.model, list(changes.values()))
+
+
+def _locate(model: torch.nn.Module, name: str) -> tuple[torch.nn.Module, str, str] | None:
+    module_name, _, attribute = name.rpartition(".")
+    try:
+        module = model.get_submodule(module_name)
+    except AttributeError:
+        return None
+    if attribute in module._parameters and module._parameters[attribute] is not None:
+        return module, attribute, "parameter"
+    if attribute in module._buffers and module._buffers[attribute] is not None:
+        return module, attribute, "buffer"
+    return None
+
+
+class _Transaction:
+    """Casts that can be undone exactly: buffers get their original tensor object back, parameters
+    their original data (the Parameter object itself never changes, so optimizers and ties hold)."""
+
+    def __init__(self) -> None:
+        self._undo: list[Any] = []
+
+    def cast(self, model: torch.nn.Module, change: Change) -> None:
+        module, attribute, kind = _locate(model, change.tensor)  # type: ignore[misc]
+        dtype = parse_dtype(change.to_dtype)
+        if kind == "parameter":
+            parameter = module._parameters[attribute]
+            if parameter.dtype == dtype:
+                return  # tied to a tensor cast before
+            original = parameter.data
+            parameter.data = original.to(dtype)
+            self._undo.append(lambda: setattr(parameter, "data", original))
+        else:
+            original = module._buffers[attribute]
+            if original.dtype == dtype:
+                return
+            module._buffers[attribute] = original.to(dtype)
+            self._undo.append(lambda: module._buffers.__setitem__(attribute, original))
+
+    def rollback(self) -> None:
+        while self._undo:
+            self._undo.pop()()
+
+
+def _check_plan(model: torch.nn.Module, plan: FixPlan) -> None:
+    missing = [change.tensor for change in plan.changes if _locate(model, change.tensor) is None]
+    if missing:
+        raise UsageError(f"the fix plan names tensors the model lacks: {', '.join(missing)}")
+    for change in plan.changes:
+        module, attribute, _ = _locate(model, change.tensor)  # type: ignore[misc]
+        current = dtype_name(getattr(module, attribute).dtype)
+        if change.from_dtype not in ("?", current) and current != change.to_dtype:
+            raise UsageError(f"{change.tensor} is {current}, the plan expects {change.from_dtype}")
+
+
+def apply_plan(model: torch.nn.Module, plan: FixPlan | str | Path) -> list[Change]:
+    """Apply a fix plan (object or JSON path) to a model, all or nothing; returns the changes made."""
+    if not isinstance(plan, FixPlan):
+        plan = FixPlan.read(plan)
+    _check_plan(model, plan)
+    transaction = _Transaction()
+    try:
+        for change in plan.changes:
+            transaction.cast(model, change)
+    except BaseException:
+        transaction.rollback()
+        raise
+    return plan.changes
+
+
+def _first_tensor(output: Any) -> torch.Tensor | None:
+    if isinstance(output, torch.Tensor):
+        return output
+    logits = getattr(output, "logits", None)
+    if isinstance(logits, torch.Tensor):
+        return logits
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    return None
+
+
+def _outputs(model: torch.nn.Module, inputs: Any) -> torch.Tensor | None:
+    from dtypelint.load import call_arguments
+
+    args, kwargs, _ = call_arguments(model, inputs)
+    try:
+        with torch.no_grad():
+            output = _first_tensor(model(*args, **kwargs))
+    except Exception:  # noqa: BLE001 - an unfixed model may not run; its change is then unmeasurable
+        return None
+    return None if output is None else output.detach().float().clone()
+
+
+def _difference(reference: torch.Tensor | None, other: torch.Tensor | None) -> tuple[float, float] | None:
+    if reference is None or other is None or reference.shape != other.shape:
+        return None
+    absolute = (other - reference).abs()
+    relative = absolute / reference.abs().clamp_min(torch.finfo(torch.float32).tiny)
+    return absolute.max().item(), relative.max().item()
+
+
+def rope_error(inv_freq: torch.Tensor, dtype: torch.dtype, positions: int) -> float:
+    """Worst absolute error of cos/sin over ``positions`` when ``inv_freq`` is stored in ``dtype``
+    (angles computed in float64 from either, so only the storage rounding is measured)."""
+    exact = inv_freq.detach().double()
+    rounded = inv_freq.detach().to(dtype).double()
+    position = torch.arange(positions, dtype=torch.float64)[:, None]
+    exact_angle, rounded_angle = position * exact[None, :], position * rounded[None, :]
+    return max(
+        (exact_angle.cos() - rounded_angle.cos()).abs().max().item(),
+        (exact_angle.sin() - rounded_angle.sin()).abs().max().item(),
+    )
+
+
+def _is_new_error(finding: Any, before: set[tuple]) -> bool:
+    return finding.severity == "error" and (finding.code, finding.location, finding.tensor) not in before
+
+
+def fix(
+    model: torch.nn.Module,
+    report: Report | None = None,
+    *,
+    inputs: Any,
+    unsafe: bool = False,
+    dry_run: bool = False,
+    **audit_options: Any,
+) -> FixResult:
+    """Apply the fixes of ``report`` (audited from ``inputs`` first when None) to ``model`` in place.
+
+    Safe fixes only, unless ``unsafe``. After applying, the model is re-audited with the same inputs and
+    options: every fixed finding must be gone and no new error may appear, otherwise every cast is rolled
+    back and the result says why. ``dry_run`` plans without changing anything.
+    """
+    from dtypelint.audit import audit
+
+    before = report if report is not None else audit(model, inputs, **audit_options)
+    plan = plan_fixes(before, unsafe=unsafe)
+    result = FixResult(plan=plan, applied=False, before=before)
+    if dry_run or not plan.changes:
+        return result
+    _check_plan(model, plan)
+    reference = _outputs(model, inputs)
+    positions = getattr(getattr(model, "config", None), "max_position_embeddings", None) or 4096
+    for change in plan.changes:
+        if change.tensor.endswith("inv_freq") or change.tensor.endswith("inv_freq_scaled"):
+            module, attribute, _ = _locate(model, change.tensor)  # type: ignore[misc]
+            result.rope_error[change.tensor] = rope_error(getattr(module, attribute), parse_dtype(change.to_dtype), positions)
+    transaction = _Transaction()
+    try:
+        for code in dict.fromkeys(change.code for change in plan.changes):
+            for change in plan.changes:
+                if change.code == code:
+                    transaction.cast(model, change)
+            result.output_change[code] = _difference(reference, _outputs(model, inputs))
+        result.applied = True
+        result.after = audit(model, inputs, **audit_options)
+    except BaseException:
+        transaction.rollback()
+        raise
+    fixed = {(change.code, change.tensor) for change in plan.changes}
+    remaining = [f for f in result.after.findings if (f.code, f.tensor) in fixed]
+    errors_before = {(f.code, f.location, f.tensor) for f in before.findings if f.severity == "error"}
+    new_errors = [f for f in result.after.findings if _is_new_error(f, errors_before)]
+    if remaining or new_errors:
+        transaction.rollback()
+        result.rolled_back = True
+        culprit = (remaining or new_errors)[0]
+        result.reason = (
+            f"{culprit.code} still reported for {culprit.tensor}" if remaining
+            else f"the fix introduced {culprit.code} at {culprit.location or '<model>'}: {culprit.message}"
+        )
+    return result
+
+
+def save_fixed(model: torch.nn.Module, target: str | Path, plan: FixPlan, *, source: str | Path | None = None,
+               force: bool = False) -> Path:
+    """``save_pretrained`` the fixed model into a new directory (written to a temporary sibling, then
+    renamed into place) with the plan beside it, since non-persistent buffers are not saved."""
+    target = Path(target).resolve()
+    if source is not None and Path(source).resolve() == target:
+        raise UsageError(f"refusing to write the fixed model over its source checkpoint {target}")
+    if target.exists() and (not target.is_dir() or any(target.iterdir())) and not force:
+        raise UsageError(f"{target} exists and is not empty; pass force=True / --force to replace it")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        model.save_pretrained(staging)
+        plan.write(staging / PLAN_FILE)
+        if target.exists():
+            retired = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
+            os.replace(target, retired / target.name)
+            os.replace(staging, target)
+            shutil.rmtree(retired)
+        else:
+            os.replace(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return target
