@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import replace
 from fnmatch import fnmatchcase
 
 from dtypelint.report import Finding, Fix
@@ -65,8 +64,6 @@ class ContractRule(Rule):
     def _check_module(self, context: RuleContext, path: str) -> Iterator[Finding]:
         contract, sites = self.contract, context.sites
         reference = sites.resolve(contract.must_match, path)[:1] if contract.must_match else []
-        if reference and contract.must_match_label:
-            reference = [replace(reference[0], label=f"the {contract.must_match_label}, {reference[0].label}")]
         operands = [operand for selector in contract.tensors for operand in sites.resolve(selector, path)]
         if not operands:
             return  # the module holds no such operand, or never ran
@@ -90,7 +87,8 @@ class ContractRule(Rule):
             tensor=operands[0].name,
             op=self.contract.kernel,
             dtypes=sorted({culprit.dtype, *(operand.dtype for operand in operands)}),
-            message=f"{self.contract.kernel} supports only {accepted}, but {culprit.label} is {culprit.dtype}",
+            message=f"{self.contract.kernel} supports only {accepted}; {self._name(culprit)} is {culprit.dtype}"
+            + self._where(culprit),
             node=culprit.node,
         )
 
@@ -105,11 +103,20 @@ class ContractRule(Rule):
             tensor=operand.name,
             op=contract.kernel,
             dtypes=sorted({operand.dtype, reference.dtype}),
-            message=f"{contract.kernel} needs {operand.label} ({operand.dtype}) to have the dtype of "
-            f"{reference.label} ({reference.dtype})",
+            message=f"{contract.kernel} needs {operand.label} ({operand.dtype}) to match "
+            f"{self._name(reference)}, {reference.dtype}{self._where(reference)}",
             fix=fix,
             node=operand.node,
         )
+
+
+    def _name(self, operand: Operand) -> str:
+        """How messages call an operand: the contract's label for the reference (``the query/key dtype``)."""
+        is_reference = self.contract.must_match_label and not operand.name and operand.label.startswith("the activation")
+        return f"the {self.contract.must_match_label}" if is_reference else operand.label
+
+    def _where(self, operand: Operand) -> str:
+        return f" ({operand.label})" if self._name(operand) != operand.label else ""
 
 
 def _fix_safety(contract: Contract) -> str:

@@ -62,7 +62,7 @@ class LowPrecisionOp(Rule):
             reason = self._reason(context, op, inputs[0], limit)
             if reason is None:
                 continue
-            key = (data["name"], re.sub(r"\.\d+(?=\.|$)", ".*", data["module"]), reason)
+            key = (data["name"], re.sub(r"(?<![^.])\d+(?![^.])", "*", data["module"]), reason)
             groups[key] += 1
             first.setdefault(key, op)
         for key, count in groups.items():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 
-from dtypelint.graph import DtypeGraph
+from dtypelint.graph import MOVING_OPS, VIEW_OPS, DtypeGraph
 from dtypelint.report import Finding
 from dtypelint.rules.base import Rule, RuleContext
 
@@ -23,9 +23,23 @@ def computes_values(graph: DtypeGraph, op: str) -> bool:
 
 
 def value_range(graph: DtypeGraph, tensor: str) -> tuple[float, float] | None:
-    """(min, max) recorded for a tensor or, for a view, for the tensor it views."""
-    data = graph.nodes[graph.source(tensor)]
-    return (data["min"], data["max"]) if "min" in data else None
+    """(min, max) recorded for a tensor; for views and copies (not measured, to save time) the range of
+    what they copy: the first input's, or the union of a concatenation's inputs."""
+    data = graph.nodes[tensor]
+    if "min" in data:
+        return data["min"], data["max"]
+    op = graph.producer(tensor)
+    if op is None:
+        return None
+    name = graph.nodes[op]["name"]
+    if name in ("aten.cat", "aten.stack"):
+        ranges = [value_range(graph, source) for source, _ in graph.inputs(op)]
+        if any(bounds is None for bounds in ranges):
+            return None
+        return min(bounds[0] for bounds in ranges), max(bounds[1] for bounds in ranges)  # type: ignore[index]
+    if name in VIEW_OPS or name in MOVING_OPS:
+        return value_range(graph, graph.inputs(op)[0][0])
+    return None
 
 
 def finite(bounds: tuple[float, float] | None) -> bool:
@@ -39,8 +53,8 @@ def format_range(bounds: tuple[float, float] | None) -> str:
 class Nonfinite(Rule):
     """
     ## What it does
-    In value mode, finds the first op that produces inf or NaN from finite inputs, and reports its input
-    ranges.
+    In value mode, finds each op that produces inf or NaN from finite inputs (the origin, not the ops
+    that propagate it), and reports its input ranges.
 
     ## Why is this bad?
     float16 tops out at 65504. One activation past it becomes inf, the next normalisation turns it into
@@ -74,7 +88,7 @@ class Nonfinite(Rule):
             inputs = graph.floating_inputs(op)
             ranges = [value_range(graph, tensor) for tensor in inputs]
             if not all(finite(bounds) for bounds in ranges):
-                return  # inputs already non-finite: an earlier op (or the input) is the origin
+                continue  # inputs already non-finite: an earlier op (or the input) is the origin
             data = graph.nodes[op]
             output = graph.nodes[produced[0]]
             described = "; ".join(
@@ -89,4 +103,3 @@ class Nonfinite(Rule):
                 f"{format_range(value_range(graph, produced[0]))}) from finite inputs: {described}",
                 node=op,
             )
-            return

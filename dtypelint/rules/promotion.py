@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+import torch
+
 from dtypelint.dtypes import dtype_name, wider
 from dtypelint.graph import CAST_OPS, DtypeGraph
 from dtypelint.report import Finding, Fix
@@ -88,7 +90,11 @@ class Promotion(Rule):
             for tensor in inputs:
                 leaf = graph.source(tensor, through_copies=True)
                 leaf_data = graph.nodes[leaf]
-                if leaf_data["dtype"] != wide or leaf_data["origin"] not in PROMOTING_ORIGINS:
+                # The leaf made the difference: torch promotes the compute dtype with it to the output's
+                # (float32 itself, or float16 meeting bfloat16, which also gives float32).
+                if leaf_data["dtype"] == compute_name or leaf_data["origin"] not in PROMOTING_ORIGINS:
+                    continue
+                if dtype_name(torch.promote_types(compute, graph.dtype(leaf))) != wide:
                     continue
                 name = leaf_data["name"] if leaf_data["origin"] != "constant" else None
                 if leaf in reported or (name and context.pack.keeps_fp32(name)):
@@ -106,8 +112,8 @@ class Promotion(Rule):
             location=data["module"],
             tensor=name,
             op=data["name"],
-            dtypes=[compute, wide],
-            message=f"{graph.describe(leaf)} ({wide}) promotes the {compute} stream to {wide} at {data['name']}; "
+            dtypes=sorted({compute, wide, graph.nodes[leaf]["dtype"]}),
+            message=f"{graph.describe(leaf)} ({graph.nodes[leaf]['dtype']}) promotes the {compute} stream to {wide} at {data['name']}; "
             f"{after} later op{'s' if after != 1 else ''} then run in {wide}",
             fix=fix,
             node=op,
