@@ -1,0 +1,77 @@
+"""The fix, end to end on the real ipex-llm flow: load_in_4bit -> save_low_bit -> load_low_bit(fp16)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import dtypelint
+from dtypelint.cli import main
+
+LOW_BIT = Path(__file__).resolve().parents[2] / "examples" / "tiny-llama-low-bit"
+# generate() of the fixed model against the model.half() workaround: same tokens, logits within this.
+LOGIT_TOLERANCE = 1e-2
+
+
+def load_low_bit(dtype=torch.float16):
+    from ipex_llm.transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.load_low_bit(str(LOW_BIT), torch_dtype=dtype).eval()
+
+
+@pytest.fixture
+def inputs():
+    return {"input_ids": torch.randint(0, 256, (1, 8), generator=torch.Generator().manual_seed(0))}
+
+
+def generate(model, inputs):
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=4, do_sample=False, output_scores=True,
+                             return_dict_in_generate=True)
+    return out.sequences, torch.stack([score.float() for score in out.scores])
+
+
+def test_unsafe_fix_casts_only_the_rotary_buffers_and_matches_the_half_workaround(inputs):
+    model = load_low_bit()
+    report = dtypelint.audit(model, inputs, backend="ipex-llm-xpu")
+    assert {f.tensor for f in report.errors} == {f"model.layers.{i}.self_attn.rotary_emb.inv_freq" for i in range(2)}
+    dtypes_before = {name: t.dtype for name, t in [*model.named_parameters(), *model.named_buffers()]}
+
+    result = dtypelint.fix(model, report, inputs=inputs, backend="ipex-llm-xpu", unsafe=True)
+
+    assert result.applied and not result.rolled_back and result.after.errors == []
+    changed = {name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.dtype != dtypes_before[name]}
+    assert changed == {c.tensor for c in result.changed} == {f.tensor for f in report.errors}
+    assert all(dtype == torch.float16 for name, dtype in dtypes_before.items() if name not in changed and dtype.is_floating_point)
+    assert 0 < max(result.rope_error.values()) < 0.5
+    assert "IPX101" in result.table() and "cos/sin max error" in result.table()
+
+    fixed_tokens, fixed_scores = generate(model, inputs)
+    workaround_tokens, workaround_scores = generate(load_low_bit().half(), inputs)
+    assert torch.equal(fixed_tokens, workaround_tokens)
+    assert (fixed_scores - workaround_scores).abs().max().item() <= LOGIT_TOLERANCE
+
+
+def test_the_plan_reapplies_after_the_next_load_low_bit(inputs, tmp_path):
+    model = load_low_bit()
+    result = dtypelint.fix(model, inputs=inputs, backend="ipex-llm-xpu", unsafe=True)
+    plan = result.plan.write(tmp_path / "fixes.json")
+    reloaded = load_low_bit()
+    assert dtypelint.audit(reloaded, inputs, backend="ipex-llm-xpu").errors  # the load undid nothing: no fix yet
+    dtypelint.apply_plan(reloaded, plan)
+    assert dtypelint.audit(reloaded, inputs, backend="ipex-llm-xpu").errors == []
+
+
+def test_check_command_reproduces_the_seed_and_fixes_it(capsys, tmp_path):
+    arguments = ["check", str(LOW_BIT), "--dtype", "float16", "--backend", "ipex-llm-xpu"]
+    assert main(arguments) == 1
+    out = capsys.readouterr().out
+    assert "IPX101" in out and "model.layers.0.self_attn.rotary_emb.inv_freq" in out
+    assert main([*arguments, "--fix"]) == 1  # the fix is unsafe: not applied without --unsafe-fixes
+    assert "no fix to apply" in capsys.readouterr().out
+    plan = tmp_path / "plan.json"
+    assert main([*arguments, "--fix", "--unsafe-fixes", "--write-plan", str(plan)]) == 0
+    out = capsys.readouterr().out
+    assert "cast 2 tensors" in out and "0 errors" in out.splitlines()[-1]
+    assert plan.is_file()
