@@ -30,7 +30,12 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     check = commands.add_parser("check", help="audit a checkpoint directory or a config")
-    check.add_argument("path", help="checkpoint directory, or a config.json / directory without weights")
+    check.add_argument("path", nargs="?", help="checkpoint directory, or a config.json / directory without weights")
+    check.add_argument("--entry", metavar="MODULE:FUNCTION", help="a function returning (model, inputs)")
+    check.add_argument("--static", action="store_true",
+                       help="no forward: the stored dtype census from safetensors headers against config.json")
+    check.add_argument("--graph", metavar="FILE", help="write the dtype graph (.json, .graphml, .dot, .mmd)")
+    check.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     check.add_argument("--dtype", help="float16|bfloat16|float32|auto (default: the config's)")
     check.add_argument("--backend", help="rule pack name or path (default: hf-eager)")
     check.add_argument("--rules", action="append", metavar="PACK", help="an extra rule pack (repeatable)")
@@ -86,18 +91,30 @@ def _check(options: argparse.Namespace) -> int:
     from dtypelint.audit import audit, audit_config
     from dtypelint.dtypes import parse_dtype
     from dtypelint.errors import LoadError, UsageError
-    from dtypelint.load import config_dtype, load_checkpoint, load_config, sample_inputs
+    from dtypelint.load import config_dtype, load_checkpoint, load_config, load_entry, sample_inputs
 
+    if options.quiet or not sys.stderr.isatty():
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
     settings = _settings(options)
     dtype = parse_dtype(settings.dtype)
+    if options.entry:
+        model, inputs = load_entry(options.entry)
+        report = audit(model, inputs, dtype=dtype, settings=settings)
+        return _fix(options, model, report, inputs, dtype=dtype, settings=settings) if _fixing(options) else _print(
+            options, report, settings.fail_on)
+    if options.path is None:
+        raise UsageError("check needs a PATH (or --entry MODULE:FUNCTION)")
     path = Path(options.path)
     if not path.exists():
         raise LoadError(f"{path} does not exist")
     if path.is_dir() and not any(path.iterdir()):
         raise LoadError(f"{path} is an empty directory")
+    if options.static:
+        return _static(path, settings.fail_on, options.exit_zero)
     mode = options.mode or ("value" if _has_weights(path) else "meta")
-    fixing = options.fix or options.diff or options.write_plan or options.save_fixed
-    if fixing and mode == "meta":
+    if _fixing(options) and mode == "meta":
         raise UsageError("fixes need real weights: --fix, --diff, --write-plan and --save-fixed work in value mode")
     if options.save_fixed and not options.fix:
         raise UsageError("--save-fixed needs --fix")
@@ -114,9 +131,38 @@ def _check(options: argparse.Namespace) -> int:
     model = load_checkpoint(path, load_dtype, trust_remote_code=options.trust_remote_code)
     inputs = sample_inputs(model, config, batch=options.batch, seq_len=options.seq_len)
     report = audit(model, inputs, dtype=load_dtype, settings=settings)
-    if not fixing:
+    if not _fixing(options):
         return _print(options, report, settings.fail_on)
     return _fix(options, model, report, inputs, dtype=load_dtype, settings=settings)
+
+
+def _fixing(options: argparse.Namespace) -> bool:
+    return bool(options.fix or options.diff or options.write_plan or options.save_fixed)
+
+
+def _static(path: Path, fail_on: str, exit_zero: bool) -> int:
+    """The stored dtype census against the dtype config.json declares: headers only, no weights read."""
+    from collections import Counter
+
+    from tabulate import tabulate
+
+    from dtypelint.dtypes import dtype_name
+    from dtypelint.load import config_dtype, load_config, stored_dtypes
+
+    stored = stored_dtypes(path)
+    declared = config_dtype(load_config(path))
+    census = Counter(stored.values())
+    print(tabulate(sorted(census.items()), headers=("stored dtype", "tensors")))
+    floating = {"float64", "float32", "float16", "bfloat16"}
+    others = sorted(name for name, dtype in stored.items()
+                    if declared is not None and dtype in floating and dtype != dtype_name(declared))
+    if declared is None:
+        print(f"{path}: config.json declares no dtype")
+    for name in others:
+        print(f"warning: {name} is stored as {stored[name]}, config.json declares {dtype_name(declared)}")
+    print(f"{path}: {len(stored)} tensors, {len(others)} stored in another floating dtype than declared")
+    failing = others and fail_on in ("warning", "info")
+    return EXIT_FINDINGS if failing and not exit_zero else EXIT_CLEAN
 
 
 def _fix(options: argparse.Namespace, model: Any, report: Report, inputs: Any, **audit_options: Any) -> int:
@@ -147,6 +193,8 @@ def _fix(options: argparse.Namespace, model: Any, report: Report, inputs: Any, *
 
 
 def _print(options: argparse.Namespace, report: Report, fail_on: str) -> int:
+    if options.graph:
+        report.graph.write(options.graph)
     if options.format == "json":
         print(json.dumps(report.to_dict(), indent=2))
     else:

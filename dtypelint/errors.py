@@ -13,3 +13,8 @@ class UsageError(DtypelintError, ValueError):
 
 class LoadError(DtypelintError):
     """A model, checkpoint, config or rule pack could not be loaded."""
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message: dtypelint reports errors on one line."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from dtypelint.dtypes import parse_dtype
-from dtypelint.errors import LoadError, UsageError
+from dtypelint.errors import LoadError, UsageError, first_line
 
 
 def transformers_version() -> tuple[int, int]:
@@ -59,7 +59,7 @@ def load_config(config: Any, *, trust_remote_code: bool = False) -> Any:
     except (KeyError, ValueError) as error:
         if model_type is None:
             raise LoadError(f"{file} has no model_type") from None
-        raise LoadError(f"{file}: cannot build a config for model_type {model_type!r}: {error}") from None
+        raise LoadError(f"{file}: cannot build a config for model_type {model_type!r}: {first_line(error)}") from None
 
 
 def config_dtype(config: Any) -> torch.dtype | None:
@@ -161,7 +161,62 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype | None, *, trust_remote
                      "trust_remote_code": trust_remote_code}
     try:
         model = load(path, **arguments)
-    except (OSError, ValueError, RuntimeError, KeyError) as error:
-        first_line = (str(error).strip().splitlines() or [""])[0]
-        raise LoadError(f"cannot load {path}: {first_line}") from None
+    except Exception as error:  # noqa: BLE001 - loaders raise many types (SafetensorError, OSError, ...)
+        raise LoadError(f"cannot load {path}: {first_line(error)}") from None
     return model.eval()
+
+
+
+def load_entry(spec: str) -> tuple[torch.nn.Module, Any]:
+    """``module.path:function`` returning ``(model, inputs)``: the way in for custom models."""
+    import importlib
+
+    module_name, _, function_name = spec.partition(":")
+    if not module_name or not function_name:
+        raise UsageError(f"--entry {spec!r} must look like module.path:function")
+    try:
+        function = getattr(importlib.import_module(module_name), function_name)
+    except ImportError as error:
+        raise LoadError(f"--entry {spec!r}: cannot import {module_name}: {error}") from None
+    except AttributeError:
+        raise LoadError(f"--entry {spec!r}: {module_name} has no {function_name}") from None
+    result = function()
+    if not (isinstance(result, tuple) and len(result) == 2 and isinstance(result[0], torch.nn.Module)):
+        raise UsageError(f"--entry {spec!r} must return (model, inputs), got {type(result).__name__}")
+    return result
+
+
+SAFETENSORS_DTYPES = {
+    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "F8_E4M3": "float8_e4m3fn",
+    "F8_E5M2": "float8_e5m2", "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8",
+    "BOOL": "bool",
+}
+
+
+def stored_dtypes(path: str | Path) -> dict[str, str]:
+    """Tensor name -> stored dtype, read from the safetensors headers alone (no tensor data is read)."""
+    import struct
+
+    directory = Path(path)
+    shards = sorted(directory.glob("*.safetensors"))
+    if not shards:
+        raise LoadError(f"{directory} holds no *.safetensors files to read headers from")
+    dtypes: dict[str, str] = {}
+    for shard in shards:
+        with shard.open("rb") as file:
+            prefix = file.read(8)
+            size = struct.unpack("<Q", prefix)[0] if len(prefix) == 8 else -1
+            if size <= 0 or size > shard.stat().st_size - 8:
+                raise LoadError(f"{shard}: truncated or not a safetensors file")
+            try:
+                header = json.loads(file.read(size))
+                end = max((entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"),
+                          default=0)
+            except (ValueError, UnicodeDecodeError, KeyError, TypeError, IndexError):
+                raise LoadError(f"{shard}: corrupt safetensors header") from None
+        if 8 + size + end > shard.stat().st_size:
+            raise LoadError(f"{shard}: truncated: the header describes {end} bytes of data, the file is shorter")
+        for name, entry in header.items():
+            if name != "__metadata__":
+                dtypes[name] = SAFETENSORS_DTYPES.get(entry.get("dtype", "?"), entry.get("dtype", "?"))
+    return dtypes

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+from dtypelint.errors import first_line
 from dtypelint.report import Finding
 from dtypelint.rules.base import Rule, RuleContext
 from dtypelint.rules.trace_limit import is_trace_limit
@@ -40,8 +41,7 @@ class ForwardError(Rule):
             return
         graph = context.graph
         failed = next((op for op in graph.ops() if graph.nodes[op]["failed"]), None)
-        first_line = (str(error).strip().splitlines() or [""])[0]
-        message = f"forward raised {type(error).__name__}: {first_line}"
+        message = f"forward raised {type(error).__name__}: {first_line(error)}"
         if failed is None:
             yield self.finding(location="", message=message)
             return
