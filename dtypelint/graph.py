@@ -93,6 +93,10 @@ class DtypeGraph(nx.DiGraph):
     def tensors(self) -> Iterator[str]:
         return (node for node, kind in self.nodes(data="kind") if kind == "tensor")
 
+    def failed_op(self) -> str | None:
+        """The op at which the forward raised, if it raised inside one."""
+        return next((op for op in self.ops() if self.nodes[op]["failed"]), None)
+
     def inputs(self, op: str) -> list[tuple[str, str]]:
         """``(tensor node, argument)`` pairs of an op, in argument order."""
         return [(source, data["arg"]) for source, _, data in self.in_edges(op, data=True)]

@@ -40,7 +40,7 @@ class ForwardError(Rule):
         if error is None or is_trace_limit(error):
             return
         graph = context.graph
-        failed = next((op for op in graph.ops() if graph.nodes[op]["failed"]), None)
+        failed = graph.failed_op()
         message = f"forward raised {type(error).__name__}: {first_line(error)}"
         if failed is None:
             yield self.finding(location="", message=message)

@@ -49,7 +49,7 @@ class TraceLimit(Rule):
         if error is None or not is_trace_limit(error):
             return
         graph = context.graph
-        failed = next((op for op in graph.ops() if graph.nodes[op]["failed"]), None)
+        failed = graph.failed_op()
         location = graph.nodes[failed]["module"] if failed else ""
         op = graph.nodes[failed]["name"] if failed else None
         traced = sum(1 for _ in graph.ops())
