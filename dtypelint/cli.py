@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from dataclasses import replace
@@ -43,7 +44,7 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--mode", choices=("value", "meta"), help="value (real weights) or meta (config only)")
     check.add_argument("--batch", type=int, default=1)
     check.add_argument("--seq-len", type=int, default=16)
-    check.add_argument("--format", choices=("text", "json"), default="text")
+    check.add_argument("--format", choices=("text", "json", "sarif", "github", "markdown"), default="text")
     check.add_argument("--fail-on", choices=("info", "warning", "error"))
     check.add_argument("--exit-zero", action="store_true", help="exit 0 whatever the findings")
     check.add_argument("--select", type=_codes, help="comma-separated codes, prefixes or names")
@@ -193,12 +194,13 @@ def _fix(options: argparse.Namespace, model: Any, report: Report, inputs: Any, *
 
 
 def _print(options: argparse.Namespace, report: Report, fail_on: str) -> int:
+    from dtypelint.formats import render
+
     if options.graph:
         report.graph.write(options.graph)
-    if options.format == "json":
-        print(json.dumps(report.to_dict(), indent=2))
-    else:
-        print(report.render())
+    output = render(report, options.format, path=options.path)
+    if output:
+        print(output)
     failing = report.at_or_above(fail_on)
     return EXIT_FINDINGS if failing and not options.exit_zero else EXIT_CLEAN
 
@@ -234,6 +236,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if options.debug:
             raise
         print(f"dtypelint: error: {error}", file=sys.stderr)
+        return EXIT_ERROR
+    except BrokenPipeError:  # `dtypelint check ... | head`: the reader left; say nothing more
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_ERROR
 
 

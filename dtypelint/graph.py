@@ -53,6 +53,7 @@ class DtypeGraph(nx.DiGraph):
         graph.graph.update(
             model=tracer.model_info.class_name,
             mode="meta" if result.fake else "value",
+            stats=tracer.stats,
             error=None if result.error is None else f"{type(result.error).__name__}: {result.error}",
         )
         graph.add_nodes_from(
@@ -61,8 +62,6 @@ class DtypeGraph(nx.DiGraph):
         ops, edges = [], []
         for index, record in enumerate(tracer.records):
             target = str(record.func)
-            if target.startswith("prim."):
-                continue  # metadata queries (prim.device under fake tensors), not data ops
             op = f"op{index}"
             name = target.rsplit(".", 1)[0] if target.count(".") > 1 else target
             attributes = dict(
@@ -97,18 +96,20 @@ class DtypeGraph(nx.DiGraph):
         """The op at which the forward raised, if it raised inside one."""
         return next((op for op in self.ops() if self.nodes[op]["failed"]), None)
 
+    # The adjacency dicts are read directly: these queries run for every op of every rule, and networkx's
+    # views cost several times more.
     def inputs(self, op: str) -> list[tuple[str, str]]:
         """``(tensor node, argument)`` pairs of an op, in argument order."""
-        return [(source, data["arg"]) for source, _, data in self.in_edges(op, data=True)]
+        return [(source, data["arg"]) for source, data in self._pred[op].items()]
 
     def outputs(self, op: str) -> list[str]:
-        return list(self.successors(op))
+        return list(self._succ[op])
 
     def producer(self, tensor: str) -> str | None:
-        return next(iter(self.predecessors(tensor)), None)
+        return next(iter(self._pred[tensor]), None)
 
     def consumers(self, tensor: str) -> list[str]:
-        return list(self.successors(tensor))
+        return list(self._succ[tensor])
 
     def dtype(self, tensor: str) -> torch.dtype:
         return getattr(torch, self.nodes[tensor]["dtype"])

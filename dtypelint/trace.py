@@ -256,6 +256,8 @@ class Tracer(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
         kwargs = kwargs or {}
+        if func.namespace == "prim":  # metadata queries (prim.device under fake tensors), not data ops
+            return func(*args, **kwargs)
         inputs = []
         for position, value in enumerate(args):
             if isinstance(value, torch.Tensor):  # the common case, without the generator

@@ -116,3 +116,14 @@ def test_graph_static_and_json_outputs(tmp_path, tiny_llama_path, capsys):
     assert main(["check", str(mixed), "--static", "--fail-on", "warning"]) == 1
     out = capsys.readouterr().out
     assert "model.norm.weight is stored as float16, config.json declares bfloat16" in out
+
+
+@pytest.mark.parametrize("format", ["sarif", "github", "markdown", "json"])
+def test_every_format_is_reachable_from_the_command_line(format, tmp_path, tiny_llama_path, capsys, monkeypatch):
+    broken_checkpoints(tmp_path, tiny_llama_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert main(["check", "--entry", "entries:good", "--format", format]) == 1
+    out = capsys.readouterr().out
+    assert "DT101" in out
+    if format in ("sarif", "json"):
+        json.loads(out)

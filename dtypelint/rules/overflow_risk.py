@@ -44,6 +44,8 @@ class OverflowRisk(Rule):
     severity = "warning"
 
     def check(self, context: RuleContext) -> Iterator[Finding]:
+        if not context.graph.graph["stats"]:
+            return  # no values were recorded (meta mode, or stats=False)
         graph, fraction = context.graph, context.options.overflow_fraction
         reported: set[str] = set()
         for op in graph.ops():

