@@ -10,13 +10,13 @@ The hot path only appends references; names, dtypes, shapes and the graph are de
 
 from __future__ import annotations
 
-import math
 import weakref
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
 @dataclass(frozen=True)
@@ -155,20 +155,10 @@ def value_stats(tensor: torch.Tensor) -> tuple[float, float] | None:
     """(min, max) of a real floating tensor; NaN or inf in either means non-finite values."""
     if not tensor.is_floating_point() or tensor.numel() == 0 or tensor.device.type == "meta":
         return None
-    if _is_fake(tensor):
+    if isinstance(tensor, FakeTensor):
         return None
     low, high = torch.aminmax(tensor.detach())
     return low.item(), high.item()
-
-
-def stats_nonfinite(stats: tuple[float, float] | None) -> bool:
-    return stats is not None and not (math.isfinite(stats[0]) and math.isfinite(stats[1]))
-
-
-def _is_fake(tensor: torch.Tensor) -> bool:
-    from torch._subclasses.fake_tensor import FakeTensor
-
-    return isinstance(tensor, FakeTensor)
 
 
 def _join(prefix: str, name: str) -> str:
