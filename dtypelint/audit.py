@@ -55,7 +55,14 @@ def _fake_state(model: torch.nn.Module, fake_mode: Any) -> dict[str, torch.Tenso
 
 
 def _run(
-    model: torch.nn.Module, inputs: Any, *, mode: str, stats: bool, fake_mode: Any = None, notes: list[str]
+    model: torch.nn.Module,
+    inputs: Any,
+    *,
+    mode: str,
+    stats: bool,
+    fake_mode: Any = None,
+    notes: list[str],
+    progress: bool = False,
 ) -> TraceResult:
     """Trace one forward. Exceptions of the forward are kept in the result, never raised."""
     if mode not in MODES:
@@ -69,10 +76,18 @@ def _run(
         state = _fake_state(model, fake_mode)
     elif mode == "value" and any(t.device.type == "meta" for t in [*model.parameters(), *model.buffers()]):
         raise UsageError("the model has tensors on the meta device, which value mode cannot run; use mode='meta'")
-    tracer = Tracer(model, stats=stats and mode == "value", state=state)
-    tracer.add_inputs(args, kwargs, names)
     error = None
     with ExitStack() as stack:
+        on_module = None
+        if progress:
+            from tqdm.auto import tqdm  # a transformers dependency
+
+            bar = stack.enter_context(
+                tqdm(total=sum(1 for _ in model.modules()), desc="tracing", unit="module", delay=1.0, leave=False)
+            )
+            on_module = bar.update
+        tracer = Tracer(model, stats=stats and mode == "value", state=state, on_module=on_module)
+        tracer.add_inputs(args, kwargs, names)
         if fake_mode is not None:
             stack.enter_context(fake_mode)
         stack.enter_context(torch.no_grad())
@@ -154,6 +169,7 @@ def audit(
     severity: Mapping[str, str] | None = None,
     options: Options | None = None,
     settings: Settings | None = None,
+    progress: bool = False,
 ) -> Report:
     """Trace one forward of ``model`` on ``inputs`` and run the rules of ``backend`` over it.
 
@@ -161,7 +177,8 @@ def audit(
     the intended compute dtype (default: the dtype of most parameter elements). ``backend`` names a
     shipped pack or a pack file (default ``hf-eager``); ``rules`` adds packs. ``mode="meta"`` runs the
     forward on fake copies of the weights. ``settings`` (``dtypelint.config.load_settings()``) supplies
-    defaults that the other arguments override. The model is left exactly as it was.
+    defaults that the other arguments override. ``progress`` shows a bar on stderr for traces that take
+    more than a second. The model is left exactly as it was.
     """
     notes: list[str] = []
     model = _unwrap(model, notes)
@@ -170,7 +187,7 @@ def audit(
         extend_select=extend_select, per_location_ignores=per_location_ignores, severity=severity, options=options,
     )
     compute_dtype = parse_dtype(resolved.dtype) or infer_compute_dtype(model)
-    result = _run(model, inputs, mode=mode, stats=stats, notes=notes)
+    result = _run(model, inputs, mode=mode, stats=stats, notes=notes, progress=progress)
     return _report(result, compute_dtype=compute_dtype, settings=resolved)
 
 
@@ -190,6 +207,7 @@ def audit_config(
     severity: Mapping[str, str] | None = None,
     options: Options | None = None,
     settings: Settings | None = None,
+    progress: bool = False,
 ) -> Report:
     """Audit a causal LM from its config alone (meta mode): no weights are allocated, so a 70B config
     audits on a laptop. ``config`` is a transformers config, a ``config.json`` path or a directory."""
@@ -202,5 +220,5 @@ def audit_config(
     model, fake_mode = build_fake_model(config, compute_dtype)
     with fake_mode:
         inputs = sample_inputs(model, config, batch=batch, seq_len=seq_len)
-    result = _run(model, inputs, mode="meta", stats=False, fake_mode=fake_mode, notes=[])
+    result = _run(model, inputs, mode="meta", stats=False, fake_mode=fake_mode, notes=[], progress=progress)
     return _report(result, compute_dtype=compute_dtype, settings=resolved)

@@ -94,7 +94,8 @@ def _check(options: argparse.Namespace) -> int:
     from dtypelint.errors import LoadError, UsageError
     from dtypelint.load import config_dtype, load_checkpoint, load_config, load_entry, sample_inputs
 
-    if options.quiet or not sys.stderr.isatty():
+    progress = not options.quiet and sys.stderr.isatty()
+    if not progress:
         from transformers.utils import logging as transformers_logging
 
         transformers_logging.disable_progress_bar()
@@ -102,7 +103,7 @@ def _check(options: argparse.Namespace) -> int:
     dtype = parse_dtype(settings.dtype)
     if options.entry:
         model, inputs = load_entry(options.entry)
-        report = audit(model, inputs, dtype=dtype, settings=settings)
+        report = audit(model, inputs, dtype=dtype, settings=settings, progress=progress)
         return _fix(options, model, report, inputs, dtype=dtype, settings=settings) if _fixing(options) else _print(
             options, report, settings.fail_on)
     if options.path is None:
@@ -122,7 +123,7 @@ def _check(options: argparse.Namespace) -> int:
     if mode == "meta":
         report = audit_config(
             path, dtype=dtype, batch=options.batch, seq_len=options.seq_len,
-            trust_remote_code=options.trust_remote_code, settings=settings,
+            trust_remote_code=options.trust_remote_code, settings=settings, progress=progress,
         )
         return _print(options, report, settings.fail_on)
     if not _has_weights(path):
@@ -131,7 +132,7 @@ def _check(options: argparse.Namespace) -> int:
     load_dtype = dtype or config_dtype(config)
     model = load_checkpoint(path, load_dtype, trust_remote_code=options.trust_remote_code)
     inputs = sample_inputs(model, config, batch=options.batch, seq_len=options.seq_len)
-    report = audit(model, inputs, dtype=load_dtype, settings=settings)
+    report = audit(model, inputs, dtype=load_dtype, settings=settings, progress=progress)
     if not _fixing(options):
         return _print(options, report, settings.fail_on)
     return _fix(options, model, report, inputs, dtype=load_dtype, settings=settings)

@@ -11,7 +11,7 @@ The hot path only appends references; names, dtypes, shapes and the graph are de
 from __future__ import annotations
 
 import weakref
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -173,10 +173,16 @@ class Tracer(TorchDispatchMode):
     """
 
     def __init__(
-        self, model: torch.nn.Module, *, stats: bool = False, state: Mapping[str, torch.Tensor] | None = None
+        self,
+        model: torch.nn.Module,
+        *,
+        stats: bool = False,
+        state: Mapping[str, torch.Tensor] | None = None,
+        on_module: Callable[[], object] | None = None,
     ) -> None:
         super().__init__()
         self.model = model
+        self.on_module = on_module  # called as each module starts (a progress bar's update)
         self.stats = stats
         self.records: list[OpRecord] = []
         self.tensors: list[TensorRecord] = []
@@ -222,6 +228,8 @@ class Tracer(TorchDispatchMode):
     # Module tracker: the path of the innermost module running.
     def _push_module(self, module: torch.nn.Module, args: Any) -> None:
         self._module_stack.append(self._module_names.get(id(module), type(module).__name__))
+        if self.on_module is not None:
+            self.on_module()
 
     def _pop_module(self, module: torch.nn.Module, args: Any, output: Any) -> None:
         if len(self._module_stack) > 1:

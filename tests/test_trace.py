@@ -202,3 +202,10 @@ def test_meta_device_model_needs_meta_mode():
     assert report.mode == "meta" and report.findings == []
     assert any(graph_op == "aten.addmm" for graph_op in op_names(report.graph))
     assert model.weight.device.type == "meta"
+
+
+def test_tracer_reports_each_module_call_for_progress(stray_fp32_layer):
+    calls = []
+    with Tracer(stray_fp32_layer, on_module=lambda: calls.append(1)):
+        stray_fp32_layer.body(torch.randn(2, 16, dtype=torch.float16))
+    assert len(calls) == 4  # the Sequential and its three children
