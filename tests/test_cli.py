@@ -127,3 +127,20 @@ def test_every_format_is_reachable_from_the_command_line(format, tmp_path, tiny_
     assert "DT101" in out
     if format in ("sarif", "json"):
         json.loads(out)
+
+
+def test_every_rule_is_listed_and_explained(capsys):
+    from dtypelint.rules import all_rules
+
+    rules = all_rules()
+    assert main(["rules"]) == 0
+    listing = capsys.readouterr().out
+    for rule in rules:
+        assert rule.code in listing
+        assert main(["explain", rule.code]) == 0
+        text = capsys.readouterr().out
+        assert f"# {rule.name} ({rule.code})" in text and rule.category in text
+        for section in ("## What it does", "## Why is this bad?", "## Fix safety"):
+            assert section in text, (rule.code, section)
+        if hasattr(rule, "contract"):  # a kernel contract cites where its facts come from
+            assert "## References" in text and "## Contract" in text
