@@ -53,8 +53,8 @@ def format_range(bounds: tuple[float, float] | None) -> str:
 class Nonfinite(Rule):
     """
     ## What it does
-    In value mode, finds each op that produces inf or NaN from finite inputs (the origin, not the ops
-    that propagate it), and reports its input ranges.
+    In value mode, finds each op that produces inf or NaN in a float16/bfloat16 (or narrower) tensor from
+    finite inputs (the origin, not the ops that propagate it), and reports its input ranges.
 
     ## Why is this bad?
     float16 tops out at 65504. One activation past it becomes inf, the next normalisation turns it into
@@ -71,7 +71,9 @@ class Nonfinite(Rule):
     No automatic fix.
 
     ## Known problems
-    Needs value statistics (``audit(..., stats=True)``, the default); meta mode has no values.
+    Needs value statistics (``audit(..., stats=True)``, the default); meta mode has no values. float32
+    and float64 tensors are not measured (cost), so a NaN made in float32 is reported where it first
+    reaches a half-precision tensor.
     """
 
     code = "DT103"

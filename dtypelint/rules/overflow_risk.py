@@ -14,8 +14,8 @@ from dtypelint.rules.nonfinite import computes_values, finite, value_range
 class OverflowRisk(Rule):
     """
     ## What it does
-    In value mode, finds ops that produce finite values beyond a fraction (``overflow-fraction``, default
-    0.5) of their dtype's largest value, one finding per module.
+    In value mode, finds ops that produce float16/bfloat16 (or narrower) values beyond a fraction
+    (``overflow-fraction``, default 0.5) of their dtype's largest value, one finding per module.
 
     ## Why is this bad?
     Values at half of float16's 65504 on a 16-token sample overflow on a longer or less typical input.
