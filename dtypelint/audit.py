@@ -12,7 +12,7 @@ import torch
 from dtypelint.dtypes import dtype_name, parse_dtype
 from dtypelint.errors import UsageError
 from dtypelint.graph import DtypeGraph
-from dtypelint.load import build_fake_model, call_arguments, config_dtype, load_config, sample_inputs
+from dtypelint.load import build_meta_model, call_arguments, config_dtype, load_config, sample_inputs
 from dtypelint.report import Report
 from dtypelint.config import Settings
 from dtypelint.rules import all_rules, run_rules
@@ -42,39 +42,41 @@ def _unwrap(model: Any, notes: list[str]) -> torch.nn.Module:
     return model
 
 
-def _fake_state(model: torch.nn.Module, fake_mode: Any) -> dict[str, torch.Tensor]:
-    """Fake CPU stand-ins for every parameter and buffer, real or on the meta device."""
-    converter = fake_mode.fake_tensor_converter
-    state = {}
-    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
-        if tensor.device.type == "meta":
-            state[name] = converter.from_meta_and_device(fake_mode, tensor, torch.device("cpu"))
-        else:
-            state[name] = fake_mode.from_tensor(tensor)
-    return state
+def _fake(tensor: torch.Tensor, fake_mode: Any) -> torch.Tensor:
+    """A fake CPU stand-in (shape, dtype, no storage) for a real or meta tensor."""
+    if tensor.device.type == "meta":
+        return fake_mode.fake_tensor_converter.from_meta_and_device(fake_mode, tensor, torch.device("cpu"))
+    return fake_mode.from_tensor(tensor)
+
+
+def _fake_value(value: Any, fake_mode: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return _fake(value, fake_mode)
+    if isinstance(value, (list, tuple)):
+        return type(value)(_fake_value(item, fake_mode) for item in value)
+    return value
 
 
 def _run(
-    model: torch.nn.Module,
-    inputs: Any,
-    *,
-    mode: str,
-    stats: bool,
-    fake_mode: Any = None,
-    notes: list[str],
-    progress: bool = False,
+    model: torch.nn.Module, inputs: Any, *, mode: str, stats: bool, notes: list[str], progress: bool = False
 ) -> TraceResult:
-    """Trace one forward. Exceptions of the forward are kept in the result, never raised."""
+    """Trace one forward. Exceptions of the forward are kept in the result, never raised.
+
+    Meta mode runs the forward inside ``FakeTensorMode`` on fake CPU stand-ins of the model's tensors
+    (swapped in by ``functional_call`` for the call only) and of the inputs: shapes and dtypes, no data.
+    """
     if mode not in MODES:
         raise UsageError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
     args, kwargs, names = call_arguments(model, inputs)
-    state = None
-    if mode == "meta" and fake_mode is None:
+    state = fake_mode = None
+    if mode == "meta":
         from torch._subclasses.fake_tensor import FakeTensorMode
 
         fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
-        state = _fake_state(model, fake_mode)
-    elif mode == "value" and any(t.device.type == "meta" for t in [*model.parameters(), *model.buffers()]):
+        state = {name: _fake(t, fake_mode) for name, t in [*model.named_parameters(), *model.named_buffers()]}
+        args = _fake_value(args, fake_mode)
+        kwargs = {name: _fake_value(value, fake_mode) for name, value in kwargs.items()}
+    elif any(t.device.type == "meta" for t in [*model.parameters(), *model.buffers()]):
         raise UsageError("the model has tensors on the meta device, which value mode cannot run; use mode='meta'")
     error = None
     with ExitStack() as stack:
@@ -217,8 +219,7 @@ def audit_config(
     )
     config = load_config(config, trust_remote_code=trust_remote_code)
     compute_dtype = parse_dtype(resolved.dtype) or config_dtype(config) or torch.float32
-    model, fake_mode = build_fake_model(config, compute_dtype)
-    with fake_mode:
-        inputs = sample_inputs(model, config, batch=batch, seq_len=seq_len)
-    result = _run(model, inputs, mode="meta", stats=False, fake_mode=fake_mode, notes=[], progress=progress)
+    model = build_meta_model(config, compute_dtype)
+    inputs = sample_inputs(model, config, batch=batch, seq_len=seq_len)
+    result = _run(model, inputs, mode="meta", stats=False, notes=[], progress=progress)
     return _report(result, compute_dtype=compute_dtype, settings=resolved)

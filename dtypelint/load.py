@@ -7,6 +7,7 @@ from the config. Nothing is downloaded: every load is local.
 
 from __future__ import annotations
 
+import copy
 import inspect
 import json
 from collections.abc import Mapping
@@ -68,18 +69,26 @@ def config_dtype(config: Any) -> torch.dtype | None:
     return parse_dtype(declared) if isinstance(declared, (str, torch.dtype)) else None
 
 
-def build_fake_model(config: Any, dtype: torch.dtype) -> tuple[torch.nn.Module, Any]:
-    """Build a causal LM from a config inside ``FakeTensorMode``: CPU tensors without storage."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
+def build_meta_model(config: Any, dtype: torch.dtype) -> torch.nn.Module:
+    """Build a causal LM from a copy of ``config`` on the meta device, weight initialisation skipped:
+    no memory, no values to initialise (some initialisers are data-dependent), and the caller's config
+    untouched. Meta mode runs its forward on fake CPU stand-ins of these tensors."""
     from transformers import AutoModelForCausalLM
 
-    fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
     try:
-        with fake_mode:
-            model = AutoModelForCausalLM.from_config(config, **{dtype_keyword(): dtype})
+        with torch.device("meta"), _no_init_weights():
+            model = AutoModelForCausalLM.from_config(copy.deepcopy(config), **{dtype_keyword(): dtype})
     except ValueError as error:
-        raise LoadError(f"cannot build a causal LM for model_type {config.model_type!r}: {error}") from None
-    return model.eval(), fake_mode
+        raise LoadError(f"cannot build a causal LM for model_type {config.model_type!r}: {first_line(error)}") from None
+    return model.eval()
+
+
+def _no_init_weights() -> Any:
+    try:
+        from transformers.initialization import no_init_weights  # transformers 5
+    except ImportError:
+        from transformers.modeling_utils import no_init_weights  # transformers 4
+    return no_init_weights()
 
 
 def sample_inputs(

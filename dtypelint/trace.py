@@ -87,17 +87,26 @@ class ModelInfo:
             tensors=tensors,
             aliases=aliases,
             keep_in_fp32_modules=sorted(keep),
-            model_type=getattr(config, "model_type", None),
-            hidden_size=getattr(config, "hidden_size", None),
+            model_type=config_value(config, "model_type"),
+            hidden_size=config_value(config, "hidden_size"),
             head_dim=_head_dim(config),
         )
 
 
+def config_value(config: Any, name: str) -> Any:
+    """``getattr(config, name, None)`` that also survives transformers 5's per-layer configs, which raise
+    their own error (not an AttributeError) for a field that differs between layers."""
+    try:
+        return getattr(config, name, None)
+    except Exception:  # noqa: BLE001 - AmbiguousGlobalPerLayerAttributeError and kin
+        return None
+
+
 def _head_dim(config: Any) -> int | None:
-    head_dim = getattr(config, "head_dim", None)
+    head_dim = config_value(config, "head_dim")
     if isinstance(head_dim, int):
         return head_dim
-    hidden, heads = getattr(config, "hidden_size", None), getattr(config, "num_attention_heads", None)
+    hidden, heads = config_value(config, "hidden_size"), config_value(config, "num_attention_heads")
     return hidden // heads if isinstance(hidden, int) and isinstance(heads, int) and heads else None
 
 

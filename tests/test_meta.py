@@ -105,3 +105,28 @@ def test_config_errors_are_clear(tmp_path):
         dtypelint.audit_config(EXAMPLES / "tiny-llama", dtype="float13")
     with pytest.raises(UsageError, match="unknown backend"):
         dtypelint.audit_config(EXAMPLES / "tiny-llama", backend="tpu-magic")
+
+
+def test_config_audit_leaves_the_callers_config_untouched(tiny_llama_path):
+    from dtypelint.load import load_config
+
+    config = load_config(tiny_llama_path)
+    before = config.to_dict()
+    dtypelint.audit_config(config, dtype="bfloat16")
+    assert config.to_dict() == before
+
+
+def test_a_meta_function_narrower_than_the_kernel_is_a_trace_limit_not_a_broken_model():
+    from transformers import AutoConfig
+
+    config = AutoConfig.for_model(
+        "mixtral", hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=256, num_local_experts=4, num_experts_per_tok=2,
+    )
+    report = dtypelint.audit_config(config, dtype="float16")
+    codes = [f.code for f in report.findings]
+    if "aten._grouped_mm" not in {report.graph.nodes[op]["name"] for op in report.graph.ops()}:
+        pytest.skip("this transformers routes mixtral's experts without aten._grouped_mm")
+    assert "DT001" not in codes and "DT002" in codes
+    limit = next(f for f in report.findings if f.code == "DT002")
+    assert limit.op == "aten._grouped_mm" and "BF16" in limit.message

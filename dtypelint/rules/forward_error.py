@@ -37,7 +37,7 @@ class ForwardError(Rule):
 
     def check(self, context: RuleContext) -> Iterator[Finding]:
         error = context.error
-        if error is None or is_trace_limit(error):
+        if error is None or is_trace_limit(context):
             return
         graph = context.graph
         failed = graph.failed_op()

@@ -4,27 +4,40 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+from dtypelint.errors import first_line
 from dtypelint.report import Finding
 from dtypelint.rules.base import Rule, RuleContext
 
 
-def is_trace_limit(error: BaseException) -> bool:
-    """True for the exceptions by which fake tensors refuse data-dependent or unsupported ops."""
+# aten ops whose meta (shape and dtype) functions accept less than the real kernels: torch's meta
+# aten._grouped_mm takes only bfloat16, the CPU kernel float16 too (mixture-of-experts layers).
+NARROWER_IN_META = frozenset({"aten._grouped_mm"})
+
+
+def is_trace_limit(context: RuleContext) -> bool:
+    """True when the forward stopped at a limit of meta mode rather than a defect of the model: fake
+    tensors refusing a data-dependent or unsupported op, or a meta function narrower than the kernel."""
     from torch._subclasses import fake_tensor
 
+    error = context.error
     limits = (
         fake_tensor.DataDependentOutputException,
         fake_tensor.DynamicOutputShapeException,
         fake_tensor.UnsupportedOperatorException,
     )
-    return isinstance(error, limits) or "data-dependent" in str(error) or "meta tensor" in str(error)
+    if isinstance(error, limits) or "data-dependent" in str(error) or "meta tensor" in str(error):
+        return True
+    failed = context.graph.failed_op()
+    meta = context.graph.graph["mode"] == "meta"
+    return meta and failed is not None and context.graph.nodes[failed]["name"] in NARROWER_IN_META
 
 
 class TraceLimit(Rule):
     """
     ## What it does
     Reports where a meta-mode audit stopped because an op needs real values (``.item()``, ``nonzero``,
-    mixture-of-experts routing) that a tensor without data cannot give.
+    mixture-of-experts routing) that a tensor without data cannot give, or because torch's meta function
+    of an op accepts less than its kernels (``aten._grouped_mm`` takes only bfloat16 there).
 
     ## Why is this bad?
     It is not a defect of the model: it means the ops after that point were not checked. Everything
@@ -45,8 +58,7 @@ class TraceLimit(Rule):
     severity = "warning"
 
     def check(self, context: RuleContext) -> Iterator[Finding]:
-        error = context.error
-        if error is None or not is_trace_limit(error):
+        if context.error is None or not is_trace_limit(context):
             return
         graph = context.graph
         failed = graph.failed_op()
@@ -56,7 +68,7 @@ class TraceLimit(Rule):
         yield self.finding(
             location=location,
             op=op,
-            message=f"meta mode cannot run {op or 'this op'} (it needs real values); "
+            message=f"meta mode cannot run {op or 'this op'} ({first_line(context.error)}); "
             f"the {traced - 1 if failed else traced} ops before it were checked, the rest of the forward was not",
             node=failed,
         )
