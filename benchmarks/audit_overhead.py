@@ -60,7 +60,11 @@ def overhead(repeats: int) -> dict[str, float]:
 
 
 def meta_70b() -> dict[str, float]:
+    # "After imports": torch, transformers and Llama's modeling code, which dtypelint imports on first use.
+    import transformers.models.llama.modeling_llama  # noqa: F401
+
     import dtypelint
+    import dtypelint.audit  # noqa: F401
 
     start = time.perf_counter()
     report = dtypelint.audit_config(CONFIG_70B, dtype="float16")

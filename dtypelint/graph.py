@@ -156,9 +156,6 @@ class DtypeGraph(nx.DiGraph):
             if len({self.nodes[node]["dtype"] for node in self.floating_inputs(op)}) > 1:
                 yield op
 
-    def downstream(self, node: str) -> set[str]:
-        return nx.descendants(self, node)
-
     def neighbourhood(self, node: str, radius: int = 2) -> DtypeGraph:
         """The subgraph within ``radius`` edges of ``node``, in either direction."""
         return self.subgraph(nx.ego_graph(self, node, radius=radius, undirected=True)).copy()
