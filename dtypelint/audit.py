@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Mapping
-from contextlib import ExitStack
+from collections.abc import Iterator, Mapping
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
 import torch
@@ -57,6 +57,25 @@ def _fake_value(value: Any, fake_mode: Any) -> Any:
     return value
 
 
+@contextmanager
+def _fake_attributes(model: torch.nn.Module, fake_mode: Any) -> Iterator[None]:
+    """Plain tensor attributes (GPT-J's ``embed_positions``) as fake stand-ins for the call only:
+    ``functional_call`` swaps parameters and buffers, not these."""
+    swapped = [
+        (module, name, value)
+        for module in model.modules()
+        for name, value in vars(module).items()
+        if isinstance(value, torch.Tensor)
+    ]
+    for module, name, value in swapped:
+        module.__dict__[name] = _fake(value, fake_mode)
+    try:
+        yield
+    finally:
+        for module, name, value in swapped:
+            module.__dict__[name] = value
+
+
 def _run(
     model: torch.nn.Module, inputs: Any, *, mode: str, stats: bool, notes: list[str], progress: bool = False
 ) -> TraceResult:
@@ -80,6 +99,8 @@ def _run(
         raise UsageError("the model has tensors on the meta device, which value mode cannot run; use mode='meta'")
     error = None
     with ExitStack() as stack:
+        if fake_mode is not None:
+            stack.enter_context(_fake_attributes(model, fake_mode))
         on_module = None
         if progress:
             from tqdm.auto import tqdm  # a transformers dependency

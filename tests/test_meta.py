@@ -130,3 +130,25 @@ def test_a_meta_function_narrower_than_the_kernel_is_a_trace_limit_not_a_broken_
     assert "DT001" not in codes and "DT002" in codes
     limit = next(f for f in report.findings if f.code == "DT002")
     assert limit.op == "aten._grouped_mm" and "BF16" in limit.message
+
+
+class SinusoidalPositions(nn.Module):
+    """GPT-J keeps its position table as a plain tensor attribute, not a buffer."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.table = torch.ones(8, 4)
+
+    def forward(self, x):
+        return self.lin(x) + self.table[: x.shape[0]]
+
+
+def test_meta_mode_swaps_plain_tensor_attributes_for_the_call_only():
+    with torch.device("meta"):
+        model = SinusoidalPositions()
+    table = model.table
+    report = dtypelint.audit(model, torch.ones(2, 4), mode="meta")
+    assert report.findings == [] and report.graph.graph["error"] is None
+    assert report.graph.nodes[report.graph.find_tensor("table")]["origin"] == "attribute"
+    assert model.table is table and table.device.type == "meta"

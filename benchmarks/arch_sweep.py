@@ -1,0 +1,581 @@
+"""Sweep every causal-LM architecture of the installed transformers through dtypelint.
+
+For each ``model_type`` in ``MODEL_FOR_CAUSAL_LM_MAPPING_NAMES``:
+
+1. build a tiny random config (``AutoConfig.for_model`` with the usual size fields shrunk, nested
+   ``text_config`` too) and keep the architecture only if plain transformers can build it
+   (``from_config``), ``save_pretrained`` it, reload it in float16 and run a forward on
+   ``dtypelint.load.sample_inputs``: those architectures are the denominator;
+2. audit it four times: value mode (the float16-loaded model) and meta mode (``audit_config``), each
+   under ``hf-eager`` and ``ipex-llm-xpu``; an exception escaping ``audit``/``audit_config`` is a
+   dtypelint internal error; after each value audit the model must be unchanged (state_dict and
+   non-persistent buffers ``torch.equal``, dtypes, hooks) and no global forward hook may be left;
+3. note the rotary layout (a ``*RotaryEmbedding`` owned by an ``*Attention*`` module: per-layer; any
+   other: model-level) and check the IPX101 expectation: under ipex-llm-xpu, IPX101 errors appear
+   exactly for per-layer architectures holding a float32 ``inv_freq`` whose model_type is in the
+   contract's ``model-types``; under hf-eager no error mentions ``inv_freq``.
+
+Each architecture runs in a forked child (imports are paid once) with a wall-clock limit, so a
+pathological model cannot hang the sweep.
+
+    .venv/bin/python benchmarks/arch_sweep.py [--only llama,gpt2] [--jobs 2] [--timeout 90] [--json rows.json]
+        [--workdir DIR [--resume]]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import signal
+import sys
+import tempfile
+import time
+import traceback
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+SIZE_FIELDS = {
+    "hidden_size": 64, "d_model": 64, "n_embd": 64,
+    "num_hidden_layers": 2, "n_layer": 2, "num_layers": 2,
+    "num_attention_heads": 4, "n_head": 4,
+    "num_key_value_heads": 2,
+    "intermediate_size": 128, "ffn_dim": 128, "n_inner": 128,
+    "vocab_size": 256,
+    "max_position_embeddings": 256,
+    "head_dim": 16,
+}
+# Tried only when the basic shrink breaks the model in plain transformers: fields that must follow the
+# basic ones (MLA ranks, partial rotary dims, encoder/decoder stacks, MoE widths), in every sub-config.
+EXTENDED_FIELDS = {
+    "qk_rope_head_dim": 16, "qk_nope_head_dim": 16, "v_head_dim": 16, "qk_head_dim": 32,
+    "kv_lora_rank": 32, "q_lora_rank": 32, "rotary_dim": 16,
+    "moe_intermediate_size": 64, "shared_expert_intermediate_size": 64, "expert_intermediate_size": 64,
+    "n_routed_experts": 4, "num_experts": 4, "num_local_experts": 4, "num_experts_per_tok": 2,
+    "n_group": 1, "topk_group": 1, "first_k_dense_replace": 1,
+    "encoder_layers": 2, "decoder_layers": 2, "encoder_ffn_dim": 128, "decoder_ffn_dim": 128,
+    "encoder_attention_heads": 4, "decoder_attention_heads": 4, "n_positions": 256, "n_ctx": 256,
+    "n_layers": 2, "n_heads": 4, "dim": 64, "num_key_value_heads": 4,  # MLA: kv heads == heads
+}
+TOKEN_FIELDS = ("pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id", "sep_token_id",
+                "cls_token_id", "mask_token_id", "unk_token_id")
+BACKENDS = ("hf-eager", "ipex-llm-xpu")
+MODES = ("value", "meta")
+ABBREV = {
+    "kernel-contract": "kc", "mixed-input": "mix", "promotion": "prom", "nonfinite": "nonfin",
+    "overflow-risk": "ovf", "param-dtype": "param", "low-precision-op": "lowp", "forward-error": "fwd",
+    "trace-limit": "limit",
+}
+
+
+# --------------------------------------------------------------------------------------------- config
+def _shrunk(config: Any, extended: bool = False) -> dict[str, Any]:
+    """The overrides for one (sub)config: the size fields it has, and token ids inside the new vocab."""
+    fields = config.to_dict()  # real fields only: a read-only property (falcon's head_dim) is left alone
+    table = {**SIZE_FIELDS, **EXTENDED_FIELDS} if extended else SIZE_FIELDS
+    overrides = {key: value for key, value in table.items() if key in fields and not isinstance(fields[key], dict)}
+    for key in TOKEN_FIELDS:
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value >= SIZE_FIELDS["vocab_size"]:
+            overrides[key] = SIZE_FIELDS["vocab_size"] - 1 - TOKEN_FIELDS.index(key)
+        elif isinstance(value, list) and any(isinstance(v, int) and v >= SIZE_FIELDS["vocab_size"] for v in value):
+            overrides[key] = [v if v < SIZE_FIELDS["vocab_size"] else SIZE_FIELDS["vocab_size"] - 1 for v in value]
+    return overrides
+
+
+def _fix_lists(config: Any) -> None:
+    """Per-layer lists (layer_types, ...) that outlived the layer-count override."""
+    layers = getattr(config, "num_hidden_layers", None)
+    if not isinstance(layers, int):
+        return
+    for key in ("layer_types", "mlp_layer_types", "layers_block_type"):
+        value = getattr(config, key, None)
+        if isinstance(value, list) and len(value) != layers and value:
+            setattr(config, key, (value * layers)[:layers])
+
+
+def _subconfigs(config: Any, extended: bool) -> list[str]:
+    """The nested configs to shrink: text_config, and with ``extended`` every nested config."""
+    from transformers import PretrainedConfig
+
+    names = [k for k, v in vars(config).items() if isinstance(v, PretrainedConfig)]
+    return names if extended else [n for n in names if n == "text_config"]
+
+
+def tiny_config(model_type: str, extended: bool = False) -> tuple[Any, str]:
+    """A tiny config for ``model_type``: rebuilt through ``for_model`` with the overrides (so derived
+    fields follow), else the defaults patched with setattr. Returns the config and how it was made."""
+    from transformers import AutoConfig
+
+    default = AutoConfig.for_model(model_type)
+    overrides = _shrunk(default, extended)
+    nested = _subconfigs(default, extended)
+    for name in nested:
+        sub = getattr(default, name)
+        overrides[name] = {**sub.to_dict(), **_shrunk(sub, extended)}
+    how = "for_model" + ("+extended" if extended else "")
+    try:
+        config = AutoConfig.for_model(model_type, **overrides)
+    except Exception:  # noqa: BLE001 - fall back to patching the defaults
+        how = "setattr" + ("+extended" if extended else "")
+        config = AutoConfig.for_model(model_type)
+        for target in [config, *(getattr(config, name) for name in nested)]:
+            for key, value in _shrunk(target, extended).items():
+                try:
+                    setattr(target, key, value)
+                except (AttributeError, TypeError):
+                    pass
+    for target in [config, *(getattr(config, name) for name in _subconfigs(config, True))]:
+        _fix_lists(target)
+    return config, how
+
+
+# --------------------------------------------------------------------------------------------- checks
+def _short(error: BaseException, limit: int = 300) -> str:
+    text = " ".join(str(error).split())
+    return f"{type(error).__name__}: {text[:limit]}"
+
+
+def _frames(error: BaseException) -> dict[str, str]:
+    """The dtypelint frame the exception came through last, and the innermost frame overall."""
+    frames = traceback.extract_tb(error.__traceback__)
+    ours = [f for f in frames if "/dtypelint/" in f.filename.replace("\\", "/") and "benchmarks" not in f.filename]
+    where = lambda f: f"{f.filename.split('/dtypelint/')[-1] if '/dtypelint/' in f.filename else f.filename}:{f.lineno} in {f.name}"  # noqa: E731
+    return {
+        "dtypelint_frame": f"dtypelint/{where(ours[-1])}" if ours else "",
+        "dtypelint_line": ours[-1].line if ours else "",
+        "innermost_frame": where(frames[-1]) if frames else "",
+    }
+
+
+def snapshot(model: Any) -> dict[str, Any]:
+    import torch
+
+    return {
+        "state": {k: v.detach().clone() for k, v in model.state_dict().items()},
+        "buffers": {k: (b.detach().clone(), b.dtype) for k, b in model.named_buffers()},
+        "params": {k: (p.dtype, p.device, p.requires_grad) for k, p in model.named_parameters()},
+        "training": [m.training for m in model.modules()],
+        "hooks": sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()),
+        "default_dtype": torch.get_default_dtype(),
+        "grad": torch.is_grad_enabled(),
+    }
+
+
+def changes(model: Any, before: dict[str, Any]) -> list[str]:
+    """What an audit changed: tensors, dtypes, module state, hooks (per-module and global)."""
+    import torch
+    from torch.nn.modules import module as nn_module
+
+    after = snapshot(model)
+    found = []
+    if before["state"].keys() != after["state"].keys():
+        found.append("state_dict keys")
+    for key, tensor in before["state"].items():
+        other = after["state"].get(key)
+        if other is not None and (other.dtype != tensor.dtype or not torch.equal(other, tensor)):
+            found.append(f"state_dict[{key}]")
+    for key, (tensor, dtype) in before["buffers"].items():
+        other = after["buffers"].get(key)
+        if other is None or other[1] != dtype or not torch.equal(other[0], tensor):
+            found.append(f"buffer {key}")
+    if before["params"] != after["params"]:
+        found.append("parameter dtype/device/requires_grad")
+    for key in ("training", "hooks", "default_dtype", "grad"):
+        if before[key] != after[key]:
+            found.append(key)
+    for name in ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
+                 "_global_backward_pre_hooks"):
+        if len(getattr(nn_module, name, {}) or {}):
+            found.append(f"{name} not empty")
+    return found[:10]
+
+
+def global_hooks_left() -> list[str]:
+    from torch.nn.modules import module as nn_module
+
+    return [n for n in ("_global_forward_hooks", "_global_forward_pre_hooks")
+            if len(getattr(nn_module, n, {}) or {})]
+
+
+def rotary_layout(model: Any) -> dict[str, Any]:
+    """per-layer: some *RotaryEmbedding is owned by an *Attention* module; model-level: rotary modules
+    exist but none is; none: no rotary module. With the dtypes of their inv_freq buffers."""
+    owners = {}
+    for name, module in model.named_modules():
+        for child_name, child in module.named_children():
+            owners[f"{name}.{child_name}" if name else child_name] = type(module).__name__
+    per_layer, model_level = [], []
+    for name, module in model.named_modules():
+        if not type(module).__name__.endswith("RotaryEmbedding"):
+            continue
+        buffers = [b for n, b in module.named_buffers(recurse=False) if n.endswith("inv_freq")]
+        dtypes = sorted({str(b.dtype).replace("torch.", "") for b in buffers})  # gemma3: <layer_type>_inv_freq
+        dtype = "float32" if "float32" in dtypes else (dtypes[0] if dtypes else None)
+        entry = {"module": name, "class": type(module).__name__, "owner": owners.get(name), "inv_freq": dtype}
+        (per_layer if "Attention" in (owners.get(name) or "") else model_level).append(entry)
+    layout = "per-layer" if per_layer else "model-level" if model_level else "none"
+    return {
+        "layout": layout,
+        "per_layer_fp32": any(e["inv_freq"] == "float32" for e in per_layer),
+        "inv_freq": sorted({e["inv_freq"] or "-" for e in per_layer + model_level}),
+        "rotary": (per_layer + model_level)[:2],
+    }
+
+
+def summarize(report: Any) -> dict[str, Any]:
+    findings = report.findings
+    codes = {f.code for f in findings}
+    return {
+        "error": (report.graph.graph.get("error") or None) and " ".join(str(report.graph.graph["error"]).split())[:300],
+        "categories": dict(Counter(f.category for f in findings)),
+        "codes": dict(Counter(f.code for f in findings)),
+        "DT001": "DT001" in codes,
+        "DT002": "DT002" in codes,
+        "ipx101_errors": [f"{f.location}: {f.message}"[:200] for f in findings
+                          if f.code == "IPX101" and f.severity == "error"],
+        "inv_freq_errors": [f"{f.code} {f.location}: {f.message}"[:200] for f in findings
+                            if f.severity == "error" and "inv_freq" in f"{f.tensor} {f.message}"],
+    }
+
+
+# --------------------------------------------------------------------------------------------- child
+class Recorder:
+    """The child's result, rewritten to disk after every stage so a timeout still shows where it was."""
+
+    def __init__(self, path: Path, model_type: str) -> None:
+        self.path = path
+        self.row: dict[str, Any] = {"arch": model_type, "stage": "start", "times": {}}
+        self.t0 = time.perf_counter()
+
+    def stage(self, name: str) -> None:
+        self.row["stage"] = name
+        self.flush()
+
+    def flush(self) -> None:
+        self.row["elapsed"] = round(time.perf_counter() - self.t0, 2)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.row, default=str))
+        os.replace(tmp, self.path)
+
+
+def check_architecture(model_type: str, rec: Recorder) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import dtypelint
+    from dtypelint.load import dtype_keyword, sample_inputs
+    from dtypelint.rules.packs import load_pack
+
+    row = rec.row
+    ipx101 = next(c for c in load_pack("ipex-llm-xpu").contracts if c.code == "IPX101")
+
+    def timed(name: str, fn: Any) -> Any:
+        rec.stage(name)
+        start = time.perf_counter()
+        try:
+            return fn()
+        finally:
+            row["times"][name] = round(time.perf_counter() - start, 2)
+
+    # 1. plain transformers: the denominator (basic shrink; if that breaks the model, the extended one)
+    row["builds"], failures = False, []
+    for extended in (False, True):
+        try:
+            config, row["config_how"] = timed("config", lambda: tiny_config(model_type, extended))
+            torch.manual_seed(0)
+            model = timed("from_config", lambda: AutoModelForCausalLM.from_config(copy.deepcopy(config)))
+            row["class"] = type(model).__name__
+            with tempfile.TemporaryDirectory(prefix=f"sweep-{model_type}-") as tmp:
+                timed("save", lambda: model.save_pretrained(tmp))
+                del model
+                model = timed("reload", lambda: AutoModelForCausalLM.from_pretrained(
+                    tmp, **{dtype_keyword(): torch.float16}).eval())
+            inputs = sample_inputs(model, config, batch=1, seq_len=8)
+            with torch.no_grad():
+                timed("forward", lambda: model(**inputs))
+            break
+        except Exception as error:  # noqa: BLE001
+            failures.append(f"{'extended ' if extended else ''}{row['stage']}: {_short(error, 160)}")
+            model = None
+    else:
+        row["skip"] = " | ".join(failures)
+        rec.stage("skipped")
+        return
+    if failures:
+        row["basic_shrink_failed"] = failures[0]
+    row["builds"] = True
+    row["model_type"] = getattr(model.config, "model_type", None)
+    try:  # transformers 5 heterogeneous configs (gemma4) raise on a global per-layer attribute
+        row["head_dim"] = getattr(model.config, "head_dim", None)
+    except Exception as error:  # noqa: BLE001
+        row["head_dim"] = f"<{type(error).__name__}>"
+    row.update(rotary_layout(model))
+    row["ipx101_listed"] = row["model_type"] in ipx101.model_types
+    row["ipx101_expected"] = bool(row["per_layer_fp32"] and row["ipx101_listed"])
+
+    # 2. the four audits
+    row["audits"], row["changed"], row["internal"] = {}, {}, []
+    for mode in MODES:
+        for backend in BACKENDS:
+            key = f"{mode}/{backend}"
+            before = snapshot(model) if mode == "value" else None
+            given = copy.deepcopy(config)  # audit_config gets its own copy: the sweep's config stays pristine
+            config_before = given.to_json_string(use_diff=False)
+            try:
+                if mode == "value":
+                    report = timed(key, lambda: dtypelint.audit(model, dict(inputs), dtype="float16", backend=backend))
+                else:
+                    report = timed(key, lambda: dtypelint.audit_config(given, dtype="float16", backend=backend))
+                row["audits"][key] = summarize(report)
+                del report
+            except Exception as error:  # noqa: BLE001 - an internal error of dtypelint
+                row["audits"][key] = {"internal": _short(error)}
+                row["internal"].append({"mode": mode, "backend": backend, "type": type(error).__name__,
+                                        "message": _short(error, 400), **_frames(error)})
+            changed = changes(model, before) if before is not None else global_hooks_left()
+            if mode == "meta" and given.to_json_string(use_diff=False) != config_before:
+                after, before_dict = json.loads(given.to_json_string(use_diff=False)), json.loads(config_before)
+                row.setdefault("config_mutated", {})[key] = sorted(
+                    k for k in set(after) | set(before_dict) if after.get(k) != before_dict.get(k))
+            if changed:
+                row["changed"][key] = changed
+    rec.stage("done")
+
+
+def child(model_type: str, out: Path, log: Path) -> None:
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    import torch
+
+    torch.set_num_threads(1)
+    rec = Recorder(out, model_type)
+    try:
+        check_architecture(model_type, rec)
+    except BaseException as error:  # noqa: BLE001 - the sweep itself must report, not die
+        rec.row["sweep_error"] = _short(error)
+        traceback.print_exc()
+    rec.flush()
+
+
+# --------------------------------------------------------------------------------------------- parent
+def run_all(types: list[str], jobs: int, timeout: float, workdir: Path, resume: bool = False) -> list[dict[str, Any]]:
+    pending = list(types)
+    running: dict[int, tuple[str, float, Path]] = {}
+    rows: dict[str, dict[str, Any]] = {}
+    while pending or running:
+        while pending and len(running) < jobs:
+            model_type = pending.pop(0)
+            out, log = workdir / f"{model_type}.json", workdir / f"{model_type}.log"
+            if resume and out.exists():
+                row = json.loads(out.read_text())
+                if row.get("stage") in ("done", "skipped") and not row.get("sweep_error"):
+                    rows[model_type] = {**row, "wall": row.get("elapsed"), "resumed": True}
+                    continue
+            sys.stdout.flush()
+            sys.stderr.flush()
+            pid = os.fork()
+            if pid == 0:
+                try:
+                    child(model_type, out, log)
+                finally:
+                    os._exit(0)
+            running[pid] = (model_type, time.perf_counter(), out)
+        time.sleep(0.05)
+        for pid, (model_type, start, out) in list(running.items()):
+            done, status = os.waitpid(pid, os.WNOHANG)
+            elapsed = time.perf_counter() - start
+            if not done and elapsed < timeout:
+                continue
+            if not done:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+            row = json.loads(out.read_text()) if out.exists() else {"arch": model_type, "stage": "start"}
+            if not done:
+                row["timeout"] = f"killed after {timeout:.0f} s in stage {row.get('stage')}"
+            elif os.WIFSIGNALED(status):
+                row["crash"] = f"signal {os.WTERMSIG(status)} in stage {row.get('stage')}"
+            elif row.get("stage") not in ("done", "skipped"):
+                row["crash"] = f"exited in stage {row.get('stage')}"
+            row["wall"] = round(elapsed, 1)
+            rows[model_type] = row
+            del running[pid]
+            status_text = row.get("skip") or row.get("timeout") or row.get("crash") or "audited"
+            print(f"[{len(rows):3d}/{len(types)}] {model_type:<28} {elapsed:5.1f}s  {status_text[:110]}", flush=True)
+    return [rows[t] for t in types]
+
+
+def classify(row: dict[str, Any], mode: str) -> str:
+    """ok / limit (DT002) / DT001 / INTERNAL / timeout / crash for the two audits of ``mode``."""
+    audits = [row.get("audits", {}).get(f"{mode}/{b}") for b in BACKENDS]
+    if any(a and "internal" in a for a in audits):
+        return "INTERNAL"
+    if any(a is None for a in audits):
+        return "timeout" if row.get("timeout") else "crash" if row.get("crash") or row.get("sweep_error") else "-"
+    if any(a["DT002"] for a in audits):
+        return "limit"
+    if any(a["DT001"] for a in audits):
+        return "DT001"
+    return "ok"
+
+
+def layout_violations(row: dict[str, Any]) -> list[str]:
+    found = []
+    for mode in MODES:
+        ipex = row.get("audits", {}).get(f"{mode}/ipex-llm-xpu")
+        if ipex and "internal" not in ipex and not ipex["DT001"] and not ipex["DT002"]:
+            got = bool(ipex["ipx101_errors"])
+            if got != row["ipx101_expected"]:
+                found.append(f"{mode}: IPX101 expected={row['ipx101_expected']} found={got}"
+                             + (f" ({ipex['ipx101_errors'][0]})" if got else ""))
+            if row["layout"] == "model-level" and got:
+                found.append(f"{mode}: IPX101 on a model-level rotary layout")
+        hf = row.get("audits", {}).get(f"{mode}/hf-eager")
+        if hf and "internal" not in hf and hf["inv_freq_errors"]:
+            found.append(f"{mode}: hf-eager error mentions inv_freq: {hf['inv_freq_errors'][0]}")
+    return found
+
+
+def compact(counts: dict[str, int]) -> str:
+    return " ".join(f"{ABBREV.get(k, k)}:{v}" for k, v in sorted(counts.items())) or "-"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", help="comma-separated model_types")
+    parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--timeout", type=float, default=90.0, help="seconds per architecture (all stages)")
+    parser.add_argument("--json", type=Path, help="write the rows here")
+    parser.add_argument("--workdir", type=Path, help="keep per-architecture results and logs here")
+    parser.add_argument("--resume", action="store_true",
+                        help="reuse the finished per-architecture results already in --workdir")
+    args = parser.parse_args()
+
+    started = time.perf_counter()
+    import torch  # noqa: F401 - imported once, before forking
+    import transformers
+    from tabulate import tabulate
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    import dtypelint  # noqa: F401
+    import dtypelint.rules.packs
+
+    types = list(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+    if args.only:
+        wanted = [t.strip() for t in args.only.split(",") if t.strip()]
+        unknown = [t for t in wanted if t not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES]
+        if unknown:
+            print(f"not causal-LM model types here: {', '.join(unknown)}", file=sys.stderr)
+        types = [t for t in wanted if t in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES]
+    print(f"transformers {transformers.__version__}, torch {torch.__version__}, python {sys.version.split()[0]}: "
+          f"{len(types)} causal-LM model types, {args.jobs} jobs, {args.timeout:.0f} s each", flush=True)
+
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="arch-sweep-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    rows = run_all(types, args.jobs, args.timeout, workdir, args.resume)
+    for row in rows:
+        row["value"] = classify(row, "value") if row.get("builds") else ""
+        row["meta"] = classify(row, "meta") if row.get("builds") else ""
+        row["violations"] = layout_violations(row) if row.get("builds") else []
+
+    kept = [r for r in rows if r.get("builds")]
+    skipped = [r for r in rows if not r.get("builds")]
+    print(f"\nSkipped ({len(skipped)}): plain transformers fails to build/save/reload/run")
+    for row in skipped:
+        reason = row.get("skip") or row.get("timeout") or row.get("crash") or row.get("sweep_error") or "?"
+        print(f"  {row['arch']:<28} {reason[:150]}")
+    print(f"\nDenominator ({len(kept)}): {', '.join(r['arch'] for r in kept)}\n")
+
+    table = []
+    for row in kept:
+        value = row.get("audits", {}).get("value/hf-eager") or {}
+        ipex = row.get("audits", {}).get("value/ipex-llm-xpu") or {}
+        kc = {k: v for k, v in (ipex.get("codes") or {}).items() if k.startswith("IPX")}
+        found = {m: bool((row.get("audits", {}).get(f"{m}/ipex-llm-xpu") or {}).get("ipx101_errors")) for m in MODES}
+        table.append([
+            row["arch"], "yes", row["value"], row["meta"],
+            row["layout"] + ("" if row["layout"] == "none" else f" ({'/'.join(row['inv_freq'])})"),
+            f"{'Y' if row['ipx101_expected'] else 'n'}/{'Y' if found['value'] else 'n'}{'Y' if found['meta'] else 'n'}",
+            compact(value.get("categories") or {}), compact(kc),
+            "CHANGED" if row.get("changed") else "", len(row["violations"]) or "",
+        ])
+    print(tabulate(table, headers=["architecture", "builds", "value", "meta", "layout (inv_freq)",
+                                   "IPX101 exp/found(v,m)", "findings value/hf-eager", "ipex codes (value)",
+                                   "model", "viol."]))
+
+    internal = [(r["arch"], e) for r in kept for e in r.get("internal", [])]
+    if internal:
+        print(f"\nInternal errors ({len(internal)}):")
+        groups: dict[tuple[str, str], list[str]] = {}
+        for arch, error in internal:
+            groups.setdefault((error["type"], error["dtypelint_frame"]), []).append(f"{arch} {error['mode']}/{error['backend']}")
+        for (kind, frame), where in groups.items():
+            example = next(e for a, e in internal if (e["type"], e["dtypelint_frame"]) == (kind, frame))
+            print(f"  {kind} at {frame} (innermost {example['innermost_frame']}): {len(where)}x")
+            print(f"    {example['message'][:300]}")
+            print(f"    {', '.join(where)}")
+    dt001 = [(r["arch"], k, a["error"]) for r in kept for k, a in r.get("audits", {}).items()
+             if a.get("DT001") and k.startswith("value")]
+    if dt001:
+        print(f"\nValue audits with DT001 although the plain forward ran ({len(dt001)}):")
+        for arch, key, error in dt001:
+            print(f"  {arch} {key}: {(error or '')[:200]}")
+    meta_dt001 = [(r["arch"], k, a["error"]) for r in kept for k, a in r.get("audits", {}).items()
+                  if a.get("DT001") and k.startswith("meta")]
+    if meta_dt001:
+        print(f"\nMeta audits with DT001 ({len(meta_dt001)}):")
+        for arch, key, error in meta_dt001:
+            print(f"  {arch} {key}: {(error or '')[:200]}")
+    changed = [(r["arch"], k, v) for r in kept for k, v in (r.get("changed") or {}).items()]
+    if changed:
+        print(f"\nAudits that changed the model ({len(changed)}):")
+        for arch, key, what in changed:
+            print(f"  {arch} {key}: {', '.join(what)}")
+    mutated = [(r["arch"], k, v) for r in kept for k, v in (r.get("config_mutated") or {}).items()]
+    if mutated:
+        fields = Counter(f for _, _, v in mutated for f in v)
+        print(f"\naudit_config calls that mutated the caller's config ({len(mutated)}): fields {dict(fields)}; "
+              f"architectures: {', '.join(sorted({a for a, _, _ in mutated}))}")
+    violations = [(r["arch"], v) for r in kept for v in r["violations"]]
+    if violations:
+        print(f"\nLayout expectation violations ({len(violations)}):")
+        for arch, text in violations:
+            print(f"  {arch}: {text[:250]}")
+    incomplete = [r["arch"] for r in kept if r.get("timeout") or r.get("crash") or r.get("sweep_error")]
+
+    def no_internal(mode: str) -> int:
+        return sum(1 for r in kept if r[mode] in ("ok", "limit", "DT001"))
+
+    totals = {
+        "transformers": transformers.__version__,
+        "model_types": len(types),
+        "denominator": len(kept),
+        "value_without_internal_error": no_internal("value"),
+        "meta_without_internal_error": no_internal("meta"),
+        "value_ok": sum(r["value"] == "ok" for r in kept),
+        "meta_ok": sum(r["meta"] == "ok" for r in kept),
+        "meta_limit_DT002": sum(r["meta"] == "limit" for r in kept),
+        "value_DT001": sum(r["value"] == "DT001" for r in kept),
+        "meta_DT001": sum(r["meta"] == "DT001" for r in kept),
+        "internal_errors": len(internal),
+        "audits_changed_model": len(changed),
+        "audit_config_mutated_config": len(mutated),
+        "layout_violations": len(violations),
+        "per_layer": sum(r["layout"] == "per-layer" for r in kept),
+        "model_level": sum(r["layout"] == "model-level" for r in kept),
+        "audits_incomplete": incomplete,
+        "runtime_s": round(time.perf_counter() - started, 1),
+    }
+    print("\nTotals:")
+    print(tabulate([[k, v] for k, v in totals.items()]))
+    print(f"(per-architecture results and child logs: {workdir})")
+    if args.json:
+        args.json.write_text(json.dumps({"totals": totals, "rows": rows}, indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
