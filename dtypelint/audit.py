@@ -18,6 +18,7 @@ from dtypelint.config import Settings
 from dtypelint.rules import all_rules, run_rules
 from dtypelint.rules.base import Options, RuleContext
 from dtypelint.rules.packs import BackendPack, load_pack
+from dtypelint.rules.trace_limit import needs_values
 from dtypelint.trace import TraceResult, Tracer
 
 MODES = ("value", "meta")
@@ -243,4 +244,15 @@ def audit_config(
     model = build_meta_model(config, compute_dtype)
     inputs = sample_inputs(model, config, batch=batch, seq_len=seq_len)
     result = _run(model, inputs, mode="meta", stats=False, notes=[], progress=progress)
+    if needs_values(result.error) and "attention_mask" in inputs:
+        # Older transformers inspect the mask's values (is it all ones?). Real all-ones masks take the
+        # causal path without one, so that path is what to audit.
+        del inputs["attention_mask"]
+        retry = _run(model, inputs, mode="meta", stats=False, notes=[], progress=progress)
+        if len(retry.tracer.records) > len(result.tracer.records):
+            result = retry
+            result.notes.append(
+                "meta mode: this transformers reads the attention mask's values, so the forward was traced "
+                "without attention_mask (the causal path an all-ones mask takes)"
+            )
     return _report(result, compute_dtype=compute_dtype, settings=resolved)

@@ -14,18 +14,22 @@ from dtypelint.rules.base import Rule, RuleContext
 NARROWER_IN_META = frozenset({"aten._grouped_mm"})
 
 
-def is_trace_limit(context: RuleContext) -> bool:
-    """True when the forward stopped at a limit of meta mode rather than a defect of the model: fake
-    tensors refusing a data-dependent or unsupported op, or a meta function narrower than the kernel."""
+def needs_values(error: BaseException | None) -> bool:
+    """True for the exceptions by which fake tensors refuse data-dependent or unsupported ops."""
     from torch._subclasses import fake_tensor
 
-    error = context.error
     limits = (
         fake_tensor.DataDependentOutputException,
         fake_tensor.DynamicOutputShapeException,
         fake_tensor.UnsupportedOperatorException,
     )
-    if isinstance(error, limits) or "data-dependent" in str(error) or "meta tensor" in str(error):
+    return isinstance(error, limits) or "data-dependent" in str(error) or "meta tensor" in str(error)
+
+
+def is_trace_limit(context: RuleContext) -> bool:
+    """True when the forward stopped at a limit of meta mode rather than a defect of the model: fake
+    tensors refusing a data-dependent or unsupported op, or a meta function narrower than the kernel."""
+    if needs_values(context.error):
         return True
     failed = context.graph.failed_op()
     meta = context.graph.graph["mode"] == "meta"

@@ -122,3 +122,11 @@ def test_real_load_low_bit_bf16_reports_the_unsupported_dtype(low_bit_dir):
     errors = [f for f in audit(model, "ipex-llm-xpu").findings if f.severity == "error"]
     assert [f.code for f in errors] == ["IPX101"] * LAYERS
     assert all("bfloat16" in f.message and "supports only" in f.message for f in errors)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_meta_mode_from_the_config_alone_finds_the_same_contract(checkpoints, family):
+    report = dtypelint.audit_config(checkpoints[family], dtype="float16", backend="ipex-llm-xpu")
+    errors = [f for f in report.findings if f.category == "kernel-contract"]
+    assert [f.tensor for f in errors] == [FAMILIES[family][1].format(layer) for layer in range(LAYERS)]
+    assert report.mode == "meta"
