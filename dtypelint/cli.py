@@ -101,11 +101,12 @@ def _check(options: argparse.Namespace) -> int:
         transformers_logging.disable_progress_bar()
     settings = _settings(options)
     dtype = parse_dtype(settings.dtype)
+    if options.save_fixed and not options.fix:
+        raise UsageError("--save-fixed needs --fix")
     if options.entry:
         model, inputs = load_entry(options.entry)
         report = audit(model, inputs, dtype=dtype, settings=settings, progress=progress)
-        return _fix(options, model, report, inputs, dtype=dtype, settings=settings) if _fixing(options) else _print(
-            options, report, settings.fail_on)
+        return _finish(options, report, settings, model=model, inputs=inputs, dtype=dtype)
     if options.path is None:
         raise UsageError("check needs a PATH (or --entry MODULE:FUNCTION)")
     path = Path(options.path)
@@ -118,14 +119,12 @@ def _check(options: argparse.Namespace) -> int:
     mode = options.mode or ("value" if _has_weights(path) else "meta")
     if _fixing(options) and mode == "meta":
         raise UsageError("fixes need real weights: --fix, --diff, --write-plan and --save-fixed work in value mode")
-    if options.save_fixed and not options.fix:
-        raise UsageError("--save-fixed needs --fix")
     if mode == "meta":
         report = audit_config(
             path, dtype=dtype, batch=options.batch, seq_len=options.seq_len,
             trust_remote_code=options.trust_remote_code, settings=settings, progress=progress,
         )
-        return _print(options, report, settings.fail_on)
+        return _finish(options, report, settings)
     if not _has_weights(path):
         raise UsageError(f"{path} holds no weights (*.safetensors, pytorch_model*.bin); use --mode meta")
     config = load_config(path, trust_remote_code=options.trust_remote_code)
@@ -133,9 +132,16 @@ def _check(options: argparse.Namespace) -> int:
     model = load_checkpoint(path, load_dtype, trust_remote_code=options.trust_remote_code)
     inputs = sample_inputs(model, config, batch=options.batch, seq_len=options.seq_len)
     report = audit(model, inputs, dtype=load_dtype, settings=settings, progress=progress)
-    if not _fixing(options):
-        return _print(options, report, settings.fail_on)
-    return _fix(options, model, report, inputs, dtype=load_dtype, settings=settings)
+    return _finish(options, report, settings, model=model, inputs=inputs, dtype=load_dtype)
+
+
+def _finish(options: argparse.Namespace, report: Report, settings: Settings, **fixable: Any) -> int:
+    """Write the graph, then print the report, or fix and print both; the exit code."""
+    if options.graph:
+        report.graph.write(options.graph)
+    if _fixing(options):
+        return _fix(options, fixable["model"], report, fixable["inputs"], dtype=fixable["dtype"], settings=settings)
+    return _print(options, report, settings.fail_on)
 
 
 def _fixing(options: argparse.Namespace) -> bool:
@@ -197,8 +203,6 @@ def _fix(options: argparse.Namespace, model: Any, report: Report, inputs: Any, *
 def _print(options: argparse.Namespace, report: Report, fail_on: str) -> int:
     from dtypelint.formats import render
 
-    if options.graph:
-        report.graph.write(options.graph)
     output = render(report, options.format, path=options.path)
     if output:
         print(output)
