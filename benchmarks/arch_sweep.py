@@ -205,7 +205,7 @@ def rotary_layout(model: Any) -> dict[str, Any]:
     exist but none is; none: no rotary module. With the dtypes of their inv_freq buffers."""
     owners = {}
     for name, module in model.named_modules():
-        for child_name, child in module.named_children():
+        for child_name in dict(module.named_children()):
             owners[f"{name}.{child_name}" if name else child_name] = type(module).__name__
     per_layer, model_level = [], []
     for name, module in model.named_modules():
@@ -461,7 +461,7 @@ def main() -> int:
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     import dtypelint  # noqa: F401
-    import dtypelint.rules.packs
+    import dtypelint.rules.packs  # noqa: F401 - imported before the children fork, so they share it
 
     types = list(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
     if args.only:

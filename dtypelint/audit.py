@@ -9,17 +9,17 @@ from typing import Any
 
 import torch
 
+from dtypelint.config import Settings
 from dtypelint.dtypes import dtype_name, parse_dtype
 from dtypelint.errors import UsageError
 from dtypelint.graph import DtypeGraph
 from dtypelint.load import build_meta_model, call_arguments, config_dtype, load_config, sample_inputs
 from dtypelint.report import Report
-from dtypelint.config import Settings
 from dtypelint.rules import all_rules, run_rules
 from dtypelint.rules.base import Options, RuleContext
 from dtypelint.rules.packs import BackendPack, load_pack
 from dtypelint.rules.trace_limit import needs_values
-from dtypelint.trace import TraceResult, Tracer
+from dtypelint.trace import Tracer, TraceResult
 
 MODES = ("value", "meta")
 

@@ -19,6 +19,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
+
 @dataclass(frozen=True)
 class Origin:
     """Where a leaf tensor comes from: ``parameter``, ``buffer``, ``attribute`` (a plain tensor attribute

@@ -9,7 +9,6 @@ from dtypelint.graph import MOVING_OPS, VIEW_OPS, DtypeGraph
 from dtypelint.report import Finding
 from dtypelint.rules.base import Rule, RuleContext
 
-
 # Ops that write a value given by the code (a mask's -inf or finfo.min), not one computed from inputs.
 FILL_OPS = frozenset(
     {"aten.masked_fill", "aten.masked_fill_", "aten.fill", "aten.fill_", "aten.index_fill", "aten.index_fill_",

@@ -8,7 +8,6 @@ from dtypelint.errors import first_line
 from dtypelint.report import Finding
 from dtypelint.rules.base import Rule, RuleContext
 
-
 # aten ops whose meta (shape and dtype) functions accept less than the real kernels: torch's meta
 # aten._grouped_mm takes only bfloat16, the CPU kernel float16 too (mixture-of-experts layers).
 NARROWER_IN_META = frozenset({"aten._grouped_mm"})
