@@ -517,18 +517,14 @@ def main() -> int:
             print(f"  {kind} at {frame} (innermost {example['innermost_frame']}): {len(where)}x")
             print(f"    {example['message'][:300]}")
             print(f"    {', '.join(where)}")
-    dt001 = [(r["arch"], k, a["error"]) for r in kept for k, a in r.get("audits", {}).items()
-             if a.get("DT001") and k.startswith("value")]
-    if dt001:
-        print(f"\nValue audits with DT001 although the plain forward ran ({len(dt001)}):")
-        for arch, key, error in dt001:
-            print(f"  {arch} {key}: {(error or '')[:200]}")
-    meta_dt001 = [(r["arch"], k, a["error"]) for r in kept for k, a in r.get("audits", {}).items()
-                  if a.get("DT001") and k.startswith("meta")]
-    if meta_dt001:
-        print(f"\nMeta audits with DT001 ({len(meta_dt001)}):")
-        for arch, key, error in meta_dt001:
-            print(f"  {arch} {key}: {(error or '')[:200]}")
+    for mode, heading in (("value", "Value audits with DT001 although the plain forward ran"),
+                          ("meta", "Meta audits with DT001")):
+        failed = [(r["arch"], k, a["error"]) for r in kept for k, a in r.get("audits", {}).items()
+                  if a.get("DT001") and k.startswith(mode)]
+        if failed:
+            print(f"\n{heading} ({len(failed)}):")
+            for arch, key, error in failed:
+                print(f"  {arch} {key}: {(error or '')[:200]}")
     changed = [(r["arch"], k, v) for r in kept for k, v in (r.get("changed") or {}).items()]
     if changed:
         print(f"\nAudits that changed the model ({len(changed)}):")

@@ -101,8 +101,8 @@ def run_rules(context: RuleContext, selection: Selection | None = None) -> list[
     rules = all_rules([context.pack])
     findings: list[Finding] = []
     for rule in rules:
-        if not selection.enabled(rule):
-            continue
+        if not selection.enabled(rule) or (rule.uses_value_statistics and not context.graph.graph["stats"]):
+            continue  # deselected, or nothing to look at (meta mode, stats=False)
         severity = selection.severity_of(rule)
         for finding in rule.check(context):
             if not selection.ignored_at(rule, finding.location):

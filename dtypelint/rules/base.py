@@ -55,6 +55,7 @@ class Rule:
     category: ClassVar[str]
     severity: ClassVar[str]
     fix_availability: ClassVar[str] = "never"  # never | sometimes | always
+    uses_value_statistics: ClassVar[bool] = False  # runs only on graphs with value statistics
 
     @property
     def docs(self) -> str:

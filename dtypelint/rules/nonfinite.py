@@ -79,10 +79,9 @@ class Nonfinite(Rule):
     name = "nonfinite"
     category = "nonfinite"
     severity = "error"
+    uses_value_statistics = True
 
     def check(self, context: RuleContext) -> Iterator[Finding]:
-        if not context.graph.graph["stats"]:
-            return  # no values were recorded (meta mode, or stats=False)
         graph = context.graph
         for op in graph.ops():
             produced = [t for t in graph.outputs(op) if not finite(value_range(graph, t))]

@@ -42,10 +42,9 @@ class OverflowRisk(Rule):
     name = "overflow-risk"
     category = "overflow-risk"
     severity = "warning"
+    uses_value_statistics = True
 
     def check(self, context: RuleContext) -> Iterator[Finding]:
-        if not context.graph.graph["stats"]:
-            return  # no values were recorded (meta mode, or stats=False)
         graph, fraction = context.graph, context.options.overflow_fraction
         reported: set[str] = set()
         for op in graph.ops():
