@@ -13,11 +13,14 @@ from __future__ import annotations
 import weakref
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensor
 from torch.utils._python_dispatch import TorchDispatchMode
+
+if TYPE_CHECKING:
+    from dtypelint.graph import DtypeGraph
 
 
 @dataclass(frozen=True)
@@ -310,6 +313,12 @@ class Tracer(TorchDispatchMode):
             grad_enabled, default_dtype = self._saved_state or (True, torch.float32)
             torch.set_grad_enabled(grad_enabled)
             torch.set_default_dtype(default_dtype)
+
+    def graph(self, error: BaseException | None = None) -> DtypeGraph:
+        """The dtype graph of what was recorded (``error``: what the forward raised, if it did)."""
+        from dtypelint.graph import DtypeGraph
+
+        return DtypeGraph.from_trace(TraceResult(self, error))
 
     def release(self) -> None:
         """Drop the references the trace holds to the model's tensors (call once the graph is built)."""
