@@ -27,6 +27,7 @@ from dtypelint.errors import UsageError
 from dtypelint.trace import DATA_MOVEMENT_OPS, Origin, TensorRecord, TraceResult
 
 _PRODUCED = Origin("op")
+_DTYPES = {dtype_name(dtype): dtype for dtype in vars(torch).values() if isinstance(dtype, torch.dtype)}
 LEAF_ORIGINS = frozenset({"parameter", "buffer", "attribute", "input", "constant"})
 
 # Ops that only re-view or re-label a tensor: following them keeps the identity of what flows.
@@ -53,7 +54,7 @@ class DtypeGraph(nx.DiGraph):
         graph.graph.update(
             model=tracer.model_info.class_name,
             mode="meta" if result.fake else "value",
-            stats=tracer.stats,
+            stats=any(tensor.stats is not None for tensor in tracer.tensors),
             error=None if result.error is None else f"{type(result.error).__name__}: {result.error}",
         )
         graph.add_nodes_from(
@@ -85,19 +86,19 @@ class DtypeGraph(nx.DiGraph):
 
     # Queries -------------------------------------------------------------------------------------------
 
+    # The node and adjacency dicts are read directly: these queries run for every op of every rule, and
+    # networkx's views cost several times more.
     def ops(self) -> Iterator[str]:
         """Op nodes in execution order."""
-        return (node for node, kind in self.nodes(data="kind") if kind == "op")
+        return (node for node, data in self._node.items() if data["kind"] == "op")
 
     def tensors(self) -> Iterator[str]:
-        return (node for node, kind in self.nodes(data="kind") if kind == "tensor")
+        return (node for node, data in self._node.items() if data["kind"] == "tensor")
 
     def failed_op(self) -> str | None:
         """The op at which the forward raised, if it raised inside one."""
         return next((op for op in self.ops() if self.nodes[op]["failed"]), None)
 
-    # The adjacency dicts are read directly: these queries run for every op of every rule, and networkx's
-    # views cost several times more.
     def inputs(self, op: str) -> list[tuple[str, str]]:
         """``(tensor node, argument)`` pairs of an op, in argument order."""
         return [(source, data["arg"]) for source, data in self._pred[op].items()]
@@ -112,7 +113,7 @@ class DtypeGraph(nx.DiGraph):
         return list(self._succ[tensor])
 
     def dtype(self, tensor: str) -> torch.dtype:
-        return getattr(torch, self.nodes[tensor]["dtype"])
+        return _DTYPES[self._node[tensor]["dtype"]]
 
     def floating_inputs(self, op: str) -> list[str]:
         return [node for node, _ in self.inputs(op) if self.dtype(node).is_floating_point]
