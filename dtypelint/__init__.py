@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from dtypelint.audit import audit, audit_config, trace
     from dtypelint.errors import DtypelintError, LoadError, UsageError
-    from dtypelint.fix import FixPlan, FixResult, apply_plan, fix, plan_fixes, save_fixed
+    from dtypelint.fix import FixPlan, FixResult, apply_plan, fix, plan_fixes
+    from dtypelint.save import save_fixed
     from dtypelint.graph import DtypeGraph
     from dtypelint.report import CATEGORIES, Finding, Fix, Report
     from dtypelint.trace import Tracer
@@ -33,7 +34,7 @@ _PUBLIC = {
     "apply_plan": "dtypelint.fix",
     "fix": "dtypelint.fix",
     "plan_fixes": "dtypelint.fix",
-    "save_fixed": "dtypelint.fix",
+    "save_fixed": "dtypelint.save",
     "DtypeGraph": "dtypelint.graph",
     "CATEGORIES": "dtypelint.report",
     "Finding": "dtypelint.report",

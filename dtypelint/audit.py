@@ -140,7 +140,7 @@ def trace(model: torch.nn.Module, inputs: Any, *, mode: str = "value", stats: bo
     return _graph(_run(model, inputs, mode=mode, stats=stats, notes=notes))
 
 
-def _report(result: TraceResult, *, compute_dtype: torch.dtype, settings: Settings) -> Report:
+def _report(result: TraceResult, *, compute_dtype: torch.dtype, settings: Settings, inputs: Any = None) -> Report:
     pack = _pack(settings)
     graph = _graph(result)
     context = RuleContext(
@@ -160,6 +160,8 @@ def _report(result: TraceResult, *, compute_dtype: torch.dtype, settings: Settin
         compute_dtype=dtype_name(compute_dtype),
         notes=result.notes,
         tensor_dtypes={name: dtype_name(info.dtype) for name, info in context.model.tensors.items()},
+        settings=settings,
+        inputs=inputs,
     )
 
 
@@ -212,7 +214,7 @@ def audit(
     )
     compute_dtype = parse_dtype(resolved.dtype) or infer_compute_dtype(model)
     result = _run(model, inputs, mode=mode, stats=stats, notes=notes, progress=progress)
-    return _report(result, compute_dtype=compute_dtype, settings=resolved)
+    return _report(result, compute_dtype=compute_dtype, settings=resolved, inputs=inputs if mode == "value" else None)
 
 
 def audit_config(

@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import sys
+import warnings
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -93,6 +94,7 @@ def _check(options: argparse.Namespace) -> int:
     from dtypelint.dtypes import parse_dtype
     from dtypelint.errors import LoadError, UsageError
     from dtypelint.load import config_dtype, load_checkpoint, load_config, load_entry, sample_inputs
+    from dtypelint.save import PLAN_FILE
 
     progress = not options.quiet and sys.stderr.isatty()
     if not progress:
@@ -103,6 +105,10 @@ def _check(options: argparse.Namespace) -> int:
     dtype = parse_dtype(settings.dtype)
     if options.save_fixed and not options.fix:
         raise UsageError("--save-fixed needs --fix")
+    if options.save_fixed:  # before any model work: a refused target must not cost an audit
+        from dtypelint.save import check_save_target
+
+        check_save_target(options.save_fixed, sources=[options.path] if options.path else [], force=options.force)
     if options.entry:
         model, inputs = load_entry(options.entry)
         report = audit(model, inputs, dtype=dtype, settings=settings, progress=progress)
@@ -132,6 +138,11 @@ def _check(options: argparse.Namespace) -> int:
     model = load_checkpoint(path, load_dtype, trust_remote_code=options.trust_remote_code)
     inputs = sample_inputs(model, config, batch=options.batch, seq_len=options.seq_len)
     report = audit(model, inputs, dtype=load_dtype, settings=settings, progress=progress)
+    if (path / PLAN_FILE).is_file():
+        report.notes.append(
+            f"{PLAN_FILE} holds a fix plan: checkpoints do not store non-persistent buffers, so apply it after "
+            f"every load: dtypelint.apply_plan(model, {str(path / PLAN_FILE)!r})"
+        )
     return _finish(options, report, settings, model=model, inputs=inputs, dtype=load_dtype)
 
 
@@ -174,13 +185,19 @@ def _static(path: Path, fail_on: str, exit_zero: bool) -> int:
 
 
 def _fix(options: argparse.Namespace, model: Any, report: Report, inputs: Any, **audit_options: Any) -> int:
-    from dtypelint.fix import fix, save_fixed
+    from dtypelint.fix import fix
+    from dtypelint.save import save_fixed
 
     result = fix(model, report, inputs=inputs, unsafe=options.unsafe_fixes, dry_run=not options.fix, **audit_options)
     if options.write_plan:
         result.plan.write(options.write_plan)
+    saved = None
     if options.save_fixed and result.changed:
-        save_fixed(model, options.save_fixed, result.plan, source=options.path, force=options.force)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            saved = save_fixed(model, options.save_fixed, result.plan, source=options.path, force=options.force)
+        for warning in caught:
+            print(f"dtypelint: {warning.message}", file=sys.stderr)
     final = result.after if result.changed else report
     if options.format == "json":
         data = final.to_dict()
@@ -191,11 +208,17 @@ def _fix(options: argparse.Namespace, model: Any, report: Report, inputs: Any, *
             "changes": result.plan.to_dict()["changes"],
             "output_change": result.output_change,
             "rope_error": result.rope_error,
+            "unread": result.unread,
+            "saved": str(saved) if saved else None,
         }
         print(json.dumps(data, indent=2))
     else:
         print(report.render())
         print(result.render())
+        if saved:
+            print(f"saved the fixed model and its fix plan to {saved}")
+        elif options.save_fixed:
+            print(f"nothing saved: no fix was applied, so {options.save_fixed} was not written")
     failing = final.at_or_above(audit_options["settings"].fail_on)
     return EXIT_FINDINGS if failing and not options.exit_zero else EXIT_CLEAN
 

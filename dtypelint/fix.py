@@ -9,9 +9,6 @@ non-persistent buffer that ``save_pretrained`` does not store.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +21,6 @@ from dtypelint.errors import LoadError, UsageError
 from dtypelint.report import Report
 
 PLAN_VERSION = 1
-PLAN_FILE = "dtypelint-fixes.json"
 
 
 @dataclass(frozen=True)
@@ -80,6 +76,7 @@ class FixResult:
     after: Report | None = None
     output_change: dict[str, tuple[float, float] | None] = field(default_factory=dict)
     rope_error: dict[str, float] = field(default_factory=dict)
+    unread: list[str] = field(default_factory=list)  # cast tensors the audited forward never read
 
     @property
     def changed(self) -> list[Change]:
@@ -109,8 +106,22 @@ class FixResult:
             self.after.summary_line() if self.after else "not run"
         )
 
+    def notes(self) -> list[str]:
+        """Why a measured output change of 0 is not the whole story."""
+        if not self.unread or not self.applied:
+            return []
+        shown = ", ".join(self.unread[:2]) + (f" and {len(self.unread) - 2} more" if len(self.unread) > 2 else "")
+        note = (f"the audited forward never read {shown} (it computes from values cached at load, as RoPE's "
+                f"cos/sin in transformers 4.x), so its output cannot show the cast; a kernel that reads the "
+                f"tensor directly computes with the cast value")
+        if any(name in self.rope_error for name in self.unread):
+            note += ": the cos/sin max error above is what it will see"
+        return [note]
+
     def render(self) -> str:
-        return (self.table() + "\n" if self.plan.changes else "") + self.summary_line()
+        lines = [self.table()] if self.plan.changes else []
+        lines += [f"note: {note}" for note in self.notes()]
+        return "\n".join([*lines, self.summary_line()])
 
     def __str__(self) -> str:
         return self.render()
@@ -247,29 +258,48 @@ def _is_new_error(finding: Any, before: set[tuple]) -> bool:
     return finding.severity == "error" and (finding.code, finding.location, finding.tensor) not in before
 
 
+def _reaudit_options(report: Report, overrides: dict[str, Any]) -> dict[str, Any]:
+    """Audit again as ``report`` was audited (backend, packs, selection, compute dtype), unless told
+    otherwise."""
+    same = {"dtype": report.compute_dtype}
+    if report.settings is not None:
+        same["settings"] = report.settings
+    return same | overrides
+
+
 def fix(
     model: torch.nn.Module,
     report: Report | None = None,
     *,
-    inputs: Any,
+    inputs: Any = None,
     unsafe: bool = False,
     dry_run: bool = False,
     **audit_options: Any,
 ) -> FixResult:
     """Apply the fixes of ``report`` (audited from ``inputs`` first when None) to ``model`` in place.
 
-    Safe fixes only, unless ``unsafe``. After applying, the model is re-audited with the same inputs and
-    options: every fixed finding must be gone and no new error may appear, otherwise every cast is rolled
-    back and the result says why. ``dry_run`` plans without changing anything.
+    Safe fixes only, unless ``unsafe``. After applying, the model is re-audited with the report's inputs,
+    backend, packs, selection and compute dtype (``inputs`` and ``audit_options`` override them): every
+    fixed finding must be gone and no new error may appear, otherwise every cast is rolled back and the
+    result says why. ``dry_run`` plans without changing anything.
     """
     from dtypelint.audit import audit
 
+    if report is not None and report.mode != "value":
+        raise UsageError(f"a {report.mode}-mode report has no real weights to fix; audit in value mode")
+    if inputs is None and report is not None:
+        inputs = report.inputs
+    if inputs is None:
+        raise UsageError("fix needs the inputs to verify with: pass inputs=, or a report made by audit()")
     before = report if report is not None else audit(model, inputs, **audit_options)
+    audit_options = _reaudit_options(before, audit_options)
     plan = plan_fixes(before, unsafe=unsafe)
     result = FixResult(plan=plan, applied=False, before=before)
     if dry_run or not plan.changes:
         return result
     _check_plan(model, plan)
+    read = {before.graph.nodes[node]["name"] for node in before.graph.tensors()}
+    result.unread = [change.tensor for change in plan.changes if change.tensor not in read]
     reference = _outputs(model, inputs)
     positions = getattr(getattr(model, "config", None), "max_position_embeddings", None) or 4096
     for change in plan.changes:
@@ -301,30 +331,3 @@ def fix(
             else f"the fix introduced {culprit.code} at {culprit.location or '<model>'}: {culprit.message}"
         )
     return result
-
-
-def save_fixed(model: torch.nn.Module, target: str | Path, plan: FixPlan, *, source: str | Path | None = None,
-               force: bool = False) -> Path:
-    """``save_pretrained`` the fixed model into a new directory (written to a temporary sibling, then
-    renamed into place) with the plan beside it, since non-persistent buffers are not saved."""
-    target = Path(target).resolve()
-    if source is not None and Path(source).resolve() == target:
-        raise UsageError(f"refusing to write the fixed model over its source checkpoint {target}")
-    if target.exists() and (not target.is_dir() or any(target.iterdir())) and not force:
-        raise UsageError(f"{target} exists and is not empty; pass force=True / --force to replace it")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        model.save_pretrained(staging)
-        plan.write(staging / PLAN_FILE)
-        if target.exists():
-            retired = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
-            os.replace(target, retired / target.name)
-            os.replace(staging, target)
-            shutil.rmtree(retired)
-        else:
-            os.replace(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return target

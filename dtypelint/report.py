@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 from tabulate import tabulate
 
 if TYPE_CHECKING:
+    from dtypelint.config import Settings
     from dtypelint.graph import DtypeGraph
 
 SEVERITIES = ("info", "warning", "error")
@@ -72,6 +73,9 @@ class Report:
     compute_dtype: str
     notes: list[str] = field(default_factory=list)
     tensor_dtypes: dict[str, str] = field(default_factory=dict, repr=False)  # parameters and buffers
+    # What the audit ran with, so that ``fix`` re-audits exactly the same way.
+    settings: Settings | None = field(default=None, repr=False)
+    inputs: Any = field(default=None, repr=False)
 
     def by_severity(self, severity: str) -> list[Finding]:
         return [finding for finding in self.findings if finding.severity == severity]

@@ -13,7 +13,8 @@ from torch import nn
 
 import dtypelint
 from dtypelint import FixPlan, LoadError, UsageError
-from dtypelint.fix import PLAN_FILE, Change, rope_error
+from dtypelint.fix import Change, rope_error
+from dtypelint.save import PLAN_FILE
 
 
 def test_safe_fix_casts_only_what_findings_name_and_keeps_identity(stray_fp32_layer):
@@ -150,3 +151,47 @@ def test_fixed_checkpoint_goes_to_a_new_directory_only(tiny_llama_fp16, tiny_lla
     assert dtypelint.save_fixed(tiny_llama_fp16, target, plan, force=True) == target
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fixed"]  # no staging left behind
     assert {p.name: p.read_bytes() for p in tiny_llama_path.iterdir()} == source_files
+
+
+def test_fix_reaudits_as_the_report_was_made_without_repeating_inputs_or_backend(tiny_llama_fp16, input_ids):
+    model = per_layer_rotary(tiny_llama_fp16)
+    report = dtypelint.audit(model, {"input_ids": input_ids}, backend="ipex-llm-xpu", ignore=["DT106"])
+    result = dtypelint.fix(model, report, unsafe=True)
+    assert result.applied and not result.rolled_back
+    assert result.after.backend == "ipex-llm-xpu" and result.after.compute_dtype == "float16"
+    assert result.after.settings.selection.ignore == ["DT106"]
+    assert "backend ipex-llm-xpu" in result.summary_line()
+
+
+def test_fix_without_inputs_or_of_a_meta_report_is_a_usage_error(stray_fp32_layer, tiny_llama_path):
+    with pytest.raises(UsageError, match="needs the inputs"):
+        dtypelint.fix(stray_fp32_layer)
+    meta = dtypelint.audit_config(tiny_llama_path, backend="ipex-llm-xpu")
+    with pytest.raises(UsageError, match="meta-mode report has no real weights"):
+        dtypelint.fix(stray_fp32_layer, meta)
+
+
+def test_one_cast_has_one_safety_whichever_finding_proposes_it(stray_fp32_layer):
+    report = dtypelint.audit(stray_fp32_layer, torch.randn(2, 16, dtype=torch.float16))
+    proposals = {}
+    for finding in report.findings:
+        for name in finding.fix.tensors if finding.fix else ():
+            proposals.setdefault((name, finding.fix.to_dtype), set()).add((finding.code, finding.fix.safety))
+    assert proposals[("head.weight", "float16")] == {("DT101", "safe"), ("DT105", "safe")}
+    assert all(len({safety for _, safety in found}) == 1 for found in proposals.values())
+    param_dtype = next(f for f in report.findings if f.code == "DT105")
+    assert "safe: DT101 shows the op cannot run without it" in param_dtype.fix.description
+
+
+def test_a_cast_the_forward_never_reads_is_explained_next_to_its_zero_output_change(
+    tiny_llama_fp16, input_ids, stray_fp32_layer
+):
+    model = per_layer_rotary(tiny_llama_fp16)  # transformers 5 reads the model-level rotary module only
+    result = dtypelint.fix(model, inputs={"input_ids": input_ids}, backend="ipex-llm-xpu", unsafe=True)
+    assert result.output_change["IPX101"] == (0.0, 0.0)
+    assert result.unread == [f"model.layers.{i}.self_attn.rotary_emb.inv_freq" for i in range(2)]
+    text = result.render()
+    assert "never read model.layers.0.self_attn.rotary_emb.inv_freq" in text
+    assert "the cos/sin max error above is what it will see" in text
+    read = dtypelint.fix(stray_fp32_layer, inputs=torch.randn(2, 16, dtype=torch.float16))
+    assert read.changed and read.unread == [] and "never read" not in read.render()

@@ -165,7 +165,7 @@ def test_sarif_results_match_the_findings(stray_report):
             }
         else:
             assert "fix" not in properties
-    assert [r["properties"]["fix"]["safety"] for r in results if "fix" in r["properties"]] == ["safe", "unsafe"]
+    assert [r["properties"]["fix"]["safety"] for r in results if "fix" in r["properties"]] == ["safe", "safe"]  # one cast, one safety
     fingerprints = [r["partialFingerprints"]["dtypelintFinding/v1"] for r in results]
     assert len(set(fingerprints)) == len(fingerprints)
     assert run["properties"]["summary"] == {"error": 2, "warning": 1, "info": 0}

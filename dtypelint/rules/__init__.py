@@ -107,4 +107,20 @@ def run_rules(context: RuleContext, selection: Selection | None = None) -> list[
         for finding in rule.check(context):
             if not selection.ignored_at(rule, finding.location):
                 findings.append(replace(finding, severity=severity))
-    return findings
+    return _one_safety_per_cast(findings)
+
+
+def _one_safety_per_cast(findings: list[Finding]) -> list[Finding]:
+    """One cast, one safety: a cast that one finding shows to be safe (the op cannot run without it) is
+    safe under every finding that proposes it, as a fix of several tensors is when all of them are."""
+    safe = {(name, f.fix.to_dtype): f.code for f in findings if f.fix and f.fix.safety == "safe" for name in f.fix.tensors}
+    agreed = []
+    for finding in findings:
+        fix = finding.fix
+        if fix and fix.safety == "unsafe" and all((name, fix.to_dtype) in safe for name in fix.tensors):
+            proof = safe[fix.tensors[0], fix.to_dtype]
+            fix = replace(fix, safety="safe", description=f"{fix.description} (safe: {proof} shows the op cannot "
+                                                         f"run without it)")
+            finding = replace(finding, fix=fix)
+        agreed.append(finding)
+    return agreed

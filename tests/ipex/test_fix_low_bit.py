@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,7 @@ import torch
 
 import dtypelint
 from dtypelint.cli import main
+from dtypelint.save import PLAN_FILE
 
 LOW_BIT = Path(__file__).resolve().parents[2] / "examples" / "tiny-llama-low-bit"
 # generate() of the fixed model against the model.half() workaround: same tokens, logits within this.
@@ -76,3 +78,28 @@ def test_check_command_reproduces_the_seed_and_fixes_it(capsys, tmp_path):
     out = capsys.readouterr().out
     assert "cast 2 tensors" in out and "0 errors" in out.splitlines()[-1]
     assert plan.is_file()
+
+
+def test_save_fixed_writes_a_low_bit_checkpoint_that_load_low_bit_reads_back(inputs, tmp_path, capsys):
+    source = tmp_path / "src"
+    shutil.copytree(LOW_BIT, source)
+    target = tmp_path / "fixed"
+    arguments = ["check", str(source), "--dtype", "float16", "--backend", "ipex-llm-xpu", "--fix", "--unsafe-fixes"]
+    assert main([*arguments, "--save-fixed", str(target)]) == 0
+    assert f"saved the fixed model and its fix plan to {target}" in capsys.readouterr().out
+    assert {"config.json", "load_keys.json", PLAN_FILE} <= {p.name for p in target.iterdir()}
+
+    from ipex_llm.transformers import AutoModelForCausalLM
+
+    reloaded = AutoModelForCausalLM.load_low_bit(str(target), torch_dtype=torch.float16).eval()
+    # inv_freq is non-persistent: every load recomputes it in float32, so the plan beside it is re-applied.
+    assert dtypelint.audit(reloaded, inputs, backend="ipex-llm-xpu").errors
+    dtypelint.apply_plan(reloaded, target / PLAN_FILE)
+    assert dtypelint.audit(reloaded, inputs, backend="ipex-llm-xpu").errors == []
+    tokens, scores = generate(reloaded, inputs)
+    workaround_tokens, workaround_scores = generate(load_low_bit().half(), inputs)
+    assert torch.equal(tokens, workaround_tokens)
+    assert (scores - workaround_scores).abs().max().item() <= LOGIT_TOLERANCE
+
+    assert main(["check", str(target), *arguments[2:6]]) == 1  # the command loads it too, and says why it still fails
+    assert f"{PLAN_FILE} holds a fix plan" in capsys.readouterr().out
