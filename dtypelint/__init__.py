@@ -17,9 +17,9 @@ if TYPE_CHECKING:
     from dtypelint.audit import audit, audit_config, trace
     from dtypelint.errors import DtypelintError, LoadError, UsageError
     from dtypelint.fix import FixPlan, FixResult, apply_plan, fix, plan_fixes
-    from dtypelint.save import save_fixed
     from dtypelint.graph import DtypeGraph
     from dtypelint.report import CATEGORIES, Finding, Fix, Report
+    from dtypelint.save import save_fixed
     from dtypelint.trace import Tracer
 
 _PUBLIC = {

@@ -18,8 +18,7 @@ from dtypelint.report import Report
 from dtypelint.rules import all_rules, run_rules
 from dtypelint.rules.base import Options, RuleContext
 from dtypelint.rules.packs import BackendPack, load_pack
-from dtypelint.rules.trace_limit import needs_values
-from dtypelint.trace import Tracer, TraceResult
+from dtypelint.trace import Tracer, TraceResult, needs_values
 
 MODES = ("value", "meta")
 

@@ -19,6 +19,7 @@ from tabulate import tabulate
 from dtypelint.dtypes import dtype_name, parse_dtype
 from dtypelint.errors import LoadError, UsageError
 from dtypelint.report import Report
+from dtypelint.vocabulary import OriginKind
 
 PLAN_VERSION = 1
 
@@ -142,16 +143,16 @@ def plan_fixes(report: Report, *, unsafe: bool = False) -> FixPlan:
     return FixPlan(report.model, list(changes.values()))
 
 
-def _locate(model: torch.nn.Module, name: str) -> tuple[torch.nn.Module, str, str] | None:
+def _locate(model: torch.nn.Module, name: str) -> tuple[torch.nn.Module, str, OriginKind] | None:
     module_name, _, attribute = name.rpartition(".")
     try:
         module = model.get_submodule(module_name)
     except AttributeError:
         return None
     if attribute in module._parameters and module._parameters[attribute] is not None:
-        return module, attribute, "parameter"
+        return module, attribute, OriginKind.PARAMETER
     if attribute in module._buffers and module._buffers[attribute] is not None:
-        return module, attribute, "buffer"
+        return module, attribute, OriginKind.BUFFER
     return None
 
 
@@ -165,7 +166,7 @@ class _Transaction:
     def cast(self, model: torch.nn.Module, change: Change) -> None:
         module, attribute, kind = _locate(model, change.tensor)  # type: ignore[misc]
         dtype = parse_dtype(change.to_dtype)
-        if kind == "parameter":
+        if kind == OriginKind.PARAMETER:
             parameter = module._parameters[attribute]
             if parameter.dtype == dtype:
                 return  # tied to a tensor cast before
@@ -298,7 +299,7 @@ def fix(
     if dry_run or not plan.changes:
         return result
     _check_plan(model, plan)
-    read = {before.graph.nodes[node]["name"] for node in before.graph.tensors()}
+    read = {before.graph.tensor(node)["name"] for node in before.graph.tensors()}
     result.unread = [change.tensor for change in plan.changes if change.tensor not in read]
     reference = _outputs(model, inputs)
     positions = getattr(getattr(model, "config", None), "max_position_embeddings", None) or 4096

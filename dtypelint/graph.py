@@ -15,33 +15,44 @@ Tensor node attributes: ``kind="tensor"``, ``dtype`` (``"float16"``), ``shape`` 
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import networkx as nx
 import torch
+from torch._ops import OpOverloadPacket
 
 from dtypelint.dtypes import dtype_name
 from dtypelint.errors import UsageError
-from dtypelint.trace import DATA_MOVEMENT_OPS, Origin, TensorRecord, TraceResult
+from dtypelint.trace import Origin, TensorRecord, TraceResult
+from dtypelint.vocabulary import LEAF_ORIGINS, OpKind, OriginKind, kinds_of
 
-_PRODUCED = Origin("op")
+_PRODUCED = Origin(OriginKind.OP)
 _DTYPES = {dtype_name(dtype): dtype for dtype in vars(torch).values() if isinstance(dtype, torch.dtype)}
-LEAF_ORIGINS = frozenset({"parameter", "buffer", "attribute", "input", "constant"})
 
-# Ops that only re-view or re-label a tensor: following them keeps the identity of what flows.
-VIEW_OPS = frozenset(
-    {
-        "aten.t", "aten.view", "aten._unsafe_view", "aten.reshape", "aten.transpose", "aten.permute",
-        "aten.expand", "aten.unsqueeze", "aten.squeeze", "aten.slice", "aten.select", "aten.alias",
-        "aten.detach", "aten.clone", "aten.contiguous", "aten.lift_fresh", "aten.as_strided",
-        "aten.split", "aten.split_with_sizes", "aten.chunk", "aten.unbind", "aten.flatten", "aten.repeat",
-    }
-)
-MOVING_OPS = frozenset(f"aten.{name}" for name in DATA_MOVEMENT_OPS) - {"aten.cat", "aten.stack"}
-# Ops whose purpose is to change the dtype: an explicit cast is never a conflict by itself.
-CAST_OPS = frozenset({"aten._to_copy", "aten.to", "aten.copy_", "aten.copy", "aten._to_dtype"})
+
+class OpNode(TypedDict):
+    kind: str
+    index: int
+    target: str
+    name: str
+    packet: OpOverloadPacket  # the vocabulary's key; not exported
+    module: str
+    inplace: bool
+    failed: bool
+
+
+class TensorNode(TypedDict, total=False):
+    kind: str
+    dtype: str
+    shape: tuple[int, ...]
+    device: str
+    origin: OriginKind
+    name: str | None
+    min: float  # value mode with statistics only
+    max: float
 
 
 class DtypeGraph(nx.DiGraph):
@@ -70,6 +81,7 @@ class DtypeGraph(nx.DiGraph):
                 index=index,
                 target=target,
                 name=name,
+                packet=record.func.overloadpacket,
                 module=record.module,
                 inplace=record.func._schema.is_mutable,
                 failed=not record.completed,
@@ -79,7 +91,7 @@ class DtypeGraph(nx.DiGraph):
             edges += [(op, f"t{tensor}", {"out": position}) for position, tensor in enumerate(record.outputs or [])]
             if not record.inputs:
                 for tensor in record.outputs or []:
-                    graph.nodes[f"t{tensor}"].update(origin="constant", name=name)
+                    graph.nodes[f"t{tensor}"].update(origin=OriginKind.CONSTANT, name=name)
         graph.add_nodes_from(ops)
         graph.add_edges_from(edges)
         return graph
@@ -88,6 +100,15 @@ class DtypeGraph(nx.DiGraph):
 
     # The node and adjacency dicts are read directly: these queries run for every op of every rule, and
     # networkx's views cost several times more.
+    def op(self, node: str) -> OpNode:
+        return self._node[node]  # type: ignore[return-value]
+
+    def tensor(self, node: str) -> TensorNode:
+        return self._node[node]  # type: ignore[return-value]
+
+    def op_is(self, op: str, kind: OpKind) -> bool:
+        return kind in kinds_of(self._node[op]["packet"])
+
     def ops(self) -> Iterator[str]:
         """Op nodes in execution order."""
         return (node for node, data in self._node.items() if data["kind"] == "op")
@@ -133,26 +154,53 @@ class DtypeGraph(nx.DiGraph):
     def source(self, tensor: str, *, through_copies: bool = False) -> str:
         """The tensor this one is a view of, followed back through view ops (and, with
         ``through_copies``, through ops that copy values of their first input: index, gather, ...)."""
-        followed = VIEW_OPS | MOVING_OPS if through_copies else VIEW_OPS
         node = tensor
-        while (op := self.producer(node)) is not None and self.nodes[op]["name"] in followed:
+        while (op := self.producer(node)) is not None and self._follows(op, through_copies):
             node = self.inputs(op)[0][0]
         return node
 
+    def _follows(self, op: str, through_copies: bool) -> bool:
+        kinds = kinds_of(self._node[op]["packet"])
+        if OpKind.VIEW in kinds:
+            return True
+        return through_copies and OpKind.COPIES_VALUES in kinds and OpKind.CONCATENATES not in kinds
+
     def describe(self, tensor: str) -> str:
         """A short human label: ``buffer model.rotary_emb.inv_freq`` or ``activation of aten.mul``."""
-        source = self.nodes[self.source(tensor)]
-        if source["origin"] in ("parameter", "buffer", "attribute", "input"):
+        source = self.tensor(self.source(tensor))
+        if source["origin"] in LEAF_ORIGINS - {OriginKind.CONSTANT}:
             return f"{source['origin']} {source['name']}"
-        if source["origin"] == "constant":
+        if source["origin"] == OriginKind.CONSTANT:
             return f"constant from {source['name']}" if source["name"] else "constant"
         op = self.producer(self.source(tensor))
         return f"activation from {self.nodes[op]['name']}" if op else "activation"
 
+    def computes_values(self, op: str) -> bool:
+        """False for factories and fills, whose extreme values are chosen on purpose."""
+        return bool(self.floating_inputs(op)) and not self.op_is(op, OpKind.FILL)
+
+    def value_range(self, tensor: str) -> tuple[float, float] | None:
+        """(min, max) recorded for a tensor; for views and copies (not measured, to save time) the range of
+        what they copy: the first input's, or the union of a concatenation's inputs."""
+        data = self.tensor(tensor)
+        if "min" in data:
+            return data["min"], data["max"]
+        op = self.producer(tensor)
+        if op is None:
+            return None
+        if self.op_is(op, OpKind.CONCATENATES):
+            ranges = [self.value_range(source) for source, _ in self.inputs(op)]
+            if any(bounds is None for bounds in ranges):
+                return None
+            return min(b[0] for b in ranges), max(b[1] for b in ranges)  # type: ignore[index]
+        if self._follows(op, through_copies=True):
+            return self.value_range(self.inputs(op)[0][0])
+        return None
+
     def dtype_conflicts(self) -> Iterator[str]:
         """Ops (not explicit casts) whose floating tensor inputs have different dtypes."""
         for op in self.ops():
-            if self.nodes[op]["name"] in CAST_OPS:
+            if self.op_is(op, OpKind.CAST):
                 continue
             if len({self.nodes[node]["dtype"] for node in self.floating_inputs(op)}) > 1:
                 yield op
@@ -214,6 +262,15 @@ class DtypeGraph(nx.DiGraph):
         return path
 
 
+def finite(bounds: tuple[float, float] | None) -> bool:
+    """True for a range without inf or NaN, or an unknown one."""
+    return bounds is None or (math.isfinite(bounds[0]) and math.isfinite(bounds[1]))
+
+
+def format_range(bounds: tuple[float, float] | None) -> str:
+    return "unknown" if bounds is None else f"[{bounds[0]:.4g}, {bounds[1]:.4g}]"
+
+
 def _tensor_attributes(tensor: TensorRecord) -> dict[str, Any]:
     origin = tensor.origin or _PRODUCED
     attributes: dict[str, Any] = dict(
@@ -238,11 +295,17 @@ def _export_ready(graph: DtypeGraph) -> nx.DiGraph:
     plain = nx.DiGraph()
     plain.graph.update({key: value for key, value in graph.graph.items() if value is not None})
     for node, data in graph.nodes(data=True):
-        plain.add_node(node, **{key: _scalar(value) for key, value in data.items() if value is not None})
+        plain.add_node(node, **{key: _scalar(value) for key, value in data.items()
+                                if value is not None and key not in _NOT_EXPORTED})
     for source, target, data in graph.edges(data=True):
         plain.add_edge(source, target, **{key: _scalar(value) for key, value in data.items()})
     return plain
 
 
+_NOT_EXPORTED = frozenset({"packet"})
+
+
 def _scalar(value: Any) -> Any:
-    return str(list(value)) if isinstance(value, tuple) else value
+    if isinstance(value, tuple):
+        return str(list(value))
+    return str(value) if isinstance(value, str) else value  # OriginKind as a plain str

@@ -19,16 +19,17 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from dtypelint.vocabulary import OpKind, OriginKind, packets
+
 if TYPE_CHECKING:
     from dtypelint.graph import DtypeGraph
 
 
 @dataclass(frozen=True)
 class Origin:
-    """Where a leaf tensor comes from: ``parameter``, ``buffer``, ``attribute`` (a plain tensor attribute
-    of a module), ``input`` (a forward argument) or ``constant`` (created inside forward)."""
+    """Where a leaf tensor comes from, and its qualified name (none for a constant)."""
 
-    kind: str
+    kind: OriginKind
     name: str | None = None
 
 
@@ -36,7 +37,7 @@ class Origin:
 class TensorInfo:
     """A parameter, buffer or plain tensor attribute of the model as it was when the trace started."""
 
-    kind: str
+    kind: OriginKind  # parameter, buffer or attribute
     dtype: torch.dtype
     shape: tuple[int, ...]
     device: str
@@ -68,7 +69,7 @@ class ModelInfo:
                 continue
             seen[id(param)] = name
             tensors[name] = TensorInfo(
-                "parameter", param.dtype, tuple(param.shape), str(param.device), True, param.requires_grad
+                OriginKind.PARAMETER, param.dtype, tuple(param.shape), str(param.device), True, param.requires_grad
             )
         for module_name, module in model.named_modules():
             non_persistent = module._non_persistent_buffers_set
@@ -77,12 +78,12 @@ class ModelInfo:
                     continue
                 name = _join(module_name, buffer_name)
                 tensors[name] = TensorInfo(
-                    "buffer", buffer.dtype, tuple(buffer.shape), str(buffer.device), buffer_name not in non_persistent
+                    OriginKind.BUFFER, buffer.dtype, tuple(buffer.shape), str(buffer.device), buffer_name not in non_persistent
                 )
             for attribute, value in vars(module).items():
                 name = _join(module_name, attribute)
                 if isinstance(value, torch.Tensor) and name not in tensors:
-                    tensors[name] = TensorInfo("attribute", value.dtype, tuple(value.shape), str(value.device))
+                    tensors[name] = TensorInfo(OriginKind.ATTRIBUTE, value.dtype, tuple(value.shape), str(value.device))
         config = getattr(model, "config", None)
         keep = getattr(model, "_keep_in_fp32_modules", None) or []
         return cls(
@@ -144,14 +145,9 @@ class OpRecord:
         return self.outputs is not None
 
 
-_CONSTANT = Origin("constant")
-# aten ops that copy values without computing new ones (their output holds values of their inputs).
-DATA_MOVEMENT_OPS = (
-    "cat", "stack", "index", "index_select", "gather", "embedding", "clone", "contiguous", "repeat",
-    "expand_copy", "slice_scatter", "select_scatter", "constant_pad_nd", "tril", "triu", "flip", "roll",
-)
-_UNINITIALISED = ("empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "empty_permuted")
-_NOT_MEASURED = frozenset(getattr(torch.ops.aten, name) for name in (*DATA_MOVEMENT_OPS, *_UNINITIALISED))
+_CONSTANT = Origin(OriginKind.CONSTANT)
+# Copies hold values measured where they were made; uninitialised memory holds garbage, not values.
+_NOT_MEASURED = packets(OpKind.COPIES_VALUES) | packets(OpKind.UNINITIALISED)
 
 
 def iter_tensors(value: Any) -> Iterator[tuple[str, torch.Tensor]]:
@@ -174,6 +170,18 @@ def value_stats(tensor: torch.Tensor) -> tuple[float, float] | None:
         return None
     low, high = torch.aminmax(tensor.detach())
     return low.item(), high.item()
+
+
+def needs_values(error: BaseException | None) -> bool:
+    """True for the exceptions by which fake tensors refuse data-dependent or unsupported ops."""
+    from torch._subclasses import fake_tensor
+
+    limits = (
+        fake_tensor.DataDependentOutputException,
+        fake_tensor.DynamicOutputShapeException,
+        fake_tensor.UnsupportedOperatorException,
+    )
+    return isinstance(error, limits) or "data-dependent" in str(error) or "meta tensor" in str(error)
 
 
 def _join(prefix: str, name: str) -> str:
@@ -219,11 +227,11 @@ class Tracer(TorchDispatchMode):
             state = dict(self.model.named_parameters()) | dict(self.model.named_buffers())
         for name, tensor in state.items():
             info = self.model_info.tensors.get(name)
-            self._add_origin(tensor, Origin(info.kind if info else "parameter", name))
+            self._add_origin(tensor, Origin(info.kind if info else OriginKind.PARAMETER, name))
         for module_name, module in self.model.named_modules():
             for attribute, value in vars(module).items():
                 if isinstance(value, torch.Tensor):
-                    self._add_origin(value, Origin("attribute", _join(module_name, attribute)))
+                    self._add_origin(value, Origin(OriginKind.ATTRIBUTE, _join(module_name, attribute)))
 
     def _add_origin(self, tensor: torch.Tensor, origin: Origin) -> None:
         if id(tensor) not in self.origins:
@@ -235,10 +243,10 @@ class Tracer(TorchDispatchMode):
         for position, value in enumerate(args):
             name = names[position] if position < len(names) else f"arg{position}"
             for suffix, tensor in iter_tensors(value):
-                self._add_origin(tensor, Origin("input", name + suffix))
+                self._add_origin(tensor, Origin(OriginKind.INPUT, name + suffix))
         for name, value in kwargs.items():
             for suffix, tensor in iter_tensors(value):
-                self._add_origin(tensor, Origin("input", name + suffix))
+                self._add_origin(tensor, Origin(OriginKind.INPUT, name + suffix))
 
     # Module tracker: the path of the innermost module running.
     def _push_module(self, module: torch.nn.Module, args: Any) -> None:
@@ -257,7 +265,7 @@ class Tracer(TorchDispatchMode):
             return entry[0]
         origin = self.origins.get(id(tensor), _CONSTANT)
         index = self._new(tensor, origin)
-        if self.stats and origin.kind == "input":
+        if self.stats and origin.kind == OriginKind.INPUT:
             self.tensors[index].stats = value_stats(tensor)
         return index
 

@@ -45,14 +45,14 @@ class ForwardError(Rule):
         if failed is None:
             yield self.finding(location="", message=message)
             return
-        data = graph.nodes[failed]
+        data = graph.op(failed)
         inputs = [node for node, _ in graph.inputs(failed)]
         yield self.finding(
             location=data["module"],
             op=data["name"],
-            dtypes=[graph.nodes[node]["dtype"] for node in inputs],
+            dtypes=[graph.tensor(node)["dtype"] for node in inputs],
             message=f"{message} (at {data['name']} with inputs "
-            + ", ".join(f"{graph.describe(node)} {graph.nodes[node]['dtype']}" for node in inputs)
+            + ", ".join(f"{graph.describe(node)} {graph.tensor(node)['dtype']}" for node in inputs)
             + ")",
             node=failed,
         )

@@ -7,18 +7,14 @@ import re
 from collections import Counter
 from collections.abc import Iterator
 
+import torch
+
 from dtypelint.report import Finding
 from dtypelint.rules.base import Rule, RuleContext
+from dtypelint.vocabulary import OpKind
 
 HALF = frozenset({"float16", "bfloat16"})
-SENSITIVE_OPS = frozenset(
-    {
-        "aten._softmax", "aten.softmax", "aten._log_softmax", "aten.log_softmax", "aten.exp", "aten.cumsum",
-        "aten.cumprod", "aten.logsumexp", "aten.var", "aten.var_mean", "aten.std", "aten.std_mean",
-        "aten.linalg_vector_norm", "aten.norm",
-    }
-)
-REDUCTIONS = frozenset({"aten.sum", "aten.mean", "aten.prod"})
+aten = torch.ops.aten
 
 
 class LowPrecisionOp(Rule):
@@ -55,9 +51,9 @@ class LowPrecisionOp(Rule):
         groups: Counter[tuple[str, str, str]] = Counter()
         first: dict[tuple[str, str, str], str] = {}
         for op in graph.ops():
-            data = graph.nodes[op]
+            data = graph.op(op)
             inputs = graph.floating_inputs(op)
-            if not inputs or graph.nodes[inputs[0]]["dtype"] not in HALF:
+            if not inputs or graph.tensor(inputs[0])["dtype"] not in HALF:
                 continue
             reason = self._reason(context, op, inputs[0], limit)
             if reason is None:
@@ -67,7 +63,7 @@ class LowPrecisionOp(Rule):
             first.setdefault(key, op)
         for key, count in groups.items():
             name, pattern, reason = key
-            dtype = graph.nodes[graph.floating_inputs(first[key])[0]]["dtype"]
+            dtype = graph.tensor(graph.floating_inputs(first[key])[0])["dtype"]
             yield self.finding(
                 location=pattern,
                 op=name,
@@ -79,14 +75,13 @@ class LowPrecisionOp(Rule):
     @staticmethod
     def _reason(context: RuleContext, op: str, source: str, limit: int) -> str | None:
         graph = context.graph
-        name = graph.nodes[op]["name"]
-        if name in SENSITIVE_OPS:
+        if graph.op_is(op, OpKind.SENSITIVE):
             return "numerically sensitive"
-        if name not in REDUCTIONS:
+        if not graph.op_is(op, OpKind.REDUCTION):
             return None
         producer = graph.producer(source)
-        if name == "aten.mean" and producer and graph.nodes[producer]["name"] == "aten.pow":
+        if graph.op(op)["packet"] is aten.mean and producer and graph.op(producer)["packet"] is aten.pow:
             return "variance of a norm"
         outputs = graph.outputs(op)
-        reduced = math.prod(graph.nodes[source]["shape"]) // max(1, math.prod(graph.nodes[outputs[0]]["shape"])) if outputs else 0
+        reduced = math.prod(graph.tensor(source)["shape"]) // max(1, math.prod(graph.tensor(outputs[0])["shape"])) if outputs else 0
         return f"reduction over {reduced} elements" if reduced > limit else None

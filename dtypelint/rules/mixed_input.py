@@ -9,33 +9,21 @@ from dtypelint.dtypes import dtype_name
 from dtypelint.graph import DtypeGraph
 from dtypelint.report import Finding, Fix
 from dtypelint.rules.base import Rule, RuleContext
-
-# aten ops whose kernels take one floating dtype for all tensor operands.
-STRICT_OPS = frozenset(
-    {
-        "aten.mm", "aten.bmm", "aten.addmm", "aten.baddbmm", "aten.addbmm", "aten.addmv", "aten.addr",
-        "aten.mv", "aten.dot", "aten.vdot", "aten.matmul", "aten.linear", "aten._addmm_activation",
-        "aten.convolution", "aten._convolution", "aten.conv1d", "aten.conv2d", "aten.conv3d",
-        "aten.embedding_bag", "aten._embedding_bag",
-        "aten.scaled_dot_product_attention", "aten._scaled_dot_product_attention_math",
-        "aten._scaled_dot_product_flash_attention", "aten._scaled_dot_product_flash_attention_for_cpu",
-        "aten._scaled_dot_product_efficient_attention", "aten._scaled_dot_product_cudnn_attention",
-    }
-)
+from dtypelint.vocabulary import CASTABLE_ORIGINS, OpKind, OriginKind
 
 
 def _operands(graph: DtypeGraph, op: str) -> list[str]:
     """The inputs that must share a dtype. Scaled-dot-product attention also takes a bool or float32
     mask with any query dtype ("Expected attn_mask dtype to be bool or float or to match query dtype")."""
     inputs = graph.floating_inputs(op)
-    if "scaled_dot_product" not in graph.nodes[op]["name"]:
+    if not graph.op_is(op, OpKind.ATTENTION):
         return inputs
     by_argument = {argument: node for node, argument in graph.inputs(op)}
     query = by_argument.get("0")
     return [
         node for node in inputs
         if by_argument.get("attn_mask", by_argument.get("3")) != node
-        or graph.nodes[node]["dtype"] not in ("float32", query and graph.nodes[query]["dtype"])
+        or graph.tensor(node)["dtype"] not in ("float32", query and graph.tensor(query)["dtype"])
     ]
 
 
@@ -82,29 +70,28 @@ class MixedInput(Rule):
     def check(self, context: RuleContext) -> Iterator[Finding]:
         graph = context.graph
         for op in graph.dtype_conflicts():
-            data = graph.nodes[op]
-            if data["name"] not in STRICT_OPS and not data["failed"]:
+            data = graph.op(op)
+            if not graph.op_is(op, OpKind.ONE_DTYPE) and not data["failed"]:
                 continue
             inputs = _operands(graph, op)
-            present = {graph.nodes[node]["dtype"] for node in inputs}
+            present = {graph.tensor(node)["dtype"] for node in inputs}
             if len(present) < 2:
                 continue
-            counts = Counter(graph.nodes[node]["dtype"] for node in inputs)
+            counts = Counter(graph.tensor(node)["dtype"] for node in inputs)
             compute = dtype_name(context.compute_dtype)
             expected = compute if compute in present else max(counts, key=counts.__getitem__)
             # Weights before biases: the matrix operand is what users recognise.
             odd = sorted(
-                (graph.source(node) for node in inputs if graph.nodes[node]["dtype"] != expected),
-                key=lambda node: -len(graph.nodes[node]["shape"]),
+                (graph.source(node) for node in inputs if graph.tensor(node)["dtype"] != expected),
+                key=lambda node: -len(graph.tensor(node)["shape"]),
             )
-            fixable = [node for node in odd if graph.nodes[node]["origin"] in ("parameter", "buffer")]
-            names = [graph.nodes[node]["name"] for node in fixable]
+            names = [graph.tensor(node)["name"] for node in odd if graph.tensor(node)["origin"] in CASTABLE_ORIGINS]
             fix = Fix(tuple(names), expected, "safe", f"cast {', '.join(names)} to {expected}") if names else None
-            culprit = graph.nodes[odd[0]]
-            described = ", ".join(f"{graph.describe(node)} {graph.nodes[node]['dtype']}" for node in inputs)
+            culprit = graph.tensor(odd[0])
+            described = ", ".join(f"{graph.describe(node)} {graph.tensor(node)['dtype']}" for node in inputs)
             yield self.finding(
                 location=data["module"],
-                tensor=culprit["name"] if culprit["origin"] != "op" else None,
+                tensor=culprit["name"] if culprit["origin"] != OriginKind.OP else None,
                 op=data["name"],
                 dtypes=sorted(present),
                 message=f"{data['name']} needs one dtype but receives {described}",

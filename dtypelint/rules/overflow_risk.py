@@ -6,9 +6,9 @@ from collections.abc import Iterator
 
 import torch
 
+from dtypelint.graph import finite
 from dtypelint.report import Finding
 from dtypelint.rules.base import Rule, RuleContext
-from dtypelint.rules.nonfinite import computes_values, finite, value_range
 
 
 class OverflowRisk(Rule):
@@ -48,18 +48,18 @@ class OverflowRisk(Rule):
         graph, fraction = context.graph, context.options.overflow_fraction
         reported: set[str] = set()
         for op in graph.ops():
-            data = graph.nodes[op]
-            if data["module"] in reported or not computes_values(graph, op):
+            data = graph.op(op)
+            if data["module"] in reported or not graph.computes_values(op):
                 continue
             for tensor in graph.outputs(op):
-                bounds = value_range(graph, tensor)
+                bounds = graph.value_range(tensor)
                 dtype = graph.dtype(tensor)
                 if bounds is None or not finite(bounds) or not dtype.is_floating_point:
                     continue
                 largest = torch.finfo(dtype).max
                 peak = max((abs(bound) for bound in bounds if abs(bound) < largest), default=0.0)
                 carried = max(
-                    (max(map(abs, value_range(graph, t) or (0.0, 0.0))) for t in graph.floating_inputs(op)),
+                    (max(map(abs, graph.value_range(t) or (0.0, 0.0))) for t in graph.floating_inputs(op)),
                     default=0.0,
                 )
                 if peak < fraction * largest or carried >= fraction * largest:
@@ -68,9 +68,9 @@ class OverflowRisk(Rule):
                 yield self.finding(
                     location=data["module"],
                     op=data["name"],
-                    dtypes=[graph.nodes[tensor]["dtype"]],
+                    dtypes=[graph.tensor(tensor)["dtype"]],
                     message=f"{data['name']} produced values up to {peak:.4g}, {peak / largest:.0%} of "
-                    f"{graph.nodes[tensor]['dtype']}'s largest value {largest:.6g}",
+                    f"{graph.tensor(tensor)['dtype']}'s largest value {largest:.6g}",
                     node=op,
                 )
                 break

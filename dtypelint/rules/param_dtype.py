@@ -9,6 +9,7 @@ from dtypelint.dtypes import dtype_name
 from dtypelint.report import Finding, Fix
 from dtypelint.rules.base import Rule, RuleContext
 from dtypelint.rules.sites import parent
+from dtypelint.vocabulary import OriginKind
 
 
 class ParamDtype(Rule):
@@ -44,7 +45,7 @@ class ParamDtype(Rule):
         keep = set(model.keep_in_fp32_modules)
         by_module: dict[str, list[tuple[str, str]]] = defaultdict(list)
         for name, info in model.tensors.items():
-            if info.kind == "attribute" or not info.dtype.is_floating_point or dtype_name(info.dtype) == compute:
+            if info.kind == OriginKind.ATTRIBUTE or not info.dtype.is_floating_point or dtype_name(info.dtype) == compute:
                 continue
             if context.pack.keeps_fp32(name) or keep & set(name.split(".")):
                 continue

@@ -7,12 +7,12 @@ from collections.abc import Iterator
 import torch
 
 from dtypelint.dtypes import dtype_name, wider
-from dtypelint.graph import CAST_OPS, DtypeGraph
+from dtypelint.graph import DtypeGraph
 from dtypelint.report import Finding, Fix
 from dtypelint.rules.base import Rule, RuleContext
+from dtypelint.vocabulary import CASTABLE_ORIGINS, STREAM_ORIGINS, WEIGHT_ORIGINS, OpKind, OriginKind
 
-PROMOTING_ORIGINS = frozenset({"parameter", "buffer", "attribute", "constant"})
-STREAM = frozenset({"op", "input"})  # origins of activations, as opposed to weights
+PROMOTING_ORIGINS = WEIGHT_ORIGINS | {OriginKind.CONSTANT}
 
 
 def widened_ops(graph: DtypeGraph, start: str, dtype: str) -> int:
@@ -21,9 +21,9 @@ def widened_ops(graph: DtypeGraph, start: str, dtype: str) -> int:
     while frontier:
         tensor = frontier.pop()
         for op in graph.consumers(tensor):
-            if op in seen or graph.nodes[op]["name"] in CAST_OPS:
+            if op in seen or graph.op_is(op, OpKind.CAST):
                 continue
-            outputs = [t for t in graph.outputs(op) if graph.nodes[t]["dtype"] == dtype]
+            outputs = [t for t in graph.outputs(op) if graph.tensor(t)["dtype"] == dtype]
             if outputs:
                 seen.add(op)
                 frontier += outputs
@@ -74,29 +74,28 @@ class Promotion(Rule):
         compute_name = dtype_name(compute)
         reported: set[str] = set()
         for op in graph.ops():
-            data = graph.nodes[op]
             outputs = graph.outputs(op)
-            if data["name"] in CAST_OPS or data["inplace"] or not outputs:
+            if graph.op_is(op, OpKind.CAST) or graph.op(op)["inplace"] or not outputs:
                 continue  # casts are explicit; an in-place op keeps its target's dtype
             if not wider(graph.dtype(outputs[0]), compute):
                 continue
             inputs = graph.floating_inputs(op)
             if not any(
-                graph.nodes[tensor]["dtype"] == compute_name and graph.nodes[graph.source(tensor)]["origin"] in STREAM
+                graph.tensor(tensor)["dtype"] == compute_name and graph.tensor(graph.source(tensor))["origin"] in STREAM_ORIGINS
                 for tensor in inputs
             ):
                 continue  # no activation entered in the compute dtype: nothing was promoted here
-            wide = graph.nodes[outputs[0]]["dtype"]
+            wide = graph.tensor(outputs[0])["dtype"]
             for tensor in inputs:
                 leaf = graph.source(tensor, through_copies=True)
-                leaf_data = graph.nodes[leaf]
+                leaf_data = graph.tensor(leaf)
                 # The leaf made the difference: torch promotes the compute dtype with it to the output's
                 # (float32 itself, or float16 meeting bfloat16, which also gives float32).
                 if leaf_data["dtype"] == compute_name or leaf_data["origin"] not in PROMOTING_ORIGINS:
                     continue
                 if dtype_name(torch.promote_types(compute, graph.dtype(leaf))) != wide:
                     continue
-                name = leaf_data["name"] if leaf_data["origin"] != "constant" else None
+                name = leaf_data["name"] if leaf_data["origin"] != OriginKind.CONSTANT else None
                 if leaf in reported or (name and context.pack.keeps_fp32(name)):
                     continue
                 reported.add(leaf)
@@ -104,16 +103,16 @@ class Promotion(Rule):
 
     def _finding(self, context: RuleContext, op: str, leaf: str, name: str | None, wide: str, compute: str) -> Finding:
         graph = context.graph
-        data = graph.nodes[op]
-        fixable = graph.nodes[leaf]["origin"] in ("parameter", "buffer")
+        data, leaf_data = graph.op(op), graph.tensor(leaf)
+        fixable = leaf_data["origin"] in CASTABLE_ORIGINS
         fix = Fix((name,), compute, "unsafe", f"cast {name} to {compute}") if name and fixable else None
         after = widened_ops(graph, op, wide)
         return self.finding(
             location=data["module"],
             tensor=name,
             op=data["name"],
-            dtypes=sorted({compute, wide, graph.nodes[leaf]["dtype"]}),
-            message=f"{graph.describe(leaf)} ({graph.nodes[leaf]['dtype']}) promotes the {compute} stream to {wide} at {data['name']}; "
+            dtypes=sorted({compute, wide, leaf_data["dtype"]}),
+            message=f"{graph.describe(leaf)} ({leaf_data['dtype']}) promotes the {compute} stream to {wide} at {data['name']}; "
             f"{after} later op{'s' if after != 1 else ''} then run in {wide}",
             fix=fix,
             node=op,

@@ -30,10 +30,10 @@ from functools import cached_property
 from dtypelint.dtypes import dtype_name
 from dtypelint.graph import DtypeGraph
 from dtypelint.trace import ModelInfo
+from dtypelint.vocabulary import WEIGHT_ORIGINS, OpKind, OriginKind
 
 SELECTORS = ("input", "raw-input", "owner-input", "outputs", "consumer-input", "mask", "sdpa-inputs")
 PREFIXED_SELECTORS = ("buffer:", "param:", "child-output:")
-WEIGHT_ORIGINS = frozenset({"parameter", "buffer", "attribute"})
 
 
 def valid_selector(selector: str) -> bool:
@@ -72,30 +72,30 @@ class ModelSites:
     def _ops_by_module(self) -> dict[str, list[str]]:
         index: dict[str, list[str]] = defaultdict(list)
         for op in self.graph.ops():
-            index[self.graph.nodes[op]["module"]].append(op)
+            index[self.graph.op(op)["module"]].append(op)
         return index
 
     def ops(self, path: str) -> list[str]:
         """The ops of ``path`` and its submodules, in execution order."""
         chosen = [op for module, ops in self._ops_by_module.items() if inside(module, path) for op in ops]
-        return sorted(chosen, key=lambda op: self.graph.nodes[op]["index"])
+        return sorted(chosen, key=lambda op: self.graph.op(op)["index"])
 
     def entering(self, path: str) -> list[str]:
         """Tensors made outside ``path`` that its ops consume (weights excluded), in first-use order."""
         graph, seen = self.graph, {}
         for op in self.ops(path):
             for tensor, _ in graph.inputs(op):
-                if tensor in seen or graph.nodes[tensor]["origin"] in WEIGHT_ORIGINS:
+                if tensor in seen or graph.tensor(tensor)["origin"] in WEIGHT_ORIGINS:
                     continue
                 producer = graph.producer(tensor)
-                if producer is None or not inside(graph.nodes[producer]["module"], path):
+                if producer is None or not inside(graph.op(producer)["module"], path):
                     seen[tensor] = None
         return list(seen)
 
     def input(self, path: str, *, floating: bool = True) -> str | None:
         graph = self.graph
         candidates = [t for t in self.entering(path) if not floating or graph.dtype(t).is_floating_point]
-        hidden = [t for t in candidates if graph.nodes[t]["shape"][-1:] == (self.model.hidden_size,)]
+        hidden = [t for t in candidates if graph.tensor(t)["shape"][-1:] == (self.model.hidden_size,)]
         return (hidden or candidates or [None])[0]
 
     def outputs(self, path: str) -> list[str]:
@@ -103,7 +103,7 @@ class ModelSites:
         for op in self.ops(path):
             for tensor in graph.outputs(op):
                 if graph.dtype(tensor).is_floating_point and any(
-                    not inside(graph.nodes[consumer]["module"], path) for consumer in graph.consumers(tensor)
+                    not inside(graph.op(consumer)["module"], path) for consumer in graph.consumers(tensor)
                 ):
                     found.append(tensor)
         return found
@@ -121,21 +121,21 @@ class ModelSites:
         if selector == "consumer-input":
             outputs = self.outputs(path)
             consumers = graph.consumers(outputs[0]) if outputs else []
-            outside = [op for op in consumers if not inside(graph.nodes[op]["module"], path)]
+            outside = [op for op in consumers if not inside(graph.op(op)["module"], path)]
             if not outside:
                 return []
-            module = graph.nodes[outside[0]]["module"]
+            module = graph.op(outside[0])["module"]
             node = self.input(module)
             return [self._node_operand(node, f"the activation entering {module}")] if node else []
         if selector == "mask":
             main = self.input(path)
             masks = [
                 t for t in self.entering(path)
-                if t != main and graph.dtype(t).is_floating_point and len(graph.nodes[t]["shape"]) == 4
+                if t != main and graph.dtype(t).is_floating_point and len(graph.tensor(t)["shape"]) == 4
             ]
             return [self._node_operand(masks[0], f"the attention mask entering {path}")] if masks else []
         if selector == "sdpa-inputs":
-            attention = [op for op in self.ops(path) if "scaled_dot_product" in graph.nodes[op]["name"]]
+            attention = [op for op in self.ops(path) if graph.op_is(op, OpKind.ATTENTION)]
             if not attention:
                 return []
             inputs = dict((argument, node) for node, argument in graph.inputs(attention[0]))
@@ -144,14 +144,14 @@ class ModelSites:
         kind, _, names = selector.partition(":")
         if kind == "child-output":
             return [self._node_operand(node, f"output of {path}.{names}") for node in self.outputs(f"{path}.{names}")[:1]]
-        wanted = "parameter" if kind == "param" else "buffer"
+        wanted = OriginKind.PARAMETER if kind == "param" else OriginKind.BUFFER
         for name in names.split("|"):
             qualified = f"{path}.{name}" if path else name
             info = self.model.tensors.get(qualified)
-            if info is not None and (info.kind == wanted or kind == "buffer" and info.kind == "attribute"):
+            if info is not None and (info.kind == wanted or kind == "buffer" and info.kind == OriginKind.ATTRIBUTE):
                 return [Operand(qualified, dtype_name(info.dtype), qualified, graph.find_tensor(qualified))]
         return []
 
     def _node_operand(self, node: str, label: str) -> Operand:
-        data = self.graph.nodes[node]
+        data = self.graph.tensor(node)
         return Operand(label, data["dtype"], data["name"] if data["origin"] in WEIGHT_ORIGINS else None, node)

@@ -7,22 +7,8 @@ from collections.abc import Iterator
 from dtypelint.errors import first_line
 from dtypelint.report import Finding
 from dtypelint.rules.base import Rule, RuleContext
-
-# aten ops whose meta (shape and dtype) functions accept less than the real kernels: torch's meta
-# aten._grouped_mm takes only bfloat16, the CPU kernel float16 too (mixture-of-experts layers).
-NARROWER_IN_META = frozenset({"aten._grouped_mm"})
-
-
-def needs_values(error: BaseException | None) -> bool:
-    """True for the exceptions by which fake tensors refuse data-dependent or unsupported ops."""
-    from torch._subclasses import fake_tensor
-
-    limits = (
-        fake_tensor.DataDependentOutputException,
-        fake_tensor.DynamicOutputShapeException,
-        fake_tensor.UnsupportedOperatorException,
-    )
-    return isinstance(error, limits) or "data-dependent" in str(error) or "meta tensor" in str(error)
+from dtypelint.trace import needs_values
+from dtypelint.vocabulary import OpKind
 
 
 def is_trace_limit(context: RuleContext) -> bool:
@@ -32,7 +18,7 @@ def is_trace_limit(context: RuleContext) -> bool:
         return True
     failed = context.graph.failed_op()
     meta = context.graph.graph["mode"] == "meta"
-    return meta and failed is not None and context.graph.nodes[failed]["name"] in NARROWER_IN_META
+    return meta and failed is not None and context.graph.op_is(failed, OpKind.NARROWER_IN_META)
 
 
 class TraceLimit(Rule):
@@ -65,8 +51,8 @@ class TraceLimit(Rule):
             return
         graph = context.graph
         failed = graph.failed_op()
-        location = graph.nodes[failed]["module"] if failed else ""
-        op = graph.nodes[failed]["name"] if failed else None
+        location = graph.op(failed)["module"] if failed else ""
+        op = graph.op(failed)["name"] if failed else None
         traced = sum(1 for _ in graph.ops())
         yield self.finding(
             location=location,
