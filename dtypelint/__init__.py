@@ -18,7 +18,8 @@ if TYPE_CHECKING:
     from dtypelint.errors import DtypelintError, LoadError, UsageError
     from dtypelint.fix import FixPlan, FixResult, apply_plan, fix, plan_fixes
     from dtypelint.graph import DtypeGraph
-    from dtypelint.report import CATEGORIES, Finding, Fix, Report
+    from dtypelint.report import Finding, Fix, Report
+    from dtypelint.rules import CATEGORIES
     from dtypelint.save import save_fixed
     from dtypelint.trace import Tracer
 
@@ -36,7 +37,7 @@ _PUBLIC = {
     "plan_fixes": "dtypelint.fix",
     "save_fixed": "dtypelint.save",
     "DtypeGraph": "dtypelint.graph",
-    "CATEGORIES": "dtypelint.report",
+    "CATEGORIES": "dtypelint.rules",
     "Finding": "dtypelint.report",
     "Fix": "dtypelint.report",
     "Report": "dtypelint.report",

@@ -37,14 +37,6 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def is_floating(dtype: torch.dtype) -> bool:
-    return dtype.is_floating_point
-
-
-def finfo_max(dtype: torch.dtype) -> float:
-    return torch.finfo(dtype).max
-
-
 def wider(a: torch.dtype, b: torch.dtype) -> bool:
     """True when ``a`` holds every value of ``b`` and more (torch's promotion picks ``a``)."""
     return a != b and torch.promote_types(a, b) == a

@@ -22,7 +22,7 @@ Formats
           "findings": [
             {
               "code": "DT101",                   # rule code (`dtypelint explain DT101`)
-              "category": "mixed-input",         # one of dtypelint.report.CATEGORIES
+              "category": "mixed-input",         # one of dtypelint.CATEGORIES
               "severity": "error" | "warning" | "info",
               "location": "model.layers.0.mlp",  # module path; "" for the model itself
               "tensor": "head.weight" | null,    # parameter / buffer / input at fault
@@ -65,7 +65,7 @@ from urllib.parse import quote
 import networkx as nx
 
 from dtypelint.errors import UsageError
-from dtypelint.report import CATEGORIES, Finding, Report, severity_rank
+from dtypelint.report import Finding, Report, severity_rank
 
 if TYPE_CHECKING:
     from dtypelint.graph import DtypeGraph
@@ -187,6 +187,8 @@ def _rule_descriptor(rule: Rule) -> dict[str, Any]:
 
 
 def _unknown_descriptor(finding: Finding) -> dict[str, Any]:
+    from dtypelint.rules import CATEGORIES
+
     summary = CATEGORIES.get(finding.category, finding.category)
     return {
         "id": finding.code,
@@ -421,6 +423,31 @@ def _md_code(text: str) -> str:
 def _ordered(report: Report) -> list[Finding]:
     """Errors first, then warnings, then infos; report order within a severity."""
     return sorted(report.findings, key=lambda finding: -severity_rank(finding.severity))
+
+
+# The rule catalog (`dtypelint rules`, the README's table) ---------------------------------------------
+
+RULE_COLUMNS = ("code", "name", "pack", "severity", "fix", "enabled", "what it does")
+
+
+def rule_rows(rules: Iterable[Rule], enabled: Callable[[Rule], bool] = lambda rule: True) -> list[tuple[str, ...]]:
+    """One row per rule: identity, where it comes from, whether it can fix and whether it runs."""
+    return [
+        (rule.code, rule.name, getattr(rule, "pack", "generic"), rule.severity, rule.fix_availability,
+         "yes" if enabled(rule) else "no", rule.summary)
+        for rule in rules
+    ]
+
+
+def render_rules(rules: Iterable[Rule], format: str = "text", enabled: Callable[[Rule], bool] = lambda rule: True) -> str:
+    """The rule catalog as a terminal table (``text``) or a Markdown table (``markdown``)."""
+    from tabulate import tabulate
+
+    rows = rule_rows(rules, enabled)
+    if format == "markdown":  # unpadded, so that a diff of the README shows only what changed
+        lines = [RULE_COLUMNS, ("---",) * len(RULE_COLUMNS), *rows]
+        return "\n".join("| " + " | ".join(_md_text(cell) for cell in line) + " |" for line in lines)
+    return tabulate(rows, headers=RULE_COLUMNS, maxcolwidths=[None] * 6 + [60])
 
 
 FORMATS: dict[str, Renderer] = {

@@ -14,20 +14,6 @@ if TYPE_CHECKING:
 
 SEVERITIES = ("info", "warning", "error")
 
-# The documented vocabulary of finding categories.
-CATEGORIES = {
-    "kernel-contract": "a backend kernel's documented dtype contract is broken",
-    "mixed-input": "an op that needs one dtype receives several",
-    "promotion": "a wider leaf silently promotes the compute stream",
-    "nonfinite": "an op turns finite inputs into inf or NaN",
-    "overflow-risk": "finite values close to the dtype's largest value",
-    "param-dtype": "parameters or buffers that differ from the compute dtype",
-    "low-precision-op": "a numerically sensitive op runs in half precision",
-    "forward-error": "the forward pass raised",
-    "trace-limit": "part of the model could not be traced in this mode",
-}
-
-
 def severity_rank(severity: str) -> int:
     return SEVERITIES.index(severity)
 

@@ -36,6 +36,12 @@ GENERIC_RULES: tuple[Rule, ...] = (
 )
 
 
+# Every finding category and what it means, from the rules themselves.
+CATEGORIES: dict[str, str] = {rule.category: rule.summary for rule in GENERIC_RULES} | {
+    ContractRule.category: ContractRule.category_summary
+}
+
+
 def pack_rules(pack: BackendPack) -> list[Rule]:
     return [ContractRule(contract, pack.name) for contract in pack.contracts]
 

@@ -52,10 +52,15 @@ class Rule:
 
     code: ClassVar[str]
     name: ClassVar[str]
-    category: ClassVar[str]
+    category: ClassVar[str]  # default: the name (a rule that is its own category)
     severity: ClassVar[str]
     fix_availability: ClassVar[str] = "never"  # never | sometimes | always
     uses_value_statistics: ClassVar[bool] = False  # runs only on graphs with value statistics
+
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        if "name" in vars(cls) and "category" not in vars(cls):
+            cls.category = cls.name
 
     @property
     def docs(self) -> str:

@@ -16,23 +16,22 @@ class ForwardError(Rule):
     Reports that the sample forward pass raised, with the op that raised and its input dtypes.
 
     ## Why is this bad?
-    The model cannot run as loaded: the same exception (for example ``mat1 and mat2 must have the same
-    dtype``) will stop the deployment. The trace up to the failing op is kept, so the other rules can
+    The model cannot run as loaded: the same exception (for example `mat1 and mat2 must have the same
+    dtype`) will stop the deployment. The trace up to the failing op is kept, so the other rules can
     say which tensor caused it.
 
     ## Example
-    A model converted with ``.half()`` whose ``lm_head`` was re-created in float32 afterwards.
+    A model converted with `.half()` whose `lm_head` was re-created in float32 afterwards.
 
-    Use instead: load with one dtype (``from_pretrained(path, dtype=torch.float16)``) or cast the stray
+    Use instead: load with one dtype (`from_pretrained(path, dtype=torch.float16)`) or cast the stray
     layer.
 
     ## Fix safety
-    No automatic fix: the cause is named by ``mixed-input`` or a kernel contract where dtypelint knows it.
+    No automatic fix: the cause is named by `mixed-input` or a kernel contract where dtypelint knows it.
     """
 
     code = "DT001"
     name = "forward-error"
-    category = "forward-error"
     severity = "error"
 
     def check(self, context: RuleContext) -> Iterator[Finding]:

@@ -15,6 +15,7 @@ class ContractRule(Rule):
     """A rule made from one contract of a backend pack; its docs are the contract's fields."""
 
     category = "kernel-contract"
+    category_summary = "A backend kernel's documented dtype contract is broken."
 
     def __init__(self, contract: Contract, pack: str) -> None:
         self.contract = contract

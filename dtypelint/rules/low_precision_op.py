@@ -22,28 +22,27 @@ class LowPrecisionOp(Rule):
     ## What it does
     Notes numerically sensitive ops that run in float16 or bfloat16: softmax, log-softmax, exp, cumsum,
     logsumexp, variance and norms, the mean of a square (a norm's variance), and reductions over more
-    than ``large-reduction`` elements. One finding per op and module pattern (layers grouped).
+    than `large-reduction` elements. One finding per op and module pattern (layers grouped).
 
     ## Why is this bad?
     These ops lose most of their accuracy in half precision: a bfloat16 softmax over a long sequence, or
     an RMSNorm variance summed in float16, drifts enough to change generations. transformers computes
-    them in float32 on purpose (``softmax(..., dtype=torch.float32)``, RMSNorm's ``.to(torch.float32)``).
+    them in float32 on purpose (`softmax(..., dtype=torch.float32)`, RMSNorm's `.to(torch.float32)`).
 
     ## Example
-    ``torch.softmax(scores_fp16, -1)`` in a custom attention.
+    `torch.softmax(scores_fp16, -1)` in a custom attention.
 
-    Use instead: ``torch.softmax(scores, -1, dtype=torch.float32).to(scores.dtype)``.
+    Use instead: `torch.softmax(scores, -1, dtype=torch.float32).to(scores.dtype)`.
 
     ## Fix safety
     No automatic fix: the cast belongs in the model code.
 
     ## Options
-    ``large-reduction`` in ``[tool.dtypelint]`` (default 65536 elements).
+    `large-reduction` in `[tool.dtypelint]` (default 65536 elements).
     """
 
     code = "DT106"
     name = "low-precision-op"
-    category = "low-precision-op"
     severity = "info"
 
     def check(self, context: RuleContext) -> Iterator[Finding]:

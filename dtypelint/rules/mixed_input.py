@@ -35,8 +35,8 @@ class MixedInput(Rule):
     raised.
 
     ## Why is this bad?
-    These kernels do not promote. ``F.linear`` with a float16 activation and a float32 weight raises
-    ``RuntimeError: mat1 and mat2 must have the same dtype`` (CPU, CUDA) or aborts inside a fused
+    These kernels do not promote. `F.linear` with a float16 activation and a float32 weight raises
+    `RuntimeError: mat1 and mat2 must have the same dtype` (CPU, CUDA) or aborts inside a fused
     backend kernel. A layer left in float32 in a float16 model is the usual cause.
 
     ## Example
@@ -46,7 +46,7 @@ class MixedInput(Rule):
     model(x)                            # RuntimeError in the head's addmm
     ```
 
-    Use instead: create the layer before casting, or ``model.head.half()``.
+    Use instead: create the layer before casting, or `model.head.half()`.
 
     ## Fix safety
     The fix casts the odd parameter or buffer to the dtype the other inputs share. It is safe: the op
@@ -54,7 +54,7 @@ class MixedInput(Rule):
     were.
 
     ## Known problems
-    Explicit casts (``.float()``, ``.to()``) are never reported. Norm kernels are not in the list:
+    Explicit casts (`.float()`, `.to()`) are never reported. Norm kernels are not in the list:
     torch's layer_norm accepts a float32 weight with a half input; backend packs state stricter norms.
 
     ## References
@@ -63,7 +63,6 @@ class MixedInput(Rule):
 
     code = "DT101"
     name = "mixed-input"
-    category = "mixed-input"
     severity = "error"
     fix_availability = "sometimes"
 

@@ -21,23 +21,22 @@ class Nonfinite(Rule):
     that overflowed is where to act; every op after it only propagates the damage.
 
     ## Example
-    A float16 MLP whose up projection produces 7e4 for a long prompt: ``aten.mm`` returns inf.
+    A float16 MLP whose up projection produces 7e4 for a long prompt: `aten.mm` returns inf.
 
-    Use instead: keep that layer (``_keep_in_fp32_modules``) or the whole model in bfloat16/float32, or
+    Use instead: keep that layer (`_keep_in_fp32_modules`) or the whole model in bfloat16/float32, or
     rescale the weights.
 
     ## Fix safety
     No automatic fix.
 
     ## Known problems
-    Needs value statistics (``audit(..., stats=True)``, the default); meta mode has no values. float32
+    Needs value statistics (`audit(..., stats=True)`, the default); meta mode has no values. float32
     and float64 tensors are not measured (cost), so a NaN made in float32 is reported where it first
     reaches a half-precision tensor.
     """
 
     code = "DT103"
     name = "nonfinite"
-    category = "nonfinite"
     severity = "error"
     uses_value_statistics = True
 

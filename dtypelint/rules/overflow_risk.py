@@ -15,14 +15,14 @@ class OverflowRisk(Rule):
     """
     ## What it does
     In value mode, finds ops that produce float16/bfloat16 (or narrower) values beyond a fraction
-    (``overflow-fraction``, default 0.5) of their dtype's largest value, one finding per module.
+    (`overflow-fraction`, default 0.5) of their dtype's largest value, one finding per module.
 
     ## Why is this bad?
     Values at half of float16's 65504 on a 16-token sample overflow on a longer or less typical input.
     The sample run passed; production will not.
 
     ## Example
-    ``model.layers.3.mlp.down_proj`` returns 4.1e4 in float16: 63% of the range.
+    `model.layers.3.mlp.down_proj` returns 4.1e4 in float16: 63% of the range.
 
     Use instead: run that module in float32 or bfloat16, or scale its weights.
 
@@ -30,17 +30,16 @@ class OverflowRisk(Rule):
     No automatic fix.
 
     ## Known problems
-    Values that factories and fills write (attention masks hold ``finfo.min`` on purpose), values equal to
+    Values that factories and fills write (attention masks hold `finfo.min` on purpose), values equal to
     the dtype's extreme, and values an input already carried are not reported: only the op that computed
     them is.
 
     ## Options
-    ``overflow-fraction`` in ``[tool.dtypelint]``.
+    `overflow-fraction` in `[tool.dtypelint]`.
     """
 
     code = "DT104"
     name = "overflow-risk"
-    category = "overflow-risk"
     severity = "warning"
     uses_value_statistics = True
 

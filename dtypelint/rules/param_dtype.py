@@ -16,16 +16,16 @@ class ParamDtype(Rule):
     """
     ## What it does
     Lists floating parameters and buffers whose dtype differs from the compute dtype, one finding per
-    module, leaving out the model's ``_keep_in_fp32_modules`` and the tensors the backend keeps in
-    float32 by design (its pack's ``intended-fp32``, e.g. RoPE's ``inv_freq``).
+    module, leaving out the model's `_keep_in_fp32_modules` and the tensors the backend keeps in
+    float32 by design (its pack's `intended-fp32`, e.g. RoPE's `inv_freq`).
 
     ## Why is this bad?
-    A stray float32 weight in a float16 model costs memory and either promotes the stream (``promotion``)
-    or breaks a kernel (``mixed-input``, kernel contracts). It usually comes from a layer created after
+    A stray float32 weight in a float16 model costs memory and either promotes the stream (`promotion`)
+    or breaks a kernel (`mixed-input`, kernel contracts). It usually comes from a layer created after
     the model was cast, or from a loader that casts only what the checkpoint holds.
 
     ## Example
-    ``model.half(); model.score = nn.Linear(d, 2)``: ``score.weight`` and ``score.bias`` are float32.
+    `model.half(); model.score = nn.Linear(d, 2)`: `score.weight` and `score.bias` are float32.
 
     Use instead: create layers before casting, or cast them.
 
@@ -36,7 +36,6 @@ class ParamDtype(Rule):
 
     code = "DT105"
     name = "param-dtype"
-    category = "param-dtype"
     severity = "warning"
     fix_availability = "always"
 

@@ -35,12 +35,12 @@ class Promotion(Rule):
     ## What it does
     Finds a floating leaf (buffer, parameter, tensor attribute or a constant made in forward) of a wider
     dtype than the compute dtype that silently promotes the activation stream, following torch's own type
-    promotion: the op's recorded output dtype, as ``torch.result_type`` decided it.
+    promotion: the op's recorded output dtype, as `torch.result_type` decided it.
 
     ## Why is this bad?
-    ``x_fp16 * buffer_fp32`` is legal and returns float32: every op after it runs in float32, at twice
-    the memory and bandwidth, until something fails further on (``mat1 and mat2 must have the same
-    dtype`` in the next linear, or a fused kernel's dtype assert). The root cause sits far upstream.
+    `x_fp16 * buffer_fp32` is legal and returns float32: every op after it runs in float32, at twice
+    the memory and bandwidth, until something fails further on (`mat1 and mat2 must have the same
+    dtype` in the next linear, or a fused kernel's dtype assert). The root cause sits far upstream.
 
     ## Example
     ```python
@@ -49,7 +49,7 @@ class Promotion(Rule):
     return x * self.scale                               # float16 in, float32 out
     ```
 
-    Use instead: register the buffer in the model's dtype, or cast the product back (``.to(x.dtype)``).
+    Use instead: register the buffer in the model's dtype, or cast the product back (`.to(x.dtype)`).
 
     ## Fix safety
     The fix casts the buffer or parameter to the compute dtype. It is unsafe: the ops after it then
@@ -57,7 +57,7 @@ class Promotion(Rule):
 
     ## Known problems
     A 0-dim tensor does not promote a dimensioned one (torch's rule), so scalars are never reported.
-    Tensors the backend keeps in float32 by design (``intended-fp32`` of its pack) are skipped.
+    Tensors the backend keeps in float32 by design (`intended-fp32` of its pack) are skipped.
 
     ## References
     - https://pytorch.org/docs/stable/tensor_attributes.html#type-promotion-doc
@@ -65,7 +65,6 @@ class Promotion(Rule):
 
     code = "DT102"
     name = "promotion"
-    category = "promotion"
     severity = "warning"
     fix_availability = "sometimes"
 

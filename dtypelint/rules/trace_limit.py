@@ -24,16 +24,16 @@ def is_trace_limit(context: RuleContext) -> bool:
 class TraceLimit(Rule):
     """
     ## What it does
-    Reports where a meta-mode audit stopped because an op needs real values (``.item()``, ``nonzero``,
+    Reports where a meta-mode audit stopped because an op needs real values (`.item()`, `nonzero`,
     mixture-of-experts routing) that a tensor without data cannot give, or because torch's meta function
-    of an op accepts less than its kernels (``aten._grouped_mm`` takes only bfloat16 there).
+    of an op accepts less than its kernels (`aten._grouped_mm` takes only bfloat16 there).
 
     ## Why is this bad?
     It is not a defect of the model: it means the ops after that point were not checked. Everything
     traced before it was checked as usual.
 
     ## Example
-    ``dtypelint check mixtral-config.json --mode meta`` stops at the router's ``nonzero``.
+    `dtypelint check mixtral-config.json --mode meta` stops at the router's `nonzero`.
 
     Use instead: audit a real (small) checkpoint in value mode to cover the rest of the forward.
 
@@ -43,7 +43,6 @@ class TraceLimit(Rule):
 
     code = "DT002"
     name = "trace-limit"
-    category = "trace-limit"
     severity = "warning"
 
     def check(self, context: RuleContext) -> Iterator[Finding]:
