@@ -209,9 +209,16 @@ class DtypeGraph(nx.DiGraph):
         elif suffix in (".mmd", ".mermaid"):
             path.write_text(self.to_mermaid())
         else:
-            raise UsageError(f"cannot write a graph as {suffix or 'a file without extension'!r}; "
-                             "use .json, .graphml, .dot or .mmd")
+            raise unsupported_graph_suffix(suffix)
         return path
+
+
+GRAPH_SUFFIXES = (".json", ".graphml", ".dot", ".gv", ".mmd", ".mermaid")
+
+
+def unsupported_graph_suffix(suffix: str) -> UsageError:
+    return UsageError(f"cannot write a graph as {suffix or 'a file without extension'!r}; "
+                      "use .json, .graphml, .dot or .mmd")
 
 
 def _tensor_attributes(tensor: TensorRecord) -> dict[str, Any]:
