@@ -12,7 +12,8 @@ import errno
 import inspect
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -124,12 +125,23 @@ def build_meta_model(config: Any, dtype: torch.dtype) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
     try:
-        with torch.device("meta"), _no_init_weights():
+        with torch.device("meta"), _no_init_weights(), keeps_default_dtype():
             model = AutoModelForCausalLM.from_config(copy.deepcopy(config), **{dtype_keyword(): dtype})
     except Exception as error:  # noqa: BLE001 - a config transformers accepted can still fail in any layer
         raise LoadError(f"cannot build a causal LM for model_type {config.model_type!r}: "
                         f"{type(error).__name__}: {first_line(error)}") from None
     return model.eval()
+
+
+@contextmanager
+def keeps_default_dtype() -> Iterator[None]:
+    """transformers sets torch's default dtype while it builds a model and, before 5, does not restore it
+    when the build raises: a failed load would change every later tensor's dtype in the process."""
+    default = torch.get_default_dtype()
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(default)
 
 
 def _no_init_weights() -> Any:
@@ -227,8 +239,9 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype | None, *, trust_remote
         except ImportError:
             raise UsageError(f"{path} is an ipex-llm low-bit checkpoint; install the ipex extra: {IPEX_INSTALL}") from None
         try:
-            model = AutoModelForCausalLM.load_low_bit(str(path), trust_remote_code=trust_remote_code,
-                                                      **({"torch_dtype": dtype} if dtype is not None else {}))
+            with keeps_default_dtype():
+                model = AutoModelForCausalLM.load_low_bit(str(path), trust_remote_code=trust_remote_code,
+                                                          **({"torch_dtype": dtype} if dtype is not None else {}))
         except Exception as error:  # noqa: BLE001 - loaders raise many types (SafetensorError, OSError, ...)
             raise LoadError(f"cannot load {path}: {_describe(error)}") from None
         return model.eval()
@@ -236,10 +249,11 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype | None, *, trust_remote
 
     check_shard_indexes(Path(path))
     try:
-        model, info = AutoModelForCausalLM.from_pretrained(
-            path, config=config, local_files_only=True, trust_remote_code=trust_remote_code,
-            output_loading_info=True, **{dtype_keyword(): dtype or "auto"},
-        )
+        with keeps_default_dtype():
+            model, info = AutoModelForCausalLM.from_pretrained(
+                path, config=config, local_files_only=True, trust_remote_code=trust_remote_code,
+                output_loading_info=True, **{dtype_keyword(): dtype or "auto"},
+            )
     except Exception as error:  # noqa: BLE001 - loaders raise many types (SafetensorError, OSError, ...)
         raise LoadError(f"cannot load {path}: {_describe(error)}") from None
     _refuse_incomplete(path, info)

@@ -12,6 +12,7 @@ import warnings
 from pathlib import Path
 
 import pytest
+import torch
 
 from dtypelint.cli import main
 from dtypelint.errors import LoadError
@@ -167,6 +168,8 @@ def test_failure_is_exit_2_and_one_line(arguments, message, quiet, workspace, ti
     if quiet and arguments[:1] == ["check"]:
         arguments.append("-q")
     assert main(arguments) == 2
+    # transformers 4 leaves its build-time default dtype behind when a build raises; dtypelint restores it
+    assert torch.get_default_dtype() == torch.float32
     err = capfd.readouterr().err
     last = err.splitlines()[-1] if err else ""
     assert last.startswith("dtypelint: ") and message in last and "Traceback" not in err
