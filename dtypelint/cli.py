@@ -1,22 +1,26 @@
 """The ``dtypelint`` command.
 
-Exit codes: 0 no finding at or above ``--fail-on``; 1 findings at or above it; 2 usage error or a model,
-config or rule pack that could not be loaded (one line on stderr; ``--debug`` shows the traceback).
+Exit codes: 0 no finding at or above ``--fail-on``; 1 findings at or above it; 2 anything else: a usage
+error, a model, config or rule pack that could not be loaded, an internal error, an interrupt (Ctrl-C).
+Every failure is one line on stderr; ``--debug`` shows the traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
+import tempfile
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
-from dtypelint.errors import DtypelintError
+from dtypelint.errors import DtypelintError, LoadError, UsageError, first_line
 
 if TYPE_CHECKING:
     from dtypelint.config import Settings
@@ -26,8 +30,16 @@ EXIT_CLEAN, EXIT_FINDINGS, EXIT_ERROR = 0, 1, 2
 WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's errors as one line with a pointer to ``--help`` instead of a usage block, raised so that
+    main() reports them like every other error. Subparsers inherit the class."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{message}; see '{self.prog} --help'")
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dtypelint", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="dtypelint", description=__doc__.splitlines()[0])
     parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -43,8 +55,9 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--rules", action="append", metavar="PACK", help="an extra rule pack (repeatable)")
     check.add_argument("--config", help="pyproject.toml to read [tool.dtypelint] from (default: the nearest)")
     check.add_argument("--mode", choices=("value", "meta"), help="value (real weights) or meta (config only)")
-    check.add_argument("--batch", type=int, default=1)
-    check.add_argument("--seq-len", type=int, default=16)
+    check.add_argument("--batch", type=_positive_int, default=1)
+    check.add_argument("--seq-len", type=_positive_int, default=16,
+                       help="sample length (at most the config's max_position_embeddings)")
     check.add_argument("--format", choices=("text", "json", "sarif", "github", "markdown"), default="text")
     check.add_argument("--fail-on", choices=("info", "warning", "error"))
     check.add_argument("--exit-zero", action="store_true", help="exit 0 whatever the findings")
@@ -64,6 +77,16 @@ def _parser() -> argparse.ArgumentParser:
     explain = commands.add_parser("explain", help="print a rule's documentation")
     explain.add_argument("code")
     return parser
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, not {text!r}")
+    return value
 
 
 def _codes(text: str) -> list[str]:
@@ -90,34 +113,64 @@ def _settings(options: argparse.Namespace) -> Settings:
 
 
 def _check(options: argparse.Namespace) -> int:
+    progress = not options.quiet and sys.stderr.isatty()
+    with _library_noise(quiet=options.quiet, progress=progress):
+        return _run_check(options, progress)
+
+
+@contextmanager
+def _library_noise(*, quiet: bool, progress: bool) -> Iterator[None]:
+    """Without progress, no progress bars; with ``-q``, no library warnings or log lines (transformers'
+    load reports, ipex-llm banners, torch's pickle warnings) either, so a failure is one line on stderr.
+    Everything is restored afterwards: main() also runs in-process (tests, scripts)."""
+    from transformers.utils import logging as transformers_logging
+
+    verbosity = transformers_logging.get_verbosity()
+    bars = transformers_logging.is_progress_bar_enabled()
+    logging_disabled = logging.root.manager.disable
+    with warnings.catch_warnings():
+        if not progress:
+            transformers_logging.disable_progress_bar()
+        if quiet:
+            transformers_logging.set_verbosity_error()
+            logging.disable(logging.WARNING)
+            warnings.simplefilter("ignore")
+        try:
+            yield
+        finally:
+            transformers_logging.set_verbosity(verbosity)
+            (transformers_logging.enable_progress_bar if bars else transformers_logging.disable_progress_bar)()
+            logging.disable(logging_disabled)
+
+
+def _run_check(options: argparse.Namespace, progress: bool) -> int:
     from dtypelint.audit import audit, audit_config
     from dtypelint.dtypes import parse_dtype
-    from dtypelint.errors import LoadError, UsageError
-    from dtypelint.load import config_dtype, load_checkpoint, load_config, load_entry, sample_inputs
+    from dtypelint.load import (
+        check_sample_size,
+        config_dtype,
+        load_checkpoint,
+        load_config,
+        load_entry,
+        local_path,
+        refuse_weights_file,
+        sample_inputs,
+    )
     from dtypelint.save import PLAN_FILE
 
-    progress = not options.quiet and sys.stderr.isatty()
-    if not progress:
-        from transformers.utils import logging as transformers_logging
-
-        transformers_logging.disable_progress_bar()
-    settings = _settings(options)
-    dtype = parse_dtype(settings.dtype)
     if options.save_fixed and not options.fix:
         raise UsageError("--save-fixed needs --fix")
-    if options.save_fixed:  # before any model work: a refused target must not cost an audit
-        from dtypelint.save import check_save_target
-
-        check_save_target(options.save_fixed, sources=[options.path] if options.path else [], force=options.force)
+    _check_outputs(options)
+    settings = _settings(options)
+    dtype = parse_dtype(settings.dtype)
     if options.entry:
         model, inputs = load_entry(options.entry)
         report = audit(model, inputs, dtype=dtype, settings=settings, progress=progress)
         return _finish(options, report, settings, model=model, inputs=inputs, dtype=dtype)
     if options.path is None:
         raise UsageError("check needs a PATH (or --entry MODULE:FUNCTION)")
-    path = Path(options.path)
-    if not path.exists():
-        raise LoadError(f"{path} does not exist")
+    path = local_path(options.path)
+    refuse_weights_file(path)
     if path.is_dir() and not any(path.iterdir()):
         raise LoadError(f"{path} is an empty directory")
     if options.static:
@@ -125,15 +178,16 @@ def _check(options: argparse.Namespace) -> int:
     mode = options.mode or ("value" if _has_weights(path) else "meta")
     if _fixing(options) and mode == "meta":
         raise UsageError("fixes need real weights: --fix, --diff, --write-plan and --save-fixed work in value mode")
+    if mode == "value" and not _has_weights(path):
+        raise UsageError(f"{path} holds no weights (*.safetensors, pytorch_model*.bin); use --mode meta")
+    config = load_config(path, trust_remote_code=options.trust_remote_code)
+    check_sample_size(config, batch=options.batch, seq_len=options.seq_len)  # before the long work
     if mode == "meta":
         report = audit_config(
-            path, dtype=dtype, batch=options.batch, seq_len=options.seq_len,
+            config, dtype=dtype, batch=options.batch, seq_len=options.seq_len,
             trust_remote_code=options.trust_remote_code, settings=settings, progress=progress,
         )
         return _finish(options, report, settings)
-    if not _has_weights(path):
-        raise UsageError(f"{path} holds no weights (*.safetensors, pytorch_model*.bin); use --mode meta")
-    config = load_config(path, trust_remote_code=options.trust_remote_code)
     load_dtype = dtype or config_dtype(config)
     model = load_checkpoint(path, load_dtype, trust_remote_code=options.trust_remote_code)
     inputs = sample_inputs(model, config, batch=options.batch, seq_len=options.seq_len)
@@ -146,10 +200,49 @@ def _check(options: argparse.Namespace) -> int:
     return _finish(options, report, settings, model=model, inputs=inputs, dtype=load_dtype)
 
 
+def _check_outputs(options: argparse.Namespace) -> None:
+    """The one place where output paths are checked, before anything is loaded rather than after a long
+    audit."""
+    from dtypelint.graph import GRAPH_SUFFIXES, unsupported_graph_suffix
+    from dtypelint.save import check_save_target
+
+    if options.graph:
+        _check_writable_file("--graph", options.graph)
+        suffix = Path(options.graph).suffix.lower()
+        if suffix not in GRAPH_SUFFIXES:
+            raise UsageError(f"--graph {options.graph}: {unsupported_graph_suffix(suffix)}")
+    if options.write_plan:
+        _check_writable_file("--write-plan", options.write_plan)
+    if options.save_fixed:
+        check_save_target(options.save_fixed, sources=[options.path] if options.path else [], force=options.force)
+
+
+def _check_writable_file(option: str, name: str) -> None:
+    """``name`` must be a file (new or not) in an existing directory that we may create files in."""
+    target = Path(name)
+    if target.is_dir():
+        raise UsageError(f"{option} {target} is a directory; name a file")
+    parent = target.parent
+    if not parent.is_dir():
+        problem = "is not a directory" if parent.exists() else "does not exist"
+        raise UsageError(f"{option} {target}: {parent} {problem}")
+    try:
+        # Permission bits say nothing for root, and nothing about read-only file systems or /proc: try.
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+        if target.exists():
+            target.open("ab").close()
+    except OSError as error:
+        raise UsageError(f"{option} {target}: cannot write there: {error.strerror or error}") from None
+
+
 def _finish(options: argparse.Namespace, report: Report, settings: Settings, **fixable: Any) -> int:
     """Write the graph, then print the report, or fix and print both; the exit code."""
     if options.graph:
-        report.graph.write(options.graph)
+        try:
+            report.graph.write(options.graph)
+        except OSError as error:  # the preflight passed, but the disk may fill or the directory go
+            raise UsageError(f"--graph {options.graph}: cannot write: {error.strerror or error}") from None
     if _fixing(options):
         return _fix(options, fixable["model"], report, fixable["inputs"], dtype=fixable["dtype"], settings=settings)
     return _print(options, report, settings.fail_on)
@@ -253,21 +346,40 @@ def _explain(code: str) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    options = _parser().parse_args(argv)
+    """The command's exit code. Every failure ends here as one line on stderr and exit code 2."""
+    try:
+        options = _parser().parse_args(argv)  # --help exits here with code 0
+    except UsageError as error:
+        return _fail(f"error: {error}")
     try:
         if options.command == "check":
             return _check(options)
         if options.command == "rules":
             return _rules()
         return _explain(options.code)
-    except DtypelintError as error:
-        if options.debug:
-            raise
-        print(f"dtypelint: error: {error}", file=sys.stderr)
-        return EXIT_ERROR
     except BrokenPipeError:  # `dtypelint check ... | head`: the reader left; say nothing more
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_ERROR
+    except BaseException as error:  # noqa: BLE001 - the boundary: no failure leaves as a traceback
+        if options.debug:
+            raise
+        return _fail(_describe(error))
+
+
+def _describe(error: BaseException) -> str:
+    if isinstance(error, DtypelintError):
+        return f"error: {first_line(error)}"
+    if isinstance(error, KeyboardInterrupt):
+        return "interrupted"
+    if isinstance(error, SystemExit):  # dtypelint's commands return; only the code under audit exits
+        return f"error: the code under audit called sys.exit({error.code!r})"
+    return f"internal error: {type(error).__name__}: {first_line(error)}; rerun with --debug"
+
+
+def _fail(message: str) -> int:
+    sys.stdout.flush()
+    print(f"dtypelint: {message}", file=sys.stderr, flush=True)
+    return EXIT_ERROR
 
 
 if __name__ == "__main__":

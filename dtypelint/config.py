@@ -26,13 +26,13 @@ from pathlib import Path
 from typing import Any
 
 from dtypelint.dtypes import parse_dtype
-from dtypelint.errors import DtypelintError, LoadError
+from dtypelint.errors import DtypelintError, LoadError, first_line
 from dtypelint.report import SEVERITIES
 from dtypelint.rules import Selection
-from dtypelint.rules.base import Options
+from dtypelint.rules.base import Options, option_problem
 
 _LIST_KEYS = {"select": "select", "extend-select": "extend_select", "ignore": "ignore", "rules": "rules"}
-_NUMBER_KEYS = {"overflow-fraction": ("overflow_fraction", float), "large-reduction": ("large_reduction", int)}
+_OPTION_KEYS = {"overflow-fraction": "overflow_fraction", "large-reduction": "large_reduction"}
 
 
 @dataclass
@@ -72,10 +72,33 @@ def load_settings(path: Path | str | None = None) -> Settings:
     if not file.is_file():
         raise LoadError(f"config file {file} does not exist")
     try:
-        table = tomllib.loads(file.read_text(encoding="utf-8")).get("tool", {}).get("dtypelint", {})
+        document = tomllib.loads(file.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
-        raise LoadError(f"{file}: not valid TOML: {error}") from None
-    return _parse(table, file)
+        raise LoadError(f"{file}: not valid TOML: {first_line(error)}") from None
+    except OSError as error:
+        raise LoadError(f"config file {file}: cannot read: {error.strerror or error}") from None
+    return _parse(_dtypelint_table(document, file), file)
+
+
+def _dtypelint_table(document: dict[str, Any], file: Path) -> dict[str, Any]:
+    """``[tool.dtypelint]``, or {} when absent; a ``tool`` or ``tool.dtypelint`` that is not a table
+    (``tool = 5``, ``[[tool.dtypelint]]``) is an error, not a silent default."""
+    tool = document.get("tool", {})
+    if not isinstance(tool, dict):
+        raise LoadError(f"{file}: 'tool' must be a table, not {_toml_kind(tool)}")
+    table = tool.get("dtypelint", {})
+    if not isinstance(table, dict):
+        raise LoadError(f"{file}: 'tool.dtypelint' must be a table ([tool.dtypelint]), not {_toml_kind(table)}")
+    return table
+
+
+_TOML_KINDS = {bool: "a boolean", int: "an integer", float: "a float", str: "a string", list: "an array"}
+
+
+def _toml_kind(value: Any) -> str:
+    if isinstance(value, list) and value and all(isinstance(item, dict) for item in value):
+        return "an array of tables"
+    return _TOML_KINDS.get(type(value), f"a {type(value).__name__}")
 
 
 def _parse(table: dict[str, Any], file: Path) -> Settings:
@@ -94,11 +117,11 @@ def _parse(table: dict[str, Any], file: Path) -> Settings:
             if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
                 raise fail(key, "must be a list of strings")
             values[_LIST_KEYS[key]] = list(value)
-        elif key in _NUMBER_KEYS:
-            name, kind = _NUMBER_KEYS[key]
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-                raise fail(key, "must be a positive number")
-            options[name] = kind(value)
+        elif key in _OPTION_KEYS:
+            problem = option_problem(_OPTION_KEYS[key], value)
+            if problem:
+                raise fail(key, f"{problem}, not {value!r}")
+            options[_OPTION_KEYS[key]] = value
         elif key == "per-location-ignores":
             if not isinstance(value, dict) or not all(
                 isinstance(codes, list) and all(isinstance(code, str) for code in codes) for codes in value.values()

@@ -257,8 +257,7 @@ class DtypeGraph(nx.DiGraph):
         elif suffix in (".mmd", ".mermaid"):
             path.write_text(self.to_mermaid())
         else:
-            raise UsageError(f"cannot write a graph as {suffix or 'a file without extension'!r}; "
-                             "use .json, .graphml, .dot or .mmd")
+            raise unsupported_graph_suffix(suffix)
         return path
 
 
@@ -269,6 +268,14 @@ def finite(bounds: tuple[float, float] | None) -> bool:
 
 def format_range(bounds: tuple[float, float] | None) -> str:
     return "unknown" if bounds is None else f"[{bounds[0]:.4g}, {bounds[1]:.4g}]"
+
+
+GRAPH_SUFFIXES = (".json", ".graphml", ".dot", ".gv", ".mmd", ".mermaid")
+
+
+def unsupported_graph_suffix(suffix: str) -> UsageError:
+    return UsageError(f"cannot write a graph as {suffix or 'a file without extension'!r}; "
+                      "use .json, .graphml, .dot or .mmd")
 
 
 def _tensor_attributes(tensor: TensorRecord) -> dict[str, Any]:

@@ -8,9 +8,12 @@ from the config. Nothing is downloaded: every load is local.
 from __future__ import annotations
 
 import copy
+import errno
 import inspect
 import json
-from collections.abc import Mapping
+import re
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -32,15 +35,60 @@ def dtype_keyword() -> str:
     return "dtype" if transformers_version() >= (4, 56) else "torch_dtype"
 
 
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".ckpt")
+# A hub id (``gpt2``, ``meta-llama/Llama-3.1-8B``) looks like this; dtypelint never downloads it.
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
+
+
+def local_path(path: str | Path) -> Path:
+    """``path`` if it exists here; otherwise a LoadError that says why: a symlink loop, a dangling
+    link, a hub id (nothing is downloaded), or plainly missing."""
+    path = Path(path)
+    try:
+        path.stat()
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            raise LoadError(f"{path} is a symlink loop") from None
+        if path.is_symlink():
+            raise LoadError(f"{path} is a symlink to {path.readlink()}, which does not exist") from None
+        if _HUB_ID.fullmatch(str(path)) and not path.is_absolute():
+            raise LoadError(f"{path} does not exist here; dtypelint downloads nothing, so pass a local directory "
+                            f"(for a hub model: huggingface-cli download {path} --local-dir DIR)") from None
+        raise LoadError(f"{path} does not exist") from None
+    return path
+
+
+def refuse_weights_file(path: Path) -> None:
+    if path.is_file() and path.suffix.lower() in WEIGHT_SUFFIXES:
+        raise LoadError(f"{path} is a weights file; pass the checkpoint directory that holds it and its config.json")
+
+
+# Config fields whose value sizes the model: a value that is not a positive integer cannot build one.
+_SIZE_FIELDS = ("hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size", "vocab_size",
+                "num_key_value_heads", "max_position_embeddings", "head_dim")
+
+
+def check_config_sizes(data: Mapping[str, Any], file: Path) -> None:
+    """Refuse sizes no model can have (``hidden_size: -64``, ``num_attention_heads: 0``, a string) as a
+    config error, before transformers fails on them with a traceback deep inside a layer."""
+    for key in _SIZE_FIELDS:
+        value = data.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+            raise LoadError(f"{file}: {key!r} must be a positive integer, not {value!r}")
+    hidden, heads = data.get("hidden_size"), data.get("num_attention_heads")
+    if hidden and heads and data.get("head_dim") is None and hidden % heads:
+        raise LoadError(f"{file}: 'hidden_size' {hidden} is not divisible by 'num_attention_heads' {heads} "
+                        f"(and no 'head_dim' is given)")
+
+
 def load_config(config: Any, *, trust_remote_code: bool = False) -> Any:
     """A transformers config from a config object, a ``config.json`` path or a directory holding one."""
     from transformers import AutoConfig, PretrainedConfig
 
     if isinstance(config, PretrainedConfig):
         return config
-    path = Path(config)
-    if not path.exists():
-        raise LoadError(f"{path} does not exist")
+    path = local_path(config)
+    refuse_weights_file(path)
     file = path / "config.json" if path.is_dir() else path
     if not file.is_file():
         raise LoadError(f"{path} has no config.json")
@@ -52,6 +100,7 @@ def load_config(config: Any, *, trust_remote_code: bool = False) -> Any:
         raise LoadError(f"{file}: expected a JSON object")
     if "auto_map" in data and not trust_remote_code:
         raise UsageError(f"{file} needs remote code (auto_map); pass trust_remote_code=True / --trust-remote-code")
+    check_config_sizes(data, file)
     model_type = data.get("model_type")
     try:
         if path.is_dir():
@@ -76,11 +125,23 @@ def build_meta_model(config: Any, dtype: torch.dtype) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
     try:
-        with torch.device("meta"), _no_init_weights():
+        with torch.device("meta"), _no_init_weights(), keeps_default_dtype():
             model = AutoModelForCausalLM.from_config(copy.deepcopy(config), **{dtype_keyword(): dtype})
-    except ValueError as error:
-        raise LoadError(f"cannot build a causal LM for model_type {config.model_type!r}: {first_line(error)}") from None
+    except Exception as error:  # noqa: BLE001 - a config transformers accepted can still fail in any layer
+        raise LoadError(f"cannot build a causal LM for model_type {config.model_type!r}: "
+                        f"{type(error).__name__}: {first_line(error)}") from None
     return model.eval()
+
+
+@contextmanager
+def keeps_default_dtype() -> Iterator[None]:
+    """transformers sets torch's default dtype while it builds a model and, before 5, does not restore it
+    when the build raises: a failed load would change every later tensor's dtype in the process."""
+    default = torch.get_default_dtype()
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(default)
 
 
 def _no_init_weights() -> Any:
@@ -98,8 +159,7 @@ def sample_inputs(
 
     Call it inside the fake mode for a fake model, so the inputs are fake too.
     """
-    if batch < 1 or seq_len < 1:
-        raise UsageError("batch and seq_len must be at least 1")
+    check_sample_size(config, batch=batch, seq_len=seq_len)
     vocab = getattr(config, "vocab_size", None) or 2
     generator = torch.Generator().manual_seed(seed)
     input_ids = torch.randint(0, vocab, (batch, seq_len), generator=generator)
@@ -107,6 +167,24 @@ def sample_inputs(
     if "position_ids" in inspect.signature(model.forward).parameters:
         inputs["position_ids"] = torch.arange(seq_len).unsqueeze(0).expand(batch, -1)
     return inputs
+
+
+# Sample inputs beyond this many tokens (batch * seq_len) need absurd memory for a dtype audit, whose
+# findings do not depend on the length.
+MAX_SAMPLE_TOKENS = 2**20
+
+
+def check_sample_size(config: Any, *, batch: int, seq_len: int) -> None:
+    """Refuse a sample that cannot run: non-positive, over ``MAX_SAMPLE_TOKENS``, or longer than the
+    config's ``max_position_embeddings``. The CLI calls it before loading weights."""
+    for name, value in (("batch", batch), ("seq_len", seq_len)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise UsageError(f"{name} must be a positive integer, not {value!r}")
+    if batch * seq_len > MAX_SAMPLE_TOKENS:
+        raise UsageError(f"batch * seq_len is {batch * seq_len} tokens, over the cap of {MAX_SAMPLE_TOKENS}")
+    limit = getattr(config, "max_position_embeddings", None)
+    if isinstance(limit, int) and seq_len > limit:
+        raise UsageError(f"seq_len {seq_len} is longer than the config's max_position_embeddings {limit}")
 
 
 def call_arguments(model: torch.nn.Module, inputs: Any) -> tuple[tuple, dict[str, Any], list[str]]:
@@ -150,49 +228,114 @@ def is_low_bit(path: str | Path) -> bool:
 
 def load_checkpoint(path: str | Path, dtype: torch.dtype | None, *, trust_remote_code: bool = False) -> torch.nn.Module:
     """Load a checkpoint directory as users do: ``from_pretrained(path, dtype=dtype)``, or ipex-llm's
-    ``load_low_bit(path, torch_dtype=dtype)`` for a directory that ``save_low_bit`` wrote."""
+    ``load_low_bit(path, torch_dtype=dtype)`` for a directory that ``save_low_bit`` wrote.
+
+    A checkpoint that lacks tensors its config declares, or holds tensors the model does not have, is a
+    LoadError: transformers would fill the gaps with random weights, and the audit of those is meaningless."""
     config = load_config(path, trust_remote_code=trust_remote_code)
     if is_low_bit(path):
         try:
             from ipex_llm.transformers import AutoModelForCausalLM
         except ImportError:
             raise UsageError(f"{path} is an ipex-llm low-bit checkpoint; install the ipex extra: {IPEX_INSTALL}") from None
-        load = AutoModelForCausalLM.load_low_bit
-        arguments: dict[str, Any] = {"trust_remote_code": trust_remote_code}
-        if dtype is not None:
-            arguments["torch_dtype"] = dtype
-        path = str(path)
-    else:
-        from transformers import AutoModelForCausalLM
+        try:
+            with keeps_default_dtype():
+                model = AutoModelForCausalLM.load_low_bit(str(path), trust_remote_code=trust_remote_code,
+                                                          **({"torch_dtype": dtype} if dtype is not None else {}))
+        except Exception as error:  # noqa: BLE001 - loaders raise many types (SafetensorError, OSError, ...)
+            raise LoadError(f"cannot load {path}: {_describe(error)}") from None
+        return model.eval()
+    from transformers import AutoModelForCausalLM
 
-        load = AutoModelForCausalLM.from_pretrained
-        arguments = {dtype_keyword(): dtype or "auto", "config": config, "local_files_only": True,
-                     "trust_remote_code": trust_remote_code}
+    check_shard_indexes(Path(path))
     try:
-        model = load(path, **arguments)
+        with keeps_default_dtype():
+            model, info = AutoModelForCausalLM.from_pretrained(
+                path, config=config, local_files_only=True, trust_remote_code=trust_remote_code,
+                output_loading_info=True, **{dtype_keyword(): dtype or "auto"},
+            )
     except Exception as error:  # noqa: BLE001 - loaders raise many types (SafetensorError, OSError, ...)
-        raise LoadError(f"cannot load {path}: {first_line(error)}") from None
+        raise LoadError(f"cannot load {path}: {_describe(error)}") from None
+    _refuse_incomplete(path, info)
     return model.eval()
 
 
+def _describe(error: BaseException) -> str:
+    """A KeyError's message is just the key: say what it is."""
+    if isinstance(error, KeyError):
+        return f"missing key {first_line(error)}"
+    return first_line(error)
+
+
+SHARD_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+
+
+def check_shard_indexes(directory: Path) -> None:
+    """A shard index must be a JSON object with a ``metadata`` table and a ``weight_map`` of tensor names
+    to shard files that exist; transformers otherwise fails with a bare ``KeyError: 'metadata'``."""
+    for file in (directory / name for name in SHARD_INDEXES):
+        if not file.is_file():
+            continue
+        try:
+            index = json.loads(file.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as error:
+            raise LoadError(f"{file}: not valid JSON: {first_line(error)}") from None
+        missing = [key for key in ("metadata", "weight_map") if not isinstance(index, dict) or key not in index]
+        if missing:
+            raise LoadError(f"{file}: a shard index needs 'metadata' and 'weight_map'; it has no {missing[0]!r}")
+        weight_map = index["weight_map"]
+        if not isinstance(weight_map, dict) or not all(isinstance(shard, str) for shard in weight_map.values()):
+            raise LoadError(f"{file}: 'weight_map' must map tensor names to shard file names")
+        absent = sorted({shard for shard in weight_map.values() if not (directory / shard).is_file()})
+        if absent:
+            raise LoadError(f"{file}: names {len(absent)} shard(s) that do not exist: {', '.join(absent[:3])}")
+
+
+def _refuse_incomplete(path: str | Path, info: Mapping[str, Any]) -> None:
+    """transformers reports missing keys after tying weights and skipping non-persistent buffers, so what
+    is left is a real gap between the checkpoint and the model its config builds."""
+    for kind in ("missing", "unexpected", "mismatched"):
+        # mismatched entries are (name, stored shape, model shape) tuples
+        names = sorted(key[0] if isinstance(key, tuple) else key for key in info.get(f"{kind}_keys") or ())
+        if names:
+            shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+            raise LoadError(f"cannot load {path}: {len(names)} {kind} tensor(s) against its config: {shown}")
+
 
 def load_entry(spec: str) -> tuple[torch.nn.Module, Any]:
-    """``module.path:function`` returning ``(model, inputs)``: the way in for custom models."""
+    """``module.path:function`` returning ``(model, inputs)``: the way in for custom models.
+
+    Whatever the user's code raises (a SyntaxError at import, ``sys.exit()``, an exception in the
+    function) is a LoadError naming the entry; KeyboardInterrupt is left to the caller."""
     import importlib
 
     module_name, _, function_name = spec.partition(":")
     if not module_name or not function_name:
         raise UsageError(f"--entry {spec!r} must look like module.path:function")
     try:
-        function = getattr(importlib.import_module(module_name), function_name)
-    except ImportError as error:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as error:
         raise LoadError(f"--entry {spec!r}: cannot import {module_name}: {error}") from None
-    except AttributeError:
-        raise LoadError(f"--entry {spec!r}: {module_name} has no {function_name}") from None
-    result = function()
+    except (Exception, SystemExit) as error:  # noqa: BLE001 - user code can raise anything at import
+        raise LoadError(f"--entry {spec!r}: importing {module_name} raised {_user_error(error)}") from error
+    if not hasattr(module, function_name):
+        raise LoadError(f"--entry {spec!r}: {module_name} has no {function_name}")
+    function = getattr(module, function_name)
+    if not callable(function):
+        raise UsageError(f"--entry {spec!r}: {function_name} is not callable (a {type(function).__name__})")
+    try:
+        result = function()
+    except (Exception, SystemExit) as error:  # noqa: BLE001 - user code can raise anything
+        raise LoadError(f"--entry {spec!r} raised {_user_error(error)}") from error  # --debug shows where
     if not (isinstance(result, tuple) and len(result) == 2 and isinstance(result[0], torch.nn.Module)):
         raise UsageError(f"--entry {spec!r} must return (model, inputs), got {type(result).__name__}")
     return result
+
+
+def _user_error(error: BaseException) -> str:
+    if isinstance(error, SystemExit):
+        return f"SystemExit({error.code!r})"
+    return f"{type(error).__name__}: {first_line(error)}"
 
 
 SAFETENSORS_DTYPES = {
@@ -204,28 +347,37 @@ SAFETENSORS_DTYPES = {
 
 def stored_dtypes(path: str | Path) -> dict[str, str]:
     """Tensor name -> stored dtype, read from the safetensors headers alone (no tensor data is read)."""
-    import struct
-
     directory = Path(path)
     shards = sorted(directory.glob("*.safetensors"))
     if not shards:
         raise LoadError(f"{directory} holds no *.safetensors files to read headers from")
     dtypes: dict[str, str] = {}
     for shard in shards:
-        with shard.open("rb") as file:
-            prefix = file.read(8)
-            size = struct.unpack("<Q", prefix)[0] if len(prefix) == 8 else -1
-            if size <= 0 or size > shard.stat().st_size - 8:
-                raise LoadError(f"{shard}: truncated or not a safetensors file")
-            try:
-                header = json.loads(file.read(size))
-                end = max((entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"),
-                          default=0)
-            except (ValueError, UnicodeDecodeError, KeyError, TypeError, IndexError):
-                raise LoadError(f"{shard}: corrupt safetensors header") from None
+        try:
+            header, size, end = _read_header(shard)
+        except OSError as error:  # a symlink loop, a dangling link, no permission
+            raise LoadError(f"{local_path(shard)}: cannot read: {error.strerror or error}") from None
         if 8 + size + end > shard.stat().st_size:
             raise LoadError(f"{shard}: truncated: the header describes {end} bytes of data, the file is shorter")
         for name, entry in header.items():
             if name != "__metadata__":
                 dtypes[name] = SAFETENSORS_DTYPES.get(entry.get("dtype", "?"), entry.get("dtype", "?"))
     return dtypes
+
+
+def _read_header(shard: Path) -> tuple[dict[str, Any], int, int]:
+    """A safetensors file's JSON header, its size, and the end of the data it describes."""
+    import struct
+
+    with shard.open("rb") as file:
+        prefix = file.read(8)
+        size = struct.unpack("<Q", prefix)[0] if len(prefix) == 8 else -1
+        if size <= 0 or size > shard.stat().st_size - 8:
+            raise LoadError(f"{shard}: truncated or not a safetensors file")
+        try:
+            header = json.loads(file.read(size))
+            end = max((entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"),
+                      default=0)
+        except (ValueError, UnicodeDecodeError, KeyError, TypeError, IndexError, AttributeError):
+            raise LoadError(f"{shard}: corrupt safetensors header") from None
+    return header, size, end

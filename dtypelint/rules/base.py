@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import inspect
+import math
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from functools import cached_property
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
+from dtypelint.errors import UsageError
 from dtypelint.report import Finding, Fix
 
 if TYPE_CHECKING:
@@ -26,6 +28,25 @@ class Options:
 
     overflow_fraction: float = 0.5
     large_reduction: int = 65536
+
+    def __post_init__(self) -> None:
+        for option in fields(self):
+            value = getattr(self, option.name)
+            problem = option_problem(option.name, value)
+            if problem:
+                raise UsageError(f"{option.name} {problem}, not {value!r}")
+
+
+def option_problem(name: str, value: object) -> str | None:
+    """Why ``value`` cannot be the option ``name`` (snake case), or None: the one check that API
+    ``Options(...)`` and ``[tool.dtypelint]`` share. A nan fraction would compare false everywhere and
+    turn values into findings; booleans are not numbers here."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if name == "overflow_fraction":
+        valid = number and math.isfinite(value) and 0 < value <= 1
+        return None if valid else "must be a positive number, at most 1"
+    valid = number and isinstance(value, int) and value > 0
+    return None if valid else "must be a positive integer"
 
 
 @dataclass
