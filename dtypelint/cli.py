@@ -44,6 +44,7 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--mode", choices=("value", "meta"), help="value (real weights) or meta (config only)")
     check.add_argument("--batch", type=int, default=1)
     check.add_argument("--seq-len", type=int, default=16)
+    check.add_argument("--max-ops", type=int, metavar="N", help="ops recorded per forward (default: 200000)")
     check.add_argument("--format", choices=("text", "json", "sarif", "github", "markdown"), default="text")
     check.add_argument("--fail-on", choices=("info", "warning", "error"))
     check.add_argument("--exit-zero", action="store_true", help="exit 0 whatever the findings")
@@ -85,6 +86,7 @@ def _settings(options: argparse.Namespace) -> Settings:
         settings, backend=options.backend, rules=options.rules, select=options.select, ignore=options.ignore,
         extend_select=options.extend_select, fail_on=options.fail_on,
         dtype=None if options.dtype == "auto" else options.dtype,
+        options=replace(settings.options, max_ops=options.max_ops) if options.max_ops else None,
     )
 
 
