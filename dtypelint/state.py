@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch._subclasses.fake_tensor import FakeTensor
 
+_MISSING = object()
 AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "mps", "hpu", "xla", "ipu")
 
 
@@ -155,28 +156,31 @@ class ModuleState:
         )
 
     def restore(self) -> list[str]:
-        """Restore; return the names of parameters the forward wrote in place (not undoable)."""
+        """Restore (under ``no_grad``); return the names of parameters the forward wrote in place."""
         module = self.module
-        module.training = self.training
+        if module.training != self.training:  # Module.__setattr__ is slow: only when changed
+            module.training = self.training
         self._restore_tensor_attributes()
         _replace_contents(module._parameters, self.parameters)
         _replace_contents(module._buffers, self.buffers)
         _replace_contents(module._modules, self.modules)
         _replace_contents(module._non_persistent_buffers_set, self.non_persistent)
-        with torch.no_grad():
-            for name, saved in self.buffer_values.items():
-                _restore_values(self.buffers[name], saved)  # type: ignore[arg-type]
-            return self._restore_parameter_data()
+        for name, saved in self.buffer_values.items():
+            _restore_values(self.buffers[name], saved)  # type: ignore[arg-type]
+        return self._restore_parameter_data()
 
     def _restore_tensor_attributes(self) -> None:
         """Entries of ``vars(module)`` that hold a tensor now or did before (plain tensor attributes)."""
-        current = vars(self.module)
-        for name in [name for name, value in current.items() if isinstance(value, torch.Tensor)]:
-            if name not in self.attributes:
+        current, saved = vars(self.module), self.attributes
+        changed = [name for name, value in current.items() if saved.get(name, _MISSING) is not value]
+        for name in [*changed, *(saved.keys() - current.keys())]:
+            before, now = saved.get(name, _MISSING), current.get(name, _MISSING)
+            if not isinstance(before, torch.Tensor) and not isinstance(now, torch.Tensor):
+                continue  # only tensor attributes are restored
+            if before is _MISSING:
                 del current[name]
-        for name, value in self.attributes.items():
-            if isinstance(value, torch.Tensor) or isinstance(current.get(name), torch.Tensor):
-                current[name] = value
+            else:
+                current[name] = before
 
     def _restore_parameter_data(self) -> list[str]:
         written = []
@@ -234,7 +238,8 @@ def preserved(model: torch.nn.Module) -> Iterator[Preserved]:
     try:
         yield outcome
     finally:
-        written = {(id(state.module), name) for state in states for name in state.restore()}
+        with torch.no_grad():
+            written = {(id(state.module), name) for state in states for name in state.restore()}
         modes.restore()
         randomness.restore()
         if written:
