@@ -8,6 +8,7 @@ from contextlib import ExitStack, contextmanager
 from typing import Any
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensor
 
 from dtypelint.config import Settings
 from dtypelint.dtypes import dtype_name, parse_dtype
@@ -18,6 +19,7 @@ from dtypelint.report import Report
 from dtypelint.rules import all_rules, run_rules
 from dtypelint.rules.base import Options, RuleContext
 from dtypelint.rules.packs import BackendPack, load_pack
+from dtypelint.state import preserved
 from dtypelint.trace import Tracer, TraceResult, needs_values
 
 MODES = ("value", "meta")
@@ -37,6 +39,10 @@ def _unwrap(model: Any, notes: list[str]) -> torch.nn.Module:
     if isinstance(original, torch.nn.Module):
         notes.append("torch.compile'd model: audited its eager original (_orig_mod)")
         model = original
+    if isinstance(model, (torch.nn.DataParallel, torch.nn.parallel.DistributedDataParallel)):
+        # Their forward scatters to devices (value mode on CPU just calls .module): audit the module itself.
+        notes.append(f"{type(model).__name__}: audited the wrapped module (.module)")
+        model = model.module
     if not isinstance(model, torch.nn.Module):
         raise UsageError(f"expected a torch.nn.Module, got {type(model).__name__}")
     return model
@@ -44,6 +50,8 @@ def _unwrap(model: Any, notes: list[str]) -> torch.nn.Module:
 
 def _fake(tensor: torch.Tensor, fake_mode: Any) -> torch.Tensor:
     """A fake CPU stand-in (shape, dtype, no storage) for a real or meta tensor."""
+    if isinstance(tensor, FakeTensor) and tensor.fake_mode is fake_mode:
+        return tensor
     if tensor.device.type == "meta":
         return fake_mode.fake_tensor_converter.from_meta_and_device(fake_mode, tensor, torch.device("cpu"))
     return fake_mode.from_tensor(tensor)
@@ -55,6 +63,15 @@ def _fake_value(value: Any, fake_mode: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return type(value)(_fake_value(item, fake_mode) for item in value)
     return value
+
+
+def _fake_call(
+    model: torch.nn.Module, args: tuple, kwargs: dict[str, Any], fake_mode: Any
+) -> tuple[dict[str, torch.Tensor], tuple, dict[str, Any]]:
+    """Fake stand-ins of the model's parameters and buffers (for ``functional_call``) and of the inputs."""
+    state = {name: _fake(t, fake_mode) for name, t in [*model.named_parameters(), *model.named_buffers()]}
+    fake_kwargs = {name: _fake_value(value, fake_mode) for name, value in kwargs.items()}
+    return state, _fake_value(args, fake_mode), fake_kwargs
 
 
 @contextmanager
@@ -76,29 +93,51 @@ def _fake_attributes(model: torch.nn.Module, fake_mode: Any) -> Iterator[None]:
             module.__dict__[name] = value
 
 
-def _run(
-    model: torch.nn.Module, inputs: Any, *, mode: str, stats: bool, notes: list[str], progress: bool = False
-) -> TraceResult:
-    """Trace one forward. Exceptions of the forward are kept in the result, never raised.
+def new_fake_mode() -> Any:
+    from torch._subclasses.fake_tensor import FakeTensorMode
 
-    Meta mode runs the forward inside ``FakeTensorMode`` on fake CPU stand-ins of the model's tensors
-    (swapped in by ``functional_call`` for the call only) and of the inputs: shapes and dtypes, no data.
+    return FakeTensorMode(allow_non_fake_inputs=True)
+
+
+def _written_note(parameters: set[str]) -> list[str]:
+    if not parameters:
+        return []
+    return [f"the forward wrote parameter{'s' if len(parameters) > 1 else ''} {', '.join(sorted(parameters))} "
+            "in place; dtypelint cannot undo it"]
+
+
+def _run(
+    model: torch.nn.Module,
+    inputs: Any,
+    *,
+    mode: str,
+    stats: bool,
+    notes: list[str],
+    progress: bool = False,
+    max_ops: int | None = None,
+    fake_mode: Any = None,
+) -> TraceResult:
+    """Trace one forward. Exceptions of the forward are kept in the result, never raised. The model and
+    global state are restored afterwards (``dtypelint.state.preserved``).
+
+    Meta mode runs the forward inside ``FakeTensorMode`` (``fake_mode``, or a new one) on fake CPU
+    stand-ins of the model's tensors (swapped in by ``functional_call`` for the call only) and of the
+    inputs: shapes and dtypes, no data.
     """
     if mode not in MODES:
         raise UsageError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
     args, kwargs, names = call_arguments(model, inputs)
-    state = fake_mode = None
+    state = None
     if mode == "meta":
-        from torch._subclasses.fake_tensor import FakeTensorMode
-
-        fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
-        state = {name: _fake(t, fake_mode) for name, t in [*model.named_parameters(), *model.named_buffers()]}
-        args = _fake_value(args, fake_mode)
-        kwargs = {name: _fake_value(value, fake_mode) for name, value in kwargs.items()}
+        fake_mode = fake_mode or new_fake_mode()
+        state, args, kwargs = _fake_call(model, args, kwargs, fake_mode)
     elif any(t.device.type == "meta" for t in [*model.parameters(), *model.buffers()]):
         raise UsageError("the model has tensors on the meta device, which value mode cannot run; use mode='meta'")
+    else:
+        fake_mode = None
     error = None
     with ExitStack() as stack:
+        kept = stack.enter_context(preserved(model))
         if fake_mode is not None:
             stack.enter_context(_fake_attributes(model, fake_mode))
         on_module = None
@@ -109,7 +148,7 @@ def _run(
                 tqdm(total=sum(1 for _ in model.modules()), desc="tracing", unit="module", delay=1.0, leave=False)
             )
             on_module = bar.update
-        tracer = Tracer(model, stats=stats and mode == "value", state=state, on_module=on_module)
+        tracer = Tracer(model, stats=stats and mode == "value", state=state, on_module=on_module, max_ops=max_ops)
         tracer.add_inputs(args, kwargs, names)
         if fake_mode is not None:
             stack.enter_context(fake_mode)
@@ -122,6 +161,7 @@ def _run(
                     torch.func.functional_call(model, state, args, kwargs, strict=False)
         except Exception as exception:  # noqa: BLE001 - the audit reports whatever the forward raised
             error = exception
+    notes += _written_note(tracer.written_parameters | set(kept.written_parameters))
     return TraceResult(tracer, error, fake=fake_mode is not None, notes=notes)
 
 
@@ -136,7 +176,7 @@ def trace(model: torch.nn.Module, inputs: Any, *, mode: str = "value", stats: bo
     forward that fails: the graph holds the ops up to the failing one, marked ``failed``)."""
     notes: list[str] = []
     model = _unwrap(model, notes)
-    return _graph(_run(model, inputs, mode=mode, stats=stats, notes=notes))
+    return _graph(_run(model, inputs, mode=mode, stats=stats, notes=notes, max_ops=Options().max_ops))
 
 
 def _report(result: TraceResult, *, compute_dtype: torch.dtype, settings: Settings, inputs: Any = None) -> Report:
@@ -212,7 +252,9 @@ def audit(
         extend_select=extend_select, per_location_ignores=per_location_ignores, severity=severity, options=options,
     )
     compute_dtype = parse_dtype(resolved.dtype) or infer_compute_dtype(model)
-    result = _run(model, inputs, mode=mode, stats=stats, notes=notes, progress=progress)
+    result = _run(
+        model, inputs, mode=mode, stats=stats, notes=notes, progress=progress, max_ops=resolved.options.max_ops
+    )
     return _report(result, compute_dtype=compute_dtype, settings=resolved, inputs=inputs if mode == "value" else None)
 
 
@@ -243,13 +285,22 @@ def audit_config(
     config = load_config(config, trust_remote_code=trust_remote_code)
     compute_dtype = parse_dtype(resolved.dtype) or config_dtype(config) or torch.float32
     model = build_meta_model(config, compute_dtype)
-    inputs = sample_inputs(model, config, batch=batch, seq_len=seq_len)
-    result = _run(model, inputs, mode="meta", stats=False, notes=[], progress=progress)
+    fake_mode = new_fake_mode()
+    with fake_mode:  # fake inputs: no memory however large batch x seq_len is
+        inputs = sample_inputs(model, config, batch=batch, seq_len=seq_len)
+
+    def run() -> TraceResult:
+        return _run(
+            model, inputs, mode="meta", stats=False, notes=[], progress=progress,
+            max_ops=resolved.options.max_ops, fake_mode=fake_mode,
+        )
+
+    result = run()
     if needs_values(result.error) and "attention_mask" in inputs:
         # Older transformers inspect the mask's values (is it all ones?). Real all-ones masks take the
         # causal path without one, so that path is what to audit.
         del inputs["attention_mask"]
-        retry = _run(model, inputs, mode="meta", stats=False, notes=[], progress=progress)
+        retry = run()
         if len(retry.tracer.records) > len(result.tracer.records):
             result = retry
             result.notes.append(

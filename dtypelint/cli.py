@@ -58,6 +58,7 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--batch", type=_positive_int, default=1)
     check.add_argument("--seq-len", type=_positive_int, default=16,
                        help="sample length (at most the config's max_position_embeddings)")
+    check.add_argument("--max-ops", type=_positive_int, metavar="N", help="ops recorded per forward (default: 200000)")
     check.add_argument("--format", choices=("text", "json", "sarif", "github", "markdown"), default="text")
     check.add_argument("--fail-on", choices=("info", "warning", "error"))
     check.add_argument("--exit-zero", action="store_true", help="exit 0 whatever the findings")
@@ -109,6 +110,7 @@ def _settings(options: argparse.Namespace) -> Settings:
         settings, backend=options.backend, rules=options.rules, select=options.select, ignore=options.ignore,
         extend_select=options.extend_select, fail_on=options.fail_on,
         dtype=None if options.dtype == "auto" else options.dtype,
+        options=replace(settings.options, max_ops=options.max_ops) if options.max_ops else None,
     )
 
 
@@ -181,7 +183,7 @@ def _run_check(options: argparse.Namespace, progress: bool) -> int:
     if mode == "value" and not _has_weights(path):
         raise UsageError(f"{path} holds no weights (*.safetensors, pytorch_model*.bin); use --mode meta")
     config = load_config(path, trust_remote_code=options.trust_remote_code)
-    check_sample_size(config, batch=options.batch, seq_len=options.seq_len)  # before the long work
+    check_sample_size(config, batch=options.batch, seq_len=options.seq_len, real=mode == "value")  # before loading
     if mode == "meta":
         report = audit_config(
             config, dtype=dtype, batch=options.batch, seq_len=options.seq_len,

@@ -10,6 +10,7 @@
     fail-on = "warning"               # the CLI's exit-1 threshold
     overflow-fraction = 0.5
     large-reduction = 65536
+    max-ops = 200000                  # ops recorded per forward (DT002 past it)
 
     [tool.dtypelint.per-location-ignores]
     "model.layers.*.mlp" = ["DT104"]
@@ -32,7 +33,7 @@ from dtypelint.rules import Selection
 from dtypelint.rules.base import Options, option_problem
 
 _LIST_KEYS = {"select": "select", "extend-select": "extend_select", "ignore": "ignore", "rules": "rules"}
-_OPTION_KEYS = {"overflow-fraction": "overflow_fraction", "large-reduction": "large_reduction"}
+_OPTION_KEYS = {"overflow-fraction": "overflow_fraction", "large-reduction": "large_reduction", "max-ops": "max_ops"}
 
 
 @dataclass

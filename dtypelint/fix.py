@@ -223,11 +223,13 @@ def _first_tensor(output: Any) -> torch.Tensor | None:
 
 
 def _outputs(model: torch.nn.Module, inputs: Any) -> torch.Tensor | None:
+    """The forward's first output as float32, with the model and global state restored afterwards."""
     from dtypelint.load import call_arguments
+    from dtypelint.state import preserved
 
     args, kwargs, _ = call_arguments(model, inputs)
     try:
-        with torch.no_grad():
+        with preserved(model), torch.no_grad():
             output = _first_tensor(model(*args, **kwargs))
     except Exception:  # noqa: BLE001 - an unfixed model may not run; its change is then unmeasurable
         return None

@@ -67,6 +67,8 @@ class DtypeGraph(nx.DiGraph):
             mode="meta" if result.fake else "value",
             stats=any(tensor.stats is not None for tensor in tracer.tensors),
             error=None if result.error is None else f"{type(result.error).__name__}: {result.error}",
+            ops_run=tracer.ops_run,
+            ops_recorded=len(tracer.records),
         )
         graph.add_nodes_from(
             (f"t{index}", _tensor_attributes(tensor)) for index, tensor in enumerate(tracer.tensors)

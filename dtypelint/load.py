@@ -157,9 +157,11 @@ def sample_inputs(
 ) -> dict[str, torch.Tensor]:
     """``input_ids``, ``attention_mask`` and, where the forward takes them, ``position_ids``.
 
-    Call it inside the fake mode for a fake model, so the inputs are fake too.
+    Call it inside the fake mode for a fake model, so the inputs are fake too (and any size is cheap).
     """
-    check_sample_size(config, batch=batch, seq_len=seq_len)
+    from torch._guards import detect_fake_mode
+
+    check_sample_size(config, batch=batch, seq_len=seq_len, real=detect_fake_mode() is None)
     vocab = getattr(config, "vocab_size", None) or 2
     generator = torch.Generator().manual_seed(seed)
     input_ids = torch.randint(0, vocab, (batch, seq_len), generator=generator)
@@ -169,18 +171,18 @@ def sample_inputs(
     return inputs
 
 
-# Sample inputs beyond this many tokens (batch * seq_len) need absurd memory for a dtype audit, whose
-# findings do not depend on the length.
+# Real sample inputs beyond this many tokens (batch * seq_len) need absurd memory for a dtype audit, whose
+# findings do not depend on the length. Meta mode's fake inputs cost nothing at any size.
 MAX_SAMPLE_TOKENS = 2**20
 
 
-def check_sample_size(config: Any, *, batch: int, seq_len: int) -> None:
-    """Refuse a sample that cannot run: non-positive, over ``MAX_SAMPLE_TOKENS``, or longer than the
-    config's ``max_position_embeddings``. The CLI calls it before loading weights."""
+def check_sample_size(config: Any, *, batch: int, seq_len: int, real: bool = True) -> None:
+    """Refuse a sample that cannot run: non-positive, longer than the config's ``max_position_embeddings``,
+    or, for ``real`` tensors, over ``MAX_SAMPLE_TOKENS``. The CLI calls it before loading weights."""
     for name, value in (("batch", batch), ("seq_len", seq_len)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise UsageError(f"{name} must be a positive integer, not {value!r}")
-    if batch * seq_len > MAX_SAMPLE_TOKENS:
+    if real and batch * seq_len > MAX_SAMPLE_TOKENS:
         raise UsageError(f"batch * seq_len is {batch * seq_len} tokens, over the cap of {MAX_SAMPLE_TOKENS}")
     limit = getattr(config, "max_position_embeddings", None)
     if isinstance(limit, int) and seq_len > limit:

@@ -10,6 +10,8 @@ The hot path only appends references; names, dtypes, shapes and the graph are de
 
 from __future__ import annotations
 
+import functools
+import sys
 import weakref
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -19,6 +21,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from dtypelint.state import GlobalModes
 from dtypelint.vocabulary import OpKind, OriginKind, packets
 
 if TYPE_CHECKING:
@@ -182,6 +185,14 @@ def needs_values(error: BaseException | None) -> bool:
         fake_tensor.UnsupportedOperatorException,
     )
     return isinstance(error, limits) or "data-dependent" in str(error) or "meta tensor" in str(error)
+@functools.cache
+def _written_arguments(func: Any) -> tuple[tuple[int, str], ...]:
+    """(position, name) of the arguments an op writes (``Tensor(a!)``: in-place and ``out=``)."""
+    return tuple(
+        (position, argument.name)
+        for position, argument in enumerate(func._schema.arguments)
+        if argument.alias_info is not None and argument.alias_info.is_write
+    )
 
 
 def _join(prefix: str, name: str) -> str:
@@ -191,8 +202,11 @@ def _join(prefix: str, name: str) -> str:
 class Tracer(TorchDispatchMode):
     """Record the ops of whatever runs inside ``with Tracer(model):``.
 
-    Leaves nothing behind: the global hooks are removed and grad mode and the default dtype are restored
-    on exit, also when the forward raises. The model itself is never touched.
+    Leaves nothing behind: the global hooks are removed and grad mode, the default dtype and autocast are
+    restored on exit, also when the forward raises. The model itself is never touched. Past ``max_ops``
+    ops nothing more is recorded, only counted (``ops_run``), so a huge forward cannot exhaust memory.
+    In-place writes to the model's parameter storage (``w.data.add_``) are noted in
+    ``written_parameters``.
     """
 
     def __init__(
@@ -202,11 +216,15 @@ class Tracer(TorchDispatchMode):
         stats: bool = False,
         state: Mapping[str, torch.Tensor] | None = None,
         on_module: Callable[[], object] | None = None,
+        max_ops: int | None = None,
     ) -> None:
         super().__init__()
         self.model = model
         self.on_module = on_module  # called as each module starts (a progress bar's update)
         self.stats = stats
+        self.max_ops = sys.maxsize if max_ops is None else max_ops
+        self.ops_run = 0
+        self.written_parameters: set[str] = set()
         self.records: list[OpRecord] = []
         self.tensors: list[TensorRecord] = []
         self.origins: dict[int, Origin] = {}
@@ -218,7 +236,9 @@ class Tracer(TorchDispatchMode):
         self._module_names = {id(module): name for name, module in model.named_modules()}
         self._module_stack: list[str] = [""]
         self._hooks: list[Any] = []
-        self._saved_state: tuple[bool, torch.dtype] | None = None
+        self._saved_modes: GlobalModes | None = None
+        # Storage of the real parameters, to catch writes through ``.data`` (which no version counter sees).
+        self._parameter_storages = {} if state is not None else _parameter_storages(model)
         self._register_model_origins(state)
 
     def _register_model_origins(self, state: Mapping[str, torch.Tensor] | None) -> None:
@@ -279,6 +299,11 @@ class Tracer(TorchDispatchMode):
         kwargs = kwargs or {}
         if func.namespace == "prim":  # metadata queries (prim.device under fake tensors), not data ops
             return func(*args, **kwargs)
+        self.ops_run += 1
+        if self.ops_run > self.max_ops:
+            return func(*args, **kwargs)
+        if self._parameter_storages and _written_arguments(func):
+            self._note_parameter_writes(func, args, kwargs)
         inputs = []
         for position, value in enumerate(args):
             if isinstance(value, torch.Tensor):  # the common case, without the generator
@@ -302,8 +327,17 @@ class Tracer(TorchDispatchMode):
         record.outputs = produced
         return outputs
 
+    def _note_parameter_writes(self, func: Any, args: tuple, kwargs: Mapping[str, Any]) -> None:
+        for position, name in _written_arguments(func):
+            value = args[position] if position < len(args) else kwargs.get(name)
+            for _, tensor in iter_tensors(value):
+                if not isinstance(tensor, FakeTensor) and tensor.device.type != "meta":
+                    written = self._parameter_storages.get(tensor.untyped_storage().data_ptr())
+                    if written is not None:
+                        self.written_parameters.add(written)
+
     def __enter__(self) -> Tracer:
-        self._saved_state = (torch.is_grad_enabled(), torch.get_default_dtype())
+        self._saved_modes = GlobalModes.capture()
         hooks = torch.nn.modules.module
         self._hooks = [
             hooks.register_module_forward_pre_hook(self._push_module),
@@ -318,9 +352,8 @@ class Tracer(TorchDispatchMode):
             for handle in self._hooks:
                 handle.remove()
             self._hooks = []
-            grad_enabled, default_dtype = self._saved_state or (True, torch.float32)
-            torch.set_grad_enabled(grad_enabled)
-            torch.set_default_dtype(default_dtype)
+            if self._saved_modes is not None:
+                self._saved_modes.restore()
 
     def graph(self, error: BaseException | None = None) -> DtypeGraph:
         """The dtype graph of what was recorded (``error``: what the forward raised, if it did)."""
@@ -333,6 +366,16 @@ class Tracer(TorchDispatchMode):
         self._keepalive = []
         self._live = {}
         self.origins = {}
+
+
+def _parameter_storages(model: torch.nn.Module) -> dict[int, str]:
+    storages = {
+        parameter.untyped_storage().data_ptr(): name
+        for name, parameter in model.named_parameters()
+        if parameter.device.type != "meta" and not isinstance(parameter, FakeTensor)
+    }
+    storages.pop(0, None)  # empty tensors share the null pointer
+    return storages
 
 
 @dataclass

@@ -12,7 +12,7 @@ import types
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_unchanged, per_layer_rotary, snapshot
+from helpers import assert_unchanged, per_layer_rotary, snapshot
 from torch import nn
 from transformers import (
     AutoConfig,

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from conftest import assert_unchanged, per_layer_rotary, snapshot
+from helpers import assert_unchanged, per_layer_rotary, snapshot
 from torch import nn
 
 import dtypelint

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import assert_unchanged, snapshot
+from helpers import assert_unchanged, snapshot
 from torch import nn
 
 import dtypelint

@@ -7,7 +7,7 @@ import resource
 
 import pytest
 import torch
-from conftest import EXAMPLES
+from helpers import EXAMPLES
 from torch import nn
 
 import dtypelint

@@ -7,7 +7,7 @@ import weakref
 
 import pytest
 import torch
-from conftest import assert_unchanged, snapshot
+from helpers import assert_unchanged, snapshot
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn

@@ -6,7 +6,7 @@ import networkx as nx
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_unchanged, snapshot
+from helpers import assert_unchanged, snapshot
 from torch import nn
 
 import dtypelint

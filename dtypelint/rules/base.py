@@ -28,6 +28,7 @@ class Options:
 
     overflow_fraction: float = 0.5
     large_reduction: int = 65536
+    max_ops: int = 200_000  # ops recorded per forward; past it the trace only counts (DT002)
 
     def __post_init__(self) -> None:
         for option in fields(self):

@@ -26,7 +26,9 @@ class TraceLimit(Rule):
     ## What it does
     Reports where a meta-mode audit stopped because an op needs real values (`.item()`, `nonzero`,
     mixture-of-experts routing) that a tensor without data cannot give, or because torch's meta function
-    of an op accepts less than its kernels (`aten._grouped_mm` takes only bfloat16 there).
+    of an op accepts less than its kernels (`aten._grouped_mm` takes only bfloat16 there). Also reports
+    a forward longer than `max-ops` (default 200000): the trace stopped recording there and the rest
+    of the forward ran unrecorded.
 
     ## Why is this bad?
     It is not a defect of the model: it means the ops after that point were not checked. Everything
@@ -46,6 +48,7 @@ class TraceLimit(Rule):
     severity = "warning"
 
     def check(self, context: RuleContext) -> Iterator[Finding]:
+        yield from self._op_cap(context)
         if context.error is None or not is_trace_limit(context):
             return
         graph = context.graph
@@ -60,3 +63,13 @@ class TraceLimit(Rule):
             f"the {traced - 1 if failed else traced} ops before it were checked, the rest of the forward was not",
             node=failed,
         )
+
+    def _op_cap(self, context: RuleContext) -> Iterator[Finding]:
+        run = context.graph.graph.get("ops_run", 0)
+        recorded = context.graph.graph.get("ops_recorded", 0)
+        if run > recorded:
+            yield self.finding(
+                location="",
+                message=f"the forward ran {run} ops; only the first {recorded} were recorded (max-ops "
+                f"{context.options.max_ops}), so the rules judged only that part",
+            )

@@ -111,7 +111,7 @@ ROWS = [
     ("value-build-fails", ["check", "{ws}/value-unknown-activation"], "cannot load"),
     # Sample sizes: positive, bounded, within the config's positions.
     ("seq-len-huge", ["check", "{tiny}", "--seq-len", "1000000000"], "over the cap of 1048576"),
-    ("seq-len-huge-meta", ["check", "{tiny}", "--mode", "meta", "--seq-len", "1000000000"], "over the cap of 1048576"),
+    ("seq-len-huge-meta", ["check", "{tiny}", "--mode", "meta", "--seq-len", "1000000000"], "longer than the config's max_position_embeddings 512"),
     ("batch-times-seq-len", ["check", "{tiny}", "--batch", "4096", "--seq-len", "512"], "over the cap of 1048576"),
     ("seq-len-over-positions", ["check", "{tiny}", "--seq-len", "513"],
      "longer than the config's max_position_embeddings 512"),

@@ -134,10 +134,21 @@ def test_sensible_options_are_kept():
 SAMPLE_ROWS = [
     # (id, audit_config keyword arguments, what the UsageError says): the API gets the CLI's check
     ("seq-len-over-positions", {"seq_len": 513}, "seq_len 513 is longer than the config's max_position_embeddings 512"),
-    ("tokens-over-cap", {"batch": 4096, "seq_len": 512}, "batch * seq_len is 2097152 tokens, over the cap of 1048576"),
     ("seq-len-zero", {"seq_len": 0}, "seq_len must be a positive integer, not 0"),
     ("batch-float", {"batch": 1.5}, "batch must be a positive integer, not 1.5"),
 ]
+
+
+def test_real_sample_inputs_are_capped_fake_ones_are_not(tiny_llama_fp16):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from dtypelint.load import sample_inputs
+
+    with pytest.raises(UsageError, match="batch \\* seq_len is 2097152 tokens, over the cap of 1048576"):
+        sample_inputs(tiny_llama_fp16, tiny_llama_fp16.config, batch=4096, seq_len=512)
+    with FakeTensorMode():
+        inputs = sample_inputs(tiny_llama_fp16, tiny_llama_fp16.config, batch=4096, seq_len=512)
+    assert inputs["input_ids"].shape == (4096, 512)
 
 
 @_table(SAMPLE_ROWS)
