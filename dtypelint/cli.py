@@ -8,7 +8,6 @@ Every failure is one line on stderr; ``--debug`` shows the traceback.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -20,14 +19,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from dtypelint.errors import DtypelintError, LoadError, UsageError, first_line
+from dtypelint.formats import FORMATS
 from dtypelint.shipped import available_packs
 
 if TYPE_CHECKING:
     from dtypelint.config import Settings
+    from dtypelint.fix import FixResult
     from dtypelint.report import Report
 
 EXIT_CLEAN, EXIT_FINDINGS, EXIT_ERROR = 0, 1, 2
-WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -62,7 +62,7 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--seq-len", type=_positive_int, default=16,
                        help="sample length (at most the config's max_position_embeddings)")
     check.add_argument("--max-ops", type=_positive_int, metavar="N", help="ops recorded per forward (default: 200000)")
-    check.add_argument("--format", choices=("text", "json", "sarif", "github", "markdown"), default="text")
+    check.add_argument("--format", choices=tuple(FORMATS), default="text")
     check.add_argument("--fail-on", choices=("info", "warning", "error"))
     check.add_argument("--exit-zero", action="store_true", help="exit 0 whatever the findings")
     check.add_argument("--select", type=_codes, help="comma-separated codes, prefixes or names")
@@ -77,7 +77,11 @@ def _parser() -> argparse.ArgumentParser:
     fixes.add_argument("--save-fixed", metavar="DIR", help="save_pretrained the fixed model into a new directory")
     fixes.add_argument("--force", action="store_true", help="let --save-fixed replace a non-empty directory")
 
-    commands.add_parser("rules", help="list the rules")
+    rules = commands.add_parser("rules", help="list the rules: code, name, pack, severity, fix, enabled")
+    rules.add_argument("--backend", action="append", metavar="PACK",
+                       help="only the generic rules and this pack's (default: every shipped pack)")
+    rules.add_argument("--format", choices=("text", "markdown"), default="text")
+    rules.add_argument("--config", help="pyproject.toml whose selection says which rules are enabled")
     explain = commands.add_parser("explain", help="print a rule's documentation")
     explain.add_argument("code")
     return parser
@@ -95,10 +99,6 @@ def _positive_int(text: str) -> int:
 
 def _codes(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
-
-
-def _has_weights(path: Path) -> bool:
-    return path.is_dir() and any(next(path.glob(pattern), None) for pattern in WEIGHT_PATTERNS)
 
 
 def _settings(options: argparse.Namespace) -> Settings:
@@ -144,60 +144,42 @@ def _library_noise(*, quiet: bool, progress: bool) -> Iterator[None]:
 
 
 def _run_check(options: argparse.Namespace, progress: bool) -> int:
-    from dtypelint.audit import audit, audit_config
+    from dtypelint.audit import audit_loaded
     from dtypelint.dtypes import parse_dtype
-    from dtypelint.load import (
-        check_sample_size,
-        config_dtype,
-        load_checkpoint,
-        load_config,
-        load_entry,
-        local_path,
-        refuse_weights_file,
-        sample_inputs,
-    )
+    from dtypelint.load import Request, find_loader, local_path, refuse_weights_file
     from dtypelint.save import PLAN_FILE
 
     if options.save_fixed and not options.fix:
         raise UsageError("--save-fixed needs --fix")
     _check_outputs(options)
     settings = _settings(options)
-    dtype = parse_dtype(settings.dtype)
-    if options.entry:
-        model, inputs = load_entry(options.entry)
-        report = audit(model, inputs, dtype=dtype, settings=settings, progress=progress)
-        return _finish(options, report, settings, model=model, inputs=inputs, dtype=dtype)
-    if options.path is None:
-        raise UsageError("check needs a PATH (or --entry MODULE:FUNCTION)")
-    path = local_path(options.path)
-    refuse_weights_file(path)
-    if path.is_dir() and not any(path.iterdir()):
-        raise LoadError(f"{path} is an empty directory")
-    if options.static:
-        return _static(path, settings.fail_on, options.exit_zero)
-    mode = options.mode or ("value" if _has_weights(path) else "meta")
-    if _fixing(options) and mode == "meta":
+    path = None
+    if not options.entry:
+        if options.path is None:
+            raise UsageError("check needs a PATH (or --entry MODULE:FUNCTION)")
+        path = local_path(options.path)
+        refuse_weights_file(path)
+        if path.is_dir() and not any(path.iterdir()):
+            raise LoadError(f"{path} is an empty directory")
+        if options.static:
+            return _static(options, path, settings)
+    request = Request(path=path, entry=options.entry, mode=options.mode, dtype=parse_dtype(settings.dtype),
+                      batch=options.batch, seq_len=options.seq_len, trust_remote_code=options.trust_remote_code)
+    loader = find_loader(request)
+    if _fixing(options) and loader.mode == "meta":
         raise UsageError("fixes need real weights: --fix, --diff, --write-plan and --save-fixed work in value mode")
-    if mode == "value" and not _has_weights(path):
-        raise UsageError(f"{path} holds no weights (*.safetensors, pytorch_model*.bin); use --mode meta")
-    config = load_config(path, trust_remote_code=options.trust_remote_code)
-    check_sample_size(config, batch=options.batch, seq_len=options.seq_len, real=mode == "value")  # before loading
-    if mode == "meta":
-        report = audit_config(
-            config, dtype=dtype, batch=options.batch, seq_len=options.seq_len,
-            trust_remote_code=options.trust_remote_code, settings=settings, progress=progress,
-        )
-        return _finish(options, report, settings)
-    load_dtype = dtype or config_dtype(config)
-    model = load_checkpoint(path, load_dtype, trust_remote_code=options.trust_remote_code)
-    inputs = sample_inputs(model, config, batch=options.batch, seq_len=options.seq_len)
-    report = audit(model, inputs, dtype=load_dtype, settings=settings, progress=progress)
-    if (path / PLAN_FILE).is_file():
+    loaded = loader.load(request)
+    report = audit_loaded(loaded, settings=settings, progress=progress)
+    if path is not None and (path / PLAN_FILE).is_file():
         report.notes.append(
             f"{PLAN_FILE} holds a fix plan: checkpoints do not store non-persistent buffers, so apply it after "
             f"every load: dtypelint.apply_plan(model, {str(path / PLAN_FILE)!r})"
         )
-    return _finish(options, report, settings, model=model, inputs=inputs, dtype=load_dtype)
+    if options.graph:
+        report.graph.write(options.graph)
+    if _fixing(options):
+        return _fix(options, loaded.model, report, settings)
+    return _print(options, report, settings.fail_on)
 
 
 def _check_outputs(options: argparse.Namespace) -> None:
@@ -236,103 +218,55 @@ def _check_writable_file(option: str, name: str) -> None:
         raise UsageError(f"{option} {target}: cannot write there: {error.strerror or error}") from None
 
 
-def _finish(options: argparse.Namespace, report: Report, settings: Settings, **fixable: Any) -> int:
-    """Write the graph, then print the report, or fix and print both; the exit code."""
-    if options.graph:
-        try:
-            report.graph.write(options.graph)
-        except OSError as error:  # the preflight passed, but the disk may fill or the directory go
-            raise UsageError(f"--graph {options.graph}: cannot write: {error.strerror or error}") from None
-    if _fixing(options):
-        return _fix(options, fixable["model"], report, fixable["inputs"], dtype=fixable["dtype"], settings=settings)
-    return _print(options, report, settings.fail_on)
-
-
 def _fixing(options: argparse.Namespace) -> bool:
     return bool(options.fix or options.diff or options.write_plan or options.save_fixed)
 
 
-def _static(path: Path, fail_on: str, exit_zero: bool) -> int:
-    """The stored dtype census against the dtype config.json declares: headers only, no weights read."""
-    from collections import Counter
+def _static(options: argparse.Namespace, path: Path, settings: Settings) -> int:
+    from dtypelint.audit import audit_static
 
-    from tabulate import tabulate
-
-    from dtypelint.dtypes import dtype_name
-    from dtypelint.load import config_dtype, load_config, stored_dtypes
-
-    stored = stored_dtypes(path)
-    declared = config_dtype(load_config(path))
-    census = Counter(stored.values())
-    print(tabulate(sorted(census.items()), headers=("stored dtype", "tensors")))
-    floating = {"float64", "float32", "float16", "bfloat16"}
-    others = sorted(name for name, dtype in stored.items()
-                    if declared is not None and dtype in floating and dtype != dtype_name(declared))
-    if declared is None:
-        print(f"{path}: config.json declares no dtype")
-    for name in others:
-        print(f"warning: {name} is stored as {stored[name]}, config.json declares {dtype_name(declared)}")
-    print(f"{path}: {len(stored)} tensors, {len(others)} stored in another floating dtype than declared")
-    failing = others and fail_on in ("warning", "info")
-    return EXIT_FINDINGS if failing and not exit_zero else EXIT_CLEAN
+    if _fixing(options):
+        raise UsageError("fixes need a forward: --static reads headers only")
+    return _print(options, audit_static(path, settings=settings), settings.fail_on)
 
 
-def _fix(options: argparse.Namespace, model: Any, report: Report, inputs: Any, **audit_options: Any) -> int:
+def _fix(options: argparse.Namespace, model: Any, report: Report, settings: Settings) -> int:
     from dtypelint.fix import fix
     from dtypelint.save import save_fixed
 
-    result = fix(model, report, inputs=inputs, unsafe=options.unsafe_fixes, dry_run=not options.fix, **audit_options)
+    result = fix(model, report, unsafe=options.unsafe_fixes, dry_run=not options.fix)
     if options.write_plan:
         result.plan.write(options.write_plan)
-    saved = None
     if options.save_fixed and result.changed:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            saved = save_fixed(model, options.save_fixed, result.plan, source=options.path, force=options.force)
+            result.saved = save_fixed(model, options.save_fixed, result.plan, source=options.path, force=options.force)
         for warning in caught:
             print(f"dtypelint: {warning.message}", file=sys.stderr)
-    final = result.after if result.changed else report
-    if options.format == "json":
-        data = final.to_dict()
-        data["fix"] = {
-            "applied": bool(result.changed),
-            "rolled_back": result.rolled_back,
-            "reason": result.reason,
-            "changes": result.plan.to_dict()["changes"],
-            "output_change": result.output_change,
-            "rope_error": result.rope_error,
-            "unread": result.unread,
-            "saved": str(saved) if saved else None,
-        }
-        print(json.dumps(data, indent=2))
-    else:
-        print(report.render())
-        print(result.render())
-        if saved:
-            print(f"saved the fixed model and its fix plan to {saved}")
-        elif options.save_fixed:
-            print(f"nothing saved: no fix was applied, so {options.save_fixed} was not written")
-    failing = final.at_or_above(audit_options["settings"].fail_on)
-    return EXIT_FINDINGS if failing and not options.exit_zero else EXIT_CLEAN
+    elif options.save_fixed:
+        result.not_saved = options.save_fixed
+    return _print(options, result.after if result.changed else report, settings.fail_on, fixed=result)
 
 
-def _print(options: argparse.Namespace, report: Report, fail_on: str) -> int:
+def _print(options: argparse.Namespace, report: Report, fail_on: str, fixed: FixResult | None = None) -> int:
+    """Every output goes through the renderers of ``dtypelint.formats``: the audit's, the fix's, --static's."""
     from dtypelint.formats import render
 
-    output = render(report, options.format, path=options.path)
+    output = render(report, options.format, path=options.path, fix=fixed)
     if output:
         print(output)
     failing = report.at_or_above(fail_on)
     return EXIT_FINDINGS if failing and not options.exit_zero else EXIT_CLEAN
 
 
-def _rules() -> int:
-    from tabulate import tabulate
-
+def _rules(options: argparse.Namespace) -> int:
+    from dtypelint.config import load_settings
+    from dtypelint.formats import render_rules
     from dtypelint.rules import all_rules
 
-    rows = [(rule.code, rule.name, rule.category, rule.severity, rule.summary) for rule in all_rules()]
-    print(tabulate(rows, headers=("code", "name", "category", "severity", "summary"), maxcolwidths=[None] * 4 + [70]))
+    settings = load_settings(options.config)
+    rules = settings.layered({"backend": options.backend}).rules if options.backend else all_rules()
+    print(render_rules(rules, options.format, enabled=settings.selection.enabled))
     return EXIT_CLEAN
 
 
@@ -355,7 +289,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if options.command == "check":
             return _check(options)
         if options.command == "rules":
-            return _rules()
+            return _rules(options)
         return _explain(options.code)
     except BrokenPipeError:  # `dtypelint check ... | head`: the reader left; say nothing more
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

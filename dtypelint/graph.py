@@ -26,7 +26,7 @@ from torch._ops import OpOverloadPacket
 
 from dtypelint.dtypes import dtype_name
 from dtypelint.errors import UsageError
-from dtypelint.trace import Origin, TensorRecord, TraceResult
+from dtypelint.trace import Origin, TensorRecord, Tracer, TraceResult
 from dtypelint.vocabulary import LEAF_ORIGINS, OpKind, OriginKind, kinds_of
 
 _PRODUCED = Origin(OriginKind.OP)
@@ -57,6 +57,11 @@ class TensorNode(TypedDict, total=False):
 
 class DtypeGraph(nx.DiGraph):
     """A networkx digraph of ops and tensors with the queries the rules need."""
+
+    @classmethod
+    def from_tracer(cls, tracer: Tracer, error: BaseException | None = None) -> DtypeGraph:
+        """The graph of whatever ran inside ``with Tracer(model):`` (``error``: what it raised, if it did)."""
+        return cls.from_trace(TraceResult(tracer, error))
 
     @classmethod
     def from_trace(cls, result: TraceResult) -> DtypeGraph:

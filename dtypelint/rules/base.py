@@ -17,9 +17,9 @@ from dtypelint.report import Finding, Fix
 
 if TYPE_CHECKING:
     from dtypelint.graph import DtypeGraph
+    from dtypelint.model_info import ModelInfo
     from dtypelint.rules.packs import BackendPack
     from dtypelint.rules.sites import ModelSites
-    from dtypelint.trace import ModelInfo
 
 
 @dataclass
@@ -78,6 +78,7 @@ class Rule:
     severity: ClassVar[str]
     fix_availability: ClassVar[str] = "never"  # never | sometimes | always
     uses_value_statistics: ClassVar[bool] = False  # runs only on graphs with value statistics
+    judges_model_only: ClassVar[bool] = False  # needs the model's tensors, not the trace (runs in static mode)
 
     def __init_subclass__(cls, **kwargs: object) -> None:
         super().__init_subclass__(**kwargs)
@@ -90,8 +91,13 @@ class Rule:
 
     @property
     def summary(self) -> str:
-        match = re.search(r"## What it does\s*\n(.+?)(?:\n\n|\Z)", self.docs, re.S)
-        return " ".join(match.group(1).split()) if match else self.name
+        """The first paragraph of "What it does", on one line."""
+        return " ".join(self.section("What it does").split("\n\n")[0].split()) or self.name
+
+    def section(self, title: str) -> str:
+        """The text of one ``## title`` section of the docs (empty when there is none)."""
+        match = re.search(rf"^## {re.escape(title)}[ \t]*\n(.*?)(?=^## |\Z)", self.docs, re.S | re.M)
+        return match.group(1).strip() if match else ""
 
     def check(self, context: RuleContext) -> Iterable[Finding]:
         raise NotImplementedError
