@@ -14,6 +14,8 @@ import torch
 
 from dtypelint.errors import UsageError
 from dtypelint.report import Finding, Fix
+from dtypelint.trace import needs_values
+from dtypelint.vocabulary import OpKind
 
 if TYPE_CHECKING:
     from dtypelint.graph import DtypeGraph
@@ -60,6 +62,17 @@ class RuleContext:
     pack: BackendPack
     error: BaseException | None = None
     options: Options = field(default_factory=Options)
+
+    @cached_property
+    def stopped_at_trace_limit(self) -> bool:
+        """True when the forward stopped at a limit of meta mode rather than a defect of the model: fake
+        tensors refusing a data-dependent or unsupported op, or a meta function narrower than the kernel
+        (DT002 reports it; DT001 leaves it alone)."""
+        if needs_values(self.error):
+            return True
+        failed = self.graph.failed_op()
+        meta = self.graph.graph["mode"] == "meta"
+        return meta and failed is not None and self.graph.op_is(failed, OpKind.NARROWER_IN_META)
 
     @cached_property
     def sites(self) -> ModelSites:
