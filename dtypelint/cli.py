@@ -1,4 +1,5 @@
-"""The ``dtypelint`` command.
+"""Find dtype conflicts in a PyTorch model before the backend does: check a checkpoint, a config or your
+own model function against a backend's kernels, and fix what can be fixed.
 
 Exit codes: 0 no finding at or above ``--fail-on``; 1 findings at or above it; 2 anything else: a usage
 error, a model, config or rule pack that could not be loaded, an internal error, an interrupt (Ctrl-C).
@@ -11,7 +12,6 @@ import argparse
 import logging
 import os
 import sys
-import tempfile
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -20,6 +20,13 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 from dtypelint.errors import DtypelintError, LoadError, UsageError, first_line
 from dtypelint.formats import FORMATS
+from dtypelint.paths import (
+    GRAPH_SUFFIXES,
+    check_writable_file,
+    local_path,
+    refuse_weights_file,
+    unsupported_graph_suffix,
+)
 from dtypelint.shipped import available_packs
 
 if TYPE_CHECKING:
@@ -39,13 +46,19 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="dtypelint", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="dtypelint", description=__doc__.split("\n\n")[0].replace("\n", " "),
+                     epilog="Exit codes: 0 clean, 1 findings at or above --fail-on, 2 usage or load error, "
+                            "internal error or interrupt. `dtypelint COMMAND --help` for each command.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
-    commands = parser.add_subparsers(dest="command", required=True)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", help="what to do")
 
-    check = commands.add_parser("check", help="audit a checkpoint directory or a config")
+    check = commands.add_parser("check", help="audit a checkpoint directory or a config",
+                                description="Audit a checkpoint directory, a config (meta mode) or an --entry "
+                                            "function's (model, inputs), and report or fix the dtype conflicts.")
     check.add_argument("path", nargs="?", help="checkpoint directory, or a config.json / directory without weights")
-    check.add_argument("--entry", metavar="MODULE:FUNCTION", help="a function returning (model, inputs)")
+    check.add_argument("--entry", metavar="MODULE:FUNCTION",
+                       help="a function returning (model, inputs), imported as `python -m` would (from here)")
     check.add_argument("--static", action="store_true",
                        help="no forward: the stored dtype census from safetensors headers against config.json")
     check.add_argument("--graph", metavar="FILE", help="write the dtype graph (.json, .graphml, .dot, .mmd)")
@@ -58,17 +71,19 @@ def _parser() -> argparse.ArgumentParser:
                        help="an extra rule pack whose contracts join the backend's (repeatable)")
     check.add_argument("--config", help="pyproject.toml to read [tool.dtypelint] from (default: the nearest)")
     check.add_argument("--mode", choices=("value", "meta"), help="value (real weights) or meta (config only)")
-    check.add_argument("--batch", type=_positive_int, default=1)
+    check.add_argument("--batch", type=_positive_int, default=1, help="sample batch size (default: 1)")
     check.add_argument("--seq-len", type=_positive_int, default=16,
-                       help="sample length (at most the config's max_position_embeddings)")
+                       help="sample length (default: 16; at most the config's max_position_embeddings)")
     check.add_argument("--max-ops", type=_positive_int, metavar="N", help="ops recorded per forward (default: 200000)")
-    check.add_argument("--format", choices=tuple(FORMATS), default="text")
-    check.add_argument("--fail-on", choices=("info", "warning", "error"))
+    check.add_argument("--format", choices=tuple(FORMATS), default="text", help="output format (default: text)")
+    check.add_argument("--fail-on", choices=("info", "warning", "error"),
+                       help="lowest severity that makes the exit code 1 (default: error)")
     check.add_argument("--exit-zero", action="store_true", help="exit 0 whatever the findings")
     check.add_argument("--select", type=_codes, help="comma-separated codes, prefixes or names")
-    check.add_argument("--ignore", type=_codes)
-    check.add_argument("--extend-select", type=_codes)
-    check.add_argument("--trust-remote-code", action="store_true")
+    check.add_argument("--ignore", type=_codes, help="comma-separated codes, prefixes or names to leave out")
+    check.add_argument("--extend-select", type=_codes, help="codes, prefixes or names to add to the selection")
+    check.add_argument("--trust-remote-code", action="store_true",
+                       help="run the checkpoint's own modeling code (auto_map); only for code you trust")
     fixes = check.add_argument_group("fixes (value mode)")
     fixes.add_argument("--fix", action="store_true", help="apply the safe fixes in memory, verified by a re-audit")
     fixes.add_argument("--unsafe-fixes", action="store_true", help="also the fixes that may cost precision")
@@ -80,11 +95,21 @@ def _parser() -> argparse.ArgumentParser:
     rules = commands.add_parser("rules", help="list the rules: code, name, pack, severity, fix, enabled")
     rules.add_argument("--backend", action="append", metavar="PACK",
                        help="only the generic rules and this pack's (default: every shipped pack)")
-    rules.add_argument("--format", choices=("text", "markdown"), default="text")
+    rules.add_argument("--format", choices=("text", "markdown"), default="text",
+                       help="a terminal table, or Markdown (the README's table)")
     rules.add_argument("--config", help="pyproject.toml whose selection says which rules are enabled")
     explain = commands.add_parser("explain", help="print a rule's documentation")
-    explain.add_argument("code")
+    explain.add_argument("code", help="a rule code (DT101) or name (mixed-input)")
     return parser
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("dtypelint")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
 
 
 def _positive_int(text: str) -> int:
@@ -113,9 +138,34 @@ def _settings(options: argparse.Namespace) -> Settings:
 
 
 def _check(options: argparse.Namespace) -> int:
+    path = _preflight(options)
     progress = not options.quiet and sys.stderr.isatty()
     with _library_noise(quiet=options.quiet, progress=progress):
-        return _run_check(options, progress)
+        return _run_check(options, path, progress)
+
+
+def _preflight(options: argparse.Namespace) -> Path | None:
+    """Everything that can be checked without torch, checked before importing it: a usage error costs
+    well under a second. Returns the checkpoint or config path (None for --entry)."""
+    from dtypelint.dtypes import dtype_attribute
+
+    if options.save_fixed and not options.fix:
+        raise UsageError("--save-fixed needs --fix")
+    if options.dtype and options.dtype.strip().lower() != "auto":
+        dtype_attribute(options.dtype)
+    for name in _codes(",".join(options.backend or [])) + (options.packs or []):
+        if not name.endswith(".toml") and "/" not in name and name not in available_packs():
+            raise UsageError(f"unknown backend {name!r}; available: {', '.join(available_packs())}")
+    _check_outputs(options)
+    if options.entry:
+        return None
+    if options.path is None:
+        raise UsageError("check needs a PATH (or --entry MODULE:FUNCTION)")
+    path = local_path(options.path)
+    refuse_weights_file(path)
+    if path.is_dir() and not any(path.iterdir()):
+        raise LoadError(f"{path} is an empty directory")
+    return path
 
 
 @contextmanager
@@ -143,26 +193,15 @@ def _library_noise(*, quiet: bool, progress: bool) -> Iterator[None]:
             logging.disable(logging_disabled)
 
 
-def _run_check(options: argparse.Namespace, progress: bool) -> int:
+def _run_check(options: argparse.Namespace, path: Path | None, progress: bool) -> int:
     from dtypelint.audit import audit_loaded
     from dtypelint.dtypes import parse_dtype
-    from dtypelint.load import Request, find_loader, local_path, refuse_weights_file
+    from dtypelint.load import Request, find_loader
     from dtypelint.save import PLAN_FILE
 
-    if options.save_fixed and not options.fix:
-        raise UsageError("--save-fixed needs --fix")
-    _check_outputs(options)
     settings = _settings(options)
-    path = None
-    if not options.entry:
-        if options.path is None:
-            raise UsageError("check needs a PATH (or --entry MODULE:FUNCTION)")
-        path = local_path(options.path)
-        refuse_weights_file(path)
-        if path.is_dir() and not any(path.iterdir()):
-            raise LoadError(f"{path} is an empty directory")
-        if options.static:
-            return _static(options, path, settings)
+    if options.static and path is not None:
+        return _static(options, path, settings)
     request = Request(path=path, entry=options.entry, mode=options.mode, dtype=parse_dtype(settings.dtype),
                       batch=options.batch, seq_len=options.seq_len, trust_remote_code=options.trust_remote_code)
     loader = find_loader(request)
@@ -185,37 +224,17 @@ def _run_check(options: argparse.Namespace, progress: bool) -> int:
 def _check_outputs(options: argparse.Namespace) -> None:
     """The one place where output paths are checked, before anything is loaded rather than after a long
     audit."""
-    from dtypelint.graph import GRAPH_SUFFIXES, unsupported_graph_suffix
     from dtypelint.save import check_save_target
 
     if options.graph:
-        _check_writable_file("--graph", options.graph)
+        check_writable_file("--graph", options.graph)
         suffix = Path(options.graph).suffix.lower()
         if suffix not in GRAPH_SUFFIXES:
             raise UsageError(f"--graph {options.graph}: {unsupported_graph_suffix(suffix)}")
     if options.write_plan:
-        _check_writable_file("--write-plan", options.write_plan)
+        check_writable_file("--write-plan", options.write_plan)
     if options.save_fixed:
         check_save_target(options.save_fixed, sources=[options.path] if options.path else [], force=options.force)
-
-
-def _check_writable_file(option: str, name: str) -> None:
-    """``name`` must be a file (new or not) in an existing directory that we may create files in."""
-    target = Path(name)
-    if target.is_dir():
-        raise UsageError(f"{option} {target} is a directory; name a file")
-    parent = target.parent
-    if not parent.is_dir():
-        problem = "is not a directory" if parent.exists() else "does not exist"
-        raise UsageError(f"{option} {target}: {parent} {problem}")
-    try:
-        # Permission bits say nothing for root, and nothing about read-only file systems or /proc: try.
-        with tempfile.TemporaryFile(dir=parent):
-            pass
-        if target.exists():
-            target.open("ab").close()
-    except OSError as error:
-        raise UsageError(f"{option} {target}: cannot write there: {error.strerror or error}") from None
 
 
 def _fixing(options: argparse.Namespace) -> bool:

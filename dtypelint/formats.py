@@ -57,7 +57,6 @@ import hashlib
 import json
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
@@ -252,6 +251,8 @@ def _fingerprint(report: Report, finding: Finding) -> str:
 
 
 def _version() -> str | None:
+    from importlib import metadata  # here, not at the top: the command line imports this module at start
+
     try:
         return metadata.version("dtypelint")
     except metadata.PackageNotFoundError:
@@ -260,6 +261,8 @@ def _version() -> str | None:
 
 def _information_uri() -> str | None:
     """The project's home page from the installed metadata (``[project.urls]``), if it declares one."""
+    from importlib import metadata
+
     try:
         meta = metadata.metadata("dtypelint")
     except metadata.PackageNotFoundError:

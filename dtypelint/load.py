@@ -10,10 +10,9 @@ synthesized from the config. Nothing is downloaded: every load is local.
 from __future__ import annotations
 
 import copy
-import errno
 import inspect
 import json
-import re
+import sys
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ import torch
 
 from dtypelint.dtypes import parse_dtype
 from dtypelint.errors import LoadError, UsageError, first_line
+from dtypelint.paths import local_path, refuse_weights_file
 
 
 def transformers_version() -> tuple[int, int]:
@@ -36,34 +36,6 @@ def transformers_version() -> tuple[int, int]:
 def dtype_keyword() -> str:
     """``from_pretrained``/``from_config`` take ``dtype=`` since transformers 4.56, ``torch_dtype=`` before."""
     return "dtype" if transformers_version() >= (4, 56) else "torch_dtype"
-
-
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".ckpt")
-# A hub id (``gpt2``, ``meta-llama/Llama-3.1-8B``) looks like this; dtypelint never downloads it.
-_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
-
-
-def local_path(path: str | Path) -> Path:
-    """``path`` if it exists here; otherwise a LoadError that says why: a symlink loop, a dangling
-    link, a hub id (nothing is downloaded), or plainly missing."""
-    path = Path(path)
-    try:
-        path.stat()
-    except OSError as error:
-        if error.errno == errno.ELOOP:
-            raise LoadError(f"{path} is a symlink loop") from None
-        if path.is_symlink():
-            raise LoadError(f"{path} is a symlink to {path.readlink()}, which does not exist") from None
-        if _HUB_ID.fullmatch(str(path)) and not path.is_absolute():
-            raise LoadError(f"{path} does not exist here; dtypelint downloads nothing, so pass a local directory "
-                            f"(for a hub model: huggingface-cli download {path} --local-dir DIR)") from None
-        raise LoadError(f"{path} does not exist") from None
-    return path
-
-
-def refuse_weights_file(path: Path) -> None:
-    if path.is_file() and path.suffix.lower() in WEIGHT_SUFFIXES:
-        raise LoadError(f"{path} is a weights file; pass the checkpoint directory that holds it and its config.json")
 
 
 # Config fields whose value sizes the model: a value that is not a positive integer cannot build one.
@@ -325,7 +297,8 @@ def load_entry(spec: str) -> tuple[torch.nn.Module, Any]:
     if not module_name or not function_name:
         raise UsageError(f"--entry {spec!r} must look like module.path:function")
     try:
-        module = importlib.import_module(module_name)
+        with _importable_from(Path.cwd()):  # as `python -m` does: the console script's path lacks it
+            module = importlib.import_module(module_name)
     except ModuleNotFoundError as error:
         raise LoadError(f"--entry {spec!r}: cannot import {module_name}: {error}") from None
     except (Exception, SystemExit) as error:  # noqa: BLE001 - user code can raise anything at import
@@ -342,6 +315,19 @@ def load_entry(spec: str) -> tuple[torch.nn.Module, Any]:
     if not (isinstance(result, tuple) and len(result) == 2 and isinstance(result[0], torch.nn.Module)):
         raise UsageError(f"--entry {spec!r} must return (model, inputs), got {type(result).__name__}")
     return result
+
+
+@contextmanager
+def _importable_from(directory: Path) -> Iterator[None]:
+    entry = str(directory)
+    added = entry not in sys.path
+    if added:
+        sys.path.insert(0, entry)
+    try:
+        yield
+    finally:
+        if added:
+            sys.path.remove(entry)
 
 
 def _user_error(error: BaseException) -> str:
