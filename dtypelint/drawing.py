@@ -46,6 +46,12 @@ def error_sites(report: Report) -> dict[str, list[Finding]]:
     return sites
 
 
+def unplaced_errors(report: Report) -> list[Finding]:
+    """The errors that name no graph node: a contract on a tensor the traced forward never read (a
+    per-layer rotary ``inv_freq`` whose cos/sin were cached at load) has nothing to draw."""
+    return [finding for finding in report.errors if finding.node is None or finding.node not in report.graph]
+
+
 def cause_path(graph: DtypeGraph, site: str, compute_dtype: str, *, max_nodes: int = MAX_PATH_NODES) -> CausePath:
     """The odd-dtype operands of ``site`` followed back to their roots, the other operands with the op
     that made them (context, not followed), and the site's outputs."""

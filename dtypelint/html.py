@@ -18,7 +18,7 @@ from html import escape
 from importlib.resources import files
 from typing import TYPE_CHECKING
 
-from dtypelint.drawing import MAX_DRAWINGS, ROOT_LOCATION, CausePath, cause_path, error_sites
+from dtypelint.drawing import MAX_DRAWINGS, ROOT_LOCATION, CausePath, cause_path, error_sites, unplaced_errors
 
 if TYPE_CHECKING:
     from dtypelint.formats import FormatContext
@@ -98,8 +98,8 @@ def findings_table(findings: list[Finding]) -> str:
         return "<p>No findings.</p>"
     header = "".join(f"<th>{column}</th>" for column in COLUMNS)
     rows = [f"<tr class=\"{escape(finding.severity)}\">{findings_cells(finding)}</tr>" for finding in findings]
-    return "<table class=\"findings\">\n<thead><tr>" + header + "</tr></thead>\n<tbody>\n" + "\n".join(rows) + \
-        "\n</tbody>\n</table>"
+    return "\n".join(["<table class=\"findings\">", f"<thead><tr>{header}</tr></thead>", "<tbody>", *rows, "</tbody>",
+                      "</table>"])
 
 
 def findings_cells(finding: Finding) -> str:
@@ -123,7 +123,8 @@ def notes_list(notes: list[str]) -> str:
 
 
 def error_drawings(report: Report) -> list[str]:
-    """One section per error site, up to ``MAX_DRAWINGS``, and a line saying how many more there are."""
+    """One section per error site, up to ``MAX_DRAWINGS``, a line saying how many more there are, and the
+    errors with nothing to draw."""
     sites = list(error_sites(report).items())
     sections = [
         error_section(report, number, node, findings)
@@ -131,7 +132,25 @@ def error_drawings(report: Report) -> list[str]:
     ]
     if len(sites) > MAX_DRAWINGS:
         sections.append(f"<p class=\"more\">{len(sites) - MAX_DRAWINGS} more error sites not drawn.</p>")
+    unplaced = unplaced_errors(report)
+    if unplaced:
+        sections.append(unplaced_section(unplaced))
     return sections
+
+
+def unplaced_section(findings: list[Finding]) -> str:
+    items = [
+        f"<li>{escape(finding.code)} at {code(finding.location or ROOT_LOCATION)}"
+        + (f": {code(finding.tensor)}" if finding.tensor else "") + "</li>"
+        for finding in findings
+    ]
+    return "\n".join([
+        "<section class=\"unplaced\">",
+        "<p>Not drawn: these errors name nothing the traced forward used (for example a buffer read only while "
+        "the model was built).</p>",
+        "<ul>", *items, "</ul>",
+        "</section>",
+    ])
 
 
 def error_section(report: Report, number: int, node: str, findings: list[Finding]) -> str:

@@ -163,6 +163,20 @@ def test_error_drawings_stop_at_the_cap_and_say_how_many_more(stray_report, tiny
     assert len(Page(render(replace(many, findings=many.findings[:2]), "html")).mermaid) == 2
 
 
+def test_an_error_at_a_tensor_is_drawn_from_its_roots_and_one_without_a_node_is_listed(stray_report):
+    graph = stray_report.graph
+    weight = graph.find_tensor("head.weight")
+    (view,) = graph.outputs(graph.consumers(weight)[0])
+    error = stray_report.errors[1]
+    at_tensor = replace(error, node=view)  # as a kernel contract names an operand
+    nowhere = replace(error, code="IPX101", node=None, tensor="model.layers.0.self_attn.rotary_emb.inv_freq")
+    text = render(replace(stray_report, findings=[at_tensor, nowhere]), "html")
+    (drawing,) = Page(text).mermaid
+    assert f"{view}(" in drawing and ":::conflict" in drawing.split(f"{view}(", 1)[1].split("\n", 1)[0]
+    assert f'{weight}("head.weight float32[4, 16]"):::culprit' in drawing
+    assert "Not drawn:" in text and "<li>IPX101 at <code>head</code>: <code>model.layers.0.self_attn" in text
+
+
 def test_a_clean_report_has_no_drawing(tiny_llama_fp16, input_ids):
     report = audit(tiny_llama_fp16, {"input_ids": input_ids})
     page = Page(render(report, "html"))
@@ -213,7 +227,7 @@ def chromium() -> str:
     binary = shutil.which("chromium") or shutil.which("chromium-browser")
     if binary is None:
         message = "no chromium or chromium-browser on PATH (Debian: apt-get install chromium)"
-        if os.environ.get("CI"):
+        if "CI" in os.environ:
             pytest.fail(f"CI needs the browser test: {message}")
         pytest.skip(message)
     return binary
