@@ -15,6 +15,7 @@ import subprocess
 import zlib
 from collections import Counter
 from dataclasses import replace
+from html import unescape
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -23,6 +24,7 @@ import pytest
 import torch
 
 from dtypelint import audit
+from dtypelint.cli import main
 from dtypelint.drawing import MAX_DRAWINGS, cause_path
 from dtypelint.formats import render
 from dtypelint.graph import MERMAID_CLASSES, ellipsize, mermaid_text
@@ -183,6 +185,17 @@ def test_a_clean_report_has_no_drawing(tiny_llama_fp16, input_ids):
     assert page.mermaid == [] and "<p>No findings.</p>" in render(report, "html")
 
 
+def test_check_writes_the_page_with_format_html(tmp_path, capsys, monkeypatch):
+    (tmp_path / "stray_entry.py").write_text(
+        "import torch\nfrom helpers import StrayFp32Layer\n\n"
+        "def build():\n    torch.manual_seed(0)\n    return StrayFp32Layer().eval(), torch.randn(2, 16, dtype=torch.float16)\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert main(["check", "--entry", "stray_entry:build", "--format", "html"]) == 1
+    page = Page(capsys.readouterr().out)
+    assert len(page.mermaid) == 1 and "head.weight" in page.cells
+
+
 # Graph labels -------------------------------------------------------------------------------------------
 
 
@@ -285,19 +298,30 @@ def unfilter(kind: int, line: bytearray, previous: bytearray, bpp: int) -> bytea
     return line
 
 
-def test_the_page_renders_offline_in_headless_chromium(stray_report, tmp_path):
-    binary = chromium()
+def rendered_drawing_text(binary: str, report: Report, tmp_path: Path) -> tuple[Path, str]:
+    """Write the report's page, load it in Chromium, and return the page and the text of the SVG that
+    Mermaid drew in the first error's drawing container."""
     page = tmp_path / "report.html"
-    page.write_text(render(stray_report, "html"), encoding="utf-8")
-
+    page.write_text(render(report, "html"), encoding="utf-8")
     dom = run_chromium(binary, page, tmp_path / "profile", "--dump-dom").stdout
     assert 'data-drawings="rendered"' in dom, re.findall(r'data-drawings="[^"]*"', dom)
     section = dom.split('<section class="error-site"', 1)[1].split("</section>", 1)[0]
     svg = re.search(r"<pre class=\"mermaid\"[^>]*>\s*<svg .*?</svg>", section, re.DOTALL)
     assert svg, section[:2000]
-    svg_text = " ".join(re.sub(r"<[^>]+>", " ", svg.group(0)).split())
-    assert "head.weight float32[4, 16]" in svg_text and "aten.addmm @ head" in svg_text
-    assert "Syntax error" not in svg_text
+    text = unescape(" ".join(re.sub(r"<[^>]+>", " ", svg.group(0)).split()))
+    assert "Syntax error" not in text
+    return page, text
+
+
+def test_a_hostile_name_is_drawn_as_it_is_in_headless_chromium(hostile_report, tmp_path):
+    _, text = rendered_drawing_text(chromium(), hostile_report, tmp_path)
+    assert f"head.{HOSTILE} float32[4, 16]" in text
+
+
+def test_the_page_renders_offline_in_headless_chromium(stray_report, tmp_path):
+    binary = chromium()
+    page, text = rendered_drawing_text(binary, stray_report, tmp_path)
+    assert "head.weight float32[4, 16]" in text and "aten.addmm @ head" in text
 
     screenshot = tmp_path / "report.png"
     run_chromium(binary, page, tmp_path / "profile", f"--screenshot={screenshot}")
