@@ -9,7 +9,8 @@ Op node attributes: ``kind="op"``, ``index``, ``target`` (``aten.mm.default``), 
 ``module`` (state-dict path of the module that ran it, ``""`` for the root), ``inplace``, ``failed``.
 Tensor node attributes: ``kind="tensor"``, ``dtype`` (``"float16"``), ``shape`` (tuple), ``device``,
 ``origin`` (``parameter`` | ``buffer`` | ``attribute`` | ``input`` | ``constant`` | ``op``), ``name``
-(qualified name of a leaf), and in value mode with statistics ``min``/``max``.
+(qualified name of a leaf), and in value mode with statistics ``min``/``max``. Exports add ``label``
+(``DtypeGraph.label``: the tensor's name or producer, dtype and shape) and draw edges with their dtype.
 """
 
 from __future__ import annotations
@@ -265,7 +266,7 @@ class DtypeGraph(nx.DiGraph):
             if data.get("failed"):
                 lines.append(f"    style {node} stroke:#d00,stroke-width:3px")
         lines += [f'    {source} -->|"{mermaid_text(self.flow_label(source, target))}"| {target}'
-                  for source, target in sorted(chosen.edges, key=lambda edge: (_node_order(edge[0]), _node_order(edge[1])))]
+                  for source, target in sorted(chosen.edges, key=lambda edge: tuple(map(_node_order, edge)))]
         return "\n".join(lines) + "\n"
 
     def to_dot(self) -> str:
@@ -308,7 +309,7 @@ _MERMAID_ESCAPES = {ord(char): f"#{ord(char)};" for char in '"#&<>`'}
 
 
 def mermaid_text(text: str) -> str:
-    """``text`` safe inside a quoted Mermaid label: one line, with quotes, brackets and markup encoded."""
+    """``text`` safe inside a quoted Mermaid label: one line, quotes, codes and markup encoded."""
     return " ".join(text.split()).translate(_MERMAID_ESCAPES)
 
 
