@@ -55,6 +55,9 @@ Formats
 ``markdown``
     For a pull-request comment: a heading with the summary line, a table of the findings, the notes, and
     a Mermaid drawing of the dtype graph around each op where an error was found.
+``html``
+    One self-contained page (``dtypelint.html``): the summary, findings and notes, and for each error a
+    Mermaid drawing of the path from its root cause to the op, dtypes on the edges. Opens offline.
 """
 
 from __future__ import annotations
@@ -68,7 +71,9 @@ from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
+from dtypelint.drawing import MAX_DRAWINGS, ROOT_LOCATION, error_sites
 from dtypelint.errors import UsageError
+from dtypelint.html import render_html
 from dtypelint.report import Finding, Report
 
 if TYPE_CHECKING:
@@ -80,11 +85,10 @@ SARIF_VERSION = "2.1.0"
 SARIF_SCHEMA_URI = "https://docs.oasis-open.org/sarif/sarif/v2.1.0/errata01/os/schemas/sarif-schema-2.1.0.json"
 SARIF_LEVELS = {"error": "error", "warning": "warning", "info": "note"}
 GITHUB_COMMANDS = {"error": "error", "warning": "warning", "info": "notice"}
-ROOT_LOCATION = "<model>"  # how the model itself (location "") is shown, as in the text table
 
 # Markdown drawings: at most this many nodes each, and this many drawings per comment.
 MERMAID_MAX_NODES = 40
-MERMAID_MAX_DRAWINGS = 10
+MERMAID_MAX_DRAWINGS = MAX_DRAWINGS
 
 
 @dataclass(frozen=True)
@@ -417,7 +421,7 @@ def render_markdown(report: Report, context: FormatContext) -> str:
     if report.notes:
         lines += ["", *(f"- note: {_md_text(note)}" for note in report.notes)]
 
-    drawings = _error_sites(report)
+    drawings = error_sites(report)
     for number, (node, findings) in enumerate(drawings.items()):
         if number == MERMAID_MAX_DRAWINGS:
             lines += ["", f"_{len(drawings) - number} more error sites not drawn._"]
@@ -464,15 +468,6 @@ def error_drawing_nodes(
             break
         nodes.add(neighbour)
     return nodes, True
-
-
-def _error_sites(report: Report) -> dict[str, list[Finding]]:
-    """The errors that name a graph node, grouped by node in report order."""
-    sites: dict[str, list[Finding]] = {}
-    for finding in report.errors:
-        if finding.node is not None and finding.node in report.graph:
-            sites.setdefault(finding.node, []).append(finding)
-    return sites
 
 
 def _node_key(node: str) -> tuple[str, int, str]:
@@ -529,6 +524,7 @@ FORMATS: dict[str, Renderer] = {
     "sarif": render_sarif,
     "github": render_github,
     "markdown": render_markdown,
+    "html": render_html,
 }
 
 

@@ -84,7 +84,7 @@ def awkward(report: Report) -> Report:
 
 
 def test_the_registry_names_every_format_and_rejects_others(stray_report):
-    assert set(FORMATS) == {"text", "concise", "full", "json", "sarif", "github", "markdown"}
+    assert set(FORMATS) == {"text", "concise", "full", "json", "sarif", "github", "markdown", "html"}
     with pytest.raises(UsageError, match="unknown format"):
         render(stray_report, "xml")
 
