@@ -55,7 +55,9 @@ def build(output: Path, seed: int = 0) -> Path:
 def build_low_bit(source: Path, output: Path) -> Path:
     from ipex_llm.transformers import AutoModelForCausalLM
 
-    AutoModelForCausalLM.from_pretrained(str(source), load_in_4bit=True).save_low_bit(str(output))
+    model = AutoModelForCausalLM.from_pretrained(str(source), load_in_4bit=True)
+    model.config._name_or_path = source.name  # not the absolute path of the machine that built it
+    model.save_low_bit(str(output))
     return output
 
 

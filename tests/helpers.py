@@ -59,3 +59,26 @@ class StrayFp32Layer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.body(x))
+
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def readme_blocks(kind: str) -> list[str]:
+    """The README's Python blocks marked ``<!-- readme-test: KIND -->`` (``.venv``, ``.venv-ipex``,
+    ``pytest``): where each one is meant to run."""
+    import re
+
+    return re.findall(rf"<!-- readme-test: {re.escape(kind)} -->\n```python\n(.*?)```", README.read_text(), re.S)
+
+
+def run_readme_block(block: str, workdir: Path) -> None:
+    """Run a README block as written, from a directory holding a copy of the examples (it writes files)."""
+    import shutil
+    import subprocess
+    import sys
+
+    shutil.copytree(EXAMPLES / "tiny-llama", workdir / "examples" / "tiny-llama")
+    shutil.copytree(EXAMPLES / "configs", workdir / "examples" / "configs")
+    result = subprocess.run([sys.executable, "-c", block], cwd=workdir, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
