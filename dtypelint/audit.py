@@ -16,6 +16,7 @@ from dtypelint.fake import fake_attributes, fake_call, new_fake_mode
 from dtypelint.graph import DtypeGraph
 from dtypelint.load import Loaded, Request, call_arguments, config_dtype, load, load_config, stored_dtypes
 from dtypelint.model_info import ModelInfo, TensorInfo, config_value
+from dtypelint.progress import progress_bar
 from dtypelint.report import Report
 from dtypelint.rules import run_rules
 from dtypelint.rules.base import Options, RuleContext
@@ -90,14 +91,9 @@ def _run(
         kept = stack.enter_context(preserved(model))
         if fake_mode is not None:
             stack.enter_context(fake_attributes(model, fake_mode))
-        on_module = None
-        if progress:
-            from tqdm.auto import tqdm  # a transformers dependency
-
-            bar = stack.enter_context(
-                tqdm(total=sum(1 for _ in model.modules()), desc="tracing", unit="module", delay=1.0, leave=False)
-            )
-            on_module = bar.update
+        on_module = stack.enter_context(
+            progress_bar(progress, "tracing", total=sum(1 for _ in model.modules()), unit="module")
+        )
         tracer = Tracer(model, stats=stats and mode == "value", state=state, on_module=on_module, max_ops=max_ops)
         tracer.add_inputs(args, kwargs, names)
         if fake_mode is not None:

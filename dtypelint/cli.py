@@ -197,6 +197,7 @@ def _run_check(options: argparse.Namespace, path: Path | None, progress: bool) -
     from dtypelint.audit import audit_loaded
     from dtypelint.dtypes import parse_dtype
     from dtypelint.load import Request, find_loader
+    from dtypelint.progress import progress_bar
     from dtypelint.save import PLAN_FILE
 
     settings = _settings(options)
@@ -207,7 +208,8 @@ def _run_check(options: argparse.Namespace, path: Path | None, progress: bool) -
     loader = find_loader(request)
     if _fixing(options) and loader.mode == "meta":
         raise UsageError("fixes need real weights: --fix, --diff, --write-plan and --save-fixed work in value mode")
-    loaded = loader.load(request)
+    with progress_bar(progress, f"loading ({loader.name})"):
+        loaded = loader.load(request)
     report = audit_loaded(loaded, settings=settings, progress=progress)
     if path is not None and (path / PLAN_FILE).is_file():
         report.notes.append(

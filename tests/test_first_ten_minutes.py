@@ -93,3 +93,34 @@ def test_a_fixed_entry_model_is_told_the_fix_lives_in_memory_only(tmp_path, monk
     out = " ".join(capsys.readouterr().out.split())
     assert "applied in memory only: stray_head:build builds the model anew each run" in out
     assert "(1.weight -> float16, 1.bias -> float16)" in out and "dtypelint.apply_plan(model, FILE)" in out
+
+
+def run_in_pty(*arguments: str) -> str:
+    """The command's terminal output, run in a pseudo-terminal that reports no size (as CI's and some
+    editors' terminals do)."""
+    import pty
+
+    leader, follower = pty.openpty()
+    process = subprocess.Popen([str(DTYPELINT), *arguments], cwd=ROOT, stdin=follower, stdout=follower,
+                               stderr=follower, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    os.close(follower)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:  # the follower closed: the command has ended
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    process.wait(timeout=300)
+    os.close(leader)
+    return b"".join(chunks).decode(errors="replace")
+
+
+def test_progress_bars_show_in_a_terminal_for_long_work_and_never_with_q():
+    shown = run_in_pty("check", "examples/configs/llama-3-70b", "--mode", "meta")
+    assert "loading (config):" in shown and "tracing:" in shown and "module/s" in shown
+    assert "LlamaForCausalLM [meta, bfloat16, backend hf-eager]" in shown
+    quiet = run_in_pty("check", "examples/configs/llama-3-70b", "--mode", "meta", "-q")
+    assert "tracing" not in quiet and "loading" not in quiet
