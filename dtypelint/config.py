@@ -31,7 +31,8 @@ from typing import Any, TypedDict
 import torch
 
 from dtypelint.dtypes import parse_dtype
-from dtypelint.errors import DtypelintError, LoadError, UsageError, first_line
+from dtypelint.errors import DtypelintError, LoadError, UsageError
+from dtypelint.paths import parse_file
 from dtypelint.report import SEVERITIES
 from dtypelint.rules import Selection, all_rules
 from dtypelint.rules.base import Options, Rule, option_problem
@@ -162,12 +163,7 @@ def load_settings(path: Path | str | None = None) -> Settings:
         return Settings()
     if not file.is_file():
         raise LoadError(f"config file {file} does not exist")
-    try:
-        document = tomllib.loads(file.read_text(encoding="utf-8"))
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
-        raise LoadError(f"{file}: not valid TOML: {first_line(error)}") from None
-    except OSError as error:
-        raise LoadError(f"config file {file}: cannot read: {error.strerror or error}") from None
+    document = parse_file(file, tomllib.loads, "TOML")
     return _parse(_dtypelint_table(document, file), file)
 
 

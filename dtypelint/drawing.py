@@ -16,7 +16,6 @@ if TYPE_CHECKING:
     from dtypelint.graph import DtypeGraph
     from dtypelint.report import Finding, Report
 
-ROOT_LOCATION = "<model>"  # how the model itself (location "") is shown, as in the text table
 MAX_DRAWINGS = 10  # drawings per report
 MAX_PATH_NODES = 40  # nodes per drawing: a path through a whole model would not read
 

@@ -71,10 +71,10 @@ from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
-from dtypelint.drawing import MAX_DRAWINGS, ROOT_LOCATION, error_sites
+from dtypelint.drawing import MAX_DRAWINGS, error_sites
 from dtypelint.errors import UsageError
 from dtypelint.html import render_html
-from dtypelint.report import Finding, Report
+from dtypelint.report import CODE_COLUMNS, FINDING_COLUMNS, ROOT_LOCATION, Finding, Report
 
 if TYPE_CHECKING:
     from dtypelint.fix import FixResult
@@ -400,21 +400,10 @@ def render_github(report: Report, context: FormatContext) -> str:
 def render_markdown(report: Report, context: FormatContext) -> str:
     lines = [f"### dtypelint: {_md_text(report.summary_line())}", ""]
     if report.findings:
-        lines += [
-            "| severity | code | location | tensor | dtypes | message | fix |",
-            "| --- | --- | --- | --- | --- | --- | --- |",
-        ]
+        lines += ["| " + " | ".join(FINDING_COLUMNS) + " |", "|" + " --- |" * len(FINDING_COLUMNS)]
         for finding in report.ordered():
-            fix = f"{finding.fix.description} ({finding.fix.safety})" if finding.fix else ""
-            cells = [
-                finding.severity,
-                _md_code(finding.code),
-                _md_code(finding.location or ROOT_LOCATION),
-                _md_code(finding.tensor) if finding.tensor else "",
-                _md_text(" ".join(finding.dtypes)),
-                _md_text(finding.message),
-                _md_text(fix),
-            ]
+            cells = [_md_code(cell) if column in CODE_COLUMNS and cell else _md_text(cell)
+                     for column, cell in zip(FINDING_COLUMNS, finding.cells(), strict=True)]
             lines.append("| " + " | ".join(cells) + " |")
     else:
         lines.append("No findings.")

@@ -18,7 +18,8 @@ from html import escape
 from importlib.resources import files
 from typing import TYPE_CHECKING
 
-from dtypelint.drawing import MAX_DRAWINGS, ROOT_LOCATION, CausePath, cause_path, error_sites, unplaced_errors
+from dtypelint.drawing import MAX_DRAWINGS, CausePath, cause_path, error_sites, unplaced_errors
+from dtypelint.report import CODE_COLUMNS, FINDING_COLUMNS, ROOT_LOCATION
 
 if TYPE_CHECKING:
     from dtypelint.formats import FormatContext
@@ -28,7 +29,6 @@ if TYPE_CHECKING:
 CONTENT_SECURITY_POLICY = (
     "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src data:; font-src data:"
 )
-COLUMNS = ("severity", "code", "location", "tensor", "dtypes", "message", "fix")
 
 STYLE = """
 body { font: 14px/1.45 system-ui, sans-serif; margin: 2em auto; max-width: 1200px; padding: 0 1em; color: #1b1b1b; }
@@ -96,23 +96,15 @@ def page(title: str, body: str) -> str:
 def findings_table(findings: list[Finding]) -> str:
     if not findings:
         return "<p>No findings.</p>"
-    header = "".join(f"<th>{column}</th>" for column in COLUMNS)
+    header = "".join(f"<th>{column}</th>" for column in FINDING_COLUMNS)
     rows = [f"<tr class=\"{escape(finding.severity)}\">{findings_cells(finding)}</tr>" for finding in findings]
     return "\n".join(["<table class=\"findings\">", f"<thead><tr>{header}</tr></thead>", "<tbody>", *rows, "</tbody>",
                       "</table>"])
 
 
 def findings_cells(finding: Finding) -> str:
-    fix = f"{finding.fix.description} ({finding.fix.safety})" if finding.fix else ""
-    cells = [
-        escape(finding.severity),
-        code(finding.code),
-        code(finding.location or ROOT_LOCATION),
-        code(finding.tensor) if finding.tensor else "",
-        escape(" ".join(finding.dtypes)),
-        escape(finding.message),
-        escape(fix),
-    ]
+    cells = [code(cell) if column in CODE_COLUMNS and cell else escape(cell)
+             for column, cell in zip(FINDING_COLUMNS, finding.cells(), strict=True)]
     return "".join(f"<td>{cell}</td>" for cell in cells)
 
 

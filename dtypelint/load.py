@@ -23,7 +23,7 @@ import torch
 
 from dtypelint.dtypes import parse_dtype
 from dtypelint.errors import LoadError, UsageError, first_line
-from dtypelint.paths import local_path, refuse_weights_file
+from dtypelint.paths import local_path, parse_file, refuse_weights_file
 
 
 def transformers_version() -> tuple[int, int]:
@@ -67,10 +67,7 @@ def load_config(config: Any, *, trust_remote_code: bool = False) -> Any:
     file = path / "config.json" if path.is_dir() else path
     if not file.is_file():
         raise LoadError(f"{path} has no config.json")
-    try:
-        data = json.loads(file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise LoadError(f"{file}: not valid JSON: {error}") from None
+    data = parse_file(file, json.loads, "JSON")
     if not isinstance(data, dict):
         raise LoadError(f"{file}: expected a JSON object")
     if "auto_map" in data and not trust_remote_code:
@@ -260,10 +257,7 @@ def check_shard_indexes(directory: Path) -> None:
     for file in (directory / name for name in SHARD_INDEXES):
         if not file.is_file():
             continue
-        try:
-            index = json.loads(file.read_text(encoding="utf-8"))
-        except (ValueError, UnicodeDecodeError) as error:
-            raise LoadError(f"{file}: not valid JSON: {first_line(error)}") from None
+        index = parse_file(file, json.loads, "JSON")
         missing = [key for key in ("metadata", "weight_map") if not isinstance(index, dict) or key not in index]
         if missing:
             raise LoadError(f"{file}: a shard index needs 'metadata' and 'weight_map'; it has no {missing[0]!r}")

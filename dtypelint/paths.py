@@ -6,9 +6,11 @@ from __future__ import annotations
 import errno
 import re
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-from dtypelint.errors import LoadError, UsageError
+from dtypelint.errors import LoadError, UsageError, first_line
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".ckpt")
 GRAPH_SUFFIXES = (".json", ".graphml", ".dot", ".gv", ".mmd", ".mermaid")
@@ -70,3 +72,14 @@ def check_writable_file(option: str, name: str) -> None:
             target.open("ab").close()
     except OSError as error:
         raise UsageError(f"{option} {target}: cannot write there: {error.strerror or error}") from None
+
+
+def parse_file(file: Path, parse: Callable[[str], Any], kind: str) -> Any:
+    """``parse`` (``json.loads``, ``tomllib.loads``) of a UTF-8 text file; a file that cannot be read or
+    parsed is a one-line LoadError naming it."""
+    try:
+        return parse(file.read_text(encoding="utf-8"))
+    except OSError as error:
+        raise LoadError(f"{file}: cannot read: {error.strerror or error}") from None
+    except (ValueError, UnicodeDecodeError) as error:  # JSONDecodeError and TOMLDecodeError are ValueErrors
+        raise LoadError(f"{file}: not valid {kind}: {first_line(error)}") from None

@@ -13,6 +13,9 @@ if TYPE_CHECKING:
     from dtypelint.graph import DtypeGraph
 
 SEVERITIES = ("info", "warning", "error")
+ROOT_LOCATION = "<model>"  # how the model itself (location "") is shown
+FINDING_COLUMNS = ("severity", "code", "location", "tensor", "dtypes", "message", "fix")  # of every findings table
+CODE_COLUMNS = frozenset({"code", "location", "tensor"})  # names: set as code where a format can
 
 def severity_rank(severity: str) -> int:
     return SEVERITIES.index(severity)
@@ -45,6 +48,12 @@ class Finding:
     message: str
     fix: Fix | None = None
     node: str | None = None
+
+    def cells(self) -> tuple[str, ...]:
+        """The ``FINDING_COLUMNS`` of this finding as plain text: each format escapes them its own way."""
+        fix = f"{self.fix.description} ({self.fix.safety})" if self.fix else "no automatic fix"
+        return (self.severity, self.code, self.location or ROOT_LOCATION, self.tensor or "", " ".join(self.dtypes),
+                self.message, fix)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -106,20 +115,9 @@ class Report:
 
     def table(self, message_width: int = 70) -> str:
         """The findings as a table. Names are never cut; the message wraps at ``message_width``."""
-        rows = [
-            (
-                finding.severity,
-                finding.code,
-                finding.location or "<model>",
-                finding.tensor or "",
-                " ".join(finding.dtypes),
-                finding.message,
-                finding.fix.short() if finding.fix else "no automatic fix",
-            )
-            for finding in self.ordered()
-        ]
-        headers = ("severity", "code", "location", "tensor", "dtypes", "message", "fix")
-        return tabulate(rows, headers=headers, tablefmt="simple", maxcolwidths=[None] * 5 + [message_width, None],
+        rows = [(*finding.cells()[:-1], finding.fix.short() if finding.fix else "no automatic fix")
+                for finding in self.ordered()]
+        return tabulate(rows, headers=FINDING_COLUMNS, tablefmt="simple", maxcolwidths=[None] * 5 + [message_width, None],
                         disable_numparse=True)  # module "1" is a name, not a number to right-align
 
     def render(self) -> str:

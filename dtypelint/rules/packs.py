@@ -17,6 +17,7 @@ from typing import Any
 
 from dtypelint.dtypes import dtype_name, parse_dtype
 from dtypelint.errors import DtypelintError, LoadError, UsageError
+from dtypelint.paths import parse_file
 from dtypelint.report import SEVERITIES
 from dtypelint.rules.sites import valid_selector
 from dtypelint.shipped import available_packs, pack_dir
@@ -103,10 +104,7 @@ def load_pack(name_or_path: str | Path) -> BackendPack:
 
 @functools.lru_cache(maxsize=64)
 def _parse_pack(path: Path, modified: int, size: int) -> BackendPack:
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
-        raise LoadError(f"{path}: not valid TOML: {error}") from None
+    data = parse_file(path, tomllib.loads, "TOML")
     _Entry(path, "the file", data).only({"pack", "contract"})
     header = _Entry(path, "[pack]", data.get("pack"))
     header.only({"name", "description", "intended-fp32"})
