@@ -262,7 +262,9 @@ def test_fp32_modules_in_an_fp16_model_are_one_param_dtype_warning_each():
         "param-dtype", "warning", "norm.weight", None
     )
     assert finding.dtypes == ["float16", "float32"]
-    assert finding.message == "norm holds weight float32, bias float32 in a float16 model"
+    # Issue #12, mechanism 6: the message says where the tensor meets the stream without a cast.
+    assert finding.message == ("norm holds weight float32, bias float32 in a float16 model; it meets another "
+                               "dtype at aten.native_layer_norm without a cast")
     assert finding.fix is not None
     assert finding.fix.tensors == ("norm.weight", "norm.bias")
     assert (finding.fix.to_dtype, finding.fix.safety) == ("float16", "unsafe")

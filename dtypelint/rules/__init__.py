@@ -113,7 +113,9 @@ def run_rules(context: RuleContext, selection: Selection | None = None, rules: l
         severity = selection.severity_of(rule)
         for finding in rule.check(context):
             if not selection.ignored_at(rule, finding.location):
-                findings.append(replace(finding, severity=severity))
+                # An override sets the level of the rule's findings; one the rule lowered itself stays lower.
+                lowered = finding.severity != rule.severity
+                findings.append(finding if lowered else replace(finding, severity=severity))
     return _one_safety_per_cast(findings)
 
 

@@ -106,11 +106,13 @@ class Rule:
         dtypes: list[str] | None = None,
         fix: Fix | None = None,
         node: str | None = None,
+        severity: str | None = None,
     ) -> Finding:
+        """``severity``: lower than the rule's for a finding it is less sure of (kept under overrides)."""
         return Finding(
             code=self.code,
             category=self.category,
-            severity=self.severity,
+            severity=severity or self.severity,
             location=location,
             tensor=tensor,
             op=op,
