@@ -145,7 +145,7 @@ CASES: list[Case] = [
     bug("t5-encoder-overflow-nan-output", "openvino", "https://github.com/openvinotoolkit/openvino/pull/37041", 5,
         partial(m.t5_overflow, blocks=2), Expect("nonfinite", ("ffs.0.wo",)), audit=F16),
     control("t5-encoder-fp16-clamp", "transformers", "https://github.com/huggingface/transformers/pull/9487", 5,
-            partial(m.t5_encoder, overflow=True, keep_wo_fp32=False), audit=F16, known_miss=MISS_5),
+            partial(m.t5_encoder, overflow=True, keep_wo_fp32=False), audit=F16),
     control("nemo-mask-where-finfo-min", "NeMo-Automodel", "https://github.com/NVIDIA-NeMo/Automodel/pull/2658", 5,
             partial(m.causal_padding, "where"), audit=BF16),
     control("torchbenchmark-mask-fill-finfo-min", "pytorch-benchmark", "https://github.com/pytorch/benchmark/pull/794", 5,
