@@ -26,7 +26,7 @@ import networkx as nx
 import torch
 from torch._ops import OpOverloadPacket
 
-from dtypelint.dtypes import dtype_name
+from dtypelint.dtypes import dtype_name, wider
 from dtypelint.errors import UsageError
 from dtypelint.trace import Origin, TensorRecord, TraceResult
 from dtypelint.vocabulary import LEAF_ORIGINS, WEIGHT_ORIGINS, OpKind, OriginKind, kinds_of
@@ -229,6 +229,12 @@ class DtypeGraph(nx.DiGraph):
             return True
         return through_copies and OpKind.COPIES_VALUES in kinds and OpKind.CONCATENATES not in kinds
 
+    def leaf_name(self, tensor: str) -> str | None:
+        """The name of a parameter, buffer, attribute or input; None for a constant (whose ``name`` is the
+        op that made it) and an activation."""
+        data = self._node[tensor]
+        return data["name"] if data["origin"] in LEAF_ORIGINS - {OriginKind.CONSTANT} else None
+
     def describe(self, tensor: str) -> str:
         """A short human label: ``buffer model.rotary_emb.inv_freq`` or ``activation of aten.mul``."""
         source = self.tensor(self.source(tensor))
@@ -333,6 +339,11 @@ class DtypeGraph(nx.DiGraph):
         source = self.source(first)
         if self._node[source]["origin"] in WEIGHT_ORIGINS | {OriginKind.CONSTANT}:
             return Lineage(roots=(source,))
+        # A narrowing cast of a derived table (a float32 inv_freq computed in forward, cast to float16) keeps
+        # the table's roots; widening an activation (the stream's x.float()) is a cast of the stream.
+        made = self.outputs(op)[0]
+        if wider(self.dtype(first), self.dtype(made)) and (table := self.lineage(first)).from_weights:
+            return Lineage(roots=table.roots)
         return Lineage(casts=(op,))
 
     def _root_rank(self, root: str, dtype: str) -> tuple[int, int, tuple[str, int]]:

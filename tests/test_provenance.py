@@ -131,3 +131,60 @@ def test_a_severity_override_keeps_what_the_rule_lowered():
 
     assert severities(cast_input=True) == {"adapter": "info", "unused": "info"}
     assert severities(cast_input=False) == {"adapter": "error", "unused": "info"}
+
+
+# DT107 intended-fp32 (mechanism 4) ---------------------------------------------------------------------------
+
+
+class Rotary(nn.Module):
+    """q * cos(positions * inv_freq): ``inv_freq`` stored in ``stored``, the angles computed in ``angles``."""
+
+    def __init__(self, stored: torch.dtype, angles: torch.dtype) -> None:
+        super().__init__()
+        self.register_buffer("inv_freq", 1.0 / 10000 ** (torch.arange(0, 8, 2) / 8).to(stored), persistent=False)
+        self.angles = angles
+
+    def forward(self, q: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        theta = positions.to(self.angles)[:, None] * self.inv_freq.to(self.angles)[None]
+        return q * torch.cat([theta, theta], -1).cos().to(q.dtype)
+
+
+class WithRotary(nn.Module):
+    def __init__(self, stored: torch.dtype, angles: torch.dtype) -> None:
+        super().__init__()
+        self.rotary_emb = Rotary(stored, angles)
+
+    def forward(self, q: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return self.rotary_emb(q, positions)
+
+
+def dt107(stored: torch.dtype, angles: torch.dtype) -> list:
+    inputs = (fp16(4, 8), torch.arange(2000, 2004))
+    return of(dtypelint.audit(WithRotary(stored, angles).eval(), inputs, dtype="float16"), "DT107")
+
+
+def test_intended_fp32_buffer_stored_in_half_is_a_warning_with_the_measured_error():
+    [finding] = dt107(torch.bfloat16, torch.float32)
+    assert (finding.category, finding.severity, finding.location, finding.tensor) == (
+        "low-precision-op", "warning", "rotary_emb", "rotary_emb.inv_freq"
+    )
+    assert "rotary cos/sin are off by up to" in finding.message and "at position 4096" in finding.message
+
+
+def test_angles_computed_in_half_are_a_warning_at_the_sin_cos():
+    [finding] = dt107(torch.float32, torch.float16)
+    assert (finding.location, finding.op, finding.tensor) == ("rotary_emb", "aten.cos", "rotary_emb.inv_freq")
+    assert "aten.cos runs in float16 on angles" in finding.message
+
+
+def test_float32_rotary_is_silent():
+    assert dt107(torch.float32, torch.float32) == []
+
+
+def test_rope_error_of_angles_computed_in_half_exceeds_storage_rounding():
+    from dtypelint.fix import reference_inv_freq, rope_error
+
+    inv_freq = reference_inv_freq(16)
+    stored = rope_error(inv_freq, torch.bfloat16, 4096)
+    assert 0 < stored < rope_error(inv_freq, torch.bfloat16, 4096, angles_in_dtype=True)
+    assert rope_error(inv_freq, torch.float32, 4096) == 0

@@ -14,6 +14,7 @@ from dtypelint.errors import UsageError
 from dtypelint.report import SEVERITIES, Finding
 from dtypelint.rules.base import Rule, RuleContext
 from dtypelint.rules.forward_error import ForwardError
+from dtypelint.rules.intended_fp32 import IntendedFp32
 from dtypelint.rules.kernel_contract import ContractRule
 from dtypelint.rules.low_precision_op import LowPrecisionOp
 from dtypelint.rules.mixed_input import MixedInput
@@ -33,13 +34,19 @@ GENERIC_RULES: tuple[Rule, ...] = (
     OverflowRisk(),
     ParamDtype(),
     LowPrecisionOp(),
+    IntendedFp32(),
 )
 
 
-# Every finding category and what it means, from the rules themselves.
-CATEGORIES: dict[str, str] = {rule.category: rule.summary for rule in GENERIC_RULES} | {
-    ContractRule.category: ContractRule.category_summary
-}
+def _categories() -> dict[str, str]:
+    """Every finding category and what it means: the summary of the first rule that reports it."""
+    categories: dict[str, str] = {}
+    for rule in GENERIC_RULES:
+        categories.setdefault(rule.category, rule.summary)
+    return categories | {ContractRule.category: ContractRule.category_summary}
+
+
+CATEGORIES = _categories()
 
 
 def pack_rules(pack: BackendPack) -> list[Rule]:

@@ -109,9 +109,7 @@ class MixedInput(Rule):
 def _culprit_name(graph: DtypeGraph, node: str) -> str | None:
     """The leaf to blame for an odd operand: itself, or the root of the table it was derived from."""
     roots = [node] if graph.tensor(node)["origin"] != OriginKind.OP else graph.root_leaves(node)
-    if not roots or graph.tensor(roots[0])["origin"] == OriginKind.CONSTANT:
-        return None  # a constant's name is the op that made it, not a tensor of the model
-    return graph.tensor(roots[0])["name"]
+    return graph.leaf_name(roots[0]) if roots else None
 
 
 def _leaked_cast(graph: DtypeGraph, node: str) -> str | None:

@@ -106,9 +106,8 @@ class Promotion(Rule):
         still reported, as transformers casts cos/sin before they meet q/k."""
         graph = context.graph
         leaf = graph.source(tensor, through_copies=True)
-        data = graph.tensor(leaf)
-        if data["origin"] in PROMOTING_ORIGINS:
-            name = data["name"] if data["origin"] != OriginKind.CONSTANT else None
+        if graph.tensor(leaf)["origin"] in PROMOTING_ORIGINS:
+            name = graph.leaf_name(leaf)
             return None if name and context.pack.keeps_fp32(name) else leaf
         roots = graph.root_leaves(tensor)
         return roots[0] if roots else None
@@ -116,7 +115,7 @@ class Promotion(Rule):
     def _finding(self, context: RuleContext, op: str, tensor: str, leaf: str, wide: str, compute: str) -> Finding:
         graph = context.graph
         data, leaf_data = graph.op(op), graph.tensor(leaf)
-        name = leaf_data["name"] if leaf_data["origin"] != OriginKind.CONSTANT else None
+        name = graph.leaf_name(leaf)
         direct = graph.source(tensor, through_copies=True) == leaf
         # A derived table is fixed by a cast after its derivation, in the model's code: no automatic fix.
         fixable = direct and leaf_data["origin"] in CASTABLE_ORIGINS

@@ -63,11 +63,8 @@ BF16 = {"dtype": "bfloat16"}
 
 MISS_1 = "mechanism 1: the dtype check raises before any aten op is dispatched, so DT001 has no location, op or input dtypes and DT101 never fires"
 MISS_1_CPU_MASK = "mechanism 1: CPU's composite SDPA accepts the float32 mask next to a bfloat16 query (CUDA's kernels refuse it); no recorded op takes both"
-MISS_2 = "mechanism 2: the float32 operand is derived from a table, mask or input (index, mul, arange); DT102 follows only leaves and DT101 names 'activation from aten.*', never the source"
-MISS_3 = "mechanism 3: the conflict is reported where the float32 result meets the half operand, not at the norm whose explicit cast leaked it"
-MISS_4 = "mechanism 4: no rule measures the precision of an intended-float32 computation (rotary angles) that ran in half precision"
-MISS_5 = "mechanism 5: DT103 reports every inf a half op produces, also one that T5's clamp removes one op later; the output is finite"
-MISS_6 = "mechanism 6: DT105 warns on a float32 tensor that meets the half stream only through an explicit cast"
+MISS_2_ASSIGNED = "mechanism 2: the float32 table is rebuilt in forward and assigned to the rel_indices buffer; the trace sees only the op that made it (arange, stack), not the buffer it is stored in"
+MISS_3_SDPA = "mechanism 1: SDPA checks q/k/v dtypes before any aten op is dispatched, so the float32 q/k (the q_norm cast that leaked, which mechanism 3 names once an op takes them) never meet v in a recorded op"
 MISS_7 = "mechanism 7: the trace holds the dtypes after autocast, but no rule relates them to what the code passed (autocast's coverage)"
 
 CASES: list[Case] = [
@@ -109,10 +106,10 @@ CASES: list[Case] = [
             partial(m.padding_mask, None), audit=F16),
     bug("timm-convit-rel-indices", "timm", "https://github.com/intel/torch-xpu-ops/issues/2599", 2,
         partial(m.relative_positions, cast=False), Expect("mixed-input", ("rel_indices",)), audit=F16,
-        known_miss=MISS_2),
+        known_miss=MISS_2_ASSIGNED),
     # 3. Explicit casts that leak.
     bug("xformers-qk-layernorm-fp32", "xformers", "https://github.com/facebookresearch/xformers/issues/1211", 3,
-        partial(m.qk_norm_attention, restore=False), Expect("mixed-input", ("q_norm",)), audit=BF16, known_miss=MISS_3),
+        partial(m.qk_norm_attention, restore=False), Expect("mixed-input", ("q_norm",)), audit=BF16, known_miss=MISS_3_SDPA),
     control("xformers-qk-layernorm-cast-back", "xformers", "https://github.com/facebookresearch/xformers/issues/1211", 3,
             partial(m.qk_norm_attention, restore=True), audit=BF16),
     bug("unianimate-dit-norm1-fp32", "UniAnimate-DiT", "https://github.com/ali-vilab/UniAnimate-DiT/issues/40", 3,
@@ -125,18 +122,16 @@ CASES: list[Case] = [
     # 4. Precision of intended-float32 computations.
     bug("llama-rotary-inv-freq-bf16", "transformers", "https://github.com/huggingface/transformers/issues/25681", 4,
         partial(m.causal_lm_cast, "Llama", keep_inv_freq_fp32=False), Expect("low-precision-op", ("rotary_emb",), "warning"),
-        audit=BF16, known_miss=MISS_4),
+        audit=BF16),
     control("llama-rotary-inv-freq-fp32", "transformers", "https://github.com/huggingface/transformers/pull/29285", 4,
             partial(m.causal_lm_cast, "Llama", keep_inv_freq_fp32=True), audit=BF16),
     bug("mistral-rotary-inv-freq-bf16", "transformers", "https://github.com/huggingface/transformers/issues/29496", 4,
         partial(m.causal_lm_cast, "Mistral", keep_inv_freq_fp32=False), Expect("low-precision-op", ("rotary_emb",), "warning"),
-        audit=BF16, known_miss=MISS_4),
+        audit=BF16),
     bug("gpt-neox-rotary-angles-fp16", "gpt-neox", "https://github.com/EleutherAI/gpt-neox/issues/1003", 4,
-        partial(m.angle_rotary, m.F16, m.F16), Expect("low-precision-op", ("rotary_emb",), "warning"), audit=F16,
-        known_miss=MISS_4),
+        partial(m.angle_rotary, m.F16, m.F16), Expect("low-precision-op", ("rotary_emb",), "warning"), audit=F16),
     bug("modalities-inv-freq-to-bf16", "Modalities", "https://github.com/Modalities/modalities/pull/462", 4,
-        partial(m.angle_rotary, m.BF16, m.BF16), Expect("low-precision-op", ("rotary_emb",), "warning"), audit=BF16,
-        known_miss=MISS_4),
+        partial(m.angle_rotary, m.BF16, m.BF16), Expect("low-precision-op", ("rotary_emb",), "warning"), audit=BF16),
     control("modalities-inv-freq-fp32", "Modalities", "https://github.com/Modalities/modalities/pull/462", 4,
             partial(m.angle_rotary, m.F32, m.BF16), audit=BF16),
     # 5. Non-finite values that matter.
