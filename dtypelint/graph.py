@@ -73,14 +73,20 @@ class Lineage:
 
     roots: tuple[str, ...] = ()
     casts: tuple[str, ...] = ()
+    mixed: bool = False  # an op on the way also took another dtype: the stream, promoted by the roots
 
     @property
     def from_weights(self) -> bool:
-        """True for a derived table: no activation was cast to make the dtype, only weights and indices."""
+        """True when the dtype came from weights and indices only: no activation was cast to make it."""
         return bool(self.roots) and not self.casts
 
+    @property
+    def table(self) -> bool:
+        """A derived table: its values, not only its dtype, come from weights and indices alone."""
+        return self.from_weights and not self.mixed
+
     def merge(self, other: Lineage) -> Lineage:
-        return Lineage(_capped(self.roots, other.roots), _capped(self.casts, other.casts))
+        return Lineage(_capped(self.roots, other.roots), _capped(self.casts, other.casts), self.mixed or other.mixed)
 
 
 def _capped(first: tuple[str, ...], second: tuple[str, ...]) -> tuple[str, ...]:
@@ -319,7 +325,7 @@ class DtypeGraph(nx.DiGraph):
             return Lineage(roots=(tensor,))
         same = self._same_dtype_inputs(tensor)
         if same:
-            lineage = Lineage()
+            lineage = Lineage(mixed=len(same) < len(self.floating_inputs(self.producer(tensor))))  # type: ignore[arg-type]
             for source in same:
                 lineage = lineage.merge(memo[source])
             return lineage
@@ -342,7 +348,7 @@ class DtypeGraph(nx.DiGraph):
         # A narrowing cast of a derived table (a float32 inv_freq computed in forward, cast to float16) keeps
         # the table's roots; widening an activation (the stream's x.float()) is a cast of the stream.
         made = self.outputs(op)[0]
-        if wider(self.dtype(first), self.dtype(made)) and (table := self.lineage(first)).from_weights:
+        if wider(self.dtype(first), self.dtype(made)) and (table := self.lineage(first)).table:
             return Lineage(roots=table.roots)
         return Lineage(casts=(op,))
 

@@ -8,6 +8,7 @@ import torch
 
 from dtypelint.report import Finding
 from dtypelint.rules.base import Rule, RuleContext
+from dtypelint.rules.packs import BackendPack
 from dtypelint.rules.sites import parent
 from dtypelint.vocabulary import LEAF_ORIGINS
 
@@ -44,7 +45,8 @@ class IntendedFp32(Rule):
     No automatic fix: the float32 values a cast rounded are gone; recompute them.
 
     ## Known problems
-    The error is measured on a standard RoPE table (base 10000) of the tensor's width at the config's
+    A tensor that a kernel contract of the backend reads itself (ipex-llm's rotary kernel takes
+    `inv_freq` in the q/k dtype) is left to that contract. The error is measured on a standard RoPE table (base 10000) of the tensor's width at the config's
     `max_position_embeddings` (4096 without one), since the rounded values cannot show what they lost.
     A scaled RoPE loses less. Angles are found by their sin/cos ops, so a kernel that computes sin/cos
     itself is not seen.
@@ -70,11 +72,12 @@ class IntendedFp32(Rule):
     def _narrowed_leaves(self, context: RuleContext) -> Iterator[Finding]:
         """Intended-float32 tensors the forward read in half precision."""
         graph, positions = context.graph, _positions(context)
+        kernel_operands = _kernel_operands(context.pack)
         for node in graph.tensors():
             data = graph.tensor(node)
             if data["origin"] not in LEAF_ORIGINS or not data["name"] or graph.dtype(node) not in HALF:
                 continue
-            if not context.pack.keeps_fp32(data["name"]):
+            if not context.pack.keeps_fp32(data["name"]) or data["name"].rsplit(".", 1)[-1] in kernel_operands:
                 continue
             width = 2 * data["shape"][-1] if data["shape"] else 2
             error = _error(graph.dtype(node), width, positions, angles_in_dtype=False)
@@ -94,7 +97,7 @@ class IntendedFp32(Rule):
             if graph.op(op)["packet"] not in ANGLE_FUNCTIONS:
                 continue
             inputs = graph.floating_inputs(op)
-            if not inputs or graph.dtype(inputs[0]) not in HALF or not graph.root_leaves(inputs[0]):
+            if not inputs or graph.dtype(inputs[0]) not in HALF or not graph.lineage(inputs[0]).table:
                 continue
             angles, data = inputs[0], graph.op(op)
             dtype = graph.tensor(angles)["dtype"]
@@ -110,6 +113,18 @@ class IntendedFp32(Rule):
                 f"position {positions}",
                 node=op,
             )
+
+
+def _kernel_operands(pack: BackendPack) -> frozenset[str]:
+    """Attribute names of the buffers and parameters a backend kernel reads itself (``buffer:inv_freq``):
+    their dtype is that kernel's contract to decide (ipex-llm's rotary kernel takes the q/k dtype)."""
+    return frozenset(
+        name
+        for contract in pack.contracts
+        for selector in contract.tensors
+        if selector.startswith(("buffer:", "param:"))
+        for name in selector.split(":", 1)[1].split("|")
+    )
 
 
 def _positions(context: RuleContext) -> int:

@@ -109,8 +109,8 @@ class Promotion(Rule):
         if graph.tensor(leaf)["origin"] in PROMOTING_ORIGINS:
             name = graph.leaf_name(leaf)
             return None if name and context.pack.keeps_fp32(name) else leaf
-        roots = graph.root_leaves(tensor)
-        return roots[0] if roots else None
+        roots = graph.root_leaves(tensor) if graph.lineage(tensor).table else []
+        return roots[0] if roots else None  # a stream value promoted earlier is reported there, not again
 
     def _finding(self, context: RuleContext, op: str, tensor: str, leaf: str, wide: str, compute: str) -> Finding:
         graph = context.graph
