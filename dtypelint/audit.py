@@ -244,9 +244,15 @@ def audit_static(path: str | Path, *, settings: Settings | None = None, **overri
     if compute is None:
         notes.append("config.json declares no dtype and none was given (--dtype): nothing to compare with")
     else:
-        context = RuleContext(graph=DtypeGraph(), model=model, compute_dtype=compute, pack=resolved.pack,
+        context = RuleContext(graph=_static_graph(), model=model, compute_dtype=compute, pack=resolved.pack,
                               options=resolved.options)
         findings = run_rules(context, resolved.selection, [rule for rule in resolved.rules if rule.judges_model_only])
-    return Report(graph=DtypeGraph(), findings=findings, model=model.class_name, backend=resolved.pack.name,
+    return Report(graph=_static_graph(), findings=findings, model=model.class_name, backend=resolved.pack.name,
                   mode="static", compute_dtype=dtype_name(compute) if compute else "unknown", notes=notes,
                   tensor_dtypes=dict(stored), settings=resolved)
+
+
+def _static_graph() -> DtypeGraph:
+    graph = DtypeGraph()
+    graph.graph.update(model=None, mode="static", stats=False, error=None)
+    return graph

@@ -19,6 +19,7 @@ from tabulate import tabulate
 from dtypelint.dtypes import dtype_name, parse_dtype
 from dtypelint.errors import LoadError, UsageError
 from dtypelint.report import Report
+from dtypelint.rope import rope_error
 from dtypelint.vocabulary import OriginKind
 
 PLAN_VERSION = 1
@@ -262,19 +263,6 @@ def _difference(reference: torch.Tensor | None, other: torch.Tensor | None) -> t
     absolute = (other - reference).abs()
     relative = absolute / reference.abs().clamp_min(torch.finfo(torch.float32).tiny)
     return absolute.max().item(), relative.max().item()
-
-
-def rope_error(inv_freq: torch.Tensor, dtype: torch.dtype, positions: int) -> float:
-    """Worst absolute error of cos/sin over ``positions`` when ``inv_freq`` is stored in ``dtype``
-    (angles computed in float64 from either, so only the storage rounding is measured)."""
-    exact = inv_freq.detach().double()
-    rounded = inv_freq.detach().to(dtype).double()
-    position = torch.arange(positions, dtype=torch.float64)[:, None]
-    exact_angle, rounded_angle = position * exact[None, :], position * rounded[None, :]
-    return max(
-        (exact_angle.cos() - rounded_angle.cos()).abs().max().item(),
-        (exact_angle.sin() - rounded_angle.sin()).abs().max().item(),
-    )
 
 
 def _is_new_error(finding: Any, before: set[tuple]) -> bool:

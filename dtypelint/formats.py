@@ -71,9 +71,7 @@ from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
-from dtypelint.drawing import MAX_DRAWINGS, error_sites
 from dtypelint.errors import UsageError
-from dtypelint.html import render_html
 from dtypelint.report import CODE_COLUMNS, FINDING_COLUMNS, ROOT_LOCATION, Finding, Report
 
 if TYPE_CHECKING:
@@ -86,9 +84,8 @@ SARIF_SCHEMA_URI = "https://docs.oasis-open.org/sarif/sarif/v2.1.0/errata01/os/s
 SARIF_LEVELS = {"error": "error", "warning": "warning", "info": "note"}
 GITHUB_COMMANDS = {"error": "error", "warning": "warning", "info": "notice"}
 
-# Markdown drawings: at most this many nodes each, and this many drawings per comment.
+# Markdown drawings: at most this many nodes each (dtypelint.drawing.MAX_DRAWINGS drawings per comment).
 MERMAID_MAX_NODES = 40
-MERMAID_MAX_DRAWINGS = MAX_DRAWINGS
 
 
 @dataclass(frozen=True)
@@ -410,9 +407,11 @@ def render_markdown(report: Report, context: FormatContext) -> str:
     if report.notes:
         lines += ["", *(f"- note: {_md_text(note)}" for note in report.notes)]
 
+    from dtypelint.drawing import MAX_DRAWINGS, error_sites  # torch's op vocabulary: not at the CLI's start
+
     drawings = error_sites(report)
     for number, (node, findings) in enumerate(drawings.items()):
-        if number == MERMAID_MAX_DRAWINGS:
+        if number == MAX_DRAWINGS:
             lines += ["", f"_{len(drawings) - number} more error sites not drawn._"]
             break
         codes = ", ".join(dict.fromkeys(finding.code for finding in findings))
@@ -505,6 +504,12 @@ def render_rules(rules: Iterable[Rule], format: str = "text", enabled: Callable[
     return tabulate(rows, headers=RULE_COLUMNS, maxcolwidths=[None] * 6 + [60])
 
 
+def _html(report: Report, context: FormatContext) -> str:
+    from dtypelint.html import render_html  # draws with the graph: imported when a page is asked for
+
+    return render_html(report, context)
+
+
 FORMATS: dict[str, Renderer] = {
     "text": render_text,
     "concise": render_concise,
@@ -513,7 +518,7 @@ FORMATS: dict[str, Renderer] = {
     "sarif": render_sarif,
     "github": render_github,
     "markdown": render_markdown,
-    "html": render_html,
+    "html": _html,
 }
 
 

@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import json
 import math
+from collections import deque
 from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypedDict
 
@@ -25,10 +27,10 @@ import networkx as nx
 import torch
 from torch._ops import OpOverloadPacket
 
-from dtypelint.dtypes import dtype_name
+from dtypelint.dtypes import dtype_name, wider
 from dtypelint.paths import unsupported_graph_suffix
 from dtypelint.trace import Origin, TensorRecord, Tracer, TraceResult
-from dtypelint.vocabulary import LEAF_ORIGINS, OpKind, OriginKind, kinds_of
+from dtypelint.vocabulary import LEAF_ORIGINS, WEIGHT_ORIGINS, OpKind, OriginKind, kinds_of
 
 _PRODUCED = Origin(OriginKind.OP)
 _DTYPES = {dtype_name(dtype): dtype for dtype in vars(torch).values() if isinstance(dtype, torch.dtype)}
@@ -54,6 +56,42 @@ class TensorNode(TypedDict, total=False):
     name: str | None
     min: float  # value mode with statistics only
     max: float
+
+
+_ROOTS_KEPT = 4  # a finding names a few roots; keeping every one would cost quadratic memory on long chains
+_DERIVATION_SHOWN = 6
+
+
+@dataclass(frozen=True)
+class Lineage:
+    """Where a tensor's floating dtype entered the graph, following back only the inputs of that dtype.
+
+    ``roots``: leaves stored in the dtype (a buffer, a parameter, a constant made in forward) and the
+    leaves a value of the dtype was made from by a cast of weights or indices (``positions.float()``,
+    ``attention_mask.to(torch.float32)``). ``casts``: explicit casts of activations to the dtype
+    (``x.float()`` in a norm). Both are capped at a few, in graph order.
+    """
+
+    roots: tuple[str, ...] = ()
+    casts: tuple[str, ...] = ()
+    mixed: bool = False  # an op on the way also took another dtype: the stream, promoted by the roots
+
+    @property
+    def from_weights(self) -> bool:
+        """True when the dtype came from weights and indices only: no activation was cast to make it."""
+        return bool(self.roots) and not self.casts
+
+    @property
+    def table(self) -> bool:
+        """A derived table: its values, not only its dtype, come from weights and indices alone."""
+        return self.from_weights and not self.mixed
+
+    def merge(self, other: Lineage) -> Lineage:
+        return Lineage(_capped(self.roots, other.roots), _capped(self.casts, other.casts), self.mixed or other.mixed)
+
+
+def _capped(first: tuple[str, ...], second: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(first + second))[:_ROOTS_KEPT]
 
 
 class DtypeGraph(nx.DiGraph):
@@ -159,6 +197,36 @@ class DtypeGraph(nx.DiGraph):
         """The leaf node of a named parameter, buffer, attribute or input, if the forward used it."""
         return next((node for node, label in self.nodes(data="name") if label == name), None)
 
+    def leaf_nodes(self, name: str) -> list[str]:
+        """Every node of a named parameter, buffer, attribute or input (one per version the forward read).
+        Indexed once per graph: rules ask for every tensor of the model."""
+        index: dict[str, list[str]] | None = self.__dict__.get("_leaf_index")
+        if index is None:
+            index = {}
+            for node, data in self._node.items():
+                if data["kind"] == "tensor" and data["origin"] in LEAF_ORIGINS and data["name"]:
+                    index.setdefault(data["name"], []).append(node)
+            self.__dict__["_leaf_index"] = index
+        return index.get(name, [])
+
+    def uncast_meeting(self, tensor: str) -> str | None:
+        """The first op that computes with ``tensor``, or with a table derived from it, next to a floating
+        input of another dtype: where a weight off the compute dtype meets the stream without an explicit
+        cast. None when every path ends in a cast, or meets the stream already cast to the weight's dtype."""
+        dtype = self._node[tensor]["dtype"]
+        frontier, seen = [tensor], {tensor}
+        while frontier:
+            node = frontier.pop()
+            for op in self._succ[node]:
+                if self.op_is(op, OpKind.CAST):
+                    continue
+                if any(self._node[source]["dtype"] != dtype for source in self.floating_inputs(op)):
+                    return op
+                fresh = [output for output in self._succ[op] if output not in seen and self.lineage(output).from_weights]
+                seen.update(fresh)
+                frontier += fresh
+        return None
+
     def source(self, tensor: str, *, through_copies: bool = False) -> str:
         """The tensor this one is a view of, followed back through view ops (and, with
         ``through_copies``, through ops that copy values of their first input: index, gather, ...)."""
@@ -173,6 +241,12 @@ class DtypeGraph(nx.DiGraph):
             return True
         return through_copies and OpKind.COPIES_VALUES in kinds and OpKind.CONCATENATES not in kinds
 
+    def leaf_name(self, tensor: str) -> str | None:
+        """The name of a parameter, buffer, attribute or input; None for a constant (whose ``name`` is the
+        op that made it) and an activation."""
+        data = self._node[tensor]
+        return data["name"] if data["origin"] in LEAF_ORIGINS - {OriginKind.CONSTANT} else None
+
     def describe(self, tensor: str) -> str:
         """A short human label: ``buffer model.rotary_emb.inv_freq`` or ``activation of aten.mul``."""
         source = self.tensor(self.source(tensor))
@@ -182,6 +256,113 @@ class DtypeGraph(nx.DiGraph):
             return f"constant from {source['name']}" if source["name"] else "constant"
         op = self.producer(self.source(tensor))
         return f"activation from {self.nodes[op]['name']}" if op else "activation"
+
+    # Provenance of a dtype -------------------------------------------------------------------------
+
+    def lineage(self, tensor: str) -> Lineage:
+        """Where the tensor's dtype came from (see ``Lineage``). Memoized per graph; iterative, so a chain
+        of 10^5 ops neither recurses nor is walked twice."""
+        memo: dict[str, Lineage] = self.__dict__.setdefault("_lineages", {})
+        stack = [tensor]
+        while stack:
+            node = stack[-1]
+            if node in memo:
+                stack.pop()
+                continue
+            pending = [source for source in self._same_dtype_inputs(node) if source not in memo]
+            if pending:
+                stack += pending
+                continue
+            memo[node] = self._lineage_here(node, memo)
+            stack.pop()
+        return memo[tensor]
+
+    def root_leaves(self, tensor: str) -> list[str]:
+        """The leaves a derived table's dtype comes from, stored-in-that-dtype weights first; empty when
+        an activation was cast to make it (then it is the stream, not a table)."""
+        lineage = self.lineage(tensor)
+        if not lineage.from_weights:
+            return []
+        dtype = self._node[tensor]["dtype"]
+        return sorted(lineage.roots, key=lambda root: self._root_rank(root, dtype))
+
+    def derivation(self, tensor: str, root: str) -> list[str]:
+        """The ops from ``root`` to ``tensor`` (names, oldest first, repeats folded), shortened in the middle."""
+        parents: dict[str, str | None] = {tensor: None}
+        queue = deque([tensor])
+        while queue and root not in parents:
+            node = queue.popleft()
+            op = self.producer(node)
+            if op is None:
+                continue
+            for source in self._same_dtype_inputs(node) or [source for source, _ in self.inputs(op)]:
+                if source not in parents:
+                    parents[source] = node
+                    queue.append(source)
+        names: list[str] = []
+        node = root if root in parents else None
+        while node is not None and (after := parents[node]) is not None:
+            name = self._node[self.producer(after)]["name"]
+            if not names or names[-1] != name:
+                names.append(name)
+            node = after
+        if len(names) > _DERIVATION_SHOWN:
+            names = [*names[:2], "...", *names[-(_DERIVATION_SHOWN - 3):]]
+        return names
+
+    def describe_derived(self, tensor: str) -> str:
+        """``describe``, plus the root leaf and the derivation of a derived table:
+        ``activation from aten.add, float32 from buffer m.cos_sin_cache through aten.index, aten.mul``."""
+        roots = self.root_leaves(tensor)
+        if not roots or self.source(tensor, through_copies=True) == roots[0]:
+            return self.describe(tensor)
+        steps = ", ".join(self.derivation(tensor, roots[0]))
+        return f"{self.describe(tensor)}, {self._node[tensor]['dtype']} from {self.describe(roots[0])} through {steps}"
+
+    def _same_dtype_inputs(self, tensor: str) -> list[str]:
+        data = self._node[tensor]
+        op = self.producer(tensor)
+        if op is None or data["origin"] in LEAF_ORIGINS:
+            return []
+        return [source for source in self._pred[op] if self._node[source]["dtype"] == data["dtype"]]
+
+    def _lineage_here(self, tensor: str, memo: dict[str, Lineage]) -> Lineage:
+        if self._node[tensor]["origin"] in LEAF_ORIGINS:
+            return Lineage(roots=(tensor,))
+        same = self._same_dtype_inputs(tensor)
+        if same:
+            lineage = Lineage(mixed=len(same) < len(self.floating_inputs(self.producer(tensor))))  # type: ignore[arg-type]
+            for source in same:
+                lineage = lineage.merge(memo[source])
+            return lineage
+        return self._made_by(self.producer(tensor))  # type: ignore[arg-type]
+
+    def _made_by(self, op: str) -> Lineage:
+        """The lineage of a dtype that ``op`` made (a cast, ``softmax(dtype=)``): from what it cast."""
+        inputs = self.floating_inputs(op) or [source for source, _ in self.inputs(op)]
+        if not inputs:
+            return Lineage()
+        first = inputs[0]
+        if not self.dtype(first).is_floating_point:  # indices or a mask: the table is made from them
+            source = self.source(first, through_copies=True)
+            leaves = [source] if self._node[source]["origin"] in LEAF_ORIGINS else self.leaves(first)
+            return Lineage(roots=tuple(leaves[:_ROOTS_KEPT]))
+        # Views only: a copy of a weight (an embedding lookup) is how the stream itself begins.
+        source = self.source(first)
+        if self._node[source]["origin"] in WEIGHT_ORIGINS | {OriginKind.CONSTANT}:
+            return Lineage(roots=(source,))
+        # A narrowing cast of a derived table (a float32 inv_freq computed in forward, cast to float16) keeps
+        # the table's roots; widening an activation (the stream's x.float()) is a cast of the stream.
+        made = self.outputs(op)[0]
+        if wider(self.dtype(first), self.dtype(made)) and (table := self.lineage(first)).table:
+            return Lineage(roots=table.roots)
+        return Lineage(casts=(op,))
+
+    def _root_rank(self, root: str, dtype: str) -> tuple[int, int, tuple[str, int]]:
+        data = self._node[root]
+        stored = 0 if data["dtype"] == dtype else 1
+        weight = 0 if data["origin"] in WEIGHT_ORIGINS else 1 if data["origin"] == OriginKind.CONSTANT else 2
+        return stored, weight, _node_order(root)
 
     def computes_values(self, op: str) -> bool:
         """False for factories and fills, whose extreme values are chosen on purpose."""

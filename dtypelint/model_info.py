@@ -35,6 +35,7 @@ class ModelInfo:
     model_type: str | None
     hidden_size: int | None = None
     head_dim: int | None = None
+    max_positions: int | None = None  # config.max_position_embeddings: where RoPE's precision is judged
 
     @classmethod
     def of(cls, model: torch.nn.Module) -> ModelInfo:
@@ -73,6 +74,7 @@ class ModelInfo:
             model_type=config_value(config, "model_type"),
             hidden_size=config_value(config, "hidden_size"),
             head_dim=_head_dim(config),
+            max_positions=config_value(config, "max_position_embeddings"),
         )
 
 

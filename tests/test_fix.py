@@ -13,7 +13,8 @@ from torch import nn
 
 import dtypelint
 from dtypelint import FixPlan, LoadError, UsageError
-from dtypelint.fix import Change, rope_error
+from dtypelint.fix import Change
+from dtypelint.rope import rope_error
 from dtypelint.save import PLAN_FILE
 
 

@@ -262,7 +262,9 @@ def test_fp32_modules_in_an_fp16_model_are_one_param_dtype_warning_each():
         "param-dtype", "warning", "norm.weight", None
     )
     assert finding.dtypes == ["float16", "float32"]
-    assert finding.message == "norm holds weight float32, bias float32 in a float16 model"
+    # Issue #12, mechanism 6: the message says where the tensor meets the stream without a cast.
+    assert finding.message == ("norm holds weight float32, bias float32 in a float16 model; it meets another "
+                               "dtype at aten.native_layer_norm without a cast")
     assert finding.fix is not None
     assert finding.fix.tensors == ("norm.weight", "norm.bias")
     assert (finding.fix.to_dtype, finding.fix.safety) == ("float16", "unsafe")
@@ -440,3 +442,46 @@ def test_select_and_severity_apply_to_generic_rules():
     assert [(f.code, f.category, f.severity) for f in only.findings] == [("DT102", "promotion", "warning")]
     louder = dtypelint.audit(Wrapper().eval(), x, severity={"promotion": "error"})
     assert {f.code: f.severity for f in louder.findings} == {"DT102": "error", "DT105": "warning"}
+
+
+# DT103 and issue #12, mechanism 5: non-finite values that matter -------------------------------------------
+
+
+class OverflowThen(nn.Module):
+    """``up`` overflows float16; then T5's clamp, or a float32 softmax whose NaN returns to float16."""
+
+    def __init__(self, after: str) -> None:
+        super().__init__()
+        self.up = nn.Linear(4, 4).half()
+        with torch.no_grad():
+            self.up.weight.fill_(300.0)
+            self.up.bias.zero_()
+        self.after = after
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.up(x)
+        if self.after == "clamp":
+            return torch.clamp(h, -6e4, 6e4)
+        return torch.softmax(h.float(), -1).to(h.dtype)
+
+
+class Fp32Region(nn.Module):
+    """Finite float16 values that overflow only inside an unmeasured float32 region."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x.float() * 1e4).to(x.dtype) + x
+
+
+def test_an_inf_clamped_later_is_not_a_finding():
+    assert of(dtypelint.audit(OverflowThen("clamp").eval(), HUNDREDS), "DT103") == []
+
+
+def test_a_nan_made_in_unmeasured_float32_from_an_inf_names_only_the_inf():
+    report = dtypelint.audit(OverflowThen("softmax").eval(), HUNDREDS)
+    assert [(f.location, f.op, f.severity) for f in of(report, "DT103")] == [("up", "aten.addmm", "error")]
+
+
+def test_an_origin_behind_unmeasured_inputs_is_a_likely_origin_warning():
+    [finding] = of(dtypelint.audit(Fp32Region().eval(), HUNDREDS * 100, dtype="float16"), "DT103")
+    assert (finding.op, finding.severity) == ("aten._to_copy", "warning")
+    assert "from inputs not measured (the values measured before them are finite" in finding.message

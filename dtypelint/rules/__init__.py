@@ -40,10 +40,15 @@ def _discover() -> tuple[Rule, ...]:
 GENERIC_RULES = _discover()
 
 
-# Every finding category and what it means, from the rules themselves.
-CATEGORIES: dict[str, str] = {rule.category: rule.summary for rule in GENERIC_RULES} | {
-    ContractRule.category: ContractRule.category_summary
-}
+def _categories() -> dict[str, str]:
+    """Every finding category and what it means: the summary of the first rule that reports it."""
+    categories: dict[str, str] = {}
+    for rule in GENERIC_RULES:
+        categories.setdefault(rule.category, rule.summary)
+    return categories | {ContractRule.category: ContractRule.category_summary}
+
+
+CATEGORIES = _categories()
 
 
 def pack_rules(pack: BackendPack) -> list[Rule]:
@@ -117,7 +122,9 @@ def run_rules(context: RuleContext, selection: Selection | None = None, rules: l
         severity = selection.severity_of(rule)
         for finding in rule.check(context):
             if not selection.ignored_at(rule, finding.location):
-                findings.append(replace(finding, severity=severity))
+                # An override sets the level of the rule's findings; one the rule lowered itself stays lower.
+                lowered = finding.severity != rule.severity
+                findings.append(finding if lowered else replace(finding, severity=severity))
     return _one_safety_per_cast(findings)
 
 

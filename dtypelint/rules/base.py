@@ -63,6 +63,11 @@ class RuleContext:
     error: BaseException | None = None
     options: Options = field(default_factory=Options)
 
+    @property
+    def traced(self) -> bool:
+        """False for ``--static``: the rules see the model's tensors but no forward."""
+        return self.graph.graph.get("mode") != "static"
+
     @cached_property
     def stopped_at_trace_limit(self) -> bool:
         """True when the forward stopped at a limit of meta mode rather than a defect of the model: fake
@@ -125,11 +130,13 @@ class Rule:
         dtypes: list[str] | None = None,
         fix: Fix | None = None,
         node: str | None = None,
+        severity: str | None = None,
     ) -> Finding:
+        """``severity``: lower than the rule's for a finding it is less sure of (kept under overrides)."""
         return Finding(
             code=self.code,
             category=self.category,
-            severity=self.severity,
+            severity=severity or self.severity,
             location=location,
             tensor=tensor,
             op=op,

@@ -86,14 +86,44 @@ class MixedInput(Rule):
             )
             names = [graph.tensor(node)["name"] for node in odd if graph.tensor(node)["origin"] in CASTABLE_ORIGINS]
             fix = Fix(tuple(names), expected, "safe", f"cast {', '.join(names)} to {expected}") if names else None
-            culprit = graph.tensor(odd[0])
-            described = ", ".join(f"{graph.describe(node)} {graph.tensor(node)['dtype']}" for node in inputs)
+            described = ", ".join(
+                f"{graph.describe(node) if graph.tensor(node)['dtype'] == expected else graph.describe_derived(node)} "
+                f"{graph.tensor(node)['dtype']}"
+                for node in inputs
+            )
+            message = f"{data['name']} needs one dtype but receives {described}"
+            location, tensor = data["module"], _culprit_name(graph, odd[0])
+            if leak := _leaked_cast(graph, odd[0]):
+                location, message = graph.op(leak)["module"], f"{_leak_story(graph, leak, op)}; {message}"
             yield self.finding(
-                location=data["module"],
-                tensor=culprit["name"] if culprit["origin"] != OriginKind.OP else None,
+                location=location,
+                tensor=tensor,
                 op=data["name"],
                 dtypes=sorted(present),
-                message=f"{data['name']} needs one dtype but receives {described}",
+                message=message,
                 fix=fix,
                 node=op,
             )
+
+
+def _culprit_name(graph: DtypeGraph, node: str) -> str | None:
+    """The leaf to blame for an odd operand: itself, or the root of the table it was derived from."""
+    roots = [node] if graph.tensor(node)["origin"] != OriginKind.OP else graph.root_leaves(node)
+    return graph.leaf_name(roots[0]) if roots else None
+
+
+def _leaked_cast(graph: DtypeGraph, node: str) -> str | None:
+    """The explicit cast of an activation (``x.float()`` in a norm) that gave an odd operand its dtype."""
+    if graph.tensor(node)["origin"] != OriginKind.OP:
+        return None
+    casts = graph.lineage(node).casts
+    return casts[0] if casts else None
+
+
+def _leak_story(graph: DtypeGraph, cast: str, op: str) -> str:
+    source = graph.floating_inputs(cast)[0]
+    made = graph.tensor(graph.outputs(cast)[0])["dtype"]
+    module = graph.op(cast)["module"] or "<model>"
+    return (f"{module} casts {graph.describe(source)} from {graph.tensor(source)['dtype']} to {made} explicitly "
+            f"({graph.op(cast)['name']}) and its result reaches {graph.op(op)['name']} in "
+            f"{graph.op(op)['module'] or '<model>'} without a cast back")

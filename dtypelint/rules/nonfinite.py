@@ -4,16 +4,27 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from dtypelint.graph import finite, format_range
+from dtypelint.graph import DtypeGraph, finite, format_range
 from dtypelint.report import Finding
 from dtypelint.rules.base import Rule, RuleContext
+from dtypelint.vocabulary import OriginKind
+
+
+def unmeasured(graph: DtypeGraph, tensor: str) -> bool:
+    """An activation whose values were not measured (float32 and wider cost too much to read)."""
+    if graph.value_range(tensor) is not None:
+        return False
+    return graph.tensor(graph.source(tensor, through_copies=True))["origin"] == OriginKind.OP  # weights: finite
 
 
 class Nonfinite(Rule):
     """
     ## What it does
     In value mode, finds each op that produces inf or NaN in a float16/bfloat16 (or narrower) tensor from
-    finite inputs (the origin, not the ops that propagate it), and reports its input ranges.
+    finite inputs (the origin, not the ops that propagate it) when those values reach the end of the
+    forward, and reports its input ranges. An inf that a later op masks or clamps (T5's float16 clamp) is
+    not reported. Where the op's inputs were not measured (float32), the values measured before them are
+    checked: the op is named only as a likely origin, as a warning.
 
     ## Why is this bad?
     float16 tops out at 65504. One activation past it becomes inf, the next normalisation turns it into
@@ -31,8 +42,9 @@ class Nonfinite(Rule):
 
     ## Known problems
     Needs value statistics (`audit(..., stats=True)`, the default); meta mode has no values. float32
-    and float64 tensors are not measured (cost), so a NaN made in float32 is reported where it first
-    reaches a half-precision tensor.
+    and float64 tensors are not measured (cost), so a NaN made in float32 is reported, as a warning, where
+    it first reaches a half-precision tensor. A value is followed to the end through unmeasured tensors,
+    so an inf that a float32 op removes counts as reaching the end only if a later half tensor shows it.
     """
 
     code = "DT103"
@@ -42,6 +54,8 @@ class Nonfinite(Rule):
 
     def check(self, context: RuleContext) -> Iterator[Finding]:
         graph = context.graph
+        harmless: set[str] = set()  # tensors whose values, followed forward, never reach the end
+        clean_upstream: set[str] = set()  # unmeasured tensors with only finite measured values behind them
         for op in graph.ops():
             produced = [t for t in graph.outputs(op) if not finite(graph.value_range(t))]
             if not produced or not graph.computes_values(op):
@@ -50,17 +64,80 @@ class Nonfinite(Rule):
             ranges = [graph.value_range(tensor) for tensor in inputs]
             if not all(finite(bounds) for bounds in ranges):
                 continue  # inputs already non-finite: an earlier op (or the input) is the origin
-            data = graph.op(op)
-            output = graph.tensor(produced[0])
-            described = "; ".join(
-                f"{graph.describe(tensor)} {graph.tensor(tensor)['dtype']} {format_range(bounds)}"
-                for tensor, bounds in zip(inputs, ranges, strict=True)
-            )
-            yield self.finding(
-                location=data["module"],
-                op=data["name"],
-                dtypes=sorted({output["dtype"], *(graph.tensor(t)["dtype"] for t in inputs)}),
-                message=f"{data['name']} produced non-finite values ({output['dtype']} range "
-                f"{format_range(graph.value_range(produced[0]))}) from finite inputs: {described}",
-                node=op,
-            )
+            blind = [tensor for tensor in inputs if unmeasured(graph, tensor)]
+            if any(_nonfinite_behind(graph, tensor, clean_upstream) for tensor in blind):
+                continue  # the measured values before the unmeasured inputs were already non-finite
+            if not _reaches_end(graph, produced, harmless):
+                continue  # masked or clamped later: the output never sees it
+            yield self._finding(graph, op, inputs, ranges, produced[0], likely=bool(blind))
+
+    def _finding(self, graph: DtypeGraph, op: str, inputs: list[str], ranges: list, produced: str,
+                 likely: bool) -> Finding:
+        data, output = graph.op(op), graph.tensor(produced)
+        described = "; ".join(
+            f"{graph.describe(tensor)} {graph.tensor(tensor)['dtype']} {format_range(bounds)}"
+            for tensor, bounds in zip(inputs, ranges, strict=True)
+        )
+        where = ("inputs not measured (the values measured before them are finite, so the origin is here or "
+                 "in the unmeasured ops before)" if likely else "finite inputs")
+        return self.finding(
+            location=data["module"],
+            op=data["name"],
+            dtypes=sorted({output["dtype"], *(graph.tensor(t)["dtype"] for t in inputs)}),
+            message=f"{data['name']} produced non-finite values ({output['dtype']} range "
+            f"{format_range(graph.value_range(produced))}) from {where}, and they reach the end of the forward: "
+            f"{described}",
+            node=op,
+            severity="warning" if likely else None,
+        )
+
+
+def _carries(graph: DtypeGraph, tensor: str) -> bool:
+    """Measured non-finite, or not measured at all (it may carry what it was computed from)."""
+    if not graph.dtype(tensor).is_floating_point:
+        return False  # isinf(x), argmax(x): the values were inspected, not passed on
+    bounds = graph.value_range(tensor)
+    return bounds is None or not finite(bounds)
+
+
+def _reaches_end(graph: DtypeGraph, start: list[str], harmless: set[str]) -> bool:
+    """Whether non-finite values in ``start`` reach a tensor no op reads (a forward's output): measured
+    non-finite there, or unmeasured as an op's main output. ``harmless`` memoizes the dead ends."""
+    seen: set[str] = set()
+    frontier = [tensor for tensor in start if tensor not in harmless]
+    while frontier:
+        tensor = frontier.pop()
+        if tensor in seen or tensor in harmless or not _carries(graph, tensor):
+            continue
+        seen.add(tensor)
+        consumers = graph.consumers(tensor)
+        if not consumers and (graph.value_range(tensor) is not None or _main_output(graph, tensor)):
+            return True
+        frontier += [output for op in consumers for output in graph.outputs(op)]
+    harmless |= seen
+    return False
+
+
+def _main_output(graph: DtypeGraph, tensor: str) -> bool:
+    """Not a by-product (a norm's saved mean and rstd): those are never a forward's result."""
+    producer = graph.producer(tensor)
+    return producer is None or graph.edges[producer, tensor].get("out", 0) == 0
+
+
+def _nonfinite_behind(graph: DtypeGraph, tensor: str, clean: set[str]) -> bool:
+    """Whether the nearest measured values behind an unmeasured tensor include inf or NaN."""
+    seen: set[str] = set()
+    frontier = [tensor]
+    while frontier:
+        node = frontier.pop()
+        if node in seen or node in clean:
+            continue
+        seen.add(node)
+        if not unmeasured(graph, node):
+            if not finite(graph.value_range(node)):
+                return True
+            continue
+        producer = graph.producer(node)
+        frontier += graph.floating_inputs(producer) if producer else []
+    clean |= seen
+    return False

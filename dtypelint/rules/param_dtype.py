@@ -16,8 +16,10 @@ class ParamDtype(Rule):
     """
     ## What it does
     Lists floating parameters and buffers whose dtype differs from the compute dtype, one finding per
-    module, leaving out the model's `_keep_in_fp32_modules` and the tensors the backend keeps in
-    float32 by design (its pack's `intended-fp32`, e.g. RoPE's `inv_freq`).
+    module: a warning where one meets another dtype without an explicit cast, an info where the forward
+    casts at every use (PEFT's float32 LoRA adapters, vLLM's float32 `cos_sin_cache`) or never reads it.
+    The model's `_keep_in_fp32_modules` and the backend's `intended-fp32` tensors (RoPE's `inv_freq`) are
+    left out.
 
     ## Why is this bad?
     A stray float32 weight in a float16 model costs memory and either promotes the stream (`promotion`)
@@ -53,10 +55,29 @@ class ParamDtype(Rule):
         for module, tensors in by_module.items():
             names = tuple(name for name, _ in tensors)
             listed = ", ".join(f"{name.rsplit('.', 1)[-1]} {dtype}" for name, dtype in tensors)
+            meeting = next(filter(None, (_uncast_meeting(context, name) for name in names)), None)
+            unknown = not context.traced  # --static: no forward, so no use can excuse the dtype
             yield self.finding(
                 location=module,
                 tensor=names[0],
                 dtypes=sorted({compute, *(dtype for _, dtype in tensors)}),
-                message=f"{module or '<model>'} holds {listed} in a {compute} model",
+                message=f"{module or '<model>'} holds {listed} in a {compute} model; {_uses(context, names, meeting)}",
                 fix=Fix(names, compute, "unsafe", f"cast {', '.join(names)} to {compute}"),
+                severity=None if meeting or unknown else "info",
             )
+
+
+def _uses(context: RuleContext, names: tuple[str, ...], meeting: str | None) -> str:
+    graph = context.graph
+    if not context.traced:
+        return "no forward ran, so its uses are unknown"
+    if meeting:
+        return f"it meets another dtype at {graph.op(meeting)['name']} without a cast"
+    if any(graph.leaf_nodes(name) for name in names):
+        return "every use casts (an intended convention)"
+    return "the forward never reads it"
+
+def _uncast_meeting(context: RuleContext, name: str) -> str | None:
+    """Where the tensor first computes next to another dtype without an explicit cast, if anywhere."""
+    graph = context.graph
+    return next(filter(None, (graph.uncast_meeting(node) for node in graph.leaf_nodes(name))), None)

@@ -86,32 +86,48 @@ class Promotion(Rule):
                 continue  # no activation entered in the compute dtype: nothing was promoted here
             wide = graph.tensor(outputs[0])["dtype"]
             for tensor in inputs:
-                leaf = graph.source(tensor, through_copies=True)
-                leaf_data = graph.tensor(leaf)
-                # The leaf made the difference: torch promotes the compute dtype with it to the output's
+                # The input made the difference: torch promotes the compute dtype with it to the output's
                 # (float32 itself, or float16 meeting bfloat16, which also gives float32).
-                if leaf_data["dtype"] == compute_name or leaf_data["origin"] not in PROMOTING_ORIGINS:
+                if graph.tensor(tensor)["dtype"] == compute_name:
                     continue
-                if dtype_name(torch.promote_types(compute, graph.dtype(leaf))) != wide:
+                if dtype_name(torch.promote_types(compute, graph.dtype(tensor))) != wide:
                     continue
-                name = leaf_data["name"] if leaf_data["origin"] != OriginKind.CONSTANT else None
-                if leaf in reported or (name and context.pack.keeps_fp32(name)):
+                leaf = self._promoting_leaf(context, tensor)
+                if leaf is None or leaf in reported:
                     continue
                 reported.add(leaf)
-                yield self._finding(context, op, leaf, name, wide, compute_name)
+                yield self._finding(context, op, tensor, leaf, wide, compute_name)
 
-    def _finding(self, context: RuleContext, op: str, leaf: str, name: str | None, wide: str, compute: str) -> Finding:
+    @staticmethod
+    def _promoting_leaf(context: RuleContext, tensor: str) -> str | None:
+        """The leaf a promoting input is (through views and copies), or the root a derived table is
+        computed from (a RoPE table from ``inv_freq``, a mask from ``attention_mask``). None for the stream
+        itself and for a leaf the backend keeps in float32 by design: a table derived from such a leaf is
+        still reported, as transformers casts cos/sin before they meet q/k."""
+        graph = context.graph
+        leaf = graph.source(tensor, through_copies=True)
+        if graph.tensor(leaf)["origin"] in PROMOTING_ORIGINS:
+            name = graph.leaf_name(leaf)
+            return None if name and context.pack.keeps_fp32(name) else leaf
+        roots = graph.root_leaves(tensor) if graph.lineage(tensor).table else []
+        return roots[0] if roots else None  # a stream value promoted earlier is reported there, not again
+
+    def _finding(self, context: RuleContext, op: str, tensor: str, leaf: str, wide: str, compute: str) -> Finding:
         graph = context.graph
         data, leaf_data = graph.op(op), graph.tensor(leaf)
-        fixable = leaf_data["origin"] in CASTABLE_ORIGINS
+        name = graph.leaf_name(leaf)
+        direct = graph.source(tensor, through_copies=True) == leaf
+        # A derived table is fixed by a cast after its derivation, in the model's code: no automatic fix.
+        fixable = direct and leaf_data["origin"] in CASTABLE_ORIGINS
         fix = Fix((name,), compute, "unsafe", f"cast {name} to {compute}") if name and fixable else None
         after = widened_ops(graph, op, wide)
+        what = f"{graph.describe(leaf)} ({leaf_data['dtype']})" if direct else graph.describe_derived(tensor)
         return self.finding(
             location=data["module"],
             tensor=name,
             op=data["name"],
-            dtypes=sorted({compute, wide, leaf_data["dtype"]}),
-            message=f"{graph.describe(leaf)} ({leaf_data['dtype']}) promotes the {compute} stream to {wide} at {data['name']}; "
+            dtypes=sorted({compute, wide, graph.tensor(tensor)["dtype"]}),
+            message=f"{what} promotes the {compute} stream to {wide} at {data['name']}; "
             f"{after} later op{'s' if after != 1 else ''} then run in {wide}",
             fix=fix,
             node=op,

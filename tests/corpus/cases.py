@@ -63,11 +63,8 @@ BF16 = {"dtype": "bfloat16"}
 
 MISS_1 = "mechanism 1: the dtype check raises before any aten op is dispatched, so DT001 has no location, op or input dtypes and DT101 never fires"
 MISS_1_CPU_MASK = "mechanism 1: CPU's composite SDPA accepts the float32 mask next to a bfloat16 query (CUDA's kernels refuse it); no recorded op takes both"
-MISS_2 = "mechanism 2: the float32 operand is derived from a table, mask or input (index, mul, arange); DT102 follows only leaves and DT101 names 'activation from aten.*', never the source"
-MISS_3 = "mechanism 3: the conflict is reported where the float32 result meets the half operand, not at the norm whose explicit cast leaked it"
-MISS_4 = "mechanism 4: no rule measures the precision of an intended-float32 computation (rotary angles) that ran in half precision"
-MISS_5 = "mechanism 5: DT103 reports every inf a half op produces, also one that T5's clamp removes one op later; the output is finite"
-MISS_6 = "mechanism 6: DT105 warns on a float32 tensor that meets the half stream only through an explicit cast"
+MISS_2_ASSIGNED = "mechanism 2: the float32 table is rebuilt in forward and assigned to the rel_indices buffer; the trace sees only the op that made it (arange, stack), not the buffer it is stored in"
+MISS_3_SDPA = "mechanism 1: SDPA checks q/k/v dtypes before any aten op is dispatched, so the float32 q/k (the q_norm cast that leaked, which mechanism 3 names once an op takes them) never meet v in a recorded op"
 MISS_7 = "mechanism 7: the trace holds the dtypes after autocast, but no rule relates them to what the code passed (autocast's coverage)"
 
 CASES: list[Case] = [
@@ -75,7 +72,7 @@ CASES: list[Case] = [
     bug("dia-sdpa-qkv-dtypes", "dia", "https://github.com/nari-labs/dia/issues/158", 1,
         m.sdpa_mixed_qkv, Expect("mixed-input", ("attn",)), audit=F16, known_miss=MISS_1),
     control("dia-sdpa-qkv-dtypes-fixed", "dia", "https://github.com/nari-labs/dia/pull/45", 1,
-            partial(m.sdpa_mixed_qkv, align=True), audit=F16, known_miss=MISS_6),
+            partial(m.sdpa_mixed_qkv, align=True), audit=F16),
     bug("titan-sdpa-float-mask", "TITAN", "https://github.com/mahmoodlab/TITAN/issues/11", 1,
         m.sdpa_float_mask, Expect("mixed-input", ("attn",)), audit=BF16, known_miss=MISS_1_CPU_MASK),
     control("titan-sdpa-float-mask-cast", "TITAN", "https://github.com/mahmoodlab/TITAN/issues/11", 1,
@@ -87,40 +84,36 @@ CASES: list[Case] = [
     bug("mmdet-conv-float-bias", "mmdetection", "https://github.com/open-mmlab/mmdetection/issues/11653", 1,
         partial(m.conv_input, m.F16, m.F16, m.F32), Expect("mixed-input", ("conv.bias",)), audit=F16, known_miss=MISS_1),
     control("mmdet-conv-float-bias-cast", "mmdetection", "https://github.com/open-mmlab/mmdetection/issues/11653", 1,
-            partial(m.conv_input, m.F16, m.F16, m.F32, align=True), audit=F16, known_miss=MISS_6),
+            partial(m.conv_input, m.F16, m.F16, m.F32, align=True), audit=F16),
     bug("diffusers-xformers-autocast-norm-q", "diffusers", "https://github.com/huggingface/diffusers/issues/6774", 7,
         m.normed_query, Expect("mixed-input", ("norm_q",)), audit=BF16, autocast="bfloat16", known_miss=MISS_7),
     # 2. Provenance through derived tables.
     bug("vllm-xdrope-cos-sin-cache", "vLLM", "https://github.com/vllm-project/vllm/pull/40180", 2,
-        partial(m.cached_rotary, "cos_sin_cache", cast=False), Expect("mixed-input", ("cos_sin_cache",)), audit=F16,
-        known_miss=MISS_2),
+        partial(m.cached_rotary, "cos_sin_cache", cast=False), Expect("mixed-input", ("cos_sin_cache",)), audit=F16),
     control("vllm-match-cos-sin-cache-dtype", "vLLM", "https://github.com/vllm-project/vllm/pull/4596", 6,
-            partial(m.cached_rotary, "cos_sin_cache", cast=True), audit=F16, known_miss=MISS_6),
+            partial(m.cached_rotary, "cos_sin_cache", cast=True), audit=F16),
     bug("gptj-embed-positions", "transformers", "https://github.com/huggingface/transformers/pull/34799", 2,
-        partial(m.cached_rotary, "embed_positions", cast=False), Expect("mixed-input", ("embed_positions",)), audit=F16,
-        known_miss=MISS_2),
+        partial(m.cached_rotary, "embed_positions", cast=False), Expect("mixed-input", ("embed_positions",)), audit=F16),
     control("gptj-embed-positions-cast", "transformers", "https://github.com/huggingface/transformers/pull/34799", 6,
-            m.gptj, audit=F16, known_miss=MISS_6),
+            m.gptj, audit=F16),
     bug("neox-rotary-fp32-in-fp16", "transformers", "https://github.com/huggingface/transformers/pull/24262", 2,
-        partial(m.forward_rotary, cast=False), Expect("promotion", ("inv_freq",), "warning"), audit=F16,
-        known_miss=MISS_2),
+        partial(m.forward_rotary, cast=False), Expect("promotion", ("inv_freq",), "warning"), audit=F16),
     control("neox-rotary-cast-cos-sin", "transformers", "https://github.com/huggingface/transformers/pull/24262", 2,
             partial(m.forward_rotary, cast=True), audit=F16),
     bug("padding-mask-finfo-float32", "transformers", "https://github.com/huggingface/transformers/pull/17306", 2,
-        partial(m.padding_mask, m.F32), Expect("promotion", ("attention_mask",), "warning"), audit=F16,
-        known_miss=MISS_2),
+        partial(m.padding_mask, m.F32), Expect("promotion", ("attention_mask",), "warning"), audit=F16),
     control("padding-mask-finfo-scores-dtype", "transformers", "https://github.com/huggingface/transformers/pull/17306", 2,
             partial(m.padding_mask, None), audit=F16),
     bug("timm-convit-rel-indices", "timm", "https://github.com/intel/torch-xpu-ops/issues/2599", 2,
         partial(m.relative_positions, cast=False), Expect("mixed-input", ("rel_indices",)), audit=F16,
-        known_miss=MISS_2),
+        known_miss=MISS_2_ASSIGNED),
     # 3. Explicit casts that leak.
     bug("xformers-qk-layernorm-fp32", "xformers", "https://github.com/facebookresearch/xformers/issues/1211", 3,
-        partial(m.qk_norm_attention, restore=False), Expect("mixed-input", ("q_norm",)), audit=BF16, known_miss=MISS_3),
+        partial(m.qk_norm_attention, restore=False), Expect("mixed-input", ("q_norm",)), audit=BF16, known_miss=MISS_3_SDPA),
     control("xformers-qk-layernorm-cast-back", "xformers", "https://github.com/facebookresearch/xformers/issues/1211", 3,
-            partial(m.qk_norm_attention, restore=True), audit=BF16, known_miss=MISS_6),
+            partial(m.qk_norm_attention, restore=True), audit=BF16),
     bug("unianimate-dit-norm1-fp32", "UniAnimate-DiT", "https://github.com/ali-vilab/UniAnimate-DiT/issues/40", 3,
-        partial(m.dit_block, restore=False), Expect("mixed-input", ("norm1",)), audit=BF16, known_miss=MISS_3),
+        partial(m.dit_block, restore=False), Expect("mixed-input", ("norm1",)), audit=BF16),
     bug("ipex-llm-native-sdp-softmax-fp32", "ipex-llm", "https://github.com/intel/ipex-llm/pull/10609", 3,
         partial(m.upcast_softmax, cast=False), Expect("mixed-input", ("self_attn",)),
         audit={**BF16, "backend": "ipex-llm-xpu"}),
@@ -129,18 +122,16 @@ CASES: list[Case] = [
     # 4. Precision of intended-float32 computations.
     bug("llama-rotary-inv-freq-bf16", "transformers", "https://github.com/huggingface/transformers/issues/25681", 4,
         partial(m.causal_lm_cast, "Llama", keep_inv_freq_fp32=False), Expect("low-precision-op", ("rotary_emb",), "warning"),
-        audit=BF16, known_miss=MISS_4),
+        audit=BF16),
     control("llama-rotary-inv-freq-fp32", "transformers", "https://github.com/huggingface/transformers/pull/29285", 4,
             partial(m.causal_lm_cast, "Llama", keep_inv_freq_fp32=True), audit=BF16),
     bug("mistral-rotary-inv-freq-bf16", "transformers", "https://github.com/huggingface/transformers/issues/29496", 4,
         partial(m.causal_lm_cast, "Mistral", keep_inv_freq_fp32=False), Expect("low-precision-op", ("rotary_emb",), "warning"),
-        audit=BF16, known_miss=MISS_4),
+        audit=BF16),
     bug("gpt-neox-rotary-angles-fp16", "gpt-neox", "https://github.com/EleutherAI/gpt-neox/issues/1003", 4,
-        partial(m.angle_rotary, m.F16, m.F16), Expect("low-precision-op", ("rotary_emb",), "warning"), audit=F16,
-        known_miss=MISS_4),
+        partial(m.angle_rotary, m.F16, m.F16), Expect("low-precision-op", ("rotary_emb",), "warning"), audit=F16),
     bug("modalities-inv-freq-to-bf16", "Modalities", "https://github.com/Modalities/modalities/pull/462", 4,
-        partial(m.angle_rotary, m.BF16, m.BF16), Expect("low-precision-op", ("rotary_emb",), "warning"), audit=BF16,
-        known_miss=MISS_4),
+        partial(m.angle_rotary, m.BF16, m.BF16), Expect("low-precision-op", ("rotary_emb",), "warning"), audit=BF16),
     control("modalities-inv-freq-fp32", "Modalities", "https://github.com/Modalities/modalities/pull/462", 4,
             partial(m.angle_rotary, m.F32, m.BF16), audit=BF16),
     # 5. Non-finite values that matter.
@@ -149,14 +140,14 @@ CASES: list[Case] = [
     bug("t5-encoder-overflow-nan-output", "openvino", "https://github.com/openvinotoolkit/openvino/pull/37041", 5,
         partial(m.t5_overflow, blocks=2), Expect("nonfinite", ("ffs.0.wo",)), audit=F16),
     control("t5-encoder-fp16-clamp", "transformers", "https://github.com/huggingface/transformers/pull/9487", 5,
-            partial(m.t5_encoder, overflow=True, keep_wo_fp32=False), audit=F16, known_miss=MISS_5),
+            partial(m.t5_encoder, overflow=True, keep_wo_fp32=False), audit=F16),
     control("nemo-mask-where-finfo-min", "NeMo-Automodel", "https://github.com/NVIDIA-NeMo/Automodel/pull/2658", 5,
             partial(m.causal_padding, "where"), audit=BF16),
     control("torchbenchmark-mask-fill-finfo-min", "pytorch-benchmark", "https://github.com/pytorch/benchmark/pull/794", 5,
             partial(m.causal_padding, "masked_fill"), audit=BF16),
     # 6. Intended conventions.
     control("peft-fp32-lora-on-fp16-base", "PEFT", "https://github.com/huggingface/peft/issues/2421", 6,
-            partial(m.lora, cast_input=True), audit=F16, known_miss=MISS_6),
+            partial(m.lora, cast_input=True), audit=F16),
     bug("textgen-lora-fp32-uncast-input", "PEFT", "https://github.com/oobabooga/textgen/issues/2980", 6,
         partial(m.lora, cast_input=False), Expect("mixed-input", ("lora_A",)), audit=F16),
     control("t5-keep-in-fp32-wo", "transformers", "https://github.com/huggingface/transformers/pull/20683", 6,

@@ -47,6 +47,11 @@ def loud(report):
     return [f for f in report.findings if f.severity in ("error", "warning")]
 
 
+def loud_but_rope_precision(report):
+    """Issue #12, mechanism 4: transformers 4.37 casts inv_freq with the model (issue #25681); DT107 says so."""
+    return [f for f in loud(report) if f.code != "DT107"]
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_fp16_load_breaks_the_rotary_kernel_contract(checkpoints, family):
     model = load(checkpoints[family], torch.float16)
@@ -73,7 +78,7 @@ def test_fp16_load_breaks_the_rotary_kernel_contract(checkpoints, family):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_after_half_and_under_hf_eager_there_is_nothing_to_report(checkpoints, family):
     model = load(checkpoints[family], torch.float16)
-    assert loud(audit(model, "hf-eager")) == []
+    assert loud_but_rope_precision(audit(model, "hf-eager")) == []
     assert loud(audit(model.half(), "ipex-llm-xpu")) == []
 
 
@@ -85,7 +90,7 @@ def test_bf16_reaches_a_kernel_that_takes_only_fp16_and_fp32(checkpoints, family
     for finding in errors:
         assert "supports only float16, float32" in finding.message and "bfloat16" in finding.message
         assert finding.fix is None
-    assert loud(audit(model, "hf-eager")) == []
+    assert loud_but_rope_precision(audit(model, "hf-eager")) == []
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +118,7 @@ def test_real_load_low_bit_fp16_is_the_seed_failure(low_bit_dir):
         ("IPX101", f"model.layers.{layer}.self_attn.rotary_emb.inv_freq") for layer in range(LAYERS)
     ]
     assert loud(report) == errors
-    assert loud(audit(model, "hf-eager")) == []
+    assert loud_but_rope_precision(audit(model, "hf-eager")) == []
     assert loud(audit(model.half(), "ipex-llm-xpu")) == []
 
 
