@@ -40,6 +40,7 @@ class Finding:
     message: str
     fix: Fix | None = None
     node: str | None = None
+    pack: str | None = None  # the backend pack whose contract found it; None for generic rules
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -101,6 +102,7 @@ class Report:
             (
                 finding.severity,
                 finding.code,
+                finding.pack or "",
                 finding.location or "<model>",
                 finding.tensor or "",
                 " ".join(finding.dtypes),
@@ -108,8 +110,8 @@ class Report:
             )
             for finding in ordered
         ]
-        headers = ("severity", "code", "location", "tensor", "dtypes", "message")
-        return tabulate(rows, headers=headers, tablefmt="simple", maxcolwidths=[None, None, 40, 40, 20, 70])
+        headers = ("severity", "code", "pack", "location", "tensor", "dtypes", "message")
+        return tabulate(rows, headers=headers, tablefmt="simple", maxcolwidths=[None, None, None, 40, 40, 20, 70])
 
     def render(self) -> str:
         lines = [self.table()] if self.findings else []

@@ -21,6 +21,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from dtypelint.attention import AttentionRecorder
 from dtypelint.state import GlobalModes
 from dtypelint.vocabulary import OpKind, OriginKind, packets
 
@@ -60,10 +61,13 @@ class ModelInfo:
     model_type: str | None
     hidden_size: int | None = None
     head_dim: int | None = None
+    # Modules' torch.dtype attributes (bitsandbytes' ``compute_dtype``), by qualified name.
+    dtype_attributes: dict[str, torch.dtype] = field(default_factory=dict)
 
     @classmethod
     def of(cls, model: torch.nn.Module) -> ModelInfo:
         tensors: dict[str, TensorInfo] = {}
+        dtype_attributes: dict[str, torch.dtype] = {}
         aliases: dict[str, list[str]] = {}
         seen: dict[int, str] = {}
         for name, param in model.named_parameters(remove_duplicate=False):
@@ -87,6 +91,8 @@ class ModelInfo:
                 name = _join(module_name, attribute)
                 if isinstance(value, torch.Tensor) and name not in tensors:
                     tensors[name] = TensorInfo(OriginKind.ATTRIBUTE, value.dtype, tuple(value.shape), str(value.device))
+                elif isinstance(value, torch.dtype):
+                    dtype_attributes[name] = value
         config = getattr(model, "config", None)
         keep = getattr(model, "_keep_in_fp32_modules", None) or []
         return cls(
@@ -98,6 +104,7 @@ class ModelInfo:
             model_type=config_value(config, "model_type"),
             hidden_size=config_value(config, "hidden_size"),
             head_dim=_head_dim(config),
+            dtype_attributes=dtype_attributes,
         )
 
 
@@ -237,6 +244,7 @@ class Tracer(TorchDispatchMode):
         self._module_stack: list[str] = [""]
         self._hooks: list[Any] = []
         self._saved_modes: GlobalModes | None = None
+        self.attention = AttentionRecorder(lambda: (self._module_stack[-1], len(self.records)))
         # Storage of the real parameters, to catch writes through ``.data`` (which no version counter sees).
         self._parameter_storages = {} if state is not None else _parameter_storages(model)
         self._register_model_origins(state)
@@ -343,12 +351,14 @@ class Tracer(TorchDispatchMode):
             hooks.register_module_forward_pre_hook(self._push_module),
             hooks.register_module_forward_hook(self._pop_module, always_call=True),
         ]
+        self.attention.__enter__()
         return super().__enter__()
 
     def __exit__(self, exc_type, exc, traceback) -> None:  # noqa: ANN001
         try:
             super().__exit__(exc_type, exc, traceback)
         finally:
+            self.attention.__exit__(exc_type, exc, traceback)
             for handle in self._hooks:
                 handle.remove()
             self._hooks = []

@@ -78,6 +78,7 @@ class Rule:
     severity: ClassVar[str]
     fix_availability: ClassVar[str] = "never"  # never | sometimes | always
     uses_value_statistics: ClassVar[bool] = False  # runs only on graphs with value statistics
+    pack: str | None = None  # the backend pack a contract rule comes from
 
     def __init_subclass__(cls, **kwargs: object) -> None:
         super().__init_subclass__(**kwargs)
@@ -118,6 +119,7 @@ class Rule:
             message=message,
             fix=fix,
             node=node,
+            pack=self.pack,
         )
 
     def __repr__(self) -> str:

@@ -50,6 +50,12 @@ class Contract:
     fix_cost: str = ""
     example: str = ""
     known_problems: str = ""
+    hint: str = ""  # appended to every message: what to change
+    site: str = "module"  # module | op | attention: what one check looks at
+    ops: tuple[str, ...] = ()  # op sites: the aten ops (``native_layer_norm``)
+    calls: str = "any"  # attention sites: flash | sdpa | any
+    max_head_dim: int | None = None
+    dispatch: str | None = None  # attention sites: raises | falls-back, from CUDA's SDPA dispatch model
 
 
 @dataclass(frozen=True)
@@ -130,7 +136,8 @@ def _contract(entry: _Entry) -> Contract:
         {
             "code", "name", "kernel", "summary", "why", "references", "modules", "tensors", "severity", "owner",
             "not-owner", "model-types", "must-match", "must-match-label", "accepted-dtypes", "gate-dtypes", "head-dims", "fix",
-            "fix-safety", "fix-cost", "example", "known-problems",
+            "fix-safety", "fix-cost", "example", "known-problems", "hint", "site", "ops", "calls", "max-head-dim",
+            "dispatch",
         }
     )
     code = entry.string("code")
@@ -140,11 +147,16 @@ def _contract(entry: _Entry) -> Contract:
     name = entry.string("name")
     if not _NAME.match(name):
         raise entry.error("name", "must be kebab-case")
-    selectors = [*entry.strings("tensors", required=True)]
+    site = entry.choice("site", ("module", "op", "attention"), "module")
+    dispatch = entry.choice("dispatch", ("raises", "falls-back", "none"), "none")
+    selectors = [*entry.strings("tensors", required=site == "module" or dispatch == "none")]
     must_match = entry.string("must-match", None)
     for selector in [*selectors, *([must_match] if must_match else [])]:
-        if not valid_selector(selector):
-            raise entry.error("tensors", f"unknown selector {selector!r} (see rules/README.md)")
+        if not valid_selector(selector, site):
+            raise entry.error("tensors", f"unknown selector {selector!r} for {site} sites (see rules/README.md)")
+    ops = tuple(entry.strings("ops", required=site == "op"))
+    if dispatch != "none" and site != "attention":
+        raise entry.error("dispatch", "needs site = \"attention\"")
     return Contract(
         code=code,
         name=name,
@@ -152,7 +164,7 @@ def _contract(entry: _Entry) -> Contract:
         summary=entry.string("summary"),
         why=entry.string("why"),
         references=tuple(entry.strings("references", required=True)),
-        modules=tuple(entry.strings("modules", required=True)),
+        modules=tuple(entry.strings("modules", required=site == "module")),
         tensors=tuple(selectors),
         severity=entry.choice("severity", SEVERITIES, "error"),
         owner=entry.string("owner", None),
@@ -168,6 +180,12 @@ def _contract(entry: _Entry) -> Contract:
         fix_cost=entry.string("fix-cost", ""),
         example=entry.string("example", ""),
         known_problems=entry.string("known-problems", ""),
+        hint=entry.string("hint", ""),
+        site=site,
+        ops=ops,
+        calls=entry.choice("calls", ("flash", "sdpa", "any"), "any"),
+        max_head_dim=entry.integer("max-head-dim"),
+        dispatch=None if dispatch == "none" else dispatch,
     )
 
 
@@ -215,6 +233,12 @@ class _Entry:
         value = self._get(key, [])
         if not isinstance(value, list) or not all(isinstance(item, int) and not isinstance(item, bool) for item in value):
             raise self.error(key, "must be a list of integers")
+        return value
+
+    def integer(self, key: str) -> int | None:
+        value = self._get(key, None)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
+            raise self.error(key, "must be a positive integer")
         return value
 
     def choice(self, key: str, choices: tuple[str, ...], default: str) -> str:
