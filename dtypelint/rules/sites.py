@@ -36,7 +36,7 @@ from dtypelint.attention import AttentionCall
 from dtypelint.dtypes import dtype_name
 from dtypelint.graph import DtypeGraph
 from dtypelint.trace import ModelInfo
-from dtypelint.vocabulary import WEIGHT_ORIGINS, OpKind, OriginKind
+from dtypelint.vocabulary import STREAM_ORIGINS, WEIGHT_ORIGINS, OpKind, OriginKind
 
 SELECTORS = ("input", "raw-input", "owner-input", "outputs", "consumer-input", "mask", "sdpa-inputs")
 ATTENTION_SELECTORS = ("query", "key", "value", "attn-mask")
@@ -109,7 +109,12 @@ class ModelSites:
 
     def input(self, path: str, *, floating: bool = True) -> str | None:
         graph = self.graph
-        candidates = [t for t in self.entering(path) if not floating or graph.dtype(t).is_floating_point]
+        # Activations only: a tensor no traced op made and no forward argument is state stashed outside the
+        # module tree (bitsandbytes' ``weight.SCB``), never the stream.
+        candidates = [
+            t for t in self.entering(path)
+            if graph.tensor(t)["origin"] in STREAM_ORIGINS and (not floating or graph.dtype(t).is_floating_point)
+        ]
         hidden = [t for t in candidates if graph.tensor(t)["shape"][-1:] == (self.model.hidden_size,)]
         return (hidden or candidates or [None])[0]
 
