@@ -3,22 +3,21 @@
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
-from typing import Any
+from typing import Any, Unpack
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensor
 
-from dtypelint.config import Settings
+from dtypelint.config import SettingOverrides, Settings
 from dtypelint.dtypes import dtype_name, parse_dtype
 from dtypelint.errors import UsageError
 from dtypelint.graph import DtypeGraph
 from dtypelint.load import build_meta_model, call_arguments, config_dtype, load_config, sample_inputs
 from dtypelint.report import Report
-from dtypelint.rules import all_rules, run_rules
+from dtypelint.rules import run_rules
 from dtypelint.rules.base import Options, RuleContext
-from dtypelint.rules.packs import BackendPack, load_pack
 from dtypelint.state import preserved
 from dtypelint.trace import Tracer, TraceResult, needs_values
 
@@ -180,21 +179,20 @@ def trace(model: torch.nn.Module, inputs: Any, *, mode: str = "value", stats: bo
 
 
 def _report(result: TraceResult, *, compute_dtype: torch.dtype, settings: Settings, inputs: Any = None) -> Report:
-    pack = _pack(settings)
     graph = _graph(result)
     context = RuleContext(
         graph=graph,
         model=result.tracer.model_info,
         compute_dtype=compute_dtype,
-        pack=pack,
+        pack=settings.pack,
         error=result.error,
         options=settings.options,
     )
     return Report(
         graph=graph,
-        findings=run_rules(context, settings.selection),
+        findings=run_rules(context, settings.selection, settings.rules),
         model=context.model.class_name,
-        backend=pack.name,
+        backend=settings.pack.name,
         mode=graph.graph["mode"],
         compute_dtype=dtype_name(compute_dtype),
         notes=result.notes,
@@ -204,53 +202,29 @@ def _report(result: TraceResult, *, compute_dtype: torch.dtype, settings: Settin
     )
 
 
-def _pack(settings: Settings) -> BackendPack:
-    return load_pack(settings.backend).extended([load_pack(path) for path in settings.rules])
-
-
-def resolve_settings(settings: Settings | None = None, **overrides: Any) -> Settings:
-    """``settings`` (default: built-in defaults, no file is read) with the non-None ``overrides`` on
-    top, validated (dtype, packs, selectors) so that a typo fails before any model work."""
-    resolved = (settings or Settings()).override(**overrides)
-    parse_dtype(resolved.dtype)
-    pack = _pack(resolved)
-    resolved.selection.validate(all_rules() + all_rules([pack]))
-    return resolved
-
-
 def audit(
     model: torch.nn.Module,
     inputs: Any,
     *,
-    dtype: str | torch.dtype | None = None,
-    backend: str | None = None,
     mode: str = "value",
     stats: bool = True,
-    rules: list[str] | None = None,
-    select: list[str] | None = None,
-    ignore: list[str] | None = None,
-    extend_select: list[str] | None = None,
-    per_location_ignores: Mapping[str, list[str]] | None = None,
-    severity: Mapping[str, str] | None = None,
-    options: Options | None = None,
     settings: Settings | None = None,
     progress: bool = False,
+    **overrides: Unpack[SettingOverrides],
 ) -> Report:
-    """Trace one forward of ``model`` on ``inputs`` and run the rules of ``backend`` over it.
+    """Trace one forward of ``model`` on ``inputs`` and run the rules of the backend over it.
 
-    ``inputs`` is a tensor, a tuple of positional arguments or a dict of keyword arguments. ``dtype`` is
-    the intended compute dtype (default: the dtype of most parameter elements). ``backend`` names a
-    shipped pack or a pack file (default ``hf-eager``); ``rules`` adds packs. ``mode="meta"`` runs the
-    forward on fake copies of the weights. ``settings`` (``dtypelint.config.load_settings()``) supplies
-    defaults that the other arguments override. ``progress`` shows a bar on stderr for traces that take
-    more than a second. The model is left exactly as it was.
+    ``inputs`` is a tensor, a tuple of positional arguments or a dict of keyword arguments.
+    ``mode="meta"`` runs the forward on fake copies of the weights. ``progress`` shows a bar on stderr for
+    traces that take more than a second. Settings (``dtypelint.config.SettingOverrides``): ``dtype``, the
+    intended compute dtype (default: the dtype of most parameter elements); ``backend``, a shipped pack
+    or a pack file, or a list of them (default ``hf-eager``); ``packs``, extra packs; ``select``,
+    ``ignore``, ``extend_select``, ``per_location_ignores``, ``severity``, ``options``, ``fail_on``. They
+    override ``settings`` (``dtypelint.config.load_settings()``). The model is left exactly as it was.
     """
     notes: list[str] = []
     model = _unwrap(model, notes)
-    resolved = resolve_settings(
-        settings, dtype=dtype, backend=backend, rules=rules, select=select, ignore=ignore,
-        extend_select=extend_select, per_location_ignores=per_location_ignores, severity=severity, options=options,
-    )
+    resolved = (settings or Settings()).layered(overrides)
     compute_dtype = parse_dtype(resolved.dtype) or infer_compute_dtype(model)
     result = _run(
         model, inputs, mode=mode, stats=stats, notes=notes, progress=progress, max_ops=resolved.options.max_ops
@@ -261,27 +235,17 @@ def audit(
 def audit_config(
     config: Any,
     *,
-    dtype: str | torch.dtype | None = None,
-    backend: str | None = None,
     batch: int = 1,
     seq_len: int = 16,
     trust_remote_code: bool = False,
-    rules: list[str] | None = None,
-    select: list[str] | None = None,
-    ignore: list[str] | None = None,
-    extend_select: list[str] | None = None,
-    per_location_ignores: Mapping[str, list[str]] | None = None,
-    severity: Mapping[str, str] | None = None,
-    options: Options | None = None,
     settings: Settings | None = None,
     progress: bool = False,
+    **overrides: Unpack[SettingOverrides],
 ) -> Report:
     """Audit a causal LM from its config alone (meta mode): no weights are allocated, so a 70B config
-    audits on a laptop. ``config`` is a transformers config, a ``config.json`` path or a directory."""
-    resolved = resolve_settings(
-        settings, dtype=dtype, backend=backend, rules=rules, select=select, ignore=ignore,
-        extend_select=extend_select, per_location_ignores=per_location_ignores, severity=severity, options=options,
-    )
+    audits on a laptop. ``config`` is a transformers config, a ``config.json`` path or a directory; the
+    settings are those of ``audit``."""
+    resolved = (settings or Settings()).layered(overrides)
     config = load_config(config, trust_remote_code=trust_remote_code)
     compute_dtype = parse_dtype(resolved.dtype) or config_dtype(config) or torch.float32
     model = build_meta_model(config, compute_dtype)

@@ -16,11 +16,11 @@ import tempfile
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from dtypelint.errors import DtypelintError, LoadError, UsageError, first_line
+from dtypelint.shipped import available_packs
 
 if TYPE_CHECKING:
     from dtypelint.config import Settings
@@ -51,8 +51,11 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--graph", metavar="FILE", help="write the dtype graph (.json, .graphml, .dot, .mmd)")
     check.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     check.add_argument("--dtype", help="float16|bfloat16|float32|auto (default: the config's)")
-    check.add_argument("--backend", help="rule pack name or path (default: hf-eager)")
-    check.add_argument("--rules", action="append", metavar="PACK", help="an extra rule pack (repeatable)")
+    check.add_argument("--backend", action="append", metavar="PACK",
+                       help="rule pack name or path, repeatable or comma-separated for a device and a quantization "
+                            f"pack (shipped: {', '.join(available_packs())}; default: hf-eager)")
+    check.add_argument("--pack", action="append", dest="packs", metavar="PACK",
+                       help="an extra rule pack whose contracts join the backend's (repeatable)")
     check.add_argument("--config", help="pyproject.toml to read [tool.dtypelint] from (default: the nearest)")
     check.add_argument("--mode", choices=("value", "meta"), help="value (real weights) or meta (config only)")
     check.add_argument("--batch", type=_positive_int, default=1)
@@ -100,18 +103,13 @@ def _has_weights(path: Path) -> bool:
 
 def _settings(options: argparse.Namespace) -> Settings:
     """[tool.dtypelint] with the command line on top; ``--dtype auto`` means the checkpoint's own dtype."""
-    from dtypelint.audit import resolve_settings
     from dtypelint.config import load_settings
 
-    settings = load_settings(options.config)
-    if options.dtype == "auto":
-        settings = replace(settings, dtype=None)
-    return resolve_settings(
-        settings, backend=options.backend, rules=options.rules, select=options.select, ignore=options.ignore,
-        extend_select=options.extend_select, fail_on=options.fail_on,
-        dtype=None if options.dtype == "auto" else options.dtype,
-        options=replace(settings.options, max_ops=options.max_ops) if options.max_ops else None,
-    )
+    return load_settings(options.config).layered({
+        "backend": options.backend, "packs": options.packs, "select": options.select, "ignore": options.ignore,
+        "extend_select": options.extend_select, "fail_on": options.fail_on, "dtype": options.dtype,
+        "options": {"max_ops": options.max_ops} if options.max_ops else None,
+    })
 
 
 def _check(options: argparse.Namespace) -> int:

@@ -1,9 +1,9 @@
 """Settings: the ``[tool.dtypelint]`` table of ``pyproject.toml``, overridden by API or CLI arguments.
 
     [tool.dtypelint]
-    backend = "ipex-llm-xpu"          # a shipped pack name or a path
+    backend = "ipex-llm-xpu"          # a shipped pack name or a path, or a list of them
     dtype = "float16"                 # the intended compute dtype
-    rules = ["packs/our-kernels.toml"]  # extra packs whose contracts join the backend's
+    packs = ["packs/our-kernels.toml"]  # extra packs whose contracts join the backend's
     select = ["DT", "IPX"]            # codes, code prefixes or rule names
     extend-select = []
     ignore = ["low-precision-op"]
@@ -22,37 +22,127 @@
 from __future__ import annotations
 
 import tomllib
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
+from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
+
+import torch
 
 from dtypelint.dtypes import parse_dtype
-from dtypelint.errors import DtypelintError, LoadError, first_line
+from dtypelint.errors import DtypelintError, LoadError, UsageError, first_line
 from dtypelint.report import SEVERITIES
-from dtypelint.rules import Selection
-from dtypelint.rules.base import Options, option_problem
+from dtypelint.rules import Selection, all_rules
+from dtypelint.rules.base import Options, Rule, option_problem
+from dtypelint.rules.packs import BackendPack, combine, load_pack
 
-_LIST_KEYS = {"select": "select", "extend-select": "extend_select", "ignore": "ignore", "rules": "rules"}
+_LIST_KEYS = {"select": "select", "extend-select": "extend_select", "ignore": "ignore", "packs": "packs"}
 _OPTION_KEYS = {"overflow-fraction": "overflow_fraction", "large-reduction": "large_reduction", "max-ops": "max_ops"}
+
+
+class SettingOverrides(TypedDict, total=False):
+    """The settings an API call, a marker or the command line may set; None means "not set here"."""
+
+    backend: str | Sequence[str] | None  # one pack, or several (a device pack and a quantization pack)
+    dtype: str | torch.dtype | None  # "auto": the model's own
+    packs: str | Sequence[str] | None  # extra packs whose contracts join the backend's
+    select: str | Sequence[str] | None
+    extend_select: str | Sequence[str] | None
+    ignore: str | Sequence[str] | None
+    per_location_ignores: Mapping[str, list[str]] | None
+    severity: Mapping[str, str] | None
+    options: Options | Mapping[str, Any] | None  # a mapping changes only the fields it names
+    fail_on: str | None
+
+
+SETTING_KEYS = tuple(SettingOverrides.__annotations__)
+_SELECTION_KEYS = tuple(f.name for f in fields(Selection))
+_LIST_VALUED = ("backend", "packs", "select", "extend_select", "ignore")
 
 
 @dataclass
 class Settings:
-    backend: str = "hf-eager"
+    """What an audit runs with. ``layered`` puts the layers on top of each other (file < ini < command
+    line < markers < keywords); ``pack`` and ``rules`` are loaded once, on first use."""
+
+    backend: tuple[str, ...] = ("hf-eager",)
     dtype: str | None = None
-    rules: list[str] = field(default_factory=list)
+    packs: tuple[str, ...] = ()
     selection: Selection = field(default_factory=Selection)
     options: Options = field(default_factory=Options)
     fail_on: str = "error"
     source: Path | None = None
 
-    def override(self, **values: Any) -> Settings:
-        """A copy where each argument that is not None replaces the setting (selection keys included)."""
-        chosen = {key: value for key, value in values.items() if value is not None}
-        selection_keys = {f.name for f in fields(Selection)}
-        selection = replace(self.selection, **{k: v for k, v in chosen.items() if k in selection_keys})
-        rest = {k: v for k, v in chosen.items() if k not in selection_keys}
-        return replace(self, selection=selection, **rest)
+    def layered(self, *layers: Mapping[str, Any]) -> Settings:
+        """A copy with each layer's set keys on top, lowest layer first, validated."""
+        settings = self
+        for layer in layers:
+            settings = settings.layer(layer)
+        settings.validate()
+        return settings
+
+    def layer(self, layer: Mapping[str, Any]) -> Settings:
+        """A copy with one layer's set keys on top (checked, but packs and selectors not yet validated)."""
+        unknown = sorted(set(layer) - set(SETTING_KEYS))
+        if unknown:
+            raise UsageError(f"unknown setting(s) {', '.join(unknown)}; known: {', '.join(SETTING_KEYS)}")
+        values = {key: value for key, value in layer.items() if value is not None}
+        for key in _LIST_VALUED:
+            if key in values:
+                names = _names(values[key], key)
+                values[key] = list(names) if key in _SELECTION_KEYS else names
+        if "dtype" in values:
+            values["dtype"] = _dtype_setting(values["dtype"])
+        if "fail_on" in values and values["fail_on"] not in SEVERITIES:
+            raise UsageError(f"fail_on {values['fail_on']!r} is not one of {', '.join(SEVERITIES)}")
+        if isinstance(values.get("options"), Mapping):
+            values["options"] = _changed_options(self.options, values["options"])
+        selection = replace(self.selection, **{key: values.pop(key) for key in _SELECTION_KEYS if key in values})
+        return replace(self, selection=selection, **values)
+
+    def validate(self) -> None:
+        """Fail on a typo before any model work: packs, selectors, options."""
+        if not isinstance(self.options, Options):
+            raise UsageError(f"options must be a dtypelint Options or a mapping, not {type(self.options).__name__}")
+        self.selection.validate(all_rules() + self.rules)
+
+    @cached_property
+    def pack(self) -> BackendPack:
+        """The backend's packs and the extra packs, combined (each file parsed once per process)."""
+        return combine([load_pack(name) for name in (*self.backend, *self.packs)])
+
+    @cached_property
+    def rules(self) -> list[Rule]:
+        """The rules this audit runs: the generic rules and the contracts of ``pack``."""
+        return all_rules([self.pack])
+
+
+def _names(value: str | Sequence[str], key: str) -> tuple[str, ...]:
+    """``"cuda,bitsandbytes"``, ``"DT1"`` or a list of them as a tuple of names."""
+    items = [value] if isinstance(value, str) else list(value)
+    if not all(isinstance(item, str) for item in items):
+        raise UsageError(f"{key} takes a string or a list of strings, not {value!r}")
+    names = tuple(part.strip() for item in items for part in item.split(",") if part.strip())
+    if key == "backend" and not names:
+        raise UsageError("backend needs at least one pack name")
+    return names
+
+
+def _dtype_setting(value: str | torch.dtype) -> str | None:
+    """A dtype setting as its name; "auto" (the model's own) as None."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return None
+    dtype = parse_dtype(value)
+    return str(dtype).removeprefix("torch.")
+
+
+def _changed_options(options: Options, changes: Mapping[str, Any]) -> Options:
+    try:
+        return replace(options, **changes)
+    except TypeError:
+        known = ", ".join(f.name for f in fields(Options))
+        raise UsageError(f"options takes {known}, not {dict(changes)}") from None
 
 
 def find_pyproject(start: Path | None = None) -> Path | None:
@@ -110,10 +200,14 @@ def _parse(table: dict[str, Any], file: Path) -> Settings:
     values: dict[str, Any] = {}
     options: dict[str, Any] = {}
     for key, value in table.items():
-        if key in ("backend", "dtype", "fail-on"):
+        if key in ("dtype", "fail-on"):
             if not isinstance(value, str):
                 raise fail(key, "must be a string")
             values[key.replace("-", "_")] = value
+        elif key == "backend":
+            if not isinstance(value, str) and not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+                raise fail(key, "must be a pack name or a list of them")
+            values["backend"] = value
         elif key in _LIST_KEYS:
             if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
                 raise fail(key, "must be a list of strings")
@@ -133,16 +227,15 @@ def _parse(table: dict[str, Any], file: Path) -> Settings:
             if not isinstance(value, dict) or not all(isinstance(level, str) for level in value.values()):
                 raise fail(key, "must be a table of codes to severities")
             values["severity"] = dict(value)
+        elif key == "rules":
+            raise fail(key, "is now called 'packs'")
         else:
             raise fail(key, "is not a known key")
-    if "fail_on" in values and values["fail_on"] not in SEVERITIES:
-        raise fail("fail-on", f"must be one of {', '.join(SEVERITIES)}")
-    if "dtype" in values:
-        try:
-            parse_dtype(values["dtype"])
-        except DtypelintError as error:
-            raise fail("dtype", str(error)) from None
-    if "rules" in values:
-        # Pack paths are relative to the pyproject.toml that names them.
-        values["rules"] = [str(file.parent / rule) if rule.endswith(".toml") else rule for rule in values["rules"]]
-    return replace(settings.override(**values), options=Options(**options))
+    for key in ("backend", "packs"):  # pack paths are relative to the pyproject.toml that names them
+        if key in values:
+            names = [values[key]] if isinstance(values[key], str) else values[key]
+            values[key] = [str(file.parent / name) if name.endswith(".toml") else name for name in names]
+    try:
+        return settings.layer({**values, "options": Options(**options)})
+    except DtypelintError as error:
+        raise LoadError(f"{file}: [tool.dtypelint]: {error}") from None

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Mapping
-from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -38,13 +37,7 @@ if TYPE_CHECKING:
     from dtypelint.report import Report
 
 
-# Keys of the Settings layers, then the keys that only choose how the forward runs.
-SETTING_KEYS = (
-    "backend", "dtype", "fail_on", "rules", "select", "extend_select", "ignore",
-    "per_location_ignores", "severity", "options",
-)
-RUN_KEYS = ("mode", "stats")
-OPTION_KEYS = (*SETTING_KEYS, *RUN_KEYS)
+RUN_KEYS = ("mode", "stats")  # besides the settings (dtypelint.config.SETTING_KEYS): how the forward runs
 COMMAND_LINE_KEYS = ("backend", "dtype", "fail_on")  # also the ini options, prefixed dtypelint_
 PROPERTY = "dtypelint"  # the name of the user_properties entry of each audit
 
@@ -74,16 +67,15 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers",
         "dtypelint(**options): defaults of the dtypelint fixture for this test: backend, dtype, fail_on, "
-        "select, ignore, extend_select, per_location_ignores, severity, rules, options, mode, stats",
+        "select, ignore, extend_select, per_location_ignores, severity, packs, options, mode, stats",
     )
     ini, command_line = _ini_layer(config), _command_line_layer(config)
     if ini or command_line:  # a typo on the command line or in the ini file fails before any test runs
-        from dtypelint.audit import resolve_settings
         from dtypelint.config import Settings
         from dtypelint.errors import DtypelintError
 
         try:
-            resolve_settings(_apply(_apply(Settings(), ini, "the ini options"), command_line, "the command line"))
+            _layered(Settings(), [("the ini options", ini), ("the command line", command_line)])
         except DtypelintError as error:
             raise pytest.UsageError(f"dtypelint: {error}") from None
     config.pluginmanager.register(AuditSummary(), "dtypelint-summary")
@@ -101,7 +93,7 @@ def dtypelint(request: pytest.FixtureRequest) -> DtypelintFixture:
 class DtypelintFixture:
     """What the ``dtypelint`` fixture gives a test. Options are the keyword arguments of
     ``dtypelint.audit`` (``backend``, ``dtype``, ``select``, ``ignore``, ``extend_select``,
-    ``per_location_ignores``, ``severity``, ``rules``, ``options``, ``mode``, ``stats``) and ``fail_on``;
+    ``per_location_ignores``, ``severity``, ``packs``, ``options``, ``mode``, ``stats``) and ``fail_on``;
     ``settings=`` (a ``dtypelint.config.Settings``) replaces every layer below the keyword arguments."""
 
     def __init__(self, node: pytest.Item, config: pytest.Config) -> None:
@@ -151,26 +143,27 @@ class DtypelintFixture:
     def _resolve(self, options: dict[str, Any]) -> tuple[Settings, dict[str, Any]]:
         """The layered settings for this test with ``options`` on top, and the run keys (mode, stats)."""
         __tracebackhide__ = True
-        from dtypelint.audit import resolve_settings
         from dtypelint.errors import DtypelintError
 
         try:
             explicit = dict(options)
             base = explicit.pop("settings", None)
             _check_keys(explicit, "dtypelint.audit")
+            layers: list[tuple[str, Mapping[str, Any]]] = []
             run: dict[str, Any] = {}
             if base is None:
                 base = _file_settings(self._config)
-                base = _apply(base, _ini_layer(self._config), "the ini options")
-                base = _apply(base, _command_line_layer(self._config), "the command line")
+                layers += [("the ini options", _ini_layer(self._config)),
+                           ("the command line", _command_line_layer(self._config))]
                 for marker in reversed(list(self._node.iter_markers("dtypelint"))):
                     if marker.args:
                         raise _usage("@pytest.mark.dtypelint takes keyword arguments only")
                     _check_keys(marker.kwargs, "@pytest.mark.dtypelint")
-                    base = _apply(base, marker.kwargs, "@pytest.mark.dtypelint")
+                    layers.append(("@pytest.mark.dtypelint", marker.kwargs))
                     run.update({key: marker.kwargs[key] for key in RUN_KEYS if key in marker.kwargs})
+            layers.append(("the keyword arguments", explicit))
             run.update({key: explicit[key] for key in RUN_KEYS if key in explicit})
-            return resolve_settings(_apply(base, explicit, "the keyword arguments")), run
+            return _layered(base, layers), run
         except DtypelintError as error:
             problem = str(error)
         pytest.fail(f"dtypelint: {problem}", pytrace=False)
@@ -183,32 +176,24 @@ def _usage(message: str) -> Exception:
 
 
 def _check_keys(options: Mapping[str, Any], where: str) -> None:
-    unknown = sorted(set(options) - set(OPTION_KEYS))
+    from dtypelint.config import SETTING_KEYS
+
+    unknown = sorted(set(options) - {*SETTING_KEYS, *RUN_KEYS})
     if unknown:
-        raise _usage(f"{where}: unknown option(s) {', '.join(unknown)}; known: {', '.join(OPTION_KEYS)}")
+        raise _usage(f"{where}: unknown option(s) {', '.join(unknown)}; known: {', '.join((*SETTING_KEYS, *RUN_KEYS))}")
 
 
-def _apply(settings: Settings, values: Mapping[str, Any], where: str) -> Settings:
-    """``settings`` with the setting keys of ``values`` that are not None on top. ``dtype="auto"``
-    clears the dtype; ``options`` may be a mapping of the Options fields to change."""
-    from dtypelint.rules.base import Options
+def _layered(base: Settings, layers: list[tuple[str, Mapping[str, Any]]]) -> Settings:
+    """``Settings.layered`` with each layer's problems named by where the layer comes from."""
+    from dtypelint.errors import DtypelintError
 
-    values = {key: value for key, value in values.items() if key in SETTING_KEYS and value is not None}
-    if isinstance(values.get("dtype"), str) and values["dtype"].strip().lower() == "auto":
-        settings = replace(settings, dtype=None)
-        del values["dtype"]
-    if "fail_on" in values and values["fail_on"] not in SEVERITIES:
-        raise _usage(f"{where}: fail_on {values['fail_on']!r} is not one of {', '.join(SEVERITIES)}")
-    if isinstance(values.get("options"), Mapping):
+    settings = base
+    for where, layer in layers:
         try:
-            values["options"] = replace(settings.options, **values["options"])
-        except TypeError:
-            known = ", ".join(Options.__dataclass_fields__)
-            raise _usage(f"{where}: options takes {known}, not {dict(values['options'])}") from None
-    for key in ("select", "extend_select", "ignore", "rules"):
-        if isinstance(values.get(key), str):  # select="DT1" means ["DT1"], not ["D", "T", "1"]
-            values[key] = [values[key]]
-    return settings.override(**values)
+            settings = settings.layer({key: value for key, value in layer.items() if key not in RUN_KEYS})
+        except DtypelintError as error:
+            raise _usage(f"{where}: {error}") from None
+    return settings.layered()
 
 
 def _ini_layer(config: pytest.Config) -> dict[str, str]:

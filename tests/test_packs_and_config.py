@@ -51,10 +51,10 @@ def test_a_pack_by_path_adds_its_contracts(tmp_path):
     pack = write(tmp_path, CUSTOM_PACK)
     model = torch.nn.Sequential(torch.nn.Linear(4, 4).half(), torch.nn.ReLU())
     model[0].bias.data = model[0].bias.data.float()  # the weight is fine: the contract checks weights only
-    clean = dtypelint.audit(model, torch.randn(2, 4, dtype=torch.float16), rules=[str(pack)], select=["ACM"])
+    clean = dtypelint.audit(model, torch.randn(2, 4, dtype=torch.float16), packs=[str(pack)], select=["ACM"])
     assert clean.findings == []
     model[0].weight.data = model[0].weight.data.float()
-    report = dtypelint.audit(model, torch.randn(2, 4, dtype=torch.float16), rules=[str(pack)], select=["ACM"])
+    report = dtypelint.audit(model, torch.randn(2, 4, dtype=torch.float16), packs=[str(pack)], select=["ACM"])
     assert [(f.code, f.tensor, f.op) for f in report.findings] == [("ACM101", "0.weight", "acme.fused_head")]
     assert report.findings[0].fix.safety == "safe"
     as_backend = dtypelint.audit(model, torch.randn(2, 4, dtype=torch.float16), backend=str(pack), select=["ACM"])
@@ -87,7 +87,7 @@ def test_malformed_pack_is_one_line_naming_file_entry_and_problem(tmp_path, muta
 
 def test_cli_reports_a_malformed_pack_with_exit_2(tmp_path, tiny_llama_path, capsys):
     path = write(tmp_path, CUSTOM_PACK.replace('kernel = "acme.fused_head"', ""))
-    assert main(["check", str(tiny_llama_path), "--rules", str(path)]) == 2
+    assert main(["check", str(tiny_llama_path), "--pack", str(path)]) == 2
     err = capsys.readouterr().err
     assert "'kernel' is required" in err and err.count("\n") == 1
 
@@ -113,12 +113,14 @@ DT101 = "warning"
 
 def test_pyproject_settings_are_read_and_validated(tmp_path):
     settings = load_settings(write(tmp_path, PYPROJECT, "pyproject.toml"))
-    assert (settings.backend, settings.dtype, settings.fail_on) == ("ipex-llm-xpu", "float16", "warning")
+    assert (settings.backend, settings.dtype, settings.fail_on) == (("ipex-llm-xpu",), "float16", "warning")
     assert settings.selection.ignore == ["low-precision-op"]
     assert settings.selection.per_location_ignores == {"head": ["DT105"]}
     assert settings.options.overflow_fraction == 0.25
     for bad, message in [
-        ('fail-on = "fatal"', "'fail-on' must be one of"),
+        ('fail-on = "fatal"', "fail_on 'fatal' is not one of"),
+        ('rules = ["x.toml"]', "'rules' is now called 'packs'"),
+        ("backend = 3", "'backend' must be a pack name or a list of them"),
         ('dtype = "fp13"', "unknown dtype"),
         ("selectt = []", "'selectt' is not a known key"),
         ("overflow-fraction = -1", "positive number"),
@@ -154,3 +156,33 @@ def test_selectors_may_name_another_backends_rules_but_not_nonsense(stray_fp32_l
     dtypelint.audit(stray_fp32_layer, x, ignore=["IPX101"])  # valid under hf-eager too
     with pytest.raises(UsageError, match="matches no rule"):
         dtypelint.audit(stray_fp32_layer, x, ignore=["IPX999"])
+
+
+def test_layers_apply_in_order_and_only_the_keys_they_set(tmp_path):
+    file = load_settings(write(tmp_path, PYPROJECT, "pyproject.toml"))
+    settings = file.layered({"dtype": None, "fail_on": "info"}, {"backend": "hf-eager,ipex-llm-xpu", "dtype": "auto"})
+    assert settings.backend == ("hf-eager", "ipex-llm-xpu") and settings.dtype is None
+    assert settings.fail_on == "info" and settings.selection.ignore == ["low-precision-op"]  # from the file
+    assert settings.pack.name == "hf-eager+ipex-llm-xpu"
+    assert {rule.code for rule in settings.rules} >= {"DT101", "IPX101"}
+    with pytest.raises(UsageError, match="unknown setting"):
+        file.layered({"rules": ["x.toml"]})
+    with pytest.raises(UsageError, match="options takes"):
+        file.layered({"options": {"overflow": 1}})
+
+
+def test_packs_are_parsed_once_per_process_until_the_file_changes(tmp_path):
+    assert load_pack("ipex-llm-xpu") is load_pack("ipex-llm-xpu")
+    pack = write(tmp_path, CUSTOM_PACK, "acme.toml")
+    first = load_pack(pack)
+    assert load_pack(pack) is first
+    pack.write_text(textwrap.dedent(CUSTOM_PACK).replace("acme.fused_head", "acme.fused_head_v2"))
+    assert load_pack(pack) is not first
+
+
+def test_combined_backends_join_their_contracts_and_refuse_duplicates(tmp_path, stray_fp32_layer):
+    x = torch.randn(2, 16, dtype=torch.float16)
+    report = dtypelint.audit(stray_fp32_layer, x, backend=["hf-eager", "ipex-llm-xpu"])
+    assert report.backend == "hf-eager+ipex-llm-xpu"
+    with pytest.raises(LoadError, match="defined by more than one of the packs"):
+        dtypelint.audit(stray_fp32_layer, x, backend="ipex-llm-xpu", packs=["ipex-llm-xpu"])

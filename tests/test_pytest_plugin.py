@@ -280,7 +280,7 @@ def test_pyproject_is_the_lowest_layer(users):
 
         def test_pyproject(dtypelint, models, x):
             settings = dtypelint.settings()
-            assert (settings.backend, settings.fail_on) == ("hf-eager", "warning")  # backend: the ini option
+            assert (settings.backend, settings.fail_on) == (("hf-eager",), "warning")  # backend: the ini option
             assert settings.selection.ignore == ["DT105"]
             dtypelint.assert_clean(models["upcast"], x)  # DT105 ignored by pyproject
 
@@ -353,7 +353,7 @@ def test_mistakes_fail_with_one_line(users):
 
     result = run(users, "--dtypelint-dtype=fp17")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
-    result.stderr.fnmatch_lines(["*dtypelint: unknown dtype 'fp17'*"])
+    result.stderr.fnmatch_lines(["*dtypelint: the command line: unknown dtype 'fp17'*"])
 
 
 def test_a_broken_pyproject_fails_the_tests_that_audit(users):

@@ -102,9 +102,10 @@ class Selection:
         )
 
 
-def run_rules(context: RuleContext, selection: Selection | None = None) -> list[Finding]:
+def run_rules(context: RuleContext, selection: Selection | None = None, rules: list[Rule] | None = None) -> list[Finding]:
+    """The findings of ``rules`` (default: the generic rules and the contracts of the context's pack)."""
     selection = selection or Selection()
-    rules = all_rules([context.pack])
+    rules = rules if rules is not None else all_rules([context.pack])
     findings: list[Finding] = []
     for rule in rules:
         if not selection.enabled(rule) or (rule.uses_value_statistics and not context.graph.graph["stats"]):

@@ -7,11 +7,11 @@ entry and the problem.
 
 from __future__ import annotations
 
+import functools
 import re
 import tomllib
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from fnmatch import fnmatchcase
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,7 @@ from dtypelint.dtypes import dtype_name, parse_dtype
 from dtypelint.errors import DtypelintError, LoadError, UsageError
 from dtypelint.report import SEVERITIES
 from dtypelint.rules.sites import valid_selector
+from dtypelint.shipped import available_packs, pack_dir
 
 _CODE = re.compile(r"^[A-Z]{2,5}[0-9]{3}$")
 _NAME = re.compile(r"^[a-z0-9]+(-[a-z0-9]+)*$")
@@ -64,41 +65,35 @@ class BackendPack:
     description: str
     intended_fp32: tuple[str, ...]
     contracts: tuple[Contract, ...]
-    path: Path
+    paths: tuple[Path, ...]
 
     def keeps_fp32(self, tensor: str) -> bool:
         """True for a tensor this backend wants in float32 whatever the compute dtype."""
         return any(fnmatchcase(tensor, pattern) for pattern in self.intended_fp32)
 
-    def extended(self, others: list[BackendPack]) -> BackendPack:
-        """This pack with the contracts and float32 intents of ``others`` added (``--rules``)."""
-        if not others:
-            return self
-        contracts = self.contracts + tuple(c for other in others for c in other.contracts)
-        codes = [contract.code for contract in contracts]
-        if duplicate := next((code for code in codes if codes.count(code) > 1), None):
-            raise LoadError(f"contract code {duplicate} is defined by more than one of the packs in use")
-        return replace(
-            self,
-            intended_fp32=self.intended_fp32 + tuple(p for other in others for p in other.intended_fp32),
-            contracts=contracts,
-        )
 
 
-def pack_dir() -> Path:
-    """Where the shipped packs are: inside the wheel, or the repository's ``rules/`` in a source tree."""
-    installed = resources.files("dtypelint") / "packs"
-    if installed.is_dir():
-        return Path(str(installed))
-    return Path(__file__).resolve().parents[2] / "rules"
-
-
-def available_packs() -> list[str]:
-    return sorted(path.stem for path in pack_dir().glob("*.toml"))
+def combine(packs: list[BackendPack]) -> BackendPack:
+    """One pack from several (a device pack and a quantization pack, plus extra packs): their contracts
+    and float32 intents together, named ``cuda+bitsandbytes``."""
+    if len(packs) == 1:
+        return packs[0]
+    contracts = tuple(contract for pack in packs for contract in pack.contracts)
+    codes = [contract.code for contract in contracts]
+    if duplicate := next((code for code in codes if codes.count(code) > 1), None):
+        raise LoadError(f"contract code {duplicate} is defined by more than one of the packs in use")
+    return BackendPack(
+        name="+".join(dict.fromkeys(pack.name for pack in packs)),
+        description="; ".join(pack.description for pack in packs if pack.description),
+        intended_fp32=tuple(pattern for pack in packs for pattern in pack.intended_fp32),
+        contracts=contracts,
+        paths=tuple(path for pack in packs for path in pack.paths),
+    )
 
 
 def load_pack(name_or_path: str | Path) -> BackendPack:
-    """Load a shipped pack by name (``ipex-llm-xpu``) or any pack by path (``my-pack.toml``)."""
+    """Load a shipped pack by name (``ipex-llm-xpu``) or any pack by path (``my-pack.toml``). Each file is
+    parsed once per process (again only when it changes)."""
     text = str(name_or_path)
     if text.endswith(".toml") or "/" in text or "\\" in text:
         path = Path(text)
@@ -108,6 +103,12 @@ def load_pack(name_or_path: str | Path) -> BackendPack:
         path = pack_dir() / f"{text}.toml"
         if not path.is_file():
             raise UsageError(f"unknown backend {text!r}; available: {', '.join(available_packs())}")
+    status = path.stat()
+    return _parse_pack(path.resolve(), status.st_mtime_ns, status.st_size)
+
+
+@functools.lru_cache(maxsize=64)
+def _parse_pack(path: Path, modified: int, size: int) -> BackendPack:
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
@@ -127,7 +128,7 @@ def load_pack(name_or_path: str | Path) -> BackendPack:
         description=header.string("description", ""),
         intended_fp32=tuple(header.strings("intended-fp32")),
         contracts=contracts,
-        path=path,
+        paths=(path,),
     )
 
 
