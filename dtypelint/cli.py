@@ -56,6 +56,8 @@ def _parser() -> argparse.ArgumentParser:
                             f"pack (shipped: {', '.join(available_packs())}; default: hf-eager)")
     check.add_argument("--pack", action="append", dest="packs", metavar="PACK",
                        help="an extra rule pack whose contracts join the backend's (repeatable)")
+    check.add_argument("--attn-implementation", metavar="NAME",
+                       help="the attention the deployment runs (flash_attention_2: checked with a CPU stand-in)")
     check.add_argument("--config", help="pyproject.toml to read [tool.dtypelint] from (default: the nearest)")
     check.add_argument("--mode", choices=("value", "meta"), help="value (real weights) or meta (config only)")
     check.add_argument("--batch", type=_positive_int, default=1)
@@ -77,7 +79,9 @@ def _parser() -> argparse.ArgumentParser:
     fixes.add_argument("--save-fixed", metavar="DIR", help="save_pretrained the fixed model into a new directory")
     fixes.add_argument("--force", action="store_true", help="let --save-fixed replace a non-empty directory")
 
-    commands.add_parser("rules", help="list the rules")
+    rules = commands.add_parser("rules", help="list the rules")
+    rules.add_argument("--backend", action="append", metavar="PACK",
+                       help="only the generic rules and this pack's (repeatable, or a comma list)")
     explain = commands.add_parser("explain", help="print a rule's documentation")
     explain.add_argument("code")
     return parser
@@ -108,6 +112,7 @@ def _settings(options: argparse.Namespace) -> Settings:
     return load_settings(options.config).layered({
         "backend": options.backend, "packs": options.packs, "select": options.select, "ignore": options.ignore,
         "extend_select": options.extend_select, "fail_on": options.fail_on, "dtype": options.dtype,
+        "attn_implementation": options.attn_implementation,
         "options": {"max_ops": options.max_ops} if options.max_ops else None,
     })
 
@@ -326,13 +331,16 @@ def _print(options: argparse.Namespace, report: Report, fail_on: str) -> int:
     return EXIT_FINDINGS if failing and not options.exit_zero else EXIT_CLEAN
 
 
-def _rules() -> int:
+def _rules(backend: list[str] | None) -> int:
     from tabulate import tabulate
 
+    from dtypelint.config import Settings
     from dtypelint.rules import all_rules
 
-    rows = [(rule.code, rule.name, rule.category, rule.severity, rule.summary) for rule in all_rules()]
-    print(tabulate(rows, headers=("code", "name", "category", "severity", "summary"), maxcolwidths=[None] * 4 + [70]))
+    rules = Settings().layered({"backend": backend}).rules if backend else all_rules()
+    rows = [(rule.code, rule.name, rule.pack or "generic", rule.category, rule.severity, rule.summary) for rule in rules]
+    headers = ("code", "name", "pack", "category", "severity", "summary")
+    print(tabulate(rows, headers=headers, maxcolwidths=[None] * 5 + [70]))
     return EXIT_CLEAN
 
 
@@ -355,7 +363,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if options.command == "check":
             return _check(options)
         if options.command == "rules":
-            return _rules()
+            return _rules(options.backend)
         return _explain(options.code)
     except BrokenPipeError:  # `dtypelint check ... | head`: the reader left; say nothing more
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

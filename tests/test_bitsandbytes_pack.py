@@ -111,3 +111,17 @@ def test_an_audit_as_first_forward_leaves_bitsandbytes_own_repacking_alone(check
 
     with torch.no_grad():  # restoring only .data under bnb's new quant_state would corrupt every layer
         assert torch.equal(audited(input_ids).logits, untouched(input_ids).logits)
+
+
+def test_cuda_and_bitsandbytes_together_each_finding_names_its_pack(checkpoint, input_ids):
+    """One deployment, one device and one quantization: a float32-loaded 4-bit model with bf16 compute run
+    with flash attention (transformers casts a quantized model's float32 query to config.dtype: float32)."""
+    model = load(checkpoint, torch.float32, load_in_4bit=True, bnb_4bit_compute_dtype=torch.bfloat16)
+
+    report = dtypelint.audit(model, {"input_ids": input_ids}, backend=["cuda", BNB],
+                             attn_implementation="flash_attention_2")
+
+    assert report.backend == "cuda+bitsandbytes"
+    packs = {(f.code, f.pack) for f in report.findings if f.severity != "info"}
+    assert ("BNB101", BNB) in packs and ("CUDA102", "cuda") in packs
+    assert {f.pack for f in report.findings if f.code.startswith("DT")} <= {None}

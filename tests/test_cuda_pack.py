@@ -265,3 +265,52 @@ def test_findings_name_their_pack_and_generic_ones_none(input_ids):
     packs = {f.code: f.pack for f in report.findings}
     assert packs["CUDA101"] == CUDA and packs["DT105"] is None
     assert {d["code"]: d["pack"] for d in report.to_dict()["findings"]}["CUDA101"] == CUDA
+
+
+# Declaring the flash deployment: the keyword, the model's config, audit_config, the CLI ------------------
+
+
+def test_attn_implementation_keyword_audits_a_flash_deployment(input_ids):
+    model = tiny_llama(torch.float32)
+    before = snapshot(model)
+    report = dtypelint.audit(model, {"input_ids": input_ids}, backend=CUDA, attn_implementation="flash_attention_2")
+    assert codes(report) == ["CUDA102"] * LAYERS
+    assert any("stand-in for flash_attention_2" in note for note in report.notes)
+    assert_unchanged(model, before)
+    assert model.config._attn_implementation == "sdpa"
+
+
+def test_a_config_that_says_flash_attention_2_is_audited_as_flash_without_the_keyword(input_ids):
+    model = tiny_llama(torch.float32)
+    model.config._attn_implementation_internal = "flash_attention_2"  # as from_pretrained(..., attn_implementation=)
+    report = dtypelint.audit(model, {"input_ids": input_ids}, backend=CUDA)
+    assert codes(report) == ["CUDA102"] * LAYERS
+    assert model.config._attn_implementation == "flash_attention_2"
+
+
+@pytest.mark.parametrize(("dtype", "expected"), [("float32", ["CUDA102"] * LAYERS), ("bfloat16", [])])
+def test_audit_config_with_flash_attention_2(dtype, expected):
+    config = tiny_llama().config
+    report = dtypelint.audit_config(config, dtype=dtype, backend=CUDA, attn_implementation="flash_attention_2")
+    assert codes(report) == expected
+
+
+@pytest.mark.parametrize(("dtype", "exit_code"), [("float32", 1), ("bfloat16", 0)])
+def test_cli_attn_implementation(dtype, exit_code, capsys):
+    from dtypelint.cli import main
+
+    from helpers import TINY_LLAMA
+
+    argv = ["check", str(TINY_LLAMA), "--backend", CUDA, "--attn-implementation", "flash_attention_2", "--dtype",
+            dtype, "-q"]
+    assert main(argv) == exit_code
+    out = capsys.readouterr().out
+    assert ("CUDA102" in out) == (exit_code == 1)
+
+
+def test_cli_rules_lists_one_packs_rules(capsys):
+    from dtypelint.cli import main
+
+    assert main(["rules", "--backend", CUDA]) == 0
+    out = capsys.readouterr().out
+    assert "CUDA101" in out and "DT101" in out and "IPX101" not in out and "BNB101" not in out

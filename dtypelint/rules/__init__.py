@@ -43,7 +43,7 @@ CATEGORIES: dict[str, str] = {rule.category: rule.summary for rule in GENERIC_RU
 
 
 def pack_rules(pack: BackendPack) -> list[Rule]:
-    return [ContractRule(contract, pack.name) for contract in pack.contracts]
+    return [ContractRule(contract, contract.pack or pack.name) for contract in pack.contracts]
 
 
 def all_rules(packs: list[BackendPack] | None = None) -> list[Rule]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import re
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
@@ -57,6 +57,7 @@ class Contract:
     calls: str = "any"  # attention sites: flash | sdpa | any
     max_head_dim: int | None = None
     dispatch: str | None = None  # attention sites: raises | falls-back, from CUDA's SDPA dispatch model
+    pack: str = ""  # the name of the pack that declares it (set on load; kept when packs are combined)
 
 
 @dataclass(frozen=True)
@@ -123,11 +124,12 @@ def _parse_pack(path: Path, modified: int, size: int) -> BackendPack:
     codes = [contract.code for contract in contracts]
     if duplicate := next((code for code in codes if codes.count(code) > 1), None):
         raise LoadError(f"{path}: code {duplicate} is used by more than one contract")
+    name = header.string("name")
     return BackendPack(
-        name=header.string("name"),
+        name=name,
         description=header.string("description", ""),
         intended_fp32=tuple(header.strings("intended-fp32")),
-        contracts=contracts,
+        contracts=tuple(replace(contract, pack=name) for contract in contracts),
         paths=(path,),
     )
 
