@@ -73,7 +73,7 @@ def _dtype(tensor: object) -> str | None:
     return dtype_name(tensor.dtype) if isinstance(tensor, torch.Tensor) else None
 
 
-def _autocast(device: str) -> str | None:
+def autocast_dtype(device: str) -> str | None:
     try:
         enabled = torch.is_autocast_enabled(device)
     except (RuntimeError, TypeError):  # a device type without autocast
@@ -108,5 +108,5 @@ class AttentionRecorder(TorchFunctionMode):
             mask=_dtype(attn_mask),
             head_dim=query.shape[-1],
             enabled_backends=tuple(name for name, enabled in _BACKEND_SWITCHES.items() if enabled()),
-            autocast=_autocast(query.device.type),
+            autocast=autocast_dtype(query.device.type),
         ))

@@ -69,6 +69,7 @@ class DtypeGraph(nx.DiGraph):
             error=None if result.error is None else f"{type(result.error).__name__}: {result.error}",
             ops_run=tracer.ops_run,
             ops_recorded=len(tracer.records),
+            autocast=tracer.autocast,
             attention_calls=tuple(tracer.attention.calls),  # dtypelint.attention.AttentionCall; not exported
         )
         graph.add_nodes_from(

@@ -21,7 +21,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from dtypelint.attention import AttentionRecorder
+from dtypelint.attention import AttentionRecorder, autocast_dtype
 from dtypelint.state import GlobalModes
 from dtypelint.vocabulary import OpKind, OriginKind, packets
 
@@ -245,6 +245,7 @@ class Tracer(TorchDispatchMode):
         self._hooks: list[Any] = []
         self._saved_modes: GlobalModes | None = None
         self.attention = AttentionRecorder(lambda: (self._module_stack[-1], len(self.records)))
+        self.autocast: str | None = None  # the autocast dtype the forward started under, if any
         # Storage of the real parameters, to catch writes through ``.data`` (which no version counter sees).
         self._parameter_storages = {} if state is not None else _parameter_storages(model)
         self._register_model_origins(state)
@@ -346,6 +347,7 @@ class Tracer(TorchDispatchMode):
 
     def __enter__(self) -> Tracer:
         self._saved_modes = GlobalModes.capture()
+        self.autocast = autocast_dtype("cuda") or autocast_dtype("cpu")
         hooks = torch.nn.modules.module
         self._hooks = [
             hooks.register_module_forward_pre_hook(self._push_module),

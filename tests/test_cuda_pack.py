@@ -11,12 +11,13 @@ import importlib.util
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_unchanged, snapshot
+from helpers import TINY_LLAMA, assert_unchanged, snapshot
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
 import dtypelint
+from dtypelint.cli import main
 from dtypelint.load import dtype_keyword
 from dtypelint.standins import flash_standin, requested_flash
 
@@ -297,10 +298,6 @@ def test_audit_config_with_flash_attention_2(dtype, expected):
 
 @pytest.mark.parametrize(("dtype", "exit_code"), [("float32", 1), ("bfloat16", 0)])
 def test_cli_attn_implementation(dtype, exit_code, capsys):
-    from dtypelint.cli import main
-
-    from helpers import TINY_LLAMA
-
     argv = ["check", str(TINY_LLAMA), "--backend", CUDA, "--attn-implementation", "flash_attention_2", "--dtype",
             dtype, "-q"]
     assert main(argv) == exit_code
@@ -309,8 +306,15 @@ def test_cli_attn_implementation(dtype, exit_code, capsys):
 
 
 def test_cli_rules_lists_one_packs_rules(capsys):
-    from dtypelint.cli import main
-
     assert main(["rules", "--backend", CUDA]) == 0
     out = capsys.readouterr().out
     assert "CUDA101" in out and "DT101" in out and "IPX101" not in out and "BNB101" not in out
+
+
+def test_norm_contract_is_not_checked_under_autocast_which_upcasts_norms_on_cuda(input_ids):
+    model = tiny_gpt2()
+    model.transformer.ln_f.float()
+    with torch.autocast("cpu", dtype=torch.float16):
+        report = dtypelint.audit(model, {"input_ids": input_ids}, backend=CUDA)
+    assert report.graph.graph["autocast"] == "float16"
+    assert "CUDA101" not in codes(report)

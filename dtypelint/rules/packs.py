@@ -57,6 +57,7 @@ class Contract:
     calls: str = "any"  # attention sites: flash | sdpa | any
     max_head_dim: int | None = None
     dispatch: str | None = None  # attention sites: raises | falls-back, from CUDA's SDPA dispatch model
+    skip_under_autocast: bool = False  # CUDA autocast upcasts the kernel's inputs: nothing to check
     pack: str = ""  # the name of the pack that declares it (set on load; kept when packs are combined)
 
 
@@ -140,7 +141,7 @@ def _contract(entry: _Entry) -> Contract:
             "code", "name", "kernel", "summary", "why", "references", "modules", "tensors", "severity", "owner",
             "not-owner", "model-types", "must-match", "must-match-label", "accepted-dtypes", "gate-dtypes", "head-dims", "fix",
             "fix-safety", "fix-cost", "example", "known-problems", "hint", "site", "ops", "calls", "max-head-dim",
-            "dispatch",
+            "dispatch", "skip-under-autocast",
         }
     )
     code = entry.string("code")
@@ -189,6 +190,7 @@ def _contract(entry: _Entry) -> Contract:
         calls=entry.choice("calls", ("flash", "sdpa", "any"), "any"),
         max_head_dim=entry.integer("max-head-dim"),
         dispatch=None if dispatch == "none" else dispatch,
+        skip_under_autocast=entry.boolean("skip-under-autocast"),
     )
 
 
@@ -236,6 +238,12 @@ class _Entry:
         value = self._get(key, [])
         if not isinstance(value, list) or not all(isinstance(item, int) and not isinstance(item, bool) for item in value):
             raise self.error(key, "must be a list of integers")
+        return value
+
+    def boolean(self, key: str) -> bool:
+        value = self._get(key, False)
+        if not isinstance(value, bool):
+            raise self.error(key, "must be true or false")
         return value
 
     def integer(self, key: str) -> int | None:
