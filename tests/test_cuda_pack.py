@@ -66,6 +66,16 @@ def test_fp16_gpt2_with_fp32_ln_f_is_a_cuda_error_naming_ln_f_and_nothing_under_
     assert_unchanged(model, before)
 
 
+def test_a_norm_the_model_keeps_in_float32_gets_no_cast_fix_but_the_input_cast_advice(input_ids):
+    model = tiny_gpt2()
+    model.transformer.ln_f.float()
+    model._keep_in_fp32_modules = ["ln_f"]  # the model's own code wants this norm in float32
+    errors = dtypelint.audit(model, {"input_ids": input_ids}, backend=CUDA).errors
+    assert [f.code for f in errors] == ["CUDA101", "CUDA101"]
+    assert all(f.fix is None and "_keep_in_fp32_modules" in f.message and "cast the kernel's float16 input" in f.message
+               for f in errors)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 def test_gpt2_in_one_dtype_has_no_norm_error(dtype, input_ids):
     report = dtypelint.audit(tiny_gpt2(dtype), {"input_ids": input_ids}, backend=CUDA)

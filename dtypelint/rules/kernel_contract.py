@@ -64,7 +64,7 @@ class ContractRule(Rule):
         if contract.head_dims and model.head_dim is not None and model.head_dim not in contract.head_dims:
             return  # the backend's Python gate takes its unfused path for this head size
         for site in self._sites(context):
-            yield from self._check_site(site)
+            yield from self._check_site(site, frozenset(model.keep_in_fp32_modules))
 
     def _sites(self, context: RuleContext) -> Iterator[Site]:
         contract, graph, sites, modules = self.contract, context.graph, context.sites, context.model.modules
@@ -92,7 +92,7 @@ class ContractRule(Rule):
             return False
         return not (contract.not_owner and owner and fnmatchcase(owner, contract.not_owner))
 
-    def _check_site(self, site: Site) -> Iterator[Finding]:
+    def _check_site(self, site: Site, kept_fp32: frozenset[str]) -> Iterator[Finding]:
         contract, path = self.contract, site.location
         if site.call is not None:
             yield from self._check_call(site.call)
@@ -109,7 +109,7 @@ class ContractRule(Rule):
             return
         for operand in operands:
             if reference and operand.dtype != reference[0].dtype:
-                yield self._mismatch(path, operand, reference[0])
+                yield self._mismatch(path, operand, reference[0], kept_fp32)
             elif not reference and accepted and operand.dtype not in accepted:
                 yield self._unsupported(path, operand, [operand])
 
@@ -156,10 +156,14 @@ class ContractRule(Rule):
             node=culprit.node,
         )
 
-    def _mismatch(self, path: str, operand: Operand, reference: Operand) -> Finding:
+    def _mismatch(self, path: str, operand: Operand, reference: Operand, kept_fp32: frozenset[str]) -> Finding:
         contract = self.contract
-        fix = None
-        if contract.fix == "cast" and operand.name:
+        fix, intent = None, ""
+        if operand.name and kept_fp32 & set(operand.name.split(".")):
+            # The model's own code keeps it wide (_keep_in_fp32_modules): casting it would undo that intent.
+            intent = (f"; the model keeps {operand.name} in {operand.dtype} on purpose (_keep_in_fp32_modules): "
+                      f"cast the kernel's {reference.dtype} input to {operand.dtype} instead")
+        elif contract.fix == "cast" and operand.name:
             cost = f": {contract.fix_cost}" if contract.fix_cost else ""
             fix = Fix((operand.name,), reference.dtype, contract.fix_safety, f"cast to {reference.dtype}{cost}")
         return self.finding(
@@ -168,7 +172,7 @@ class ContractRule(Rule):
             op=contract.kernel,
             dtypes=sorted({operand.dtype, reference.dtype}),
             message=f"{contract.kernel} needs {operand.label} ({operand.dtype}) to match "
-            f"{self._name(reference)}, {reference.dtype}{self._where(reference)}",
+            f"{self._name(reference)}, {reference.dtype}{self._where(reference)}{intent}",
             fix=fix,
             node=operand.node,
         )
