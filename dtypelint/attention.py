@@ -1,10 +1,9 @@
 """Attention calls as the kernel that will run them sees them: a function-level view of the trace.
 
-A ``TorchDispatchMode`` sees SDPA only after its composite checks (a dtype mismatch raises before any aten
-op exists) and after CPU dispatch chose a CPU kernel. What a CUDA kernel would get is decided one level up,
-at ``F.scaled_dot_product_attention``: the query, key, value and mask the code hands it, the head_dim, the
-backends ``sdpa_kernel`` leaves enabled, and autocast. ``AttentionRecorder`` (a ``TorchFunctionMode`` the
-Tracer enters) records each call as an ``AttentionCall``.
+Which CUDA kernel an SDPA call gets depends on the query, key, value and mask dtypes after autocast, the
+head_dim, and the backends ``sdpa_kernel`` leaves enabled. ``AttentionRecorder`` (owned by the Tracer)
+records each call as an ``AttentionCall``: from the aten attention op the Tracer dispatches, or, in a
+flash deployment, at ``F.scaled_dot_product_attention`` itself (before autocast, which flash-attn ignores).
 
 A deployment that runs attention through flash-attn is declared with ``flash_deployment(name)``: while it
 is active every attention call is recorded as a call of that implementation, the transformers attention
@@ -13,10 +12,12 @@ interface (through ``dtypelint.standins``) and direct SDPA calls (diffusers-styl
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -81,13 +82,54 @@ def autocast_dtype(device: str) -> str | None:
     return dtype_name(torch.get_autocast_dtype(device)) if enabled else None
 
 
-class AttentionRecorder(TorchFunctionMode):
-    """Append an ``AttentionCall`` for every ``F.scaled_dot_product_attention`` call, then run it."""
+class AttentionRecorder:
+    """Appends an ``AttentionCall`` for each attention call of the traced forward.
+
+    Plain SDPA calls are recorded by the Tracer as they are dispatched (``dispatched``): with the dtypes
+    the kernel gets after autocast, and without a ``TorchFunctionMode``, whose mere presence changes code
+    paths (``has_torch_function`` turns off ``nn.TransformerEncoderLayer``'s fast path). In a flash
+    deployment the calls are recorded one level up instead (``function_mode``): flash-attn is not
+    autocast-aware, so what matters is what the code hands over.
+    """
 
     def __init__(self, where: Callable[[], tuple[str, int]]) -> None:
-        super().__init__()
         self.where = where  # (module path, ops recorded so far), from the Tracer
         self.calls: list[AttentionCall] = []
+        self.at_function_level = _implementation.get() != SDPA
+
+    def function_mode(self) -> TorchFunctionMode | contextlib.AbstractContextManager[None]:
+        """The mode to enter around the forward: records ``F.scaled_dot_product_attention`` calls in a flash
+        deployment, nothing otherwise."""
+        return _FunctionLevel(self) if self.at_function_level else contextlib.nullcontext()
+
+    def dispatched(self, args: tuple, kwargs: dict[str, Any]) -> None:
+        """An aten attention op (``_scaled_dot_product_flash_attention_for_cpu``, ...) about to run."""
+        if self.at_function_level:
+            return  # recorded at the function level already
+        fourth = args[3] if len(args) > 3 and isinstance(args[3], torch.Tensor) else None  # attn_mask / attn_bias
+        self.record(*args[:3], mask=kwargs.get("attn_mask", fourth), autocast=None)
+
+    def record(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, mask: object,
+               autocast: str | None) -> None:
+        module, index = self.where()
+        self.calls.append(AttentionCall(
+            index=index,
+            module=module,
+            implementation=_implementation.get(),
+            query=dtype_name(query.dtype),
+            key=dtype_name(key.dtype),
+            value=dtype_name(value.dtype),
+            mask=_dtype(mask),
+            head_dim=query.shape[-1],
+            enabled_backends=tuple(name for name, enabled in _BACKEND_SWITCHES.items() if enabled()),
+            autocast=autocast,
+        ))
+
+
+class _FunctionLevel(TorchFunctionMode):
+    def __init__(self, recorder: AttentionRecorder) -> None:
+        super().__init__()
+        self.recorder = recorder
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
         kwargs = kwargs or {}
@@ -97,16 +139,4 @@ class AttentionRecorder(TorchFunctionMode):
 
     def _record(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: object = None,
                 *_: object, **__: object) -> None:
-        module, index = self.where()
-        self.calls.append(AttentionCall(
-            index=index,
-            module=module,
-            implementation=_implementation.get(),
-            query=dtype_name(query.dtype),
-            key=dtype_name(key.dtype),
-            value=dtype_name(value.dtype),
-            mask=_dtype(attn_mask),
-            head_dim=query.shape[-1],
-            enabled_backends=tuple(name for name, enabled in _BACKEND_SWITCHES.items() if enabled()),
-            autocast=autocast_dtype(query.device.type),
-        ))
+        self.recorder.record(query, key, value, mask=attn_mask, autocast=autocast_dtype(query.device.type))

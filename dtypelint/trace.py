@@ -14,6 +14,7 @@ import functools
 import sys
 import weakref
 from collections.abc import Callable, Iterator, Mapping
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -156,6 +157,7 @@ class OpRecord:
 
 
 _CONSTANT = Origin(OriginKind.CONSTANT)
+_ATTENTION = packets(OpKind.ATTENTION)
 # Copies hold values measured where they were made; uninitialised memory holds garbage, not values.
 _NOT_MEASURED = packets(OpKind.COPIES_VALUES) | packets(OpKind.UNINITIALISED)
 
@@ -246,6 +248,7 @@ class Tracer(TorchDispatchMode):
         self._saved_modes: GlobalModes | None = None
         self.attention = AttentionRecorder(lambda: (self._module_stack[-1], len(self.records)))
         self.autocast: str | None = None  # the autocast dtype the forward started under, if any
+        self._function_mode: AbstractContextManager[Any] = nullcontext()
         # Storage of the real parameters, to catch writes through ``.data`` (which no version counter sees).
         self._parameter_storages = {} if state is not None else _parameter_storages(model)
         self._register_model_origins(state)
@@ -321,6 +324,8 @@ class Tracer(TorchDispatchMode):
                 inputs += [(f"{position}{suffix}", self._index(tensor)) for suffix, tensor in iter_tensors(value)]
         for name, value in kwargs.items():
             inputs += [(name + suffix, self._index(tensor)) for suffix, tensor in iter_tensors(value)]
+        if func.overloadpacket in _ATTENTION:
+            self.attention.dispatched(args, kwargs)
         record = OpRecord(func, self._module_stack[-1], inputs)
         self.records.append(record)
         outputs = func(*args, **kwargs)
@@ -353,14 +358,15 @@ class Tracer(TorchDispatchMode):
             hooks.register_module_forward_pre_hook(self._push_module),
             hooks.register_module_forward_hook(self._pop_module, always_call=True),
         ]
-        self.attention.__enter__()
+        self._function_mode = self.attention.function_mode()
+        self._function_mode.__enter__()
         return super().__enter__()
 
     def __exit__(self, exc_type, exc, traceback) -> None:  # noqa: ANN001
         try:
             super().__exit__(exc_type, exc, traceback)
         finally:
-            self.attention.__exit__(exc_type, exc, traceback)
+            self._function_mode.__exit__(exc_type, exc, traceback)
             for handle in self._hooks:
                 handle.remove()
             self._hooks = []

@@ -60,7 +60,7 @@ class ContractRule(Rule):
         if contract.model_types and model.model_type not in contract.model_types:
             return
         if contract.skip_under_autocast and context.graph.graph.get("autocast"):
-            return  # autocast hands the kernel what it accepts (CPU autocast, tracing, stands in for CUDA's)
+            return  # under autocast the kernel gets what it accepts (the trace's CPU autocast stands in for CUDA's)
         if contract.head_dims and model.head_dim is not None and model.head_dim not in contract.head_dims:
             return  # the backend's Python gate takes its unfused path for this head size
         for site in self._sites(context):
