@@ -3,24 +3,26 @@
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
+from pathlib import Path
 from typing import Any, Unpack
 
 import torch
-from torch._subclasses.fake_tensor import FakeTensor
 
 from dtypelint.config import SettingOverrides, Settings
 from dtypelint.dtypes import dtype_name, parse_dtype
 from dtypelint.errors import UsageError
+from dtypelint.fake import fake_attributes, fake_call, new_fake_mode
 from dtypelint.graph import DtypeGraph
-from dtypelint.load import build_meta_model, call_arguments, config_dtype, load_config, sample_inputs
+from dtypelint.load import Loaded, Request, call_arguments, config_dtype, load, load_config, stored_dtypes
+from dtypelint.model_info import ModelInfo, TensorInfo, config_value
 from dtypelint.report import Report
 from dtypelint.rules import run_rules
 from dtypelint.rules.base import Options, RuleContext
 from dtypelint.standins import flash_standin, requested_flash
 from dtypelint.state import preserved
 from dtypelint.trace import Tracer, TraceResult, needs_values
+from dtypelint.vocabulary import OriginKind
 
 MODES = ("value", "meta")
 
@@ -46,57 +48,6 @@ def _unwrap(model: Any, notes: list[str]) -> torch.nn.Module:
     if not isinstance(model, torch.nn.Module):
         raise UsageError(f"expected a torch.nn.Module, got {type(model).__name__}")
     return model
-
-
-def _fake(tensor: torch.Tensor, fake_mode: Any) -> torch.Tensor:
-    """A fake CPU stand-in (shape, dtype, no storage) for a real or meta tensor."""
-    if isinstance(tensor, FakeTensor) and tensor.fake_mode is fake_mode:
-        return tensor
-    if tensor.device.type == "meta":
-        return fake_mode.fake_tensor_converter.from_meta_and_device(fake_mode, tensor, torch.device("cpu"))
-    return fake_mode.from_tensor(tensor)
-
-
-def _fake_value(value: Any, fake_mode: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return _fake(value, fake_mode)
-    if isinstance(value, (list, tuple)):
-        return type(value)(_fake_value(item, fake_mode) for item in value)
-    return value
-
-
-def _fake_call(
-    model: torch.nn.Module, args: tuple, kwargs: dict[str, Any], fake_mode: Any
-) -> tuple[dict[str, torch.Tensor], tuple, dict[str, Any]]:
-    """Fake stand-ins of the model's parameters and buffers (for ``functional_call``) and of the inputs."""
-    state = {name: _fake(t, fake_mode) for name, t in [*model.named_parameters(), *model.named_buffers()]}
-    fake_kwargs = {name: _fake_value(value, fake_mode) for name, value in kwargs.items()}
-    return state, _fake_value(args, fake_mode), fake_kwargs
-
-
-@contextmanager
-def _fake_attributes(model: torch.nn.Module, fake_mode: Any) -> Iterator[None]:
-    """Plain tensor attributes (GPT-J's ``embed_positions``) as fake stand-ins for the call only:
-    ``functional_call`` swaps parameters and buffers, not these."""
-    swapped = [
-        (module, name, value)
-        for module in model.modules()
-        for name, value in vars(module).items()
-        if isinstance(value, torch.Tensor)
-    ]
-    for module, name, value in swapped:
-        module.__dict__[name] = _fake(value, fake_mode)
-    try:
-        yield
-    finally:
-        for module, name, value in swapped:
-            module.__dict__[name] = value
-
-
-def new_fake_mode() -> Any:
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    return FakeTensorMode(allow_non_fake_inputs=True)
 
 
 def _written_note(parameters: set[str]) -> list[str]:
@@ -134,7 +85,7 @@ def _run(
     state = None
     if mode == "meta":
         fake_mode = fake_mode or new_fake_mode()
-        state, args, kwargs = _fake_call(model, args, kwargs, fake_mode)
+        state, args, kwargs = fake_call(model, args, kwargs, fake_mode)
     elif any(t.device.type == "meta" for t in [*model.parameters(), *model.buffers()]):
         raise UsageError("the model has tensors on the meta device, which value mode cannot run; use mode='meta'")
     else:
@@ -148,7 +99,7 @@ def _run(
             notes.append(f"attention traced with a CPU stand-in for {flash} (SDPA numerics); every attention "
                          "call is checked as a flash-attention call")
         if fake_mode is not None:
-            stack.enter_context(_fake_attributes(model, fake_mode))
+            stack.enter_context(fake_attributes(model, fake_mode))
         on_module = None
         if progress:
             from tqdm.auto import tqdm  # a transformers dependency
@@ -259,24 +210,28 @@ def audit_config(
     audits on a laptop. ``config`` is a transformers config, a ``config.json`` path or a directory; the
     settings are those of ``audit``."""
     resolved = (settings or Settings()).layered(overrides)
-    config = load_config(config, trust_remote_code=trust_remote_code)
-    compute_dtype = parse_dtype(resolved.dtype) or config_dtype(config) or torch.float32
-    model = build_meta_model(config, compute_dtype)
-    fake_mode = new_fake_mode()
-    with fake_mode:  # fake inputs: no memory however large batch x seq_len is
-        inputs = sample_inputs(model, config, batch=batch, seq_len=seq_len)
+    request = Request(config=config, mode="meta", dtype=parse_dtype(resolved.dtype), batch=batch, seq_len=seq_len,
+                      trust_remote_code=trust_remote_code)
+    return audit_loaded(load(request), settings=resolved, progress=progress)
+
+
+def audit_loaded(loaded: Loaded, *, settings: Settings, progress: bool = False) -> Report:
+    """Audit what a loader returned (``dtypelint.load.load``), in its mode."""
+    if loaded.mode == "value":
+        return audit(loaded.model, loaded.inputs, settings=settings, progress=progress, dtype=loaded.dtype)
 
     def run() -> TraceResult:
         return _run(
-            model, inputs, mode="meta", stats=False, notes=[], progress=progress,
-            max_ops=resolved.options.max_ops, fake_mode=fake_mode, attn_implementation=resolved.attn_implementation,
+            loaded.model, loaded.inputs, mode="meta", stats=False, notes=[], progress=progress,
+            max_ops=settings.options.max_ops, fake_mode=loaded.fake_mode,
+            attn_implementation=settings.attn_implementation,
         )
 
     result = run()
-    if needs_values(result.error) and "attention_mask" in inputs:
+    if needs_values(result.error) and "attention_mask" in loaded.inputs:
         # Older transformers inspect the mask's values (is it all ones?). Real all-ones masks take the
         # causal path without one, so that path is what to audit.
-        del inputs["attention_mask"]
+        del loaded.inputs["attention_mask"]
         retry = run()
         if len(retry.tracer.records) > len(result.tracer.records):
             result = retry
@@ -284,4 +239,32 @@ def audit_config(
                 "meta mode: this transformers reads the attention mask's values, so the forward was traced "
                 "without attention_mask (the causal path an all-ones mask takes)"
             )
-    return _report(result, compute_dtype=compute_dtype, settings=resolved)
+    return _report(result, compute_dtype=loaded.dtype or torch.float32, settings=settings)
+
+
+_STORED_FLOATS = {"float64": torch.float64, "float32": torch.float32, "float16": torch.float16,
+                  "bfloat16": torch.bfloat16}
+
+
+def audit_static(path: str | Path, *, settings: Settings | None = None, **overrides: Unpack[SettingOverrides]) -> Report:
+    """Without a forward: the dtypes a checkpoint stores (its safetensors headers, no weights read) against
+    the compute dtype (``dtype``, else the one config.json declares), judged by the param-dtype rule."""
+    resolved = (settings or Settings()).layered(overrides)
+    config = load_config(path)
+    compute = parse_dtype(resolved.dtype) or config_dtype(config)
+    stored = stored_dtypes(path)
+    notes = ["stored dtypes: " + ", ".join(f"{count} {name}" for name, count in sorted(Counter(stored.values()).items()))]
+    tensors = {name: TensorInfo(OriginKind.PARAMETER, _STORED_FLOATS[dtype], (), "disk")
+               for name, dtype in stored.items() if dtype in _STORED_FLOATS}
+    name = (config_value(config, "architectures") or [type(config).__name__])[0]
+    model = ModelInfo(name, {}, tensors, {}, [], config_value(config, "model_type"))
+    findings = []
+    if compute is None:
+        notes.append("config.json declares no dtype and none was given (--dtype): nothing to compare with")
+    else:
+        context = RuleContext(graph=DtypeGraph(), model=model, compute_dtype=compute, pack=resolved.pack,
+                              options=resolved.options)
+        findings = run_rules(context, resolved.selection, [rule for rule in resolved.rules if rule.judges_model_only])
+    return Report(graph=DtypeGraph(), findings=findings, model=model.class_name, backend=resolved.pack.name,
+                  mode="static", compute_dtype=dtype_name(compute) if compute else "unknown", notes=notes,
+                  tensor_dtypes=dict(stored), settings=resolved)

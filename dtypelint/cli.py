@@ -1,4 +1,5 @@
-"""The ``dtypelint`` command.
+"""Find dtype conflicts in a PyTorch model before the backend does: check a checkpoint, a config or your
+own model function against a backend's kernels, and fix what can be fixed.
 
 Exit codes: 0 no finding at or above ``--fail-on``; 1 findings at or above it; 2 anything else: a usage
 error, a model, config or rule pack that could not be loaded, an internal error, an interrupt (Ctrl-C).
@@ -8,11 +9,9 @@ Every failure is one line on stderr; ``--debug`` shows the traceback.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
-import tempfile
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -20,14 +19,22 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from dtypelint.errors import DtypelintError, LoadError, UsageError, first_line
+from dtypelint.formats import FORMATS
+from dtypelint.paths import (
+    GRAPH_SUFFIXES,
+    check_writable_file,
+    local_path,
+    refuse_weights_file,
+    unsupported_graph_suffix,
+)
 from dtypelint.shipped import available_packs
 
 if TYPE_CHECKING:
     from dtypelint.config import Settings
+    from dtypelint.fix import FixResult
     from dtypelint.report import Report
 
 EXIT_CLEAN, EXIT_FINDINGS, EXIT_ERROR = 0, 1, 2
-WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -39,13 +46,19 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="dtypelint", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="dtypelint", description=__doc__.split("\n\n")[0].replace("\n", " "),
+                     epilog="Exit codes: 0 clean, 1 findings at or above --fail-on, 2 usage or load error, "
+                            "internal error or interrupt. `dtypelint COMMAND --help` for each command.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
-    commands = parser.add_subparsers(dest="command", required=True)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", help="what to do")
 
-    check = commands.add_parser("check", help="audit a checkpoint directory or a config")
+    check = commands.add_parser("check", help="audit a checkpoint directory or a config",
+                                description="Audit a checkpoint directory, a config (meta mode) or an --entry "
+                                            "function's (model, inputs), and report or fix the dtype conflicts.")
     check.add_argument("path", nargs="?", help="checkpoint directory, or a config.json / directory without weights")
-    check.add_argument("--entry", metavar="MODULE:FUNCTION", help="a function returning (model, inputs)")
+    check.add_argument("--entry", metavar="MODULE:FUNCTION",
+                       help="a function returning (model, inputs), imported as `python -m` would (from here)")
     check.add_argument("--static", action="store_true",
                        help="no forward: the stored dtype census from safetensors headers against config.json")
     check.add_argument("--graph", metavar="FILE", help="write the dtype graph (.json, .graphml, .dot, .mmd)")
@@ -60,17 +73,19 @@ def _parser() -> argparse.ArgumentParser:
                        help="the attention the deployment runs (flash_attention_2: checked with a CPU stand-in)")
     check.add_argument("--config", help="pyproject.toml to read [tool.dtypelint] from (default: the nearest)")
     check.add_argument("--mode", choices=("value", "meta"), help="value (real weights) or meta (config only)")
-    check.add_argument("--batch", type=_positive_int, default=1)
+    check.add_argument("--batch", type=_positive_int, default=1, help="sample batch size (default: 1)")
     check.add_argument("--seq-len", type=_positive_int, default=16,
-                       help="sample length (at most the config's max_position_embeddings)")
+                       help="sample length (default: 16; at most the config's max_position_embeddings)")
     check.add_argument("--max-ops", type=_positive_int, metavar="N", help="ops recorded per forward (default: 200000)")
-    check.add_argument("--format", choices=("text", "json", "sarif", "github", "markdown"), default="text")
-    check.add_argument("--fail-on", choices=("info", "warning", "error"))
+    check.add_argument("--format", choices=tuple(FORMATS), default="text", help="output format (default: text)")
+    check.add_argument("--fail-on", choices=("info", "warning", "error"),
+                       help="lowest severity that makes the exit code 1 (default: error)")
     check.add_argument("--exit-zero", action="store_true", help="exit 0 whatever the findings")
     check.add_argument("--select", type=_codes, help="comma-separated codes, prefixes or names")
-    check.add_argument("--ignore", type=_codes)
-    check.add_argument("--extend-select", type=_codes)
-    check.add_argument("--trust-remote-code", action="store_true")
+    check.add_argument("--ignore", type=_codes, help="comma-separated codes, prefixes or names to leave out")
+    check.add_argument("--extend-select", type=_codes, help="codes, prefixes or names to add to the selection")
+    check.add_argument("--trust-remote-code", action="store_true",
+                       help="run the checkpoint's own modeling code (auto_map); only for code you trust")
     fixes = check.add_argument_group("fixes (value mode)")
     fixes.add_argument("--fix", action="store_true", help="apply the safe fixes in memory, verified by a re-audit")
     fixes.add_argument("--unsafe-fixes", action="store_true", help="also the fixes that may cost precision")
@@ -79,12 +94,24 @@ def _parser() -> argparse.ArgumentParser:
     fixes.add_argument("--save-fixed", metavar="DIR", help="save_pretrained the fixed model into a new directory")
     fixes.add_argument("--force", action="store_true", help="let --save-fixed replace a non-empty directory")
 
-    rules = commands.add_parser("rules", help="list the rules")
+    rules = commands.add_parser("rules", help="list the rules: code, name, pack, severity, fix, enabled")
     rules.add_argument("--backend", action="append", metavar="PACK",
-                       help="only the generic rules and this pack's (repeatable, or a comma list)")
+                       help="only the generic rules and this pack's (default: every shipped pack)")
+    rules.add_argument("--format", choices=("text", "markdown"), default="text",
+                       help="a terminal table, or Markdown (the README's table)")
+    rules.add_argument("--config", help="pyproject.toml whose selection says which rules are enabled")
     explain = commands.add_parser("explain", help="print a rule's documentation")
-    explain.add_argument("code")
+    explain.add_argument("code", help="a rule code (DT101) or name (mixed-input)")
     return parser
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("dtypelint")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
 
 
 def _positive_int(text: str) -> int:
@@ -101,10 +128,6 @@ def _codes(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
 
-def _has_weights(path: Path) -> bool:
-    return path.is_dir() and any(next(path.glob(pattern), None) for pattern in WEIGHT_PATTERNS)
-
-
 def _settings(options: argparse.Namespace) -> Settings:
     """[tool.dtypelint] with the command line on top; ``--dtype auto`` means the checkpoint's own dtype."""
     from dtypelint.config import load_settings
@@ -118,9 +141,34 @@ def _settings(options: argparse.Namespace) -> Settings:
 
 
 def _check(options: argparse.Namespace) -> int:
+    path = _preflight(options)
     progress = not options.quiet and sys.stderr.isatty()
     with _library_noise(quiet=options.quiet, progress=progress):
-        return _run_check(options, progress)
+        return _run_check(options, path, progress)
+
+
+def _preflight(options: argparse.Namespace) -> Path | None:
+    """Everything that can be checked without torch, checked before importing it: a usage error costs
+    well under a second. Returns the checkpoint or config path (None for --entry)."""
+    from dtypelint.dtypes import dtype_attribute
+
+    if options.save_fixed and not options.fix:
+        raise UsageError("--save-fixed needs --fix")
+    if options.dtype and options.dtype.strip().lower() != "auto":
+        dtype_attribute(options.dtype)
+    for name in _codes(",".join(options.backend or [])) + (options.packs or []):
+        if not name.endswith(".toml") and "/" not in name and name not in available_packs():
+            raise UsageError(f"unknown backend {name!r}; available: {', '.join(available_packs())}")
+    _check_outputs(options)
+    if options.entry:
+        return None
+    if options.path is None:
+        raise UsageError("check needs a PATH (or --entry MODULE:FUNCTION)")
+    path = local_path(options.path)
+    refuse_weights_file(path)
+    if path.is_dir() and not any(path.iterdir()):
+        raise LoadError(f"{path} is an empty directory")
+    return path
 
 
 @contextmanager
@@ -148,199 +196,99 @@ def _library_noise(*, quiet: bool, progress: bool) -> Iterator[None]:
             logging.disable(logging_disabled)
 
 
-def _run_check(options: argparse.Namespace, progress: bool) -> int:
-    from dtypelint.audit import audit, audit_config
+def _run_check(options: argparse.Namespace, path: Path | None, progress: bool) -> int:
+    from dtypelint.audit import audit_loaded
     from dtypelint.dtypes import parse_dtype
-    from dtypelint.load import (
-        check_sample_size,
-        config_dtype,
-        load_checkpoint,
-        load_config,
-        load_entry,
-        local_path,
-        refuse_weights_file,
-        sample_inputs,
-    )
+    from dtypelint.load import Request, find_loader
     from dtypelint.save import PLAN_FILE
 
-    if options.save_fixed and not options.fix:
-        raise UsageError("--save-fixed needs --fix")
-    _check_outputs(options)
     settings = _settings(options)
-    dtype = parse_dtype(settings.dtype)
-    if options.entry:
-        model, inputs = load_entry(options.entry)
-        report = audit(model, inputs, dtype=dtype, settings=settings, progress=progress)
-        return _finish(options, report, settings, model=model, inputs=inputs, dtype=dtype)
-    if options.path is None:
-        raise UsageError("check needs a PATH (or --entry MODULE:FUNCTION)")
-    path = local_path(options.path)
-    refuse_weights_file(path)
-    if path.is_dir() and not any(path.iterdir()):
-        raise LoadError(f"{path} is an empty directory")
-    if options.static:
-        return _static(path, settings.fail_on, options.exit_zero)
-    mode = options.mode or ("value" if _has_weights(path) else "meta")
-    if _fixing(options) and mode == "meta":
+    if options.static and path is not None:
+        return _static(options, path, settings)
+    request = Request(path=path, entry=options.entry, mode=options.mode, dtype=parse_dtype(settings.dtype),
+                      batch=options.batch, seq_len=options.seq_len, trust_remote_code=options.trust_remote_code)
+    loader = find_loader(request)
+    if _fixing(options) and loader.mode == "meta":
         raise UsageError("fixes need real weights: --fix, --diff, --write-plan and --save-fixed work in value mode")
-    if mode == "value" and not _has_weights(path):
-        raise UsageError(f"{path} holds no weights (*.safetensors, pytorch_model*.bin); use --mode meta")
-    config = load_config(path, trust_remote_code=options.trust_remote_code)
-    check_sample_size(config, batch=options.batch, seq_len=options.seq_len, real=mode == "value")  # before loading
-    if mode == "meta":
-        report = audit_config(
-            config, dtype=dtype, batch=options.batch, seq_len=options.seq_len,
-            trust_remote_code=options.trust_remote_code, settings=settings, progress=progress,
-        )
-        return _finish(options, report, settings)
-    load_dtype = dtype or config_dtype(config)
-    model = load_checkpoint(path, load_dtype, trust_remote_code=options.trust_remote_code)
-    inputs = sample_inputs(model, config, batch=options.batch, seq_len=options.seq_len)
-    report = audit(model, inputs, dtype=load_dtype, settings=settings, progress=progress)
-    if (path / PLAN_FILE).is_file():
+    loaded = loader.load(request)
+    report = audit_loaded(loaded, settings=settings, progress=progress)
+    if path is not None and (path / PLAN_FILE).is_file():
         report.notes.append(
             f"{PLAN_FILE} holds a fix plan: checkpoints do not store non-persistent buffers, so apply it after "
             f"every load: dtypelint.apply_plan(model, {str(path / PLAN_FILE)!r})"
         )
-    return _finish(options, report, settings, model=model, inputs=inputs, dtype=load_dtype)
+    if options.graph:
+        report.graph.write(options.graph)
+    if _fixing(options):
+        return _fix(options, loaded.model, report, settings)
+    return _print(options, report, settings.fail_on)
 
 
 def _check_outputs(options: argparse.Namespace) -> None:
     """The one place where output paths are checked, before anything is loaded rather than after a long
     audit."""
-    from dtypelint.graph import GRAPH_SUFFIXES, unsupported_graph_suffix
     from dtypelint.save import check_save_target
 
     if options.graph:
-        _check_writable_file("--graph", options.graph)
+        check_writable_file("--graph", options.graph)
         suffix = Path(options.graph).suffix.lower()
         if suffix not in GRAPH_SUFFIXES:
             raise UsageError(f"--graph {options.graph}: {unsupported_graph_suffix(suffix)}")
     if options.write_plan:
-        _check_writable_file("--write-plan", options.write_plan)
+        check_writable_file("--write-plan", options.write_plan)
     if options.save_fixed:
         check_save_target(options.save_fixed, sources=[options.path] if options.path else [], force=options.force)
-
-
-def _check_writable_file(option: str, name: str) -> None:
-    """``name`` must be a file (new or not) in an existing directory that we may create files in."""
-    target = Path(name)
-    if target.is_dir():
-        raise UsageError(f"{option} {target} is a directory; name a file")
-    parent = target.parent
-    if not parent.is_dir():
-        problem = "is not a directory" if parent.exists() else "does not exist"
-        raise UsageError(f"{option} {target}: {parent} {problem}")
-    try:
-        # Permission bits say nothing for root, and nothing about read-only file systems or /proc: try.
-        with tempfile.TemporaryFile(dir=parent):
-            pass
-        if target.exists():
-            target.open("ab").close()
-    except OSError as error:
-        raise UsageError(f"{option} {target}: cannot write there: {error.strerror or error}") from None
-
-
-def _finish(options: argparse.Namespace, report: Report, settings: Settings, **fixable: Any) -> int:
-    """Write the graph, then print the report, or fix and print both; the exit code."""
-    if options.graph:
-        try:
-            report.graph.write(options.graph)
-        except OSError as error:  # the preflight passed, but the disk may fill or the directory go
-            raise UsageError(f"--graph {options.graph}: cannot write: {error.strerror or error}") from None
-    if _fixing(options):
-        return _fix(options, fixable["model"], report, fixable["inputs"], dtype=fixable["dtype"], settings=settings)
-    return _print(options, report, settings.fail_on)
 
 
 def _fixing(options: argparse.Namespace) -> bool:
     return bool(options.fix or options.diff or options.write_plan or options.save_fixed)
 
 
-def _static(path: Path, fail_on: str, exit_zero: bool) -> int:
-    """The stored dtype census against the dtype config.json declares: headers only, no weights read."""
-    from collections import Counter
+def _static(options: argparse.Namespace, path: Path, settings: Settings) -> int:
+    from dtypelint.audit import audit_static
 
-    from tabulate import tabulate
-
-    from dtypelint.dtypes import dtype_name
-    from dtypelint.load import config_dtype, load_config, stored_dtypes
-
-    stored = stored_dtypes(path)
-    declared = config_dtype(load_config(path))
-    census = Counter(stored.values())
-    print(tabulate(sorted(census.items()), headers=("stored dtype", "tensors")))
-    floating = {"float64", "float32", "float16", "bfloat16"}
-    others = sorted(name for name, dtype in stored.items()
-                    if declared is not None and dtype in floating and dtype != dtype_name(declared))
-    if declared is None:
-        print(f"{path}: config.json declares no dtype")
-    for name in others:
-        print(f"warning: {name} is stored as {stored[name]}, config.json declares {dtype_name(declared)}")
-    print(f"{path}: {len(stored)} tensors, {len(others)} stored in another floating dtype than declared")
-    failing = others and fail_on in ("warning", "info")
-    return EXIT_FINDINGS if failing and not exit_zero else EXIT_CLEAN
+    if _fixing(options):
+        raise UsageError("fixes need a forward: --static reads headers only")
+    return _print(options, audit_static(path, settings=settings), settings.fail_on)
 
 
-def _fix(options: argparse.Namespace, model: Any, report: Report, inputs: Any, **audit_options: Any) -> int:
+def _fix(options: argparse.Namespace, model: Any, report: Report, settings: Settings) -> int:
     from dtypelint.fix import fix
     from dtypelint.save import save_fixed
 
-    result = fix(model, report, inputs=inputs, unsafe=options.unsafe_fixes, dry_run=not options.fix, **audit_options)
+    result = fix(model, report, unsafe=options.unsafe_fixes, dry_run=not options.fix)
     if options.write_plan:
         result.plan.write(options.write_plan)
-    saved = None
     if options.save_fixed and result.changed:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            saved = save_fixed(model, options.save_fixed, result.plan, source=options.path, force=options.force)
+            result.saved = save_fixed(model, options.save_fixed, result.plan, source=options.path, force=options.force)
         for warning in caught:
             print(f"dtypelint: {warning.message}", file=sys.stderr)
-    final = result.after if result.changed else report
-    if options.format == "json":
-        data = final.to_dict()
-        data["fix"] = {
-            "applied": bool(result.changed),
-            "rolled_back": result.rolled_back,
-            "reason": result.reason,
-            "changes": result.plan.to_dict()["changes"],
-            "output_change": result.output_change,
-            "rope_error": result.rope_error,
-            "unread": result.unread,
-            "saved": str(saved) if saved else None,
-        }
-        print(json.dumps(data, indent=2))
-    else:
-        print(report.render())
-        print(result.render())
-        if saved:
-            print(f"saved the fixed model and its fix plan to {saved}")
-        elif options.save_fixed:
-            print(f"nothing saved: no fix was applied, so {options.save_fixed} was not written")
-    failing = final.at_or_above(audit_options["settings"].fail_on)
-    return EXIT_FINDINGS if failing and not options.exit_zero else EXIT_CLEAN
+    elif options.save_fixed:
+        result.not_saved = options.save_fixed
+    return _print(options, result.after if result.changed else report, settings.fail_on, fixed=result)
 
 
-def _print(options: argparse.Namespace, report: Report, fail_on: str) -> int:
+def _print(options: argparse.Namespace, report: Report, fail_on: str, fixed: FixResult | None = None) -> int:
+    """Every output goes through the renderers of ``dtypelint.formats``: the audit's, the fix's, --static's."""
     from dtypelint.formats import render
 
-    output = render(report, options.format, path=options.path)
+    output = render(report, options.format, path=options.path, fix=fixed)
     if output:
         print(output)
     failing = report.at_or_above(fail_on)
     return EXIT_FINDINGS if failing and not options.exit_zero else EXIT_CLEAN
 
 
-def _rules(backend: list[str] | None) -> int:
-    from tabulate import tabulate
-
-    from dtypelint.config import Settings
+def _rules(options: argparse.Namespace) -> int:
+    from dtypelint.config import load_settings
+    from dtypelint.formats import render_rules
     from dtypelint.rules import all_rules
 
-    rules = Settings().layered({"backend": backend}).rules if backend else all_rules()
-    rows = [(rule.code, rule.name, rule.pack or "generic", rule.category, rule.severity, rule.summary) for rule in rules]
-    headers = ("code", "name", "pack", "category", "severity", "summary")
-    print(tabulate(rows, headers=headers, maxcolwidths=[None] * 5 + [70]))
+    settings = load_settings(options.config)
+    rules = settings.layered({"backend": options.backend}).rules if options.backend else all_rules()
+    print(render_rules(rules, options.format, enabled=settings.selection.enabled))
     return EXIT_CLEAN
 
 
@@ -363,7 +311,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if options.command == "check":
             return _check(options)
         if options.command == "rules":
-            return _rules(options.backend)
+            return _rules(options)
         return _explain(options.code)
     except BrokenPipeError:  # `dtypelint check ... | head`: the reader left; say nothing more
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -78,6 +78,8 @@ class FixResult:
     output_change: dict[str, tuple[float, float] | None] = field(default_factory=dict)
     rope_error: dict[str, float] = field(default_factory=dict)
     unread: list[str] = field(default_factory=list)  # cast tensors the audited forward never read
+    saved: Path | None = None  # where the fixed model was saved, by whoever saved it
+    not_saved: str | None = None  # a save that was asked for while nothing was fixed
 
     @property
     def changed(self) -> list[Change]:
@@ -122,7 +124,24 @@ class FixResult:
     def render(self) -> str:
         lines = [self.table()] if self.plan.changes else []
         lines += [f"note: {note}" for note in self.notes()]
-        return "\n".join([*lines, self.summary_line()])
+        lines.append(self.summary_line())
+        if self.saved:
+            lines.append(f"saved the fixed model and its fix plan to {self.saved}")
+        elif self.not_saved:
+            lines.append(f"nothing saved: no fix was applied, so {self.not_saved} was not written")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "applied": bool(self.changed),
+            "rolled_back": self.rolled_back,
+            "reason": self.reason,
+            "changes": self.plan.to_dict()["changes"],
+            "output_change": self.output_change,
+            "rope_error": self.rope_error,
+            "unread": self.unread,
+            "saved": str(self.saved) if self.saved else None,
+        }
 
     def __str__(self) -> str:
         return self.render()

@@ -58,17 +58,15 @@ import hashlib
 import json
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
-import networkx as nx
-
 from dtypelint.errors import UsageError
-from dtypelint.report import Finding, Report, severity_rank
+from dtypelint.report import Finding, Report
 
 if TYPE_CHECKING:
+    from dtypelint.fix import FixResult
     from dtypelint.graph import DtypeGraph
     from dtypelint.rules.base import Rule
 
@@ -90,6 +88,7 @@ class FormatContext:
 
     path: str | Path | None = None
     rules: Sequence[Rule] | None = None
+    fix: FixResult | None = None  # what --fix did, for the formats that show it
 
     def rule_list(self) -> list[Rule]:
         from dtypelint.rules import all_rules
@@ -111,11 +110,16 @@ Renderer = Callable[[Report, FormatContext], str]
 
 
 def render_text(report: Report, context: FormatContext) -> str:
-    return report.render()
+    if context.fix is None:
+        return report.render()
+    return "\n".join([(context.fix.before or report).render(), context.fix.render()])
 
 
 def render_json(report: Report, context: FormatContext) -> str:
-    return json.dumps(report.to_dict(), indent=2)
+    data = report.to_dict()
+    if context.fix is not None:
+        data["fix"] = context.fix.to_dict()
+    return json.dumps(data, indent=2)
 
 
 # SARIF ------------------------------------------------------------------------------------------------
@@ -173,7 +177,7 @@ def artifact_uri(path: str | Path) -> str:
 
 def _rule_descriptor(rule: Rule) -> dict[str, Any]:
     docs = rule.docs.strip()
-    why = _section(docs, "Why is this bad?")
+    why = " ".join(rule.section("Why is this bad?").split())
     descriptor: dict[str, Any] = {
         "id": rule.code,
         "name": rule.name,
@@ -196,21 +200,6 @@ def _unknown_descriptor(finding: Finding) -> dict[str, Any]:
         "shortDescription": {"text": summary},
         "properties": {"category": finding.category, "tags": [finding.category]},
     }
-
-
-def _section(docs: str, title: str) -> str:
-    """The text of one ``## title`` section of a rule's docs, on one line."""
-    lines = docs.splitlines()
-    try:
-        start = lines.index(f"## {title}") + 1
-    except ValueError:
-        return ""
-    body = []
-    for line in lines[start:]:
-        if line.startswith("## "):
-            break
-        body.append(line)
-    return " ".join(" ".join(body).split())
 
 
 def _sarif_result(report: Report, finding: Finding, rule_index: int, path: str | Path | None) -> dict[str, Any]:
@@ -263,6 +252,8 @@ def _fingerprint(report: Report, finding: Finding) -> str:
 
 
 def _version() -> str | None:
+    from importlib import metadata  # here, not at the top: the command line imports this module at start
+
     try:
         return metadata.version("dtypelint")
     except metadata.PackageNotFoundError:
@@ -271,6 +262,8 @@ def _version() -> str | None:
 
 def _information_uri() -> str | None:
     """The project's home page from the installed metadata (``[project.urls]``), if it declares one."""
+    from importlib import metadata
+
     try:
         meta = metadata.metadata("dtypelint")
     except metadata.PackageNotFoundError:
@@ -313,7 +306,7 @@ def github_line(finding: Finding, *, path: str | Path | None = None, rule_name: 
 def render_github(report: Report, context: FormatContext) -> str:
     names = context.rule_names()
     return "\n".join(
-        github_line(finding, path=context.path, rule_name=names.get(finding.code)) for finding in _ordered(report)
+        github_line(finding, path=context.path, rule_name=names.get(finding.code)) for finding in report.ordered()
     )
 
 
@@ -327,7 +320,7 @@ def render_markdown(report: Report, context: FormatContext) -> str:
             "| severity | code | location | tensor | dtypes | message | fix |",
             "| --- | --- | --- | --- | --- | --- | --- |",
         ]
-        for finding in _ordered(report):
+        for finding in report.ordered():
             fix = f"{finding.fix.description} ({finding.fix.safety})" if finding.fix else ""
             cells = [
                 finding.severity,
@@ -371,6 +364,8 @@ def error_drawing_nodes(
     """The nodes to draw around an error at ``node``: its neighbourhood of radius 2 (1 when that exceeds
     ``max_nodes``), plus the path from each named tensor (``head.weight``) to the node, so the drawing
     shows the tensor at fault. Returns the nodes and whether the drawing had to be trimmed further."""
+    import networkx as nx  # only for drawings: the command line imports this module for its --format choices
+
     paths: set[str] = set()
     for name in tensors:
         leaf = graph.find_tensor(name)
@@ -421,11 +416,6 @@ def _md_code(text: str) -> str:
 # Registry --------------------------------------------------------------------------------------------
 
 
-def _ordered(report: Report) -> list[Finding]:
-    """Errors first, then warnings, then infos; report order within a severity."""
-    return sorted(report.findings, key=lambda finding: -severity_rank(finding.severity))
-
-
 # The rule catalog (`dtypelint rules`, the README's table) ---------------------------------------------
 
 RULE_COLUMNS = ("code", "name", "pack", "severity", "fix", "enabled", "what it does")
@@ -461,7 +451,8 @@ FORMATS: dict[str, Renderer] = {
 
 
 def render(
-    report: Report, format: str = "text", *, path: str | Path | None = None, rules: Sequence[Rule] | None = None
+    report: Report, format: str = "text", *, path: str | Path | None = None, rules: Sequence[Rule] | None = None,
+    fix: FixResult | None = None,
 ) -> str:
     """The report in ``format`` (a key of ``FORMATS``). ``path``: the audited checkpoint or config, named
     as the artifact by ``sarif`` and ``github``. ``rules``: the rules listed by ``sarif`` and named by
@@ -470,4 +461,4 @@ def render(
         renderer = FORMATS[format]
     except KeyError:
         raise UsageError(f"unknown format {format!r}; one of {', '.join(FORMATS)}") from None
-    return renderer(report, FormatContext(path=path, rules=rules))
+    return renderer(report, FormatContext(path=path, rules=rules, fix=fix))

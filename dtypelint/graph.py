@@ -25,8 +25,8 @@ import torch
 from torch._ops import OpOverloadPacket
 
 from dtypelint.dtypes import dtype_name
-from dtypelint.errors import UsageError
-from dtypelint.trace import Origin, TensorRecord, TraceResult
+from dtypelint.paths import unsupported_graph_suffix
+from dtypelint.trace import Origin, TensorRecord, Tracer, TraceResult
 from dtypelint.vocabulary import LEAF_ORIGINS, OpKind, OriginKind, kinds_of
 
 _PRODUCED = Origin(OriginKind.OP)
@@ -57,6 +57,11 @@ class TensorNode(TypedDict, total=False):
 
 class DtypeGraph(nx.DiGraph):
     """A networkx digraph of ops and tensors with the queries the rules need."""
+
+    @classmethod
+    def from_tracer(cls, tracer: Tracer, error: BaseException | None = None) -> DtypeGraph:
+        """The graph of whatever ran inside ``with Tracer(model):`` (``error``: what it raised, if it did)."""
+        return cls.from_trace(TraceResult(tracer, error))
 
     @classmethod
     def from_trace(cls, result: TraceResult) -> DtypeGraph:
@@ -272,14 +277,6 @@ def finite(bounds: tuple[float, float] | None) -> bool:
 
 def format_range(bounds: tuple[float, float] | None) -> str:
     return "unknown" if bounds is None else f"[{bounds[0]:.4g}, {bounds[1]:.4g}]"
-
-
-GRAPH_SUFFIXES = (".json", ".graphml", ".dot", ".gv", ".mmd", ".mermaid")
-
-
-def unsupported_graph_suffix(suffix: str) -> UsageError:
-    return UsageError(f"cannot write a graph as {suffix or 'a file without extension'!r}; "
-                      "use .json, .graphml, .dot or .mmd")
 
 
 def _tensor_attributes(tensor: TensorRecord) -> dict[str, Any]:

@@ -1,19 +1,21 @@
 """Stage 1 of the pipeline: get a model and sample inputs the way users load them.
 
-A checkpoint directory loads with ``from_pretrained(path, dtype=...)``; a config alone builds the model
-inside ``FakeTensorMode`` (meta mode: shapes and dtypes, no weight memory); sample inputs are synthesized
-from the config. Nothing is downloaded: every load is local.
+One function, ``load(Request)``, turns what the user names into a model and sample inputs; each way in is
+one registered loader: an ``--entry`` function, an ipex-llm ``save_low_bit`` directory (``load_low_bit``),
+a checkpoint directory (``from_pretrained(path, dtype=...)``), and a config alone (meta mode: the model is
+built on the meta device, its inputs are fake tensors; shapes and dtypes, no memory). Sample inputs are
+synthesized from the config. Nothing is downloaded: every load is local.
 """
 
 from __future__ import annotations
 
 import copy
-import errno
 import inspect
 import json
-import re
-from collections.abc import Iterator, Mapping
+import sys
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +23,7 @@ import torch
 
 from dtypelint.dtypes import parse_dtype
 from dtypelint.errors import LoadError, UsageError, first_line
+from dtypelint.paths import local_path, refuse_weights_file
 
 
 def transformers_version() -> tuple[int, int]:
@@ -33,34 +36,6 @@ def transformers_version() -> tuple[int, int]:
 def dtype_keyword() -> str:
     """``from_pretrained``/``from_config`` take ``dtype=`` since transformers 4.56, ``torch_dtype=`` before."""
     return "dtype" if transformers_version() >= (4, 56) else "torch_dtype"
-
-
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".ckpt")
-# A hub id (``gpt2``, ``meta-llama/Llama-3.1-8B``) looks like this; dtypelint never downloads it.
-_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
-
-
-def local_path(path: str | Path) -> Path:
-    """``path`` if it exists here; otherwise a LoadError that says why: a symlink loop, a dangling
-    link, a hub id (nothing is downloaded), or plainly missing."""
-    path = Path(path)
-    try:
-        path.stat()
-    except OSError as error:
-        if error.errno == errno.ELOOP:
-            raise LoadError(f"{path} is a symlink loop") from None
-        if path.is_symlink():
-            raise LoadError(f"{path} is a symlink to {path.readlink()}, which does not exist") from None
-        if _HUB_ID.fullmatch(str(path)) and not path.is_absolute():
-            raise LoadError(f"{path} does not exist here; dtypelint downloads nothing, so pass a local directory "
-                            f"(for a hub model: huggingface-cli download {path} --local-dir DIR)") from None
-        raise LoadError(f"{path} does not exist") from None
-    return path
-
-
-def refuse_weights_file(path: Path) -> None:
-    if path.is_file() and path.suffix.lower() in WEIGHT_SUFFIXES:
-        raise LoadError(f"{path} is a weights file; pass the checkpoint directory that holds it and its config.json")
 
 
 # Config fields whose value sizes the model: a value that is not a positive integer cannot build one.
@@ -230,23 +205,30 @@ def is_low_bit(path: str | Path) -> bool:
 
 def load_checkpoint(path: str | Path, dtype: torch.dtype | None, *, trust_remote_code: bool = False) -> torch.nn.Module:
     """Load a checkpoint directory as users do: ``from_pretrained(path, dtype=dtype)``, or ipex-llm's
-    ``load_low_bit(path, torch_dtype=dtype)`` for a directory that ``save_low_bit`` wrote.
-
-    A checkpoint that lacks tensors its config declares, or holds tensors the model does not have, is a
-    LoadError: transformers would fill the gaps with random weights, and the audit of those is meaningless."""
-    config = load_config(path, trust_remote_code=trust_remote_code)
+    ``load_low_bit(path, torch_dtype=dtype)`` for a directory that ``save_low_bit`` wrote."""
     if is_low_bit(path):
-        try:
-            from ipex_llm.transformers import AutoModelForCausalLM
-        except ImportError:
-            raise UsageError(f"{path} is an ipex-llm low-bit checkpoint; install the ipex extra: {IPEX_INSTALL}") from None
-        try:
-            with keeps_default_dtype():
-                model = AutoModelForCausalLM.load_low_bit(str(path), trust_remote_code=trust_remote_code,
-                                                          **({"torch_dtype": dtype} if dtype is not None else {}))
-        except Exception as error:  # noqa: BLE001 - loaders raise many types (SafetensorError, OSError, ...)
-            raise LoadError(f"cannot load {path}: {_describe(error)}") from None
-        return model.eval()
+        return load_low_bit(path, dtype, trust_remote_code)
+    return load_pretrained(path, load_config(path, trust_remote_code=trust_remote_code), dtype, trust_remote_code)
+
+
+def load_low_bit(path: str | Path, dtype: torch.dtype | None, trust_remote_code: bool) -> torch.nn.Module:
+    try:
+        from ipex_llm.transformers import AutoModelForCausalLM
+    except ImportError:
+        raise UsageError(f"{path} is an ipex-llm low-bit checkpoint; install the ipex extra: {IPEX_INSTALL}") from None
+    try:
+        with keeps_default_dtype():
+            model = AutoModelForCausalLM.load_low_bit(str(path), trust_remote_code=trust_remote_code,
+                                                      **({"torch_dtype": dtype} if dtype is not None else {}))
+    except Exception as error:  # noqa: BLE001 - loaders raise many types (SafetensorError, OSError, ...)
+        raise LoadError(f"cannot load {path}: {_describe(error)}") from None
+    return model.eval()
+
+
+def load_pretrained(path: str | Path, config: Any, dtype: torch.dtype | None, trust_remote_code: bool) -> torch.nn.Module:
+    """``from_pretrained``. A checkpoint that lacks tensors its config declares, or holds tensors the model
+    does not have, is a LoadError: transformers would fill the gaps with random weights, and the audit of
+    those is meaningless."""
     from transformers import AutoModelForCausalLM
 
     check_shard_indexes(Path(path))
@@ -315,7 +297,8 @@ def load_entry(spec: str) -> tuple[torch.nn.Module, Any]:
     if not module_name or not function_name:
         raise UsageError(f"--entry {spec!r} must look like module.path:function")
     try:
-        module = importlib.import_module(module_name)
+        with _importable_from(Path.cwd()):  # as `python -m` does: the console script's path lacks it
+            module = importlib.import_module(module_name)
     except ModuleNotFoundError as error:
         raise LoadError(f"--entry {spec!r}: cannot import {module_name}: {error}") from None
     except (Exception, SystemExit) as error:  # noqa: BLE001 - user code can raise anything at import
@@ -332,6 +315,19 @@ def load_entry(spec: str) -> tuple[torch.nn.Module, Any]:
     if not (isinstance(result, tuple) and len(result) == 2 and isinstance(result[0], torch.nn.Module)):
         raise UsageError(f"--entry {spec!r} must return (model, inputs), got {type(result).__name__}")
     return result
+
+
+@contextmanager
+def _importable_from(directory: Path) -> Iterator[None]:
+    entry = str(directory)
+    added = entry not in sys.path
+    if added:
+        sys.path.insert(0, entry)
+    try:
+        yield
+    finally:
+        if added:
+            sys.path.remove(entry)
 
 
 def _user_error(error: BaseException) -> str:
@@ -383,3 +379,122 @@ def _read_header(shard: Path) -> tuple[dict[str, Any], int, int]:
         except (ValueError, UnicodeDecodeError, KeyError, TypeError, IndexError, AttributeError):
             raise LoadError(f"{shard}: corrupt safetensors header") from None
     return header, size, end
+
+
+# The loader registry ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Request:
+    """What to audit: a checkpoint or config ``path``, a config object, or an ``entry`` spec; the mode
+    asked for (None: value mode where there are weights), the compute dtype and the sample size."""
+
+    path: Path | None = None
+    config: Any = None
+    entry: str | None = None
+    mode: str | None = None
+    dtype: torch.dtype | None = None
+    batch: int = 1
+    seq_len: int = 16
+    trust_remote_code: bool = False
+
+
+@dataclass
+class Loaded:
+    """A model ready to trace: ``inputs`` are fake tensors of ``fake_mode`` in meta mode."""
+
+    model: torch.nn.Module
+    inputs: Any
+    mode: str
+    dtype: torch.dtype | None  # the compute dtype the model was loaded in (None: the model's own)
+    config: Any = None
+    fake_mode: Any = None
+
+
+@dataclass(frozen=True)
+class Loader:
+    name: str
+    mode: str  # "value" or "meta": known before anything is loaded
+    accepts: Callable[[Request], bool]
+    load: Callable[[Request], Loaded]
+
+
+LOADERS: list[Loader] = []
+
+
+def register(name: str, mode: str, accepts: Callable[[Request], bool]) -> Callable:
+    """Add a loader; the first registered one that accepts a request loads it."""
+
+    def add(load: Callable[[Request], Loaded]) -> Callable[[Request], Loaded]:
+        LOADERS.append(Loader(name, mode, accepts, load))
+        return load
+
+    return add
+
+
+def find_loader(request: Request) -> Loader:
+    """The loader for ``request``, or a UsageError saying why there is none (cheap: nothing is loaded)."""
+    if request.mode is not None and request.mode not in ("value", "meta"):
+        raise UsageError(f"mode must be value or meta, not {request.mode!r}")
+    loader = next((loader for loader in LOADERS if loader.accepts(request)), None)
+    if loader is None:
+        if request.path is not None and request.mode == "value":
+            raise UsageError(f"{request.path} holds no weights (*.safetensors, pytorch_model*.bin); use --mode meta")
+        raise UsageError("nothing to load: give a checkpoint or config path, a config, or an entry")
+    return loader
+
+
+def load(request: Request) -> Loaded:
+    return find_loader(request).load(request)
+
+
+WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin")
+
+
+def has_weights(path: Path) -> bool:
+    return path.is_dir() and any(next(path.glob(pattern), None) for pattern in WEIGHT_PATTERNS)
+
+
+def _wants_value(request: Request) -> bool:
+    return request.path is not None and request.mode != "meta" and has_weights(request.path)
+
+
+def _value_load(request: Request, model_of: Callable[[Any, torch.dtype | None], torch.nn.Module]) -> Loaded:
+    config = load_config(request.path, trust_remote_code=request.trust_remote_code)
+    check_sample_size(config, batch=request.batch, seq_len=request.seq_len)  # before the weights load
+    dtype = request.dtype or config_dtype(config)
+    model = model_of(config, dtype)
+    inputs = sample_inputs(model, config, batch=request.batch, seq_len=request.seq_len)
+    return Loaded(model, inputs, "value", dtype, config)
+
+
+@register("entry", "value", lambda request: request.entry is not None)
+def _load_entry(request: Request) -> Loaded:
+    model, inputs = load_entry(request.entry)  # type: ignore[arg-type]
+    return Loaded(model, inputs, "value", request.dtype, getattr(model, "config", None))
+
+
+@register("ipex-llm low-bit", "value", lambda request: _wants_value(request) and is_low_bit(request.path))
+def _load_low_bit(request: Request) -> Loaded:
+    return _value_load(request, lambda config, dtype: load_low_bit(request.path, dtype, request.trust_remote_code))
+
+
+@register("from_pretrained", "value", _wants_value)
+def _load_pretrained(request: Request) -> Loaded:
+    return _value_load(request, lambda config, dtype: load_pretrained(request.path, config, dtype,
+                                                                      request.trust_remote_code))
+
+
+@register("config", "meta", lambda request: request.mode != "value" and (request.config or request.path) is not None)
+def _load_config_only(request: Request) -> Loaded:
+    from dtypelint.fake import new_fake_mode
+
+    source = request.config if request.config is not None else request.path
+    config = load_config(source, trust_remote_code=request.trust_remote_code)
+    check_sample_size(config, batch=request.batch, seq_len=request.seq_len, real=False)
+    dtype = request.dtype or config_dtype(config) or torch.float32
+    model = build_meta_model(config, dtype)
+    fake_mode = new_fake_mode()
+    with fake_mode:  # fake inputs: no memory however large batch x seq_len is
+        inputs = sample_inputs(model, config, batch=request.batch, seq_len=request.seq_len)
+    return Loaded(model, inputs, "meta", dtype, config, fake_mode)

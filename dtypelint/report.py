@@ -75,6 +75,10 @@ class Report:
         rank = severity_rank(severity)
         return [finding for finding in self.findings if severity_rank(finding.severity) >= rank]
 
+    def ordered(self) -> list[Finding]:
+        """Errors first, then warnings, then infos; report order within a severity."""
+        return sorted(self.findings, key=lambda finding: -severity_rank(finding.severity))
+
     def counts(self) -> dict[str, int]:
         counter = Counter(finding.severity for finding in self.findings)
         return {severity: counter.get(severity, 0) for severity in reversed(SEVERITIES)}
@@ -97,7 +101,7 @@ class Report:
         return f"{self.model} [{self.mode}, {self.compute_dtype}, backend {self.backend}]: " + ", ".join(parts)
 
     def table(self) -> str:
-        ordered = sorted(self.findings, key=lambda finding: -severity_rank(finding.severity))
+        ordered = self.ordered()
         rows = [
             (
                 finding.severity,

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from dtypelint.errors import UsageError
+from dtypelint.paths import writable_directory
 
 if TYPE_CHECKING:
     import torch
@@ -78,12 +79,8 @@ def check_save_target(target: str | Path, *, sources: Sequence[str | Path] = (),
 
 
 def _check_writable(directory: Path, target: Path) -> None:
-    """Write a temporary file there: permission bits say nothing for root or for /proc."""
-    try:
-        with tempfile.TemporaryFile(dir=directory):
-            pass
-    except OSError:
-        raise UsageError(f"cannot write {target}: {directory} is not a writable directory") from None
+    if not writable_directory(directory):
+        raise UsageError(f"cannot write {target}: {directory} is not a writable directory")
 
 
 def _pid_alive(pid: int) -> bool:

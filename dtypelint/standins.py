@@ -20,7 +20,7 @@ import torch
 
 from dtypelint.attention import flash_deployment, is_flash
 from dtypelint.errors import UsageError
-from dtypelint.trace import config_value
+from dtypelint.model_info import config_value
 
 
 def requested_flash(model: torch.nn.Module, requested: str | None = None) -> str | None:

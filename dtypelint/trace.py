@@ -16,18 +16,17 @@ import weakref
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensor
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import keystr, tree_flatten_with_path
 
 from dtypelint.attention import AttentionRecorder, autocast_dtype
+from dtypelint.model_info import ModelInfo, qualified_name
 from dtypelint.state import GlobalModes
 from dtypelint.vocabulary import OpKind, OriginKind, packets
-
-if TYPE_CHECKING:
-    from dtypelint.graph import DtypeGraph
 
 
 @dataclass(frozen=True)
@@ -36,94 +35,6 @@ class Origin:
 
     kind: OriginKind
     name: str | None = None
-
-
-@dataclass(frozen=True)
-class TensorInfo:
-    """A parameter, buffer or plain tensor attribute of the model as it was when the trace started."""
-
-    kind: OriginKind  # parameter, buffer or attribute
-    dtype: torch.dtype
-    shape: tuple[int, ...]
-    device: str
-    persistent: bool = True
-    requires_grad: bool = False
-
-
-@dataclass
-class ModelInfo:
-    """What the rules need to know about the model beyond the ops it ran."""
-
-    class_name: str
-    modules: dict[str, str]
-    tensors: dict[str, TensorInfo]
-    aliases: dict[str, list[str]]
-    keep_in_fp32_modules: list[str]
-    model_type: str | None
-    hidden_size: int | None = None
-    head_dim: int | None = None
-    # Modules' torch.dtype attributes (bitsandbytes' ``compute_dtype``), by qualified name.
-    dtype_attributes: dict[str, torch.dtype] = field(default_factory=dict)
-
-    @classmethod
-    def of(cls, model: torch.nn.Module) -> ModelInfo:
-        tensors: dict[str, TensorInfo] = {}
-        dtype_attributes: dict[str, torch.dtype] = {}
-        aliases: dict[str, list[str]] = {}
-        seen: dict[int, str] = {}
-        for name, param in model.named_parameters(remove_duplicate=False):
-            if id(param) in seen:
-                aliases.setdefault(seen[id(param)], []).append(name)
-                continue
-            seen[id(param)] = name
-            tensors[name] = TensorInfo(
-                OriginKind.PARAMETER, param.dtype, tuple(param.shape), str(param.device), True, param.requires_grad
-            )
-        for module_name, module in model.named_modules():
-            non_persistent = module._non_persistent_buffers_set
-            for buffer_name, buffer in module._buffers.items():
-                if buffer is None:
-                    continue
-                name = _join(module_name, buffer_name)
-                tensors[name] = TensorInfo(
-                    OriginKind.BUFFER, buffer.dtype, tuple(buffer.shape), str(buffer.device), buffer_name not in non_persistent
-                )
-            for attribute, value in vars(module).items():
-                name = _join(module_name, attribute)
-                if isinstance(value, torch.Tensor) and name not in tensors:
-                    tensors[name] = TensorInfo(OriginKind.ATTRIBUTE, value.dtype, tuple(value.shape), str(value.device))
-                elif isinstance(value, torch.dtype):
-                    dtype_attributes[name] = value
-        config = getattr(model, "config", None)
-        keep = getattr(model, "_keep_in_fp32_modules", None) or []
-        return cls(
-            class_name=type(model).__name__,
-            modules={name: type(module).__name__ for name, module in model.named_modules()},
-            tensors=tensors,
-            aliases=aliases,
-            keep_in_fp32_modules=sorted(keep),
-            model_type=config_value(config, "model_type"),
-            hidden_size=config_value(config, "hidden_size"),
-            head_dim=_head_dim(config),
-            dtype_attributes=dtype_attributes,
-        )
-
-
-def config_value(config: Any, name: str) -> Any:
-    """``getattr(config, name, None)`` that also survives transformers 5's per-layer configs, which raise
-    their own error (not an AttributeError) for a field that differs between layers."""
-    try:
-        return getattr(config, name, None)
-    except Exception:  # noqa: BLE001 - AmbiguousGlobalPerLayerAttributeError and kin
-        return None
-
-
-def _head_dim(config: Any) -> int | None:
-    head_dim = config_value(config, "head_dim")
-    if isinstance(head_dim, int):
-        return head_dim
-    hidden, heads = config_value(config, "hidden_size"), config_value(config, "num_attention_heads")
-    return hidden // heads if isinstance(hidden, int) and isinstance(heads, int) and heads else None
 
 
 class TensorRecord:
@@ -204,8 +115,42 @@ def _written_arguments(func: Any) -> tuple[tuple[int, str], ...]:
     )
 
 
-def _join(prefix: str, name: str) -> str:
-    return f"{prefix}.{name}" if prefix else name
+class ModuleTracker:
+    """The state-dict path of the innermost module running, kept by global forward pre/post hooks (the
+    shape of ``torch.utils.module_tracker``). ``on_module`` is called as each module starts (a progress
+    bar's update)."""
+
+    def __init__(self, model: torch.nn.Module, on_module: Callable[[], object] | None = None) -> None:
+        self._names = {id(module): name for name, module in model.named_modules()}
+        self._stack: list[str] = [""]
+        self._on_module = on_module
+        self._hooks: list[Any] = []
+
+    @property
+    def current(self) -> str:
+        return self._stack[-1]
+
+    def _push(self, module: torch.nn.Module, args: Any) -> None:
+        self._stack.append(self._names.get(id(module), type(module).__name__))
+        if self._on_module is not None:
+            self._on_module()
+
+    def _pop(self, module: torch.nn.Module, args: Any, output: Any) -> None:
+        if len(self._stack) > 1:
+            self._stack.pop()
+
+    def __enter__(self) -> ModuleTracker:
+        hooks = torch.nn.modules.module
+        self._hooks = [
+            hooks.register_module_forward_pre_hook(self._push),
+            hooks.register_module_forward_hook(self._pop, always_call=True),
+        ]
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
 
 
 class Tracer(TorchDispatchMode):
@@ -229,7 +174,6 @@ class Tracer(TorchDispatchMode):
     ) -> None:
         super().__init__()
         self.model = model
-        self.on_module = on_module  # called as each module starts (a progress bar's update)
         self.stats = stats
         self.max_ops = sys.maxsize if max_ops is None else max_ops
         self.ops_run = 0
@@ -242,11 +186,9 @@ class Tracer(TorchDispatchMode):
         # not kept alive (that would defeat the allocator's reuse): a weak reference guards their ids.
         self._keepalive: list[torch.Tensor] = []
         self._live: dict[int, tuple[int, weakref.ref]] = {}
-        self._module_names = {id(module): name for name, module in model.named_modules()}
-        self._module_stack: list[str] = [""]
-        self._hooks: list[Any] = []
+        self.modules = ModuleTracker(model, on_module)
         self._saved_modes: GlobalModes | None = None
-        self.attention = AttentionRecorder(lambda: (self._module_stack[-1], len(self.records)))
+        self.attention = AttentionRecorder(lambda: (self.modules.current, len(self.records)))
         self.autocast: str | None = None  # the autocast dtype the forward started under, if any
         self._function_mode: AbstractContextManager[Any] = nullcontext()
         # Storage of the real parameters, to catch writes through ``.data`` (which no version counter sees).
@@ -263,7 +205,7 @@ class Tracer(TorchDispatchMode):
         for module_name, module in self.model.named_modules():
             for attribute, value in vars(module).items():
                 if isinstance(value, torch.Tensor):
-                    self._add_origin(value, Origin(OriginKind.ATTRIBUTE, _join(module_name, attribute)))
+                    self._add_origin(value, Origin(OriginKind.ATTRIBUTE, qualified_name(module_name, attribute)))
 
     def _add_origin(self, tensor: torch.Tensor, origin: Origin) -> None:
         if id(tensor) not in self.origins:
@@ -271,24 +213,14 @@ class Tracer(TorchDispatchMode):
             self._keepalive.append(tensor)
 
     def add_inputs(self, args: tuple, kwargs: Mapping[str, Any], names: list[str]) -> None:
-        """Name the forward's tensor arguments so they appear as ``input`` leaves."""
-        for position, value in enumerate(args):
-            name = names[position] if position < len(names) else f"arg{position}"
-            for suffix, tensor in iter_tensors(value):
-                self._add_origin(tensor, Origin(OriginKind.INPUT, name + suffix))
-        for name, value in kwargs.items():
-            for suffix, tensor in iter_tensors(value):
-                self._add_origin(tensor, Origin(OriginKind.INPUT, name + suffix))
-
-    # Module tracker: the path of the innermost module running.
-    def _push_module(self, module: torch.nn.Module, args: Any) -> None:
-        self._module_stack.append(self._module_names.get(id(module), type(module).__name__))
-        if self.on_module is not None:
-            self.on_module()
-
-    def _pop_module(self, module: torch.nn.Module, args: Any, output: Any) -> None:
-        if len(self._module_stack) > 1:
-            self._module_stack.pop()
+        """Name the forward's tensor arguments, however deeply nested (``past_key_values[0][1]``), so they
+        appear as ``input`` leaves."""
+        named = {names[position] if position < len(names) else f"arg{position}": value
+                 for position, value in enumerate(args)} | dict(kwargs)
+        for name, value in named.items():
+            for path, leaf in tree_flatten_with_path(value)[0]:
+                if isinstance(leaf, torch.Tensor):
+                    self._add_origin(leaf, Origin(OriginKind.INPUT, name + keystr(path)))
 
     def _index(self, tensor: torch.Tensor) -> int:
         """The index of the tensor record this object currently stands for, creating a leaf if new."""
@@ -326,7 +258,7 @@ class Tracer(TorchDispatchMode):
             inputs += [(name + suffix, self._index(tensor)) for suffix, tensor in iter_tensors(value)]
         if func.overloadpacket in _ATTENTION:
             self.attention.dispatched(args, kwargs)
-        record = OpRecord(func, self._module_stack[-1], inputs)
+        record = OpRecord(func, self.modules.current, inputs)
         self.records.append(record)
         outputs = func(*args, **kwargs)
         # Views and data movement create no new values: their inputs were measured where they were made.
@@ -353,11 +285,7 @@ class Tracer(TorchDispatchMode):
     def __enter__(self) -> Tracer:
         self._saved_modes = GlobalModes.capture()
         self.autocast = autocast_dtype("cuda") or autocast_dtype("cpu")
-        hooks = torch.nn.modules.module
-        self._hooks = [
-            hooks.register_module_forward_pre_hook(self._push_module),
-            hooks.register_module_forward_hook(self._pop_module, always_call=True),
-        ]
+        self.modules.__enter__()
         self._function_mode = self.attention.function_mode()
         self._function_mode.__enter__()
         return super().__enter__()
@@ -367,17 +295,9 @@ class Tracer(TorchDispatchMode):
             super().__exit__(exc_type, exc, traceback)
         finally:
             self._function_mode.__exit__(exc_type, exc, traceback)
-            for handle in self._hooks:
-                handle.remove()
-            self._hooks = []
+            self.modules.__exit__(exc_type, exc, traceback)
             if self._saved_modes is not None:
                 self._saved_modes.restore()
-
-    def graph(self, error: BaseException | None = None) -> DtypeGraph:
-        """The dtype graph of what was recorded (``error``: what the forward raised, if it did)."""
-        from dtypelint.graph import DtypeGraph
-
-        return DtypeGraph.from_trace(TraceResult(self, error))
 
     def release(self) -> None:
         """Drop the references the trace holds to the model's tensors (call once the graph is built)."""

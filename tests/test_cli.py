@@ -82,9 +82,20 @@ def test_bad_input_is_one_line_and_exit_2(arguments, message, tiny_llama_path, t
     assert message in err and err.count("\n") == 1 and "Traceback" not in err
 
 
-def test_rules_and_explain(capsys):
+def test_rules_and_explain(capsys, tmp_path, monkeypatch):
     assert main(["rules"]) == 0
     assert "DT101" in capsys.readouterr().out
+    assert main(["rules", "--backend", "hf-eager"]) == 0
+    listed = capsys.readouterr().out
+    assert "DT105" in listed and "IPX101" not in listed
+    assert main(["rules", "--backend", "ipex-llm-xpu", "--format", "markdown"]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| IPX101 |"))
+    assert row.split(" | ")[1:6] == ["rotary-inv-freq-dtype", "ipex-llm-xpu", "error", "sometimes", "yes"]
+    (tmp_path / "pyproject.toml").write_text('[tool.dtypelint]\nignore = ["DT106"]\n')
+    monkeypatch.chdir(tmp_path)
+    assert main(["rules", "--format", "markdown"]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| DT106 |"))
+    assert row.split(" | ")[5] == "no"  # the project's selection says which rules run
     assert main(["explain", "mixed-input"]) == 0
     text = capsys.readouterr().out
     for section in ("## What it does", "## Why is this bad?", "## Example", "## Fix safety"):
@@ -115,7 +126,16 @@ def test_graph_static_and_json_outputs(tmp_path, tiny_llama_path, capsys):
     assert main(["check", str(mixed), "--static"]) == 0
     assert main(["check", str(mixed), "--static", "--fail-on", "warning"]) == 1
     out = capsys.readouterr().out
-    assert "model.norm.weight is stored as float16, config.json declares bfloat16" in out
+    assert "model.norm holds weight float16 in a bfloat16 model" in out
+    assert "note: stored dtypes: 21 float16" in out and "LlamaForCausalLM [static, bfloat16" in out
+    # --dtype is the deployment dtype: it beats the config's, both ways
+    assert main(["check", str(mixed), "--static", "--fail-on", "warning", "--dtype", "float16"]) == 0
+    assert main(["check", str(tiny_llama_path), "--static", "--fail-on", "warning", "--dtype", "bf16"]) == 1
+    capsys.readouterr()
+    assert main(["check", str(tiny_llama_path), "--static", "--format", "json", "--dtype", "bf16"]) == 0
+    data = json.loads(capsys.readouterr().out)  # --static renders through the same formats as a check
+    assert data["mode"] == "static" and data["summary"]["warning"] == 21
+    assert {f["code"] for f in data["findings"]} == {"DT105"}
 
 
 @pytest.mark.parametrize("format", ["sarif", "github", "markdown", "json"])

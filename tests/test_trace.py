@@ -180,7 +180,7 @@ def test_tracer_context_manager_removes_its_hooks_when_the_forward_raises(stray_
         stray_fp32_layer(torch.randn(2, 16, dtype=torch.float16))
     assert not torch.nn.modules.module._global_forward_hooks
     assert not torch.nn.modules.module._global_forward_pre_hooks
-    graph = tracer.graph()
+    graph = dtypelint.DtypeGraph.from_tracer(tracer)
     assert graph.nodes[graph.failed_op()]["module"] == "head"
 
 
@@ -213,3 +213,22 @@ def test_tracer_reports_each_module_call_for_progress(stray_fp32_layer):
     with Tracer(stray_fp32_layer, on_module=lambda: calls.append(1)):
         stray_fp32_layer.body(torch.randn(2, 16, dtype=torch.float16))
     assert len(calls) == 4  # the Sequential and its three children
+
+
+class NestedInputs(nn.Module):
+    """A forward whose tensors arrive nested two levels deep, as a key/value cache does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(4, 4).half()
+
+    def forward(self, cache: dict) -> torch.Tensor:
+        return self.proj(cache["layers"][0][1].half()) + cache["layers"][1][0]
+
+
+@pytest.mark.parametrize("mode", ["value", "meta"])
+def test_nested_inputs_keep_their_input_origin_and_name(mode):
+    cache = {"layers": [(torch.randn(2, 4), torch.randn(2, 4)), (torch.randn(2, 4, dtype=torch.float16), None)]}
+    graph = dtypelint.trace(NestedInputs(), (cache,), mode=mode)
+    inputs = {graph.tensor(node)["name"] for node in graph.tensors() if graph.tensor(node)["origin"] == "input"}
+    assert inputs == {"cache['layers'][0][1]", "cache['layers'][1][0]"}

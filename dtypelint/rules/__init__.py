@@ -7,33 +7,37 @@ selection (``select`` / ``ignore`` / ``extend-select``, per-location ignores, se
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 from dataclasses import dataclass, field, replace
 from fnmatch import fnmatchcase
 
 from dtypelint.errors import UsageError
 from dtypelint.report import SEVERITIES, Finding
 from dtypelint.rules.base import Rule, RuleContext
-from dtypelint.rules.forward_error import ForwardError
 from dtypelint.rules.kernel_contract import ContractRule
-from dtypelint.rules.low_precision_op import LowPrecisionOp
-from dtypelint.rules.mixed_input import MixedInput
-from dtypelint.rules.nonfinite import Nonfinite
-from dtypelint.rules.overflow_risk import OverflowRisk
 from dtypelint.rules.packs import BackendPack, available_packs, load_pack
-from dtypelint.rules.param_dtype import ParamDtype
-from dtypelint.rules.promotion import Promotion
-from dtypelint.rules.trace_limit import TraceLimit
 
-GENERIC_RULES: tuple[Rule, ...] = (
-    ForwardError(),
-    TraceLimit(),
-    MixedInput(),
-    Promotion(),
-    Nonfinite(),
-    OverflowRisk(),
-    ParamDtype(),
-    LowPrecisionOp(),
-)
+# Modules of this package that hold the engine's parts, not rules.
+_NOT_RULES = frozenset({"base", "kernel_contract", "packs", "sites"})
+
+
+def _discover() -> tuple[Rule, ...]:
+    """One instance of every rule class the package's rule modules define, in code order: adding a
+    generic rule is adding one module."""
+    rules = []
+    for module_info in pkgutil.iter_modules(__path__):
+        if module_info.name in _NOT_RULES:
+            continue
+        module = importlib.import_module(f"{__name__}.{module_info.name}")
+        rules += [
+            value() for value in vars(module).values()
+            if isinstance(value, type) and issubclass(value, Rule) and value.__module__ == module.__name__
+        ]
+    return tuple(sorted(rules, key=lambda rule: rule.code))
+
+
+GENERIC_RULES = _discover()
 
 
 # Every finding category and what it means, from the rules themselves.

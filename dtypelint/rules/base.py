@@ -14,12 +14,14 @@ import torch
 
 from dtypelint.errors import UsageError
 from dtypelint.report import Finding, Fix
+from dtypelint.trace import needs_values
+from dtypelint.vocabulary import OpKind
 
 if TYPE_CHECKING:
     from dtypelint.graph import DtypeGraph
+    from dtypelint.model_info import ModelInfo
     from dtypelint.rules.packs import BackendPack
     from dtypelint.rules.sites import ModelSites
-    from dtypelint.trace import ModelInfo
 
 
 @dataclass
@@ -62,6 +64,17 @@ class RuleContext:
     options: Options = field(default_factory=Options)
 
     @cached_property
+    def stopped_at_trace_limit(self) -> bool:
+        """True when the forward stopped at a limit of meta mode rather than a defect of the model: fake
+        tensors refusing a data-dependent or unsupported op, or a meta function narrower than the kernel
+        (DT002 reports it; DT001 leaves it alone)."""
+        if needs_values(self.error):
+            return True
+        failed = self.graph.failed_op()
+        meta = self.graph.graph["mode"] == "meta"
+        return meta and failed is not None and self.graph.op_is(failed, OpKind.NARROWER_IN_META)
+
+    @cached_property
     def sites(self) -> ModelSites:
         from dtypelint.rules.sites import ModelSites
 
@@ -79,6 +92,7 @@ class Rule:
     fix_availability: ClassVar[str] = "never"  # never | sometimes | always
     uses_value_statistics: ClassVar[bool] = False  # runs only on graphs with value statistics
     pack: str | None = None  # the backend pack a contract rule comes from
+    judges_model_only: ClassVar[bool] = False  # needs the model's tensors, not the trace (runs in static mode)
 
     def __init_subclass__(cls, **kwargs: object) -> None:
         super().__init_subclass__(**kwargs)
@@ -91,8 +105,13 @@ class Rule:
 
     @property
     def summary(self) -> str:
-        match = re.search(r"## What it does\s*\n(.+?)(?:\n\n|\Z)", self.docs, re.S)
-        return " ".join(match.group(1).split()) if match else self.name
+        """The first paragraph of "What it does", on one line."""
+        return " ".join(self.section("What it does").split("\n\n")[0].split()) or self.name
+
+    def section(self, title: str) -> str:
+        """The text of one ``## title`` section of the docs (empty when there is none)."""
+        match = re.search(rf"^## {re.escape(title)}[ \t]*\n(.*?)(?=^## |\Z)", self.docs, re.S | re.M)
+        return match.group(1).strip() if match else ""
 
     def check(self, context: RuleContext) -> Iterable[Finding]:
         raise NotImplementedError

@@ -7,7 +7,6 @@ from collections.abc import Iterator
 from dtypelint.errors import first_line
 from dtypelint.report import Finding
 from dtypelint.rules.base import Rule, RuleContext
-from dtypelint.rules.trace_limit import is_trace_limit
 
 
 class ForwardError(Rule):
@@ -36,7 +35,7 @@ class ForwardError(Rule):
 
     def check(self, context: RuleContext) -> Iterator[Finding]:
         error = context.error
-        if error is None or is_trace_limit(context):
+        if error is None or context.stopped_at_trace_limit:
             return
         graph = context.graph
         failed = graph.failed_op()

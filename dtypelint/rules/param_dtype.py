@@ -38,6 +38,7 @@ class ParamDtype(Rule):
     name = "param-dtype"
     severity = "warning"
     fix_availability = "always"
+    judges_model_only = True
 
     def check(self, context: RuleContext) -> Iterator[Finding]:
         model, compute = context.model, dtype_name(context.compute_dtype)

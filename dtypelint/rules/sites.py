@@ -35,7 +35,7 @@ from functools import cached_property
 from dtypelint.attention import AttentionCall
 from dtypelint.dtypes import dtype_name
 from dtypelint.graph import DtypeGraph
-from dtypelint.trace import ModelInfo
+from dtypelint.model_info import ModelInfo
 from dtypelint.vocabulary import STREAM_ORIGINS, WEIGHT_ORIGINS, OpKind, OriginKind
 
 SELECTORS = ("input", "raw-input", "owner-input", "outputs", "consumer-input", "mask", "sdpa-inputs")

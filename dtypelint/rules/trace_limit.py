@@ -7,18 +7,6 @@ from collections.abc import Iterator
 from dtypelint.errors import first_line
 from dtypelint.report import Finding
 from dtypelint.rules.base import Rule, RuleContext
-from dtypelint.trace import needs_values
-from dtypelint.vocabulary import OpKind
-
-
-def is_trace_limit(context: RuleContext) -> bool:
-    """True when the forward stopped at a limit of meta mode rather than a defect of the model: fake
-    tensors refusing a data-dependent or unsupported op, or a meta function narrower than the kernel."""
-    if needs_values(context.error):
-        return True
-    failed = context.graph.failed_op()
-    meta = context.graph.graph["mode"] == "meta"
-    return meta and failed is not None and context.graph.op_is(failed, OpKind.NARROWER_IN_META)
 
 
 class TraceLimit(Rule):
@@ -49,7 +37,7 @@ class TraceLimit(Rule):
 
     def check(self, context: RuleContext) -> Iterator[Finding]:
         yield from self._op_cap(context)
-        if context.error is None or not is_trace_limit(context):
+        if context.error is None or not context.stopped_at_trace_limit:
             return
         graph = context.graph
         failed = graph.failed_op()

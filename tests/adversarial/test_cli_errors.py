@@ -155,8 +155,8 @@ ROWS = [
     ("bad-fail-on", ["check", "{tiny}", "--fail-on", "fatal"], "argument --fail-on: invalid choice: 'fatal'"),
     ("seq-len-not-a-number", ["check", "{tiny}", "--seq-len", "abc"], "must be a positive integer, not 'abc'"),
     ("unknown-option", ["check", "{tiny}", "--frobnicate"], "unrecognized arguments: --frobnicate; see"),
-    ("unknown-command", ["lint"], "argument command: invalid choice: 'lint'"),
-    ("no-command", [], "the following arguments are required: command"),
+    ("unknown-command", ["lint"], "argument COMMAND: invalid choice: 'lint'"),
+    ("no-command", [], "the following arguments are required: COMMAND"),
 ]
 
 

@@ -1,0 +1,77 @@
+"""What a new user meets first: a fast command line that answers in one line, and output that says what
+to do next."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DTYPELINT = Path(sys.executable).parent / "dtypelint"
+
+
+def run_command(*arguments: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([str(DTYPELINT), *arguments], cwd=cwd, capture_output=True, text=True, env=env, timeout=120)
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["check"], "check needs a PATH"),
+        (["check", "/no/such/dir"], "does not exist"),
+        (["check", "examples/tiny-llama", "--dtype", "fp17"], "unknown dtype 'fp17'"),
+        (["check", "examples/tiny-llama", "--backend", "cudaa"], "unknown backend 'cudaa'"),
+        (["check", "examples/tiny-llama", "--format", "yaml"], "invalid choice: 'yaml'"),
+        (["check", "examples/tiny-llama", "--graph", "out.png"], "cannot write a graph as '.png'"),
+        (["check", "examples/tiny-llama", "--fix", "--save-fixed", "examples/tiny-llama"], "over its source"),
+    ],
+)
+def test_usage_errors_answer_before_importing_torch(arguments, message):
+    probe = textwrap.dedent(f"""
+        import sys
+        from dtypelint.cli import main
+        code = main({arguments!r})
+        print(code, "torch" in sys.modules, "transformers" in sys.modules)
+    """)
+    result = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.stdout.split() == ["2", "False", "False"], result.stderr
+    assert message in result.stderr and result.stderr.count("\n") == 1
+
+
+def test_version_and_help_start_with_what_it_is():
+    version = run_command("--version")
+    assert version.returncode == 0 and version.stdout.startswith("dtypelint 0.")
+    help_text = run_command("--help").stdout
+    assert help_text.split("\n\n")[1].startswith("Find dtype conflicts in a PyTorch model")
+    check_help = " ".join(run_command("check", "--help").stdout.split())
+    assert "ipex-llm-xpu; default: hf-eager" in check_help and "``" not in check_help
+
+
+def test_every_option_of_every_command_has_help_text():
+    from dtypelint.cli import _parser
+
+    parser = _parser()
+    commands = next(action for action in parser._actions if action.dest == "command").choices
+    for name, command in [("dtypelint", parser), *commands.items()]:
+        silent = [action.option_strings or action.dest for action in command._actions if not action.help]
+        assert silent == [], f"{name}: {silent}"
+
+
+def test_entry_imports_from_the_current_directory_as_python_m_does(tmp_path):
+    (tmp_path / "my_model.py").write_text(textwrap.dedent("""
+        import torch
+        from torch import nn
+
+        def build():
+            torch.manual_seed(0)
+            return nn.Sequential(nn.Linear(8, 8).half(), nn.Linear(8, 4)), torch.randn(2, 8, dtype=torch.float16)
+    """))
+    result = run_command("check", "--entry", "my_model:build", "-q", cwd=tmp_path)
+    assert result.returncode == 1 and "DT101" in result.stdout, result.stderr
+    assert str(tmp_path) not in sys.path
