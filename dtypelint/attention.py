@@ -82,6 +82,14 @@ def autocast_dtype(device: str) -> str | None:
     return dtype_name(torch.get_autocast_dtype(device)) if enabled else None
 
 
+def _enabled_backends() -> tuple[str, ...]:
+    return tuple(name for name, enabled in _BACKEND_SWITCHES.items() if enabled())
+
+
+def _forced() -> bool:
+    return len(_enabled_backends()) < len(_BACKEND_SWITCHES)
+
+
 class AttentionRecorder:
     """Appends an ``AttentionCall`` for each attention call of the traced forward.
 
@@ -89,13 +97,14 @@ class AttentionRecorder:
     the kernel gets after autocast, and without a ``TorchFunctionMode``, whose mere presence changes code
     paths (``has_torch_function`` turns off ``nn.TransformerEncoderLayer``'s fast path). In a flash
     deployment the calls are recorded one level up instead (``function_mode``): flash-attn is not
-    autocast-aware, so what matters is what the code hands over.
+    autocast-aware, so what matters is what the code hands over. So they are when ``sdpa_kernel`` forces
+    backends the CPU build lacks (efficient, cuDNN): the CPU call then raises before any aten op.
     """
 
     def __init__(self, where: Callable[[], tuple[str, int]]) -> None:
         self.where = where  # (module path, ops recorded so far), from the Tracer
         self.calls: list[AttentionCall] = []
-        self.at_function_level = _implementation.get() != SDPA
+        self.at_function_level = _implementation.get() != SDPA or _forced()
 
     def function_mode(self) -> TorchFunctionMode | contextlib.AbstractContextManager[None]:
         """The mode to enter around the forward: records ``F.scaled_dot_product_attention`` calls in a flash
@@ -121,7 +130,7 @@ class AttentionRecorder:
             value=dtype_name(value.dtype),
             mask=_dtype(mask),
             head_dim=query.shape[-1],
-            enabled_backends=tuple(name for name, enabled in _BACKEND_SWITCHES.items() if enabled()),
+            enabled_backends=_enabled_backends(),
             autocast=autocast,
         ))
 
