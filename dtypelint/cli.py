@@ -267,6 +267,11 @@ def _fix(options: argparse.Namespace, model: Any, report: Report, settings: Sett
             print(f"dtypelint: {warning.message}", file=sys.stderr)
     elif options.save_fixed:
         result.not_saved = options.save_fixed
+    if options.entry and result.changed:
+        casts = ", ".join(f"{change.tensor} -> {change.to_dtype}" for change in result.changed)
+        result.remarks.append(f"applied in memory only: {options.entry} builds the model anew each run, so make the "
+                              f"same casts where it does ({casts}), or write them with --write-plan and call "
+                              f"dtypelint.apply_plan(model, FILE) after building")
     return _print(options, result.after if result.changed else report, settings.fail_on, fixed=result)
 
 

@@ -79,6 +79,7 @@ class FixResult:
     rope_error: dict[str, float] = field(default_factory=dict)
     unread: list[str] = field(default_factory=list)  # cast tensors the audited forward never read
     saved: Path | None = None  # where the fixed model was saved, by whoever saved it
+    remarks: list[str] = field(default_factory=list)  # what the caller adds (the command line: --entry advice)
     not_saved: str | None = None  # a save that was asked for while nothing was fixed
 
     @property
@@ -112,14 +113,14 @@ class FixResult:
     def notes(self) -> list[str]:
         """Why a measured output change of 0 is not the whole story."""
         if not self.unread or not self.applied:
-            return []
+            return list(self.remarks)
         shown = ", ".join(self.unread[:2]) + (f" and {len(self.unread) - 2} more" if len(self.unread) > 2 else "")
         note = (f"the audited forward never read {shown} (it computes from values cached at load, as RoPE's "
                 f"cos/sin in transformers 4.x), so its output cannot show the cast; a kernel that reads the "
                 f"tensor directly computes with the cast value")
         if any(name in self.rope_error for name in self.unread):
             note += ": the cos/sin max error above is what it will see"
-        return [note]
+        return [note, *self.remarks]
 
     def render(self) -> str:
         lines = [self.table()] if self.plan.changes else []

@@ -7,7 +7,13 @@ or config file: SARIF and the GitHub annotations name it as the artifact the fin
 Formats
 -------
 ``text``
-    The table of ``Report.render()``.
+    The findings table when it fits the terminal (``COLUMNS``), else ``concise``; then what to do next
+    (how many findings ``--fix`` / ``--fix --unsafe-fixes`` would fix, ``dtypelint explain``), the notes
+    and the summary line.
+``concise``
+    One line per finding: ``location: severity CODE message [fix]``.
+``full``
+    Always the table; module and tensor names are never cut, long messages wrap.
 ``json``
     ``Report.to_dict()``, indented::
 
@@ -50,19 +56,25 @@ Formats
 ``markdown``
     For a pull-request comment: a heading with the summary line, a table of the findings, the notes, and
     a Mermaid drawing of the dtype graph around each op where an error was found.
+``html``
+    One self-contained page (``dtypelint.html``): the summary, findings and notes, and for each error a
+    Mermaid drawing of the path from its root cause to the op, dtypes on the edges. Opens offline.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
+from dtypelint.drawing import MAX_DRAWINGS, ROOT_LOCATION, error_sites
 from dtypelint.errors import UsageError
+from dtypelint.html import render_html
 from dtypelint.report import Finding, Report
 
 if TYPE_CHECKING:
@@ -74,11 +86,10 @@ SARIF_VERSION = "2.1.0"
 SARIF_SCHEMA_URI = "https://docs.oasis-open.org/sarif/sarif/v2.1.0/errata01/os/schemas/sarif-schema-2.1.0.json"
 SARIF_LEVELS = {"error": "error", "warning": "warning", "info": "note"}
 GITHUB_COMMANDS = {"error": "error", "warning": "warning", "info": "notice"}
-ROOT_LOCATION = "<model>"  # how the model itself (location "") is shown, as in the text table
 
 # Markdown drawings: at most this many nodes each, and this many drawings per comment.
 MERMAID_MAX_NODES = 40
-MERMAID_MAX_DRAWINGS = 10
+MERMAID_MAX_DRAWINGS = MAX_DRAWINGS
 
 
 @dataclass(frozen=True)
@@ -110,9 +121,83 @@ Renderer = Callable[[Report, FormatContext], str]
 
 
 def render_text(report: Report, context: FormatContext) -> str:
-    if context.fix is None:
-        return report.render()
-    return "\n".join([(context.fix.before or report).render(), context.fix.render()])
+    """The table when it fits the terminal (``COLUMNS``), else one line per finding: names are never cut."""
+    table = _fitted_table(report, _terminal_width())
+    return _text(report, context, table if table is not None else _concise_lines(report))
+
+
+def render_full(report: Report, context: FormatContext) -> str:
+    table = _fitted_table(report, _terminal_width())
+    return _text(report, context, table if table is not None else report.table(message_width=MIN_MESSAGE_WIDTH))
+
+
+def render_concise(report: Report, context: FormatContext) -> str:
+    return _text(report, context, _concise_lines(report))
+
+
+# The narrowest a wrapped message column may get before one line per finding reads better.
+MIN_MESSAGE_WIDTH = 30
+
+
+def _terminal_width() -> int:
+    import shutil
+
+    return shutil.get_terminal_size(fallback=(120, 24)).columns
+
+
+def _fitted_table(report: Report, width: int) -> str | None:
+    """The table with its message column wrapped to fit ``width``, or None when even a narrow message
+    column leaves no room (long module and tensor names)."""
+    if not report.findings:
+        return ""
+    narrow = report.table(message_width=MIN_MESSAGE_WIDTH)
+    spare = width - max(map(len, narrow.splitlines()))
+    if spare < 0:
+        return None
+    return report.table(message_width=MIN_MESSAGE_WIDTH + spare)
+
+
+def _concise_lines(report: Report) -> str:
+    """``location: severity CODE message [fix]``, one finding a line."""
+    return "\n".join(
+        f"{finding.location or ROOT_LOCATION}: {finding.severity} {finding.code} {finding.message} "
+        f"[{finding.fix.short() if finding.fix else 'no automatic fix'}]"
+        for finding in report.ordered()
+    )
+
+
+def _text(report: Report, context: FormatContext, findings: str) -> str:
+    """The findings, then what to do next (ruff's closing lines), the notes and the summary line; after a
+    fix, the fix's own table and outcome."""
+    if context.fix is not None:
+        before = context.fix.before or report
+        return "\n".join(part for part in (findings, *_notes(before), before.summary_line(), context.fix.render()) if part)
+    return "\n".join(part for part in (findings, *_notes(report), *_next_steps(report), report.summary_line()) if part)
+
+
+def _notes(report: Report) -> list[str]:
+    return [f"note: {note}" for note in report.notes]
+
+
+def _next_steps(report: Report) -> list[str]:
+    if not report.findings:
+        return []
+    safe = [finding for finding in report.findings if finding.fix and finding.fix.safety == "safe"]
+    unsafe = [finding for finding in report.findings if finding.fix and finding.fix.safety == "unsafe"]
+    steps = []
+    if safe:
+        steps.append(f"{_count(safe)} fixable with `--fix`")
+    if unsafe:
+        steps.append(f"{_count(unsafe)} fixable with `--fix --unsafe-fixes` (it may cost precision; "
+                     f"`--diff` lists the casts first)")
+    example = next((finding for finding in report.ordered() if finding.fix), report.ordered()[0])
+    steps.append(f"`dtypelint explain {example.code}` explains a rule and how to fix it by hand")
+    return steps
+
+
+def _count(findings: list[Finding]) -> str:
+    by_severity = Counter(finding.severity for finding in findings)
+    return ", ".join(f"{count} {severity}{'s' if count != 1 else ''}" for severity, count in by_severity.items())
 
 
 def render_json(report: Report, context: FormatContext) -> str:
@@ -337,7 +422,7 @@ def render_markdown(report: Report, context: FormatContext) -> str:
     if report.notes:
         lines += ["", *(f"- note: {_md_text(note)}" for note in report.notes)]
 
-    drawings = _error_sites(report)
+    drawings = error_sites(report)
     for number, (node, findings) in enumerate(drawings.items()):
         if number == MERMAID_MAX_DRAWINGS:
             lines += ["", f"_{len(drawings) - number} more error sites not drawn._"]
@@ -384,15 +469,6 @@ def error_drawing_nodes(
             break
         nodes.add(neighbour)
     return nodes, True
-
-
-def _error_sites(report: Report) -> dict[str, list[Finding]]:
-    """The errors that name a graph node, grouped by node in report order."""
-    sites: dict[str, list[Finding]] = {}
-    for finding in report.errors:
-        if finding.node is not None and finding.node in report.graph:
-            sites.setdefault(finding.node, []).append(finding)
-    return sites
 
 
 def _node_key(node: str) -> tuple[str, int, str]:
@@ -443,10 +519,13 @@ def render_rules(rules: Iterable[Rule], format: str = "text", enabled: Callable[
 
 FORMATS: dict[str, Renderer] = {
     "text": render_text,
+    "concise": render_concise,
+    "full": render_full,
     "json": render_json,
     "sarif": render_sarif,
     "github": render_github,
     "markdown": render_markdown,
+    "html": render_html,
 }
 
 

@@ -9,14 +9,15 @@ Op node attributes: ``kind="op"``, ``index``, ``target`` (``aten.mm.default``), 
 ``module`` (state-dict path of the module that ran it, ``""`` for the root), ``inplace``, ``failed``.
 Tensor node attributes: ``kind="tensor"``, ``dtype`` (``"float16"``), ``shape`` (tuple), ``device``,
 ``origin`` (``parameter`` | ``buffer`` | ``attribute`` | ``input`` | ``constant`` | ``op``), ``name``
-(qualified name of a leaf), and in value mode with statistics ``min``/``max``.
+(qualified name of a leaf), and in value mode with statistics ``min``/``max``. Exports add ``label``
+(``DtypeGraph.label``: the tensor's name or producer, dtype and shape) and draw edges with their dtype.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, TypedDict
 
@@ -218,38 +219,66 @@ class DtypeGraph(nx.DiGraph):
         """The subgraph within ``radius`` edges of ``node``, in either direction."""
         return self.subgraph(nx.ego_graph(self, node, radius=radius, undirected=True)).copy()
 
-    def label(self, node: str) -> str:
+    def label(self, node: str, width: int | None = None) -> str:
+        """``aten.addmm @ head`` for an op; for a tensor its name and type: a leaf's qualified name
+        (``model.rotary_emb.inv_freq float32[16]``), a view's source (``head.weight (view) float32[16, 4]``),
+        else its producer (``from aten.mm float16[2, 4]``). ``width``: drawings middle-ellipsize the name to
+        about that many characters, keeping both ends (the model's prefix and the tensor's own name)."""
         data = self.nodes[node]
         if data["kind"] == "op":
-            where = f" @ {data['module']}" if data["module"] else ""
+            where = f" @ {ellipsize(data['module'], width)}" if data["module"] else ""
             return f"{data['name']}{where}"
-        name = data["name"] if data["origin"] in LEAF_ORIGINS and data["name"] else data["origin"]
-        return f"{name} {data['dtype']}{list(data['shape'])}"
+        return f"{ellipsize(self._tensor_name(node), width)} {data['dtype']}{list(data['shape'])}"
+
+    def _tensor_name(self, tensor: str) -> str:
+        data = self.tensor(tensor)
+        if data["origin"] in LEAF_ORIGINS and data["name"]:
+            return data["name"]
+        source = self.tensor(self.source(tensor))
+        if source["origin"] in LEAF_ORIGINS and source["name"]:
+            return f"{source['name']} (view)"
+        producer = self.producer(tensor)
+        return f"from {self.op(producer)['name']}" if producer else str(data["origin"])
+
+    def flow_label(self, source: str, target: str) -> str:
+        """What flows along an edge: the dtype of its tensor end."""
+        tensor = source if self.nodes[source]["kind"] == "tensor" else target
+        return self.tensor(tensor)["dtype"]
 
     # Export --------------------------------------------------------------------------------------------
 
     def to_node_link(self) -> dict[str, Any]:
         return nx.node_link_data(_export_ready(self), edges="edges")
 
-    def to_mermaid(self, nodes: Iterable[str] | None = None) -> str:
-        """A Mermaid flowchart of the given nodes (all when None): ops are boxes, tensors rounded."""
+    def to_mermaid(self, nodes: Iterable[str] | None = None, *, classes: Mapping[str, str] | None = None) -> str:
+        """A Mermaid flowchart of the given nodes (all when None): ops are boxes, tensors rounded, edges
+        labelled with the dtype that flows. ``classes`` maps nodes to a class of ``MERMAID_CLASSES``
+        (``conflict``, ``culprit``) that highlights them; the op where the forward raised is outlined."""
         chosen = self if nodes is None else self.subgraph(nodes)
+        classes = classes or {}
         lines = ["flowchart TD"]
-        for node, data in chosen.nodes(data=True):
-            text = self.label(node).replace('"', "'")
+        lines += [f"    classDef {name} {style}" for name, style in MERMAID_CLASSES.items()
+                  if name in classes.values()]
+        for node in sorted(chosen, key=_node_order):  # a subgraph's order is a set's: sorted, drawings stay put
+            data = chosen.nodes[node]
+            text = mermaid_text(self.label(node, DRAWING_NAME_WIDTH))
             shape = f'["{text}"]' if data["kind"] == "op" else f'("{text}")'
-            lines.append(f"    {node}{shape}")
+            style = f":::{classes[node]}" if node in classes else ""
+            lines.append(f"    {node}{shape}{style}")
             if data.get("failed"):
                 lines.append(f"    style {node} stroke:#d00,stroke-width:3px")
-        lines += [f"    {source} --> {target}" for source, target in chosen.edges]
+        lines += [f'    {source} -->|"{mermaid_text(self.flow_label(source, target))}"| {target}'
+                  for source, target in sorted(chosen.edges, key=lambda edge: tuple(map(_node_order, edge)))]
         return "\n".join(lines) + "\n"
 
     def to_dot(self) -> str:
         lines = ["digraph dtypes {", "  rankdir=TB;"]
         for node, data in self.nodes(data=True):
             shape = "box" if data["kind"] == "op" else "ellipse"
-            lines.append(f"  {node} [shape={shape}, label={json.dumps(self.label(node))}];")
-        lines += [f"  {source} -> {target};" for source, target in self.edges]
+            label = json.dumps(self.label(node, DRAWING_NAME_WIDTH), ensure_ascii=False)
+            lines.append(f"  {node} [shape={shape}, label={label}];")
+        lines += [f"  {source} -> {target} [label={json.dumps(self.flow_label(source, target))}];"
+                  for source, target in self.edges]
         lines.append("}")
         return "\n".join(lines) + "\n"
 
@@ -268,6 +297,30 @@ class DtypeGraph(nx.DiGraph):
         else:
             raise unsupported_graph_suffix(suffix)
         return path
+
+
+# Drawings keep names to about this many characters (tables and the JSON/GraphML ``label`` keep them whole).
+DRAWING_NAME_WIDTH = 60
+MERMAID_CLASSES = {
+    "conflict": "fill:#fde2e1,stroke:#c62828,stroke-width:3px",  # the op that fails or gets mixed dtypes
+    "culprit": "fill:#fff3cd,stroke:#e65100,stroke-width:3px",  # the odd-dtype operand and where it comes from
+}
+# Mermaid reads ``#code;`` as that character. Inside a quoted label only these need it: ``"`` ends the
+# label, ``#`` starts a code, ``&<>`` would be markup in HTML labels, a leading backtick a Markdown string.
+_MERMAID_ESCAPES = {ord(char): f"#{ord(char)};" for char in '"#&<>`'}
+
+
+def mermaid_text(text: str) -> str:
+    """``text`` safe inside a quoted Mermaid label: one line, quotes, codes and markup encoded."""
+    return " ".join(text.split()).translate(_MERMAID_ESCAPES)
+
+
+def ellipsize(text: str, width: int | None) -> str:
+    """``text`` cut in the middle to ``width`` characters (None: whole)."""
+    if width is None or len(text) <= width:
+        return text
+    head = (width - 1) // 2
+    return f"{text[:head]}…{text[len(text) - (width - 1 - head):]}"
 
 
 def finite(bounds: tuple[float, float] | None) -> bool:
@@ -304,8 +357,8 @@ def _export_ready(graph: DtypeGraph) -> nx.DiGraph:
     plain.graph.update({key: value for key, value in graph.graph.items()
                         if value is not None and key not in _NOT_EXPORTED})
     for node, data in graph.nodes(data=True):
-        plain.add_node(node, **{key: _scalar(value) for key, value in data.items()
-                                if value is not None and key not in _NOT_EXPORTED})
+        plain.add_node(node, label=graph.label(node), **{key: _scalar(value) for key, value in data.items()
+                                                         if value is not None and key not in _NOT_EXPORTED})
     for source, target, data in graph.edges(data=True):
         plain.add_edge(source, target, **{key: _scalar(value) for key, value in data.items()})
     return plain

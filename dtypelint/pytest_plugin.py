@@ -110,13 +110,13 @@ class DtypelintFixture:
         """Audit one forward of ``model`` on ``inputs``; the report lists the findings, never raises for
         them (a forward that raises is finding DT001)."""
         __tracebackhide__ = True
-        return self._audit(model, inputs, options)[0]
+        return self._audit(model, inputs, options, asserted=False)[0]
 
     def assert_clean(self, model: Any, inputs: Any, **options: Any) -> Report:
         """Audit like ``audit`` and fail the test, with the findings table, when any finding is at or
         above the fail level (``fail_on``, default ``error``). Returns the report when it passes."""
         __tracebackhide__ = True
-        report, fail_on = self._audit(model, inputs, options)
+        report, fail_on = self._audit(model, inputs, options, asserted=True)
         failing = report.at_or_above(fail_on)
         if failing:
             caller = sys._getframe(1)
@@ -124,7 +124,7 @@ class DtypelintFixture:
             pytest.fail(_failure_message(report, failing, fail_on, where), pytrace=False)
         return report
 
-    def _audit(self, model: Any, inputs: Any, options: dict[str, Any]) -> tuple[Report, str]:
+    def _audit(self, model: Any, inputs: Any, options: dict[str, Any], *, asserted: bool) -> tuple[Report, str]:
         __tracebackhide__ = True
         from dtypelint.audit import audit
         from dtypelint.errors import DtypelintError
@@ -137,7 +137,7 @@ class DtypelintFixture:
         if report is None:  # failed outside the except block: no "During handling" chain in the output
             pytest.fail(f"dtypelint: {problem}", pytrace=False)
         self.reports.append(report)
-        self._node.user_properties.append((PROPERTY, _summary_entry(report, settings.fail_on)))
+        self._node.user_properties.append((PROPERTY, _summary_entry(report, settings.fail_on, asserted)))
         return report, settings.fail_on
 
     def _resolve(self, options: dict[str, Any]) -> tuple[Settings, dict[str, Any]]:
@@ -243,7 +243,9 @@ def _failure_message(report: Report, failing: list[Any], fail_on: str, where: st
     return "\n".join([head, "", report.render(), "", hint])
 
 
-def _summary_entry(report: Report, fail_on: str) -> dict[str, Any]:
+def _summary_entry(report: Report, fail_on: str, asserted: bool) -> dict[str, Any]:
+    """What the summary lists of one audit. Only ``assert_clean`` judges: ``failing`` counts the findings
+    that failed it; a plain ``audit`` reports and judges nothing."""
     return {
         "model": report.model,
         "backend": report.backend,
@@ -251,7 +253,8 @@ def _summary_entry(report: Report, fail_on: str) -> dict[str, Any]:
         "mode": report.mode,
         **report.counts(),
         "fail_on": fail_on,
-        "failing": len(report.at_or_above(fail_on)),
+        "asserted": asserted,
+        "failing": len(report.at_or_above(fail_on)) if asserted else 0,
     }
 
 
@@ -272,24 +275,23 @@ class AuditSummary:
         from tabulate import tabulate
 
         rows = [
-            (
-                nodeid,
-                entry["model"],
-                entry["backend"],
-                entry["dtype"],
-                entry.get("error", 0),
-                entry.get("warning", 0),
-                entry.get("info", 0),
-                f"{entry['failing']} at or above {entry['fail_on']}" if entry.get("failing") else "ok",
-            )
+            (nodeid, entry["model"], entry["backend"], entry["dtype"], entry.get("error", 0), entry.get("warning", 0),
+             entry.get("info", 0), _result(entry))
             for nodeid, entry in self.audits
         ]
         headers = ("test", "model", "backend", "dtype", "errors", "warnings", "infos", "result")
         terminalreporter.section("dtypelint")
         for line in tabulate(rows, headers=headers, tablefmt="simple").splitlines():
             terminalreporter.write_line(line)
-        audits = len(self.audits)
-        failing = sum(1 for _, entry in self.audits if entry.get("failing"))
+        audits, tests = len(self.audits), len({nodeid for nodeid, _ in self.audits})
+        failed = len({nodeid for nodeid, entry in self.audits if entry.get("failing")})
         terminalreporter.write_line(
-            f"{audits} audit{'s' if audits != 1 else ''}, {failing} with findings at or above the fail level"
+            f"{audits} audit{'s' if audits != 1 else ''} in {tests} test{'s' if tests != 1 else ''}; "
+            f"{failed} test{'s' if failed != 1 else ''} failed assert_clean"
         )
+
+
+def _result(entry: dict[str, Any]) -> str:
+    if not entry.get("asserted"):
+        return "audit only"
+    return f"failed: {entry['failing']} at or above {entry['fail_on']}" if entry["failing"] else "ok"

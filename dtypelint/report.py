@@ -27,6 +27,11 @@ class Fix:
     safety: str
     description: str
 
+    def short(self) -> str:
+        """``cast to float16 (unsafe)``: for a table cell or a one-line finding."""
+        what = "" if len(self.tensors) == 1 else f" {len(self.tensors)} tensors"
+        return f"cast{what} to {self.to_dtype} ({self.safety})"
+
 
 @dataclass
 class Finding:
@@ -100,8 +105,8 @@ class Report:
         parts = [f"{count} {severity}{'s' if count != 1 else ''}" for severity, count in counts.items()]
         return f"{self.model} [{self.mode}, {self.compute_dtype}, backend {self.backend}]: " + ", ".join(parts)
 
-    def table(self) -> str:
-        ordered = self.ordered()
+    def table(self, message_width: int = 70) -> str:
+        """The findings as a table. Names are never cut; the message wraps at ``message_width``."""
         rows = [
             (
                 finding.severity,
@@ -111,11 +116,13 @@ class Report:
                 finding.tensor or "",
                 " ".join(finding.dtypes),
                 finding.message,
+                finding.fix.short() if finding.fix else "no automatic fix",
             )
-            for finding in ordered
+            for finding in self.ordered()
         ]
-        headers = ("severity", "code", "pack", "location", "tensor", "dtypes", "message")
-        return tabulate(rows, headers=headers, tablefmt="simple", maxcolwidths=[None, None, None, 40, 40, 20, 70])
+        headers = ("severity", "code", "pack", "location", "tensor", "dtypes", "message", "fix")
+        return tabulate(rows, headers=headers, tablefmt="simple", maxcolwidths=[None] * 6 + [message_width, None],
+                        disable_numparse=True)  # module "1" is a name, not a number to right-align
 
     def render(self) -> str:
         lines = [self.table()] if self.findings else []

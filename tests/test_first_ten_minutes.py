@@ -75,3 +75,21 @@ def test_entry_imports_from_the_current_directory_as_python_m_does(tmp_path):
     result = run_command("check", "--entry", "my_model:build", "-q", cwd=tmp_path)
     assert result.returncode == 1 and "DT101" in result.stdout, result.stderr
     assert str(tmp_path) not in sys.path
+
+
+def test_a_fixed_entry_model_is_told_the_fix_lives_in_memory_only(tmp_path, monkeypatch, capsys):
+    from dtypelint.cli import main
+
+    (tmp_path / "stray_head.py").write_text(textwrap.dedent("""
+        import torch
+        from torch import nn
+
+        def build():
+            torch.manual_seed(0)
+            return nn.Sequential(nn.Linear(8, 8).half(), nn.Linear(8, 4)), torch.randn(2, 8, dtype=torch.float16)
+    """))
+    monkeypatch.chdir(tmp_path)
+    assert main(["check", "--entry", "stray_head:build", "--fix", "-q"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "applied in memory only: stray_head:build builds the model anew each run" in out
+    assert "(1.weight -> float16, 1.bias -> float16)" in out and "dtypelint.apply_plan(model, FILE)" in out

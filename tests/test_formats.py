@@ -84,14 +84,29 @@ def awkward(report: Report) -> Report:
 
 
 def test_the_registry_names_every_format_and_rejects_others(stray_report):
-    assert set(FORMATS) == {"text", "json", "sarif", "github", "markdown"}
+    assert set(FORMATS) == {"text", "concise", "full", "json", "sarif", "github", "markdown", "html"}
     with pytest.raises(UsageError, match="unknown format"):
         render(stray_report, "xml")
 
 
-def test_text_is_the_report_table(stray_report, clean_report):
-    assert render(stray_report, "text") == stray_report.render()
-    assert render(clean_report) == clean_report.render()
+def test_text_is_the_table_when_it_fits_and_one_line_per_finding_when_not(stray_report, clean_report, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "250")
+    wide = render(stray_report, "text")
+    assert wide.startswith(stray_report.table().splitlines()[0][:40]) and wide == render(stray_report, "full")
+    monkeypatch.setenv("COLUMNS", "60")
+    narrow = render(stray_report, "text")
+    assert narrow == render(stray_report, "concise")
+    lines = narrow.splitlines()
+    assert lines[0].startswith("head: error DT001 forward raised RuntimeError") and lines[0].endswith("[no automatic fix]")
+    assert lines[1] == ("head: error DT101 aten.addmm needs one dtype but receives parameter head.bias float32, "
+                        "activation from aten.addmm float16, parameter head.weight float32 "
+                        "[cast 2 tensors to float16 (safe)]")
+    for finding in stray_report.findings:  # names are never cut, whatever the width
+        assert finding.tensor is None or finding.tensor in narrow
+    assert "1 error, 1 warning fixable with `--fix`" in lines
+    assert "`dtypelint explain DT101` explains a rule and how to fix it by hand" in lines
+    assert lines[-1] == stray_report.summary_line()
+    assert render(clean_report) == clean_report.summary_line()  # clean: nothing to do
 
 
 @pytest.mark.parametrize("which", ["stray_report", "clean_report"])

@@ -141,7 +141,7 @@ def test_a_clean_model_passes_and_is_listed_in_the_summary(users):
         "test * model * backend * dtype * errors * warnings * infos * result",
         "test_a_clean_model_passes_and_is_listed_in_the_summary.py::test_clean * Clean * hf-eager * float16 "
         "* 0 * 0 * 0 * ok",
-        "1 audit, 0 with findings at or above the fail level",
+        "1 audit in 1 test; 0 tests failed assert_clean",
     ])
     assert "test_no_audit" not in result.stdout.str().split("= dtypelint =")[1]
 
@@ -165,14 +165,40 @@ def test_a_failing_audit_reads_as_a_findings_table(users):
     result.stdout.fnmatch_lines([
         "dtypelint: 2 findings at or above 'error' in StrayHead (backend hf-eager, float16, value mode), "
         "assert_clean at test_a_failing_audit_reads_as_a_findings_table.py:2",
-        "severity * code * location * tensor * dtypes * message",
+        "severity * code * location * tensor * dtypes * message * fix",
         "error * DT101 * head * head.weight *",
         "warning * DT105 * head * head.weight *",
         "StrayHead [value, float16, backend hf-eager]: 2 errors, 1 warning, 0 infos",
-        "*test_stray * StrayHead * hf-eager * float16 * 2 * 1 * 0 * 2 at or above error",
+        "*test_stray * StrayHead * hf-eager * float16 * 2 * 1 * 0 * failed: 2 at or above error",
         "FAILED *::test_stray*",
     ])
     assert internals(result) == []
+
+
+def test_the_summary_counts_failed_tests_and_leaves_plain_audits_unjudged(users):
+    users.makepyfile(
+        """
+        def test_reports_only(dtypelint, models, x):
+            report = dtypelint.audit(models["stray"], x)   # looks, does not judge: the test passes
+            assert report.errors
+
+        def test_stray_twice(dtypelint, models, x):
+            dtypelint.audit(models["clean"], x)
+            dtypelint.assert_clean(models["stray"], x)
+
+        def test_stray_again(dtypelint, models, x):
+            dtypelint.assert_clean(models["stray"], x)
+        """
+    )
+    result = run(users)
+    result.assert_outcomes(passed=1, failed=2)
+    result.stdout.fnmatch_lines([
+        "*test_reports_only * StrayHead * 2 * 1 * 0 * audit only",
+        "*test_stray_twice * Clean * 0 * 0 * 0 * audit only",
+        "*test_stray_twice * StrayHead * 2 * 1 * 0 * failed: 2 at or above error",
+        "*test_stray_again * StrayHead * 2 * 1 * 0 * failed: 2 at or above error",
+        "4 audits in 3 tests; 2 tests failed assert_clean",
+    ])
 
 
 def test_a_forward_that_raises_is_a_test_failure_with_dt001(users):

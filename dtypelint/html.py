@@ -1,0 +1,193 @@
+"""``--format html``: the report as one self-contained page that opens without a network.
+
+The page holds the summary line, the findings table, the notes, and for each error (up to
+``drawing.MAX_DRAWINGS``) a Mermaid drawing of the path from its root cause to the failing op, with the
+dtype on every edge and the op and the odd-dtype operand highlighted. Mermaid (vendored in
+``dtypelint/vendor``, see its README) is inlined; a Content-Security-Policy forbids every fetch, so a
+page that renders here renders anywhere.
+
+Every text that comes from the model is HTML-escaped; Mermaid source is escaped for Mermaid first
+(``graph.mermaid_text``) and then for HTML, since Mermaid reads it back from the page's text.
+"""
+
+from __future__ import annotations
+
+import re
+from functools import cache
+from html import escape
+from importlib.resources import files
+from typing import TYPE_CHECKING
+
+from dtypelint.drawing import MAX_DRAWINGS, ROOT_LOCATION, CausePath, cause_path, error_sites, unplaced_errors
+
+if TYPE_CHECKING:
+    from dtypelint.formats import FormatContext
+    from dtypelint.report import Finding, Report
+
+# Inline script and style only; nothing may be fetched, not even an image or a font.
+CONTENT_SECURITY_POLICY = (
+    "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src data:; font-src data:"
+)
+COLUMNS = ("severity", "code", "location", "tensor", "dtypes", "message", "fix")
+
+STYLE = """
+body { font: 14px/1.45 system-ui, sans-serif; margin: 2em auto; max-width: 1200px; padding: 0 1em; color: #1b1b1b; }
+h1 { font-size: 1.4em; margin-bottom: .2em; }
+.summary { font-weight: 600; }
+table { border-collapse: collapse; width: 100%; margin: 1em 0; }
+th, td { border: 1px solid #ccc; padding: .3em .5em; text-align: left; vertical-align: top; }
+th { background: #f3f3f3; }
+td code, h2 code { overflow-wrap: anywhere; }
+td:nth-child(-n+2) { white-space: nowrap; }
+tr.error td:first-child { color: #b71c1c; font-weight: 600; }
+tr.warning td:first-child { color: #8a5a00; font-weight: 600; }
+.notes li { color: #444; }
+section.error-site { border-top: 1px solid #ddd; margin-top: 1.5em; }
+h2 { font-size: 1.1em; }
+.legend span { display: inline-block; padding: 0 .4em; margin-right: .6em; border: 2px solid; }
+.legend .conflict { background: #fde2e1; border-color: #c62828; }
+.legend .culprit { background: #fff3cd; border-color: #e65100; }
+pre.mermaid { background: #fff; overflow-x: auto; }
+"""
+
+# Runs after the inlined Mermaid. ``data-drawings`` on <body> says how rendering ended: tests read it
+# from the dumped DOM, and a reader whose drawings failed sees why.
+START_SCRIPT = """
+mermaid.initialize({startOnLoad: false, securityLevel: "strict", theme: "default",
+                    flowchart: {htmlLabels: false, useMaxWidth: true}});
+mermaid.run({querySelector: "pre.mermaid"})
+  .then(() => { document.body.dataset.drawings = "rendered"; })
+  .catch((error) => { document.body.dataset.drawings = "failed: " + error; });
+"""
+
+
+def render_html(report: Report, context: FormatContext) -> str:
+    shown = context.fix.before if context.fix is not None and context.fix.before is not None else report
+    parts = [
+        f"<h1>dtypelint</h1>\n<p class=\"summary\">{escape(shown.summary_line())}</p>",
+        findings_table(shown.ordered()),
+        notes_list(shown.notes),
+        *error_drawings(shown),
+    ]
+    if context.fix is not None:
+        parts.append(f"<h2>Fix</h2>\n<pre class=\"fix\">{escape(context.fix.render())}</pre>")
+    return page(f"dtypelint: {shown.summary_line()}", "\n".join(part for part in parts if part))
+
+
+def page(title: str, body: str) -> str:
+    return f"""<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta http-equiv="Content-Security-Policy" content="{CONTENT_SECURITY_POLICY}">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{escape(title)}</title>
+<style>{STYLE}</style>
+</head>
+<body>
+{body}
+<script>{inline_script(mermaid_js())}</script>
+<script>{START_SCRIPT}</script>
+</body>
+</html>
+"""
+
+
+def findings_table(findings: list[Finding]) -> str:
+    if not findings:
+        return "<p>No findings.</p>"
+    header = "".join(f"<th>{column}</th>" for column in COLUMNS)
+    rows = [f"<tr class=\"{escape(finding.severity)}\">{findings_cells(finding)}</tr>" for finding in findings]
+    return "\n".join(["<table class=\"findings\">", f"<thead><tr>{header}</tr></thead>", "<tbody>", *rows, "</tbody>",
+                      "</table>"])
+
+
+def findings_cells(finding: Finding) -> str:
+    fix = f"{finding.fix.description} ({finding.fix.safety})" if finding.fix else ""
+    cells = [
+        escape(finding.severity),
+        code(finding.code),
+        code(finding.location or ROOT_LOCATION),
+        code(finding.tensor) if finding.tensor else "",
+        escape(" ".join(finding.dtypes)),
+        escape(finding.message),
+        escape(fix),
+    ]
+    return "".join(f"<td>{cell}</td>" for cell in cells)
+
+
+def notes_list(notes: list[str]) -> str:
+    if not notes:
+        return ""
+    return "<ul class=\"notes\">\n" + "\n".join(f"<li>note: {escape(note)}</li>" for note in notes) + "\n</ul>"
+
+
+def error_drawings(report: Report) -> list[str]:
+    """One section per error site, up to ``MAX_DRAWINGS``, a line saying how many more there are, and the
+    errors with nothing to draw."""
+    sites = list(error_sites(report).items())
+    sections = [
+        error_section(report, number, node, findings)
+        for number, (node, findings) in enumerate(sites[:MAX_DRAWINGS], start=1)
+    ]
+    if len(sites) > MAX_DRAWINGS:
+        sections.append(f"<p class=\"more\">{len(sites) - MAX_DRAWINGS} more error sites not drawn.</p>")
+    unplaced = unplaced_errors(report)
+    if unplaced:
+        sections.append(unplaced_section(unplaced))
+    return sections
+
+
+def unplaced_section(findings: list[Finding]) -> str:
+    items = [
+        f"<li>{escape(finding.code)} at {code(finding.location or ROOT_LOCATION)}"
+        + (f": {code(finding.tensor)}" if finding.tensor else "") + "</li>"
+        for finding in findings
+    ]
+    return "\n".join([
+        "<section class=\"unplaced\">",
+        "<p>Not drawn: these errors name nothing the traced forward used (for example a buffer read only while "
+        "the model was built).</p>",
+        "<ul>", *items, "</ul>",
+        "</section>",
+    ])
+
+
+def error_section(report: Report, number: int, node: str, findings: list[Finding]) -> str:
+    graph = report.graph
+    path = cause_path(graph, node, report.compute_dtype)
+    codes = ", ".join(dict.fromkeys(finding.code for finding in findings))
+    where = findings[0].location or ROOT_LOCATION
+    return "\n".join([
+        f"<section class=\"error-site\" id=\"error-{number}\">",
+        f"<h2>{escape(codes)} at {code(where)}: {escape(graph.label(node))}</h2>",
+        legend(report, path),
+        f"<pre class=\"mermaid\">\n{escape(graph.to_mermaid(path.nodes, classes=path.classes()))}</pre>",
+        "</section>",
+    ])
+
+
+def legend(report: Report, path: CausePath) -> str:
+    roots = ", ".join(report.graph.label(root) for root in path.roots) or "not reached"
+    trimmed = f" (trimmed to {len(path.nodes)} nodes)" if path.trimmed else ""
+    return (
+        "<p class=\"legend\"><span class=\"conflict\">failing op</span>"
+        "<span class=\"culprit\">odd dtype and where it comes from</span>"
+        f"root cause: {code(roots)}{escape(trimmed)}</p>"
+    )
+
+
+def code(text: str) -> str:
+    return f"<code>{escape(text)}</code>"
+
+
+@cache
+def mermaid_js() -> str:
+    return (files("dtypelint") / "vendor" / "mermaid.min.js").read_text(encoding="utf-8")
+
+
+def inline_script(source: str) -> str:
+    """Script text that cannot end its <script> element early or make the parser skip the real end: every
+    ``<script`` and ``</script`` starts with ``\\x3C`` instead of ``<``, the same character to JavaScript
+    in strings, templates and regular expressions (where minified code has them)."""
+    return re.sub(r"<(/?script)", r"\\x3C\1", source, flags=re.IGNORECASE)
