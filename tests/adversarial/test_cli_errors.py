@@ -150,7 +150,7 @@ ROWS = [
     ("index-missing-shard", ["check", "{ws}/index-missing-shard"], "names 1 shard(s) that do not exist"),
     # argparse: one line and a pointer to --help, not a usage block.
     ("unknown-format", ["check", "{tiny}", "--format", "x"],
-     "argument --format: invalid choice: 'x' (choose from 'text', 'json', 'sarif', 'github', 'markdown'); "
+     "argument --format: invalid choice: 'x' (choose from 'text', 'concise', 'full', 'json', 'sarif', 'github', 'markdown', 'html'); "
      "see 'dtypelint check --help'"),
     ("bad-fail-on", ["check", "{tiny}", "--fail-on", "fatal"], "argument --fail-on: invalid choice: 'fatal'"),
     ("seq-len-not-a-number", ["check", "{tiny}", "--seq-len", "abc"], "must be a positive integer, not 'abc'"),
