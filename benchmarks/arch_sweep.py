@@ -6,14 +6,16 @@ For each ``model_type`` in ``MODEL_FOR_CAUSAL_LM_MAPPING_NAMES``:
    ``text_config`` too) and keep the architecture only if plain transformers can build it
    (``from_config``), ``save_pretrained`` it, reload it in float16 and run a forward on
    ``dtypelint.load.sample_inputs``: those architectures are the denominator;
-2. audit it four times: value mode (the float16-loaded model) and meta mode (``audit_config``), each
-   under ``hf-eager`` and ``ipex-llm-xpu``; an exception escaping ``audit``/``audit_config`` is a
+2. audit it six times: value mode (the float16-loaded model) and meta mode (``audit_config``), each
+   under ``hf-eager``, ``ipex-llm-xpu`` and ``cuda``; an exception escaping ``audit``/``audit_config`` is a
    dtypelint internal error; after each value audit the model must be unchanged (state_dict and
    non-persistent buffers ``torch.equal``, dtypes, hooks) and no global forward hook may be left;
 3. note the rotary layout (a ``*RotaryEmbedding`` owned by an ``*Attention*`` module: per-layer; any
    other: model-level) and check the IPX101 expectation: under ipex-llm-xpu, IPX101 errors appear
    exactly for per-layer architectures holding a float32 ``inv_freq`` whose model_type is in the
    contract's ``model-types``; under hf-eager no error mentions ``inv_freq``.
+4. under cuda, list every cuda-pack error: the plain float16 forward ran with the default (sdpa)
+   attention, so each is a false error unless the model really holds what CUDA rejects.
 
 Each architecture runs in a forked child (imports are paid once) with a wall-clock limit, so a
 pathological model cannot hang the sweep.
@@ -61,7 +63,7 @@ EXTENDED_FIELDS = {
 }
 TOKEN_FIELDS = ("pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id", "sep_token_id",
                 "cls_token_id", "mask_token_id", "unk_token_id")
-BACKENDS = ("hf-eager", "ipex-llm-xpu")
+BACKENDS = ("hf-eager", "ipex-llm-xpu", "cuda")
 MODES = ("value", "meta")
 ABBREV = {
     "kernel-contract": "kc", "mixed-input": "mix", "promotion": "prom", "nonfinite": "nonfin",
@@ -238,6 +240,8 @@ def summarize(report: Any) -> dict[str, Any]:
                           if f.code == "IPX101" and f.severity == "error"],
         "inv_freq_errors": [f"{f.code} {f.location}: {f.message}"[:200] for f in findings
                             if f.severity == "error" and "inv_freq" in f"{f.tensor} {f.message}"],
+        "cuda_errors": [f"{f.code} {f.location}: {f.message}"[:200] for f in findings
+                        if f.pack == "cuda" and f.severity == "error"],
     }
 
 
@@ -439,6 +443,13 @@ def layout_violations(row: dict[str, Any]) -> list[str]:
     return found
 
 
+def cuda_errors(row: dict[str, Any]) -> list[str]:
+    """cuda-pack errors on a model whose plain float16 forward ran with its default (sdpa) attention: each
+    is a false error unless the model really holds what CUDA rejects (to be read, not assumed)."""
+    return [f"{mode}: {error}" for mode in MODES
+            for error in (row.get("audits", {}).get(f"{mode}/cuda") or {}).get("cuda_errors", [])]
+
+
 def compact(counts: dict[str, int]) -> str:
     return " ".join(f"{ABBREV.get(k, k)}:{v}" for k, v in sorted(counts.items())) or "-"
 
@@ -540,6 +551,11 @@ def main() -> int:
         print(f"\nLayout expectation violations ({len(violations)}):")
         for arch, text in violations:
             print(f"  {arch}: {text[:250]}")
+    flagged = [(r["arch"], e) for r in kept for e in cuda_errors(r)]
+    if flagged:
+        print(f"\ncuda errors on models that ran in float16 with sdpa ({len(flagged)}):")
+        for arch, text in flagged:
+            print(f"  {arch}: {text[:250]}")
     incomplete = [r["arch"] for r in kept if r.get("timeout") or r.get("crash") or r.get("sweep_error")]
 
     def no_internal(mode: str) -> int:
@@ -560,6 +576,7 @@ def main() -> int:
         "audits_changed_model": len(changed),
         "audit_config_mutated_config": len(mutated),
         "layout_violations": len(violations),
+        "cuda_error_architectures": sorted(r["arch"] for r in kept if cuda_errors(r)),
         "per_layer": sum(r["layout"] == "per-layer" for r in kept),
         "model_level": sum(r["layout"] == "model-level" for r in kept),
         "audits_incomplete": incomplete,

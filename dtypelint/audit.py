@@ -20,6 +20,7 @@ from dtypelint.progress import progress_bar
 from dtypelint.report import Report
 from dtypelint.rules import run_rules
 from dtypelint.rules.base import Options, RuleContext
+from dtypelint.standins import flash_standin, requested_flash
 from dtypelint.state import preserved
 from dtypelint.trace import Tracer, TraceResult, needs_values
 from dtypelint.vocabulary import OriginKind
@@ -67,6 +68,7 @@ def _run(
     progress: bool = False,
     max_ops: int | None = None,
     fake_mode: Any = None,
+    attn_implementation: str | None = None,
 ) -> TraceResult:
     """Trace one forward. Exceptions of the forward are kept in the result, never raised. The model and
     global state are restored afterwards (``dtypelint.state.preserved``).
@@ -74,6 +76,9 @@ def _run(
     Meta mode runs the forward inside ``FakeTensorMode`` (``fake_mode``, or a new one) on fake CPU
     stand-ins of the model's tensors (swapped in by ``functional_call`` for the call only) and of the
     inputs: shapes and dtypes, no data.
+
+    A flash attention implementation (``attn_implementation``, else the model config's) runs on a CPU
+    stand-in for the forward only (``dtypelint.standins``), and its calls are recorded as flash sites.
     """
     if mode not in MODES:
         raise UsageError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
@@ -89,6 +94,11 @@ def _run(
     error = None
     with ExitStack() as stack:
         kept = stack.enter_context(preserved(model))
+        flash = requested_flash(model, attn_implementation)
+        if flash is not None:
+            stack.enter_context(flash_standin(model, flash))
+            notes.append(f"attention traced with a CPU stand-in for {flash} (SDPA numerics); every attention "
+                         "call is checked as a flash-attention call")
         if fake_mode is not None:
             stack.enter_context(fake_attributes(model, fake_mode))
         on_module = stack.enter_context(
@@ -166,7 +176,9 @@ def audit(
     traces that take more than a second. Settings (``dtypelint.config.SettingOverrides``): ``dtype``, the
     intended compute dtype (default: the dtype of most parameter elements); ``backend``, a shipped pack
     or a pack file, or a list of them (default ``hf-eager``); ``packs``, extra packs; ``select``,
-    ``ignore``, ``extend_select``, ``per_location_ignores``, ``severity``, ``options``, ``fail_on``. They
+    ``ignore``, ``extend_select``, ``per_location_ignores``, ``severity``, ``options``, ``fail_on``,
+    ``attn_implementation`` (``"flash_attention_2"``: audit a flash-attention deployment on a machine without
+    flash_attn; default: the model config's own). They
     override ``settings`` (``dtypelint.config.load_settings()``). The model is left exactly as it was.
     """
     notes: list[str] = []
@@ -174,7 +186,8 @@ def audit(
     resolved = (settings or Settings()).layered(overrides)
     compute_dtype = parse_dtype(resolved.dtype) or infer_compute_dtype(model)
     result = _run(
-        model, inputs, mode=mode, stats=stats, notes=notes, progress=progress, max_ops=resolved.options.max_ops
+        model, inputs, mode=mode, stats=stats, notes=notes, progress=progress, max_ops=resolved.options.max_ops,
+        attn_implementation=resolved.attn_implementation,
     )
     return _report(result, compute_dtype=compute_dtype, settings=resolved, inputs=inputs if mode == "value" else None)
 
@@ -207,6 +220,7 @@ def audit_loaded(loaded: Loaded, *, settings: Settings, progress: bool = False) 
         return _run(
             loaded.model, loaded.inputs, mode="meta", stats=False, notes=[], progress=progress,
             max_ops=settings.options.max_ops, fake_mode=loaded.fake_mode,
+            attn_implementation=settings.attn_implementation,
         )
 
     result = run()

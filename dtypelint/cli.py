@@ -69,6 +69,8 @@ def _parser() -> argparse.ArgumentParser:
                             f"pack (shipped: {', '.join(available_packs())}; default: hf-eager)")
     check.add_argument("--pack", action="append", dest="packs", metavar="PACK",
                        help="an extra rule pack whose contracts join the backend's (repeatable)")
+    check.add_argument("--attn-implementation", metavar="NAME",
+                       help="the attention the deployment runs (flash_attention_2: checked with a CPU stand-in)")
     check.add_argument("--config", help="pyproject.toml to read [tool.dtypelint] from (default: the nearest)")
     check.add_argument("--mode", choices=("value", "meta"), help="value (real weights) or meta (config only)")
     check.add_argument("--batch", type=_positive_int, default=1, help="sample batch size (default: 1)")
@@ -133,6 +135,7 @@ def _settings(options: argparse.Namespace) -> Settings:
     return load_settings(options.config).layered({
         "backend": options.backend, "packs": options.packs, "select": options.select, "ignore": options.ignore,
         "extend_select": options.extend_select, "fail_on": options.fail_on, "dtype": options.dtype,
+        "attn_implementation": options.attn_implementation,
         "options": {"max_ops": options.max_ops} if options.max_ops else None,
     })
 

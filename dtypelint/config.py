@@ -3,6 +3,7 @@
     [tool.dtypelint]
     backend = "ipex-llm-xpu"          # a shipped pack name or a path, or a list of them
     dtype = "float16"                 # the intended compute dtype
+    attn-implementation = "flash_attention_2"  # the attention the deployment runs (flash: a CPU stand-in)
     packs = ["packs/our-kernels.toml"]  # extra packs whose contracts join the backend's
     select = ["DT", "IPX"]            # codes, code prefixes or rule names
     extend-select = []
@@ -55,6 +56,7 @@ class SettingOverrides(TypedDict, total=False):
     severity: Mapping[str, str] | None
     options: Options | Mapping[str, Any] | None  # a mapping changes only the fields it names
     fail_on: str | None
+    attn_implementation: str | None  # "flash_attention_2": traced with a CPU stand-in, checked as flash
 
 
 SETTING_KEYS = tuple(SettingOverrides.__annotations__)
@@ -73,6 +75,7 @@ class Settings:
     selection: Selection = field(default_factory=Selection)
     options: Options = field(default_factory=Options)
     fail_on: str = "error"
+    attn_implementation: str | None = None  # None: the model config's own
     source: Path | None = None
 
     def layered(self, *layers: Mapping[str, Any]) -> Settings:
@@ -196,7 +199,7 @@ def _parse(table: dict[str, Any], file: Path) -> Settings:
     values: dict[str, Any] = {}
     options: dict[str, Any] = {}
     for key, value in table.items():
-        if key in ("dtype", "fail-on"):
+        if key in ("dtype", "fail-on", "attn-implementation"):
             if not isinstance(value, str):
                 raise fail(key, "must be a string")
             values[key.replace("-", "_")] = value

@@ -36,7 +36,8 @@ Formats
               "dtypes": ["float16", "float32"],
               "message": "...",
               "fix": null | {"tensors": ["head.weight"], "to_dtype": "float16",
-                             "safety": "safe" | "unsafe", "description": "..."}
+                             "safety": "safe" | "unsafe", "description": "..."},
+              "pack": "cuda" | null                # the backend pack of a kernel contract; null: generic
             }
           ]
         }
@@ -487,7 +488,7 @@ RULE_COLUMNS = ("code", "name", "pack", "severity", "fix", "enabled", "what it d
 def rule_rows(rules: Iterable[Rule], enabled: Callable[[Rule], bool] = lambda rule: True) -> list[tuple[str, ...]]:
     """One row per rule: identity, where it comes from, whether it can fix and whether it runs."""
     return [
-        (rule.code, rule.name, getattr(rule, "pack", "generic"), rule.severity, rule.fix_availability,
+        (rule.code, rule.name, rule.pack or "generic", rule.severity, rule.fix_availability,
          "yes" if enabled(rule) else "no", rule.summary)
         for rule in rules
     ]

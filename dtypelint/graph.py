@@ -113,6 +113,8 @@ class DtypeGraph(nx.DiGraph):
             error=None if result.error is None else f"{type(result.error).__name__}: {result.error}",
             ops_run=tracer.ops_run,
             ops_recorded=len(tracer.records),
+            autocast=tracer.autocast,
+            attention_calls=tuple(tracer.attention.calls),  # dtypelint.attention.AttentionCall; not exported
         )
         graph.add_nodes_from(
             (f"t{index}", _tensor_attributes(tensor)) for index, tensor in enumerate(tracer.tensors)
@@ -533,7 +535,8 @@ def _node_order(node: str) -> tuple[str, int]:
 def _export_ready(graph: DtypeGraph) -> nx.DiGraph:
     """A plain copy whose attributes are all str/int/float/bool, as GraphML and JSON need."""
     plain = nx.DiGraph()
-    plain.graph.update({key: value for key, value in graph.graph.items() if value is not None})
+    plain.graph.update({key: value for key, value in graph.graph.items()
+                        if value is not None and key not in _NOT_EXPORTED})
     for node, data in graph.nodes(data=True):
         plain.add_node(node, label=graph.label(node), **{key: _scalar(value) for key, value in data.items()
                                                          if value is not None and key not in _NOT_EXPORTED})
@@ -542,7 +545,7 @@ def _export_ready(graph: DtypeGraph) -> nx.DiGraph:
     return plain
 
 
-_NOT_EXPORTED = frozenset({"packet"})
+_NOT_EXPORTED = frozenset({"packet", "attention_calls"})
 
 
 def _scalar(value: Any) -> Any:

@@ -3,7 +3,7 @@ and tensor attributes as they were when the trace started, and the config fields
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -36,10 +36,13 @@ class ModelInfo:
     hidden_size: int | None = None
     head_dim: int | None = None
     max_positions: int | None = None  # config.max_position_embeddings: where RoPE's precision is judged
+    # Modules' torch.dtype attributes (bitsandbytes' ``compute_dtype``), by qualified name.
+    dtype_attributes: dict[str, torch.dtype] = field(default_factory=dict)
 
     @classmethod
     def of(cls, model: torch.nn.Module) -> ModelInfo:
         tensors: dict[str, TensorInfo] = {}
+        dtype_attributes: dict[str, torch.dtype] = {}
         aliases: dict[str, list[str]] = {}
         seen: dict[int, str] = {}
         for name, param in model.named_parameters(remove_duplicate=False):
@@ -63,6 +66,8 @@ class ModelInfo:
                 name = qualified_name(module_name, attribute)
                 if isinstance(value, torch.Tensor) and name not in tensors:
                     tensors[name] = TensorInfo(OriginKind.ATTRIBUTE, value.dtype, tuple(value.shape), str(value.device))
+                elif isinstance(value, torch.dtype):
+                    dtype_attributes[name] = value
         config = getattr(model, "config", None)
         keep = getattr(model, "_keep_in_fp32_modules", None) or []
         return cls(
@@ -75,6 +80,7 @@ class ModelInfo:
             hidden_size=config_value(config, "hidden_size"),
             head_dim=_head_dim(config),
             max_positions=config_value(config, "max_position_embeddings"),
+            dtype_attributes=dtype_attributes,
         )
 
 

@@ -14,7 +14,7 @@ if TYPE_CHECKING:
 
 SEVERITIES = ("info", "warning", "error")
 ROOT_LOCATION = "<model>"  # how the model itself (location "") is shown
-FINDING_COLUMNS = ("severity", "code", "location", "tensor", "dtypes", "message", "fix")  # of every findings table
+FINDING_COLUMNS = ("severity", "code", "pack", "location", "tensor", "dtypes", "message", "fix")  # of every findings table
 CODE_COLUMNS = frozenset({"code", "location", "tensor"})  # names: set as code where a format can
 
 def severity_rank(severity: str) -> int:
@@ -48,12 +48,13 @@ class Finding:
     message: str
     fix: Fix | None = None
     node: str | None = None
+    pack: str | None = None  # the backend pack whose contract found it; None for generic rules
 
     def cells(self) -> tuple[str, ...]:
         """The ``FINDING_COLUMNS`` of this finding as plain text: each format escapes them its own way."""
         fix = f"{self.fix.description} ({self.fix.safety})" if self.fix else "no automatic fix"
-        return (self.severity, self.code, self.location or ROOT_LOCATION, self.tensor or "", " ".join(self.dtypes),
-                self.message, fix)
+        return (self.severity, self.code, self.pack or "", self.location or ROOT_LOCATION, self.tensor or "",
+                " ".join(self.dtypes), self.message, fix)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -117,7 +118,7 @@ class Report:
         """The findings as a table. Names are never cut; the message wraps at ``message_width``."""
         rows = [(*finding.cells()[:-1], finding.fix.short() if finding.fix else "no automatic fix")
                 for finding in self.ordered()]
-        return tabulate(rows, headers=FINDING_COLUMNS, tablefmt="simple", maxcolwidths=[None] * 5 + [message_width, None],
+        return tabulate(rows, headers=FINDING_COLUMNS, tablefmt="simple", maxcolwidths=[None] * 6 + [message_width, None],
                         disable_numparse=True)  # module "1" is a name, not a number to right-align
 
     def render(self) -> str:

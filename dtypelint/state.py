@@ -145,7 +145,7 @@ class ModuleState:
             attributes=dict(vars(module)),
             parameters=parameters,
             parameter_data={
-                name: (p.data, p._version) for name, p in parameters.items() if p is not None
+                name: (p.data, p._version) for name, p in parameters.items() if p is not None and not _library_managed(p)
             },
             buffers=buffers,
             buffer_values={
@@ -191,6 +191,16 @@ class ModuleState:
             elif parameter._version != version:
                 written.append(name)
         return written
+
+
+# Quantization libraries whose parameters own their storage: bitsandbytes' CPU backend repacks a 4-bit
+# weight's ``.data`` and its ``quant_state`` together on every forward (and unpacks them for state_dict()).
+# Putting back only ``.data`` would pair it with the new quant_state and corrupt the layer.
+LIBRARY_MANAGED = ("bitsandbytes",)
+
+
+def _library_managed(parameter: torch.Tensor) -> bool:
+    return type(parameter).__module__.split(".")[0] in LIBRARY_MANAGED
 
 
 def _same_data(parameter: torch.Tensor, data: torch.Tensor) -> bool:

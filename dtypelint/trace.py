@@ -14,6 +14,7 @@ import functools
 import sys
 import weakref
 from collections.abc import Callable, Iterator, Mapping
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +23,7 @@ from torch._subclasses.fake_tensor import FakeTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import keystr, tree_flatten_with_path
 
+from dtypelint.attention import AttentionRecorder, autocast_dtype
 from dtypelint.model_info import ModelInfo, qualified_name
 from dtypelint.state import GlobalModes
 from dtypelint.vocabulary import OpKind, OriginKind, packets
@@ -66,6 +68,7 @@ class OpRecord:
 
 
 _CONSTANT = Origin(OriginKind.CONSTANT)
+_ATTENTION = packets(OpKind.ATTENTION)
 # Copies hold values measured where they were made; uninitialised memory holds garbage, not values.
 _NOT_MEASURED = packets(OpKind.COPIES_VALUES) | packets(OpKind.UNINITIALISED)
 
@@ -185,6 +188,9 @@ class Tracer(TorchDispatchMode):
         self._live: dict[int, tuple[int, weakref.ref]] = {}
         self.modules = ModuleTracker(model, on_module)
         self._saved_modes: GlobalModes | None = None
+        self.attention = AttentionRecorder(lambda: (self.modules.current, len(self.records)))
+        self.autocast: str | None = None  # the autocast dtype the forward started under, if any
+        self._function_mode: AbstractContextManager[Any] = nullcontext()
         # Storage of the real parameters, to catch writes through ``.data`` (which no version counter sees).
         self._parameter_storages = {} if state is not None else _parameter_storages(model)
         self._register_model_origins(state)
@@ -250,6 +256,8 @@ class Tracer(TorchDispatchMode):
                 inputs += [(f"{position}{suffix}", self._index(tensor)) for suffix, tensor in iter_tensors(value)]
         for name, value in kwargs.items():
             inputs += [(name + suffix, self._index(tensor)) for suffix, tensor in iter_tensors(value)]
+        if func.overloadpacket in _ATTENTION:
+            self.attention.dispatched(args, kwargs)
         record = OpRecord(func, self.modules.current, inputs)
         self.records.append(record)
         outputs = func(*args, **kwargs)
@@ -276,13 +284,17 @@ class Tracer(TorchDispatchMode):
 
     def __enter__(self) -> Tracer:
         self._saved_modes = GlobalModes.capture()
+        self.autocast = autocast_dtype("cuda") or autocast_dtype("cpu")
         self.modules.__enter__()
+        self._function_mode = self.attention.function_mode()
+        self._function_mode.__enter__()
         return super().__enter__()
 
     def __exit__(self, exc_type, exc, traceback) -> None:  # noqa: ANN001
         try:
             super().__exit__(exc_type, exc, traceback)
         finally:
+            self._function_mode.__exit__(exc_type, exc, traceback)
             self.modules.__exit__(exc_type, exc, traceback)
             if self._saved_modes is not None:
                 self._saved_modes.restore()

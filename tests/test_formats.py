@@ -273,8 +273,8 @@ def test_markdown_has_the_summary_the_table_and_a_drawing_of_the_error(stray_rep
     text = render(stray_report, "markdown", path=CHECKPOINT)
     assert text.splitlines()[0] == f"### dtypelint: {stray_report.summary_line()}"
     header, separator, *rows = table_rows(text)
-    assert header == "| severity | code | location | tensor | dtypes | message | fix |"
-    assert separator == "|" + " --- |" * 7
+    assert header == "| severity | code | pack | location | tensor | dtypes | message | fix |"
+    assert separator == "|" + " --- |" * 8
     assert [row.split(" | ")[1] for row in rows] == ["`DT001`", "`DT101`", "`DT105`"]
     assert "cast head.weight, head.bias to float16 (safe)" in rows[1]
     (block,) = mermaid_blocks(text)  # DT001 and DT101 are at one op: one drawing
@@ -293,7 +293,7 @@ def test_markdown_of_a_clean_report(clean_report):
 def test_markdown_cells_stay_cells(stray_report):
     text = render(awkward(stray_report), "markdown")
     row = table_rows(text)[-1]
-    assert len(re.findall(r"(?<!\\)\|", row)) == 8  # 7 cells
+    assert len(re.findall(r"(?<!\\)\|", row)) == 9  # 8 cells
     assert "<b>" not in text and "&lt;b&gt;odd&lt;/b&gt;" in row and "`&lt;model&gt;`" not in row
     assert "\r" not in text
 

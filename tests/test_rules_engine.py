@@ -29,7 +29,7 @@ def test_stray_fp32_layer_is_a_mixed_input_error_naming_its_weight(stray_fp32_la
 def test_report_serialises_with_the_documented_keys(stray_fp32_layer):
     report = dtypelint.audit(stray_fp32_layer, torch.randn(2, 16, dtype=torch.float16))
     data = json.loads(json.dumps(report.to_dict()))
-    keys = {"code", "category", "severity", "location", "tensor", "op", "dtypes", "message", "fix"}
+    keys = {"code", "category", "severity", "location", "tensor", "op", "dtypes", "message", "fix", "pack"}
     assert data["findings"] and all(set(f) == keys for f in data["findings"])
     assert data["summary"] == {"error": 2, "warning": 1, "info": 0}  # DT001, DT101; DT105
     assert all(f["category"] in dtypelint.CATEGORIES for f in data["findings"])

@@ -52,7 +52,7 @@ CATEGORIES = _categories()
 
 
 def pack_rules(pack: BackendPack) -> list[Rule]:
-    return [ContractRule(contract, pack.name) for contract in pack.contracts]
+    return [ContractRule(contract, contract.pack or pack.name) for contract in pack.contracts]
 
 
 def all_rules(packs: list[BackendPack] | None = None) -> list[Rule]:

@@ -96,6 +96,7 @@ class Rule:
     severity: ClassVar[str]
     fix_availability: ClassVar[str] = "never"  # never | sometimes | always
     uses_value_statistics: ClassVar[bool] = False  # runs only on graphs with value statistics
+    pack: str | None = None  # the backend pack a contract rule comes from
     judges_model_only: ClassVar[bool] = False  # needs the model's tensors, not the trace (runs in static mode)
 
     def __init_subclass__(cls, **kwargs: object) -> None:
@@ -144,6 +145,7 @@ class Rule:
             message=message,
             fix=fix,
             node=node,
+            pack=self.pack,
         )
 
     def __repr__(self) -> str:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import re
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
@@ -52,6 +52,14 @@ class Contract:
     fix_cost: str = ""
     example: str = ""
     known_problems: str = ""
+    hint: str = ""  # appended to every message: what to change
+    site: str = "module"  # module | op | attention: what one check looks at
+    ops: tuple[str, ...] = ()  # op sites: the aten ops (``native_layer_norm``)
+    calls: str = "any"  # attention sites: flash | sdpa | any
+    max_head_dim: int | None = None
+    dispatch: str | None = None  # attention sites: raises | falls-back, from CUDA's SDPA dispatch model
+    skip_under_autocast: bool = False  # CUDA autocast upcasts the kernel's inputs: nothing to check
+    pack: str = ""  # the name of the pack that declares it (set on load; kept when packs are combined)
 
 
 @dataclass(frozen=True)
@@ -115,11 +123,12 @@ def _parse_pack(path: Path, modified: int, size: int) -> BackendPack:
     codes = [contract.code for contract in contracts]
     if duplicate := next((code for code in codes if codes.count(code) > 1), None):
         raise LoadError(f"{path}: code {duplicate} is used by more than one contract")
+    name = header.string("name")
     return BackendPack(
-        name=header.string("name"),
+        name=name,
         description=header.string("description", ""),
         intended_fp32=tuple(header.strings("intended-fp32")),
-        contracts=contracts,
+        contracts=tuple(replace(contract, pack=name) for contract in contracts),
         paths=(path,),
     )
 
@@ -129,7 +138,8 @@ def _contract(entry: _Entry) -> Contract:
         {
             "code", "name", "kernel", "summary", "why", "references", "modules", "tensors", "severity", "owner",
             "not-owner", "model-types", "must-match", "must-match-label", "accepted-dtypes", "gate-dtypes", "head-dims", "fix",
-            "fix-safety", "fix-cost", "example", "known-problems",
+            "fix-safety", "fix-cost", "example", "known-problems", "hint", "site", "ops", "calls", "max-head-dim",
+            "dispatch", "skip-under-autocast",
         }
     )
     code = entry.string("code")
@@ -139,11 +149,16 @@ def _contract(entry: _Entry) -> Contract:
     name = entry.string("name")
     if not _NAME.match(name):
         raise entry.error("name", "must be kebab-case")
-    selectors = [*entry.strings("tensors", required=True)]
+    site = entry.choice("site", ("module", "op", "attention"), "module")
+    dispatch = entry.choice("dispatch", ("raises", "falls-back", "none"), "none")
+    selectors = [*entry.strings("tensors", required=site == "module" or dispatch == "none")]
     must_match = entry.string("must-match", None)
     for selector in [*selectors, *([must_match] if must_match else [])]:
-        if not valid_selector(selector):
-            raise entry.error("tensors", f"unknown selector {selector!r} (see rules/README.md)")
+        if not valid_selector(selector, site):
+            raise entry.error("tensors", f"unknown selector {selector!r} for {site} sites (see rules/README.md)")
+    ops = tuple(entry.strings("ops", required=site == "op"))
+    if dispatch != "none" and site != "attention":
+        raise entry.error("dispatch", "needs site = \"attention\"")
     return Contract(
         code=code,
         name=name,
@@ -151,7 +166,7 @@ def _contract(entry: _Entry) -> Contract:
         summary=entry.string("summary"),
         why=entry.string("why"),
         references=tuple(entry.strings("references", required=True)),
-        modules=tuple(entry.strings("modules", required=True)),
+        modules=tuple(entry.strings("modules", required=site == "module")),
         tensors=tuple(selectors),
         severity=entry.choice("severity", SEVERITIES, "error"),
         owner=entry.string("owner", None),
@@ -167,6 +182,13 @@ def _contract(entry: _Entry) -> Contract:
         fix_cost=entry.string("fix-cost", ""),
         example=entry.string("example", ""),
         known_problems=entry.string("known-problems", ""),
+        hint=entry.string("hint", ""),
+        site=site,
+        ops=ops,
+        calls=entry.choice("calls", ("flash", "sdpa", "any"), "any"),
+        max_head_dim=entry.integer("max-head-dim"),
+        dispatch=None if dispatch == "none" else dispatch,
+        skip_under_autocast=entry.boolean("skip-under-autocast"),
     )
 
 
@@ -214,6 +236,18 @@ class _Entry:
         value = self._get(key, [])
         if not isinstance(value, list) or not all(isinstance(item, int) and not isinstance(item, bool) for item in value):
             raise self.error(key, "must be a list of integers")
+        return value
+
+    def boolean(self, key: str) -> bool:
+        value = self._get(key, False)
+        if not isinstance(value, bool):
+            raise self.error(key, "must be true or false")
+        return value
+
+    def integer(self, key: str) -> int | None:
+        value = self._get(key, None)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
+            raise self.error(key, "must be a positive integer")
         return value
 
     def choice(self, key: str, choices: tuple[str, ...], default: str) -> str:

@@ -19,27 +19,42 @@ each resolved against one module ``M`` that the contract matched:
 ``param:a|b``        ``M``'s parameter ``a``, else ``b``.
 ``sdpa-inputs``      query, key and value of the first scaled-dot-product-attention op ``M`` runs.
 ``child-output:c``   the floating output of ``M``'s child module ``c``.
+``attr:a``           ``M``'s ``torch.dtype`` attribute ``a`` (bitsandbytes' ``compute_dtype``).
+
+Contracts on op sites (``site = "op"``) name an aten op's operands by their schema name: ``arg:weight``.
+Contracts on attention sites (``site = "attention"``, the calls ``dtypelint.attention`` records) name
+``query``, ``key``, ``value`` and ``attn-mask``.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 
+from dtypelint.attention import AttentionCall
 from dtypelint.dtypes import dtype_name
 from dtypelint.graph import DtypeGraph
 from dtypelint.model_info import ModelInfo
-from dtypelint.vocabulary import WEIGHT_ORIGINS, OpKind, OriginKind
+from dtypelint.vocabulary import STREAM_ORIGINS, WEIGHT_ORIGINS, OpKind, OriginKind
 
 SELECTORS = ("input", "raw-input", "owner-input", "outputs", "consumer-input", "mask", "sdpa-inputs")
-PREFIXED_SELECTORS = ("buffer:", "param:", "child-output:")
+ATTENTION_SELECTORS = ("query", "key", "value", "attn-mask")
+PREFIXED_SELECTORS = ("buffer:", "param:", "child-output:", "attr:")
+OP_PREFIX = "arg:"
+SITE_SELECTORS = {
+    "module": (SELECTORS, PREFIXED_SELECTORS),
+    "op": ((), (OP_PREFIX,)),
+    "attention": (ATTENTION_SELECTORS, ()),
+}
 
 
-def valid_selector(selector: str) -> bool:
-    if selector in SELECTORS:
+def valid_selector(selector: str, site: str = "module") -> bool:
+    """True for a selector that a contract on ``site`` sites (module, op or attention) can use."""
+    names, prefixes = SITE_SELECTORS[site]
+    if selector in names:
         return True
-    prefix = next((p for p in PREFIXED_SELECTORS if selector.startswith(p)), None)
+    prefix = next((p for p in prefixes if selector.startswith(p)), None)
     return prefix is not None and bool(selector[len(prefix):].strip("|"))
 
 
@@ -94,7 +109,12 @@ class ModelSites:
 
     def input(self, path: str, *, floating: bool = True) -> str | None:
         graph = self.graph
-        candidates = [t for t in self.entering(path) if not floating or graph.dtype(t).is_floating_point]
+        # Activations only: a tensor no traced op made and no forward argument is state stashed outside the
+        # module tree (bitsandbytes' ``weight.SCB``), never the stream.
+        candidates = [
+            t for t in self.entering(path)
+            if graph.tensor(t)["origin"] in STREAM_ORIGINS and (not floating or graph.dtype(t).is_floating_point)
+        ]
         hidden = [t for t in candidates if graph.tensor(t)["shape"][-1:] == (self.model.hidden_size,)]
         return (hidden or candidates or [None])[0]
 
@@ -142,6 +162,10 @@ class ModelSites:
             roles = (("0", "query"), ("1", "key"), ("2", "value"))
             return [self._node_operand(inputs[key], f"the {role} of {path}") for key, role in roles if key in inputs]
         kind, _, names = selector.partition(":")
+        if kind == "attr":
+            qualified = f"{path}.{names}" if path else names
+            dtype = self.model.dtype_attributes.get(qualified)
+            return [Operand(qualified, dtype_name(dtype))] if dtype is not None else []
         if kind == "child-output":
             return [self._node_operand(node, f"output of {path}.{names}") for node in self.outputs(f"{path}.{names}")[:1]]
         wanted = OriginKind.PARAMETER if kind == "param" else OriginKind.BUFFER
@@ -155,3 +179,27 @@ class ModelSites:
     def _node_operand(self, node: str, label: str) -> Operand:
         data = self.graph.tensor(node)
         return Operand(label, data["dtype"], data["name"] if data["origin"] in WEIGHT_ORIGINS else None, node)
+
+    # Op sites --------------------------------------------------------------------------------------------
+
+    def op_operands(self, op: str, selector: str) -> list[Operand]:
+        """``arg:a|b``: the op's tensor argument named ``a`` in its schema, else ``b``."""
+        graph = self.graph
+        data = graph.op(op)
+        schema = getattr(data["packet"], data["target"].rsplit(".", 1)[-1])._schema
+        by_name = {
+            schema.arguments[int(argument)].name if argument.isdigit() else argument: node
+            for node, argument in graph.inputs(op)
+        }
+        for name in selector.removeprefix(OP_PREFIX).split("|"):
+            if name in by_name:
+                operand = self._node_operand(by_name[name], f"the {name} of {data['name']}")
+                return [replace(operand, label=operand.name or operand.label)]
+        return []
+
+
+def attention_operands(call: AttentionCall, selector: str) -> list[Operand]:
+    """``query``, ``key``, ``value`` or ``attn-mask`` of a recorded attention call (no mask: nothing)."""
+    role = selector.replace("attn-", "attention ")
+    dtype = getattr(call, selector.removeprefix("attn-"))
+    return [Operand(f"the {role} of {call.module or '<model>'}", dtype)] if dtype is not None else []

@@ -131,7 +131,7 @@ def test_nothing_to_fix_saves_nothing_and_says_so(tmp_path, tiny_llama_path, cap
 
 
 def test_a_model_without_save_pretrained_is_one_line(tmp_path, monkeypatch, capsys):
-    (tmp_path / "stray_entry.py").write_text(textwrap.dedent("""
+    (tmp_path / "unsaveable_entry.py").write_text(textwrap.dedent("""
         import torch
         from torch import nn
 
@@ -141,7 +141,7 @@ def test_a_model_without_save_pretrained_is_one_line(tmp_path, monkeypatch, caps
             return model, torch.randn(2, 8, dtype=torch.float16)
     """))
     monkeypatch.syspath_prepend(str(tmp_path))
-    code = main(["check", "--entry", "stray_entry:build", "--fix", "--save-fixed", str(tmp_path / "out")])
+    code = main(["check", "--entry", "unsaveable_entry:build", "--fix", "--save-fixed", str(tmp_path / "out")])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "Sequential has no save_pretrained" in err[0], err
     assert not (tmp_path / "out").exists()

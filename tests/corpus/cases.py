@@ -160,7 +160,8 @@ CASES: list[Case] = [
     control("pytorch-mha-autocast-float-mask", "pytorch", "https://github.com/pytorch/pytorch/issues/111276", 7,
             m.transformer_encoder_layer, audit={"dtype": "float32"}, autocast="bfloat16"),
     bug("transformers-autocast-flash-attention-2", "flash-attention", "https://github.com/huggingface/transformers/issues/35945", 7,
-        m.fp32_llama, Expect("kernel-contract", ("self_attn",)), audit=BF16, autocast="bfloat16", needs_pack="cuda"),
+        m.fp32_llama, Expect("kernel-contract", ("self_attn",)), audit=BF16, autocast="bfloat16", needs_pack="cuda",
+        known_miss=MISS_7),
     bug("bnb-linear4bit-fp32-compute", "bitsandbytes", "https://github.com/bitsandbytes-foundation/bitsandbytes/pull/2077", 7,
         partial(m.linear4bit, m.F32), Expect("kernel-contract", ("0",), "warning"), audit=F16, needs_pack="bitsandbytes"),
     control("bnb-linear4bit-fp16-compute", "bitsandbytes", "https://github.com/h2oai/h2ogpt/pull/682", 7,
@@ -174,5 +175,5 @@ CASES: list[Case] = [
         partial(m.per_layer_rotary_llama, m.BF16), Expect("kernel-contract", ("inv_freq",)),
         audit={**BF16, "backend": "ipex-llm-xpu"}),
     bug("pytorch-layernorm-fp32-weight-cuda", "pytorch", "https://github.com/pytorch/pytorch/issues/135969", 1,
-        m.layer_norm_fp32_weight, Expect("kernel-contract", ("norm",)), audit=F16, needs_pack="cuda"),
+        m.layer_norm_fp32_weight, Expect("kernel-contract", ("1",)), audit=F16, needs_pack="cuda"),
 ]

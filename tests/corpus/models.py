@@ -611,7 +611,10 @@ def linear4bit(compute_dtype: torch.dtype):
     import bitsandbytes as bnb
 
     torch.manual_seed(0)
-    model = nn.Sequential(bnb.nn.Linear4bit(DIM, DIM, compute_dtype=compute_dtype, quant_type="nf4")).eval()
+    layer = bnb.nn.Linear4bit(DIM, DIM, compute_dtype=compute_dtype, quant_type="nf4")
+    # bitsandbytes quantizes the weight when it is moved to a device; the bias in the activation dtype, as
+    # from_pretrained(quantization_config=..., dtype=torch.float16) loads it.
+    model = nn.Sequential(layer.half().to("cpu")).eval()
     return model, (randn(1, SEQ, DIM, dtype=F16),)
 
 

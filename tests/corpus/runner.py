@@ -55,6 +55,11 @@ def skip_reason(case: Case) -> str | None:
     return None
 
 
+def audit_settings(case: Case) -> dict:
+    """The case's audit keywords; a case that needs a pack is audited under it."""
+    return {"backend": case.needs_pack, **case.audit} if case.needs_pack else dict(case.audit)
+
+
 @cache
 def run(case_id: str) -> Outcome:
     case = next(c for c in CASES if c.id == case_id)
@@ -66,7 +71,7 @@ def run(case_id: str) -> Outcome:
     autocast = torch.autocast("cpu", dtype=getattr(torch, case.autocast)) if case.autocast else contextlib.nullcontext()
     try:
         with autocast:
-            outcome.findings = dtypelint.audit(model, inputs, **case.audit).findings
+            outcome.findings = dtypelint.audit(model, inputs, **audit_settings(case)).findings
     except Exception as error:  # noqa: BLE001 - any exception is the outcome
         outcome.raised = f"{type(error).__name__}: {error}"
     try:

@@ -1,0 +1,151 @@
+"""Attention calls as the kernel that will run them sees them: a function-level view of the trace.
+
+Which CUDA kernel an SDPA call gets depends on the query, key, value and mask dtypes after autocast, the
+head_dim, and the backends ``sdpa_kernel`` leaves enabled. ``AttentionRecorder`` (owned by the Tracer)
+records each call as an ``AttentionCall``: from the aten attention op the Tracer dispatches, or, in a
+flash deployment, at ``F.scaled_dot_product_attention`` itself (before autocast, which flash-attn ignores).
+
+A deployment that runs attention through flash-attn is declared with ``flash_deployment(name)``: while it
+is active every attention call is recorded as a call of that implementation, the transformers attention
+interface (through ``dtypelint.standins``) and direct SDPA calls (diffusers-style processors) alike.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+from dtypelint.dtypes import dtype_name
+
+SDPA = "sdpa"
+_implementation: ContextVar[str] = ContextVar("dtypelint_attention_implementation", default=SDPA)
+# torch.backends.cuda's switches, which ``torch.nn.attention.sdpa_kernel`` sets (also on a CPU machine).
+_BACKEND_SWITCHES = {
+    "flash": torch.backends.cuda.flash_sdp_enabled,
+    "efficient": torch.backends.cuda.mem_efficient_sdp_enabled,
+    "cudnn": torch.backends.cuda.cudnn_sdp_enabled,
+    "math": torch.backends.cuda.math_sdp_enabled,
+}
+
+
+@contextmanager
+def flash_deployment(implementation: str) -> Iterator[None]:
+    """Record every attention call inside the block as a call of ``implementation`` (``flash_attention_2``)."""
+    token = _implementation.set(implementation)
+    try:
+        yield
+    finally:
+        _implementation.reset(token)
+
+
+def is_flash(implementation: str) -> bool:
+    return "flash" in implementation
+
+
+@dataclass(frozen=True)
+class AttentionCall:
+    """One attention call: dtypes as the code handed them over (before autocast), and its context."""
+
+    index: int  # ops recorded before it: its place in the graph's execution order
+    module: str
+    implementation: str  # "sdpa", or the flash implementation declared for the deployment
+    query: str
+    key: str
+    value: str
+    mask: str | None  # the mask's dtype; None without a mask
+    head_dim: int
+    enabled_backends: tuple[str, ...]  # the SDPA backends left enabled (all four unless forced)
+    autocast: str | None  # the autocast dtype active for the query's device, if any
+
+    @property
+    def forced(self) -> bool:
+        return len(self.enabled_backends) < len(_BACKEND_SWITCHES)
+
+
+def _dtype(tensor: object) -> str | None:
+    return dtype_name(tensor.dtype) if isinstance(tensor, torch.Tensor) else None
+
+
+def autocast_dtype(device: str) -> str | None:
+    try:
+        enabled = torch.is_autocast_enabled(device)
+    except (RuntimeError, TypeError):  # a device type without autocast
+        return None
+    return dtype_name(torch.get_autocast_dtype(device)) if enabled else None
+
+
+def _enabled_backends() -> tuple[str, ...]:
+    return tuple(name for name, enabled in _BACKEND_SWITCHES.items() if enabled())
+
+
+def _forced() -> bool:
+    return len(_enabled_backends()) < len(_BACKEND_SWITCHES)
+
+
+class AttentionRecorder:
+    """Appends an ``AttentionCall`` for each attention call of the traced forward.
+
+    Plain SDPA calls are recorded by the Tracer as they are dispatched (``dispatched``): with the dtypes
+    the kernel gets after autocast, and without a ``TorchFunctionMode``, whose mere presence changes code
+    paths (``has_torch_function`` turns off ``nn.TransformerEncoderLayer``'s fast path). In a flash
+    deployment the calls are recorded one level up instead (``function_mode``): flash-attn is not
+    autocast-aware, so what matters is what the code hands over. So they are when ``sdpa_kernel`` forces
+    backends the CPU build lacks (efficient, cuDNN): the CPU call then raises before any aten op.
+    """
+
+    def __init__(self, where: Callable[[], tuple[str, int]]) -> None:
+        self.where = where  # (module path, ops recorded so far), from the Tracer
+        self.calls: list[AttentionCall] = []
+        self.at_function_level = _implementation.get() != SDPA or _forced()
+
+    def function_mode(self) -> TorchFunctionMode | contextlib.AbstractContextManager[None]:
+        """The mode to enter around the forward: records ``F.scaled_dot_product_attention`` calls in a flash
+        deployment, nothing otherwise."""
+        return _FunctionLevel(self) if self.at_function_level else contextlib.nullcontext()
+
+    def dispatched(self, args: tuple, kwargs: dict[str, Any]) -> None:
+        """An aten attention op (``_scaled_dot_product_flash_attention_for_cpu``, ...) about to run."""
+        if self.at_function_level:
+            return  # recorded at the function level already
+        fourth = args[3] if len(args) > 3 and isinstance(args[3], torch.Tensor) else None  # attn_mask / attn_bias
+        self.record(*args[:3], mask=kwargs.get("attn_mask", fourth), autocast=None)
+
+    def record(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, mask: object,
+               autocast: str | None) -> None:
+        module, index = self.where()
+        self.calls.append(AttentionCall(
+            index=index,
+            module=module,
+            implementation=_implementation.get(),
+            query=dtype_name(query.dtype),
+            key=dtype_name(key.dtype),
+            value=dtype_name(value.dtype),
+            mask=_dtype(mask),
+            head_dim=query.shape[-1],
+            enabled_backends=_enabled_backends(),
+            autocast=autocast,
+        ))
+
+
+class _FunctionLevel(TorchFunctionMode):
+    def __init__(self, recorder: AttentionRecorder) -> None:
+        super().__init__()
+        self.recorder = recorder
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention:
+            self._record(*args, **kwargs)
+        return func(*args, **kwargs)
+
+    def _record(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: object = None,
+                *_: object, **__: object) -> None:
+        self.recorder.record(query, key, value, mask=attn_mask, autocast=autocast_dtype(query.device.type))
