@@ -124,3 +124,13 @@ def test_progress_bars_show_in_a_terminal_for_long_work_and_never_with_q():
     assert "LlamaForCausalLM [meta, bfloat16, backend hf-eager]" in shown
     quiet = run_in_pty("check", "examples/configs/llama-3-70b", "--mode", "meta", "-q")
     assert "tracing" not in quiet and "loading" not in quiet
+
+
+def test_every_error_row_names_its_root_cause(stray_fp32_layer):
+    import torch
+
+    import dtypelint
+
+    report = dtypelint.audit(stray_fp32_layer, torch.randn(2, 16, dtype=torch.float16))
+    assert {(finding.code, finding.tensor) for finding in report.errors} == {("DT001", "head.weight"),
+                                                                              ("DT101", "head.weight")}

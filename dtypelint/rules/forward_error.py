@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+from dtypelint.dtypes import dtype_name
 from dtypelint.errors import first_line
 from dtypelint.report import Finding
 from dtypelint.rules.base import Rule, RuleContext
@@ -47,6 +48,7 @@ class ForwardError(Rule):
         inputs = [node for node, _ in graph.inputs(failed)]
         yield self.finding(
             location=data["module"],
+            tensor=_odd_operand(context, inputs),
             op=data["name"],
             dtypes=[graph.tensor(node)["dtype"] for node in inputs],
             message=f"{message} (at {data['name']} with inputs "
@@ -54,3 +56,20 @@ class ForwardError(Rule):
             + ")",
             node=failed,
         )
+
+
+def _odd_operand(context: RuleContext, inputs: list[str]) -> str | None:
+    """The parameter, buffer or input behind the operand off the compute dtype when the op that raised got
+    several floating dtypes: the root cause the error row names (weights before biases)."""
+    graph, compute = context.graph, dtype_name(context.compute_dtype)
+    floating = [node for node in inputs if graph.dtype(node).is_floating_point]
+    if len({graph.tensor(node)["dtype"] for node in floating}) < 2:
+        return None
+    odd = sorted((node for node in floating if graph.tensor(node)["dtype"] != compute),
+                 key=lambda node: -len(graph.tensor(node)["shape"]))
+    for node in odd:
+        source = graph.source(node, through_copies=True)
+        name = graph.leaf_name(source) or next(filter(None, map(graph.leaf_name, graph.root_leaves(node))), None)
+        if name:
+            return name
+    return None
