@@ -4,6 +4,7 @@ weights that meet the stream only through casts (DT105)."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -188,3 +189,29 @@ def test_rope_error_of_angles_computed_in_half_exceeds_storage_rounding():
     stored = rope_error(inv_freq, torch.bfloat16, 4096)
     assert 0 < stored < rope_error(inv_freq, torch.bfloat16, 4096, angles_in_dtype=True)
     assert rope_error(inv_freq, torch.float32, 4096) == 0
+
+
+class Float32Rotary(nn.Module):
+    """Olmo's rotary step: float32 cos/sin from ``inv_freq`` multiply the float16 query, the result is cast
+    back (``cast_back``) or flows on in float32."""
+
+    def __init__(self, cast_back: bool) -> None:
+        super().__init__()
+        self.q_proj = torch.nn.Linear(8, 8).half()
+        self.register_buffer("inv_freq", 1.0 / 10000 ** (torch.arange(0, 8, 2).float() / 8), persistent=False)
+        self.cast_back = cast_back
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q = self.q_proj(x)
+        angles = torch.arange(x.shape[1], dtype=torch.float32)[:, None] * self.inv_freq[None, :]
+        cos = torch.cat([angles, angles], -1).cos()
+        rotated = q * cos + q
+        return rotated.to(q.dtype) if self.cast_back else rotated
+
+
+@pytest.mark.parametrize(("cast_back", "severity"), [(True, "info"), (False, "warning")])
+def test_a_float32_rope_step_cast_back_is_intended_and_one_that_flows_on_is_not(cast_back, severity):
+    report = dtypelint.audit(Float32Rotary(cast_back).eval(), torch.randn(1, 4, 8, dtype=torch.float16))
+    (promotion,) = [finding for finding in report.findings if finding.code == "DT102"]
+    assert promotion.severity == severity and promotion.tensor == "inv_freq"
+    assert ("an intended float32 step" in promotion.message) == cast_back

@@ -13,21 +13,27 @@ from dtypelint.rules.base import Rule, RuleContext
 from dtypelint.vocabulary import CASTABLE_ORIGINS, STREAM_ORIGINS, WEIGHT_ORIGINS, OpKind, OriginKind
 
 PROMOTING_ORIGINS = WEIGHT_ORIGINS | {OriginKind.CONSTANT}
+INTENDED_WIDE_OPS = 4  # a promoted stretch this short that ends in casts back is a deliberate float32 step
 
 
-def widened_ops(graph: DtypeGraph, start: str, dtype: str) -> int:
-    """How many ops after ``start`` go on producing ``dtype`` from its output, up to an explicit cast."""
-    seen, frontier = set(), list(graph.outputs(start))
+def widened_ops(graph: DtypeGraph, start: str, dtype: str) -> tuple[int, bool]:
+    """How many ops after ``start`` go on producing ``dtype`` from its output, up to an explicit cast, and
+    whether every such value ends in explicit casts (back to the stream's dtype, as RoPE in float32 does)."""
+    seen, frontier, cast_back = set(), list(graph.outputs(start)), True
     while frontier:
         tensor = frontier.pop()
-        for op in graph.consumers(tensor):
+        consumers = graph.consumers(tensor)
+        cast_back = cast_back and bool(consumers)
+        for op in consumers:
             if op in seen or graph.op_is(op, OpKind.CAST):
                 continue
             outputs = [t for t in graph.outputs(op) if graph.tensor(t)["dtype"] == dtype]
             if outputs:
                 seen.add(op)
                 frontier += outputs
-    return len(seen)
+            else:
+                cast_back = False
+    return len(seen), cast_back
 
 
 class Promotion(Rule):
@@ -120,15 +126,21 @@ class Promotion(Rule):
         # A derived table is fixed by a cast after its derivation, in the model's code: no automatic fix.
         fixable = direct and leaf_data["origin"] in CASTABLE_ORIGINS
         fix = Fix((name,), compute, "unsafe", f"cast {name} to {compute}") if name and fixable else None
-        after = widened_ops(graph, op, wide)
+        after, cast_back = widened_ops(graph, op, wide)
         what = f"{graph.describe(leaf)} ({leaf_data['dtype']})" if direct else graph.describe_derived(tensor)
+        # A table the backend keeps in float32 by design (RoPE's cos/sin from inv_freq), used in float32 for a
+        # few ops and cast back: the model computes that step in float32 on purpose (Olmo's rotary).
+        intended = (name is not None and context.pack.keeps_fp32(name) and cast_back
+                    and after <= INTENDED_WIDE_OPS)
+        ending = "; then cast back: an intended float32 step" if intended else ""
         return self.finding(
             location=data["module"],
             tensor=name,
             op=data["name"],
             dtypes=sorted({compute, wide, graph.tensor(tensor)["dtype"]}),
             message=f"{what} promotes the {compute} stream to {wide} at {data['name']}; "
-            f"{after} later op{'s' if after != 1 else ''} then run in {wide}",
-            fix=fix,
+            f"{after} later op{'s' if after != 1 else ''} then run in {wide}{ending}",
+            fix=None if intended else fix,
             node=op,
+            severity="info" if intended else None,
         )
