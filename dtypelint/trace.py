@@ -19,7 +19,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
+from torch._ops import OpOverload
 from torch._subclasses.fake_tensor import FakeTensor
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import keystr, tree_flatten_with_path
 
@@ -68,6 +71,24 @@ class OpRecord:
 
 
 _CONSTANT = Origin(OriginKind.CONSTANT)
+_aten = torch.ops.aten
+# Composite functions whose dtype checks can raise before any aten op reaches the dispatch mode (SDPA's q/k/v
+# and mask, a convolution's input against its weight and bias), each with the aten op whose schema shares its
+# argument order and that stands for the call in the graph. The others are here because backends refuse
+# mixed operands in them before dispatch too; where their CPU kernels raise, the dispatched op is recorded.
+_CHECKED_BEFORE_DISPATCH: dict[Callable[..., Any], OpOverload] = {
+    F.scaled_dot_product_attention: _aten.scaled_dot_product_attention.default,
+    F.conv1d: _aten.conv1d.default,
+    F.conv2d: _aten.conv2d.default,
+    F.conv3d: _aten.conv3d.default,
+    F.conv_transpose1d: _aten.conv_transpose1d.default,
+    F.conv_transpose2d: _aten.conv_transpose2d.input,
+    F.conv_transpose3d: _aten.conv_transpose3d.input,
+    F.linear: _aten.linear.default,
+    F.layer_norm: _aten.layer_norm.default,
+    F.group_norm: _aten.group_norm.default,
+    F.rms_norm: _aten.rms_norm.default,
+}
 _ATTENTION = packets(OpKind.ATTENTION)
 # Copies hold values measured where they were made; uninitialised memory holds garbage, not values.
 _NOT_MEASURED = packets(OpKind.COPIES_VALUES) | packets(OpKind.UNINITIALISED)
@@ -191,6 +212,7 @@ class Tracer(TorchDispatchMode):
         self.attention = AttentionRecorder(lambda: (self.modules.current, len(self.records)))
         self.autocast: str | None = None  # the autocast dtype the forward started under, if any
         self._function_mode: AbstractContextManager[Any] = nullcontext()
+        self._composite_calls = _CompositeCalls(self)
         # Storage of the real parameters, to catch writes through ``.data`` (which no version counter sees).
         self._parameter_storages = {} if state is not None else _parameter_storages(model)
         self._register_model_origins(state)
@@ -239,6 +261,24 @@ class Tracer(TorchDispatchMode):
         self._live[id(tensor)] = (index, weakref.ref(tensor))
         return index
 
+    def _inputs(self, args: tuple, kwargs: Mapping[str, Any]) -> list[tuple[str, int]]:
+        inputs = []
+        for position, value in enumerate(args):
+            if isinstance(value, torch.Tensor):  # the common case, without the generator
+                inputs.append((str(position), self._index(value)))
+            elif isinstance(value, (list, tuple)):
+                inputs += [(f"{position}{suffix}", self._index(tensor)) for suffix, tensor in iter_tensors(value)]
+        for name, value in kwargs.items():
+            inputs += [(name + suffix, self._index(tensor)) for suffix, tensor in iter_tensors(value)]
+        return inputs
+
+    def failed_call(self, op: OpOverload, args: tuple, kwargs: Mapping[str, Any], recorded_before: int) -> None:
+        """A composite call (``F.conv2d``) raised: record it as a failed ``op``, unless one of the aten ops it
+        dispatched is the one that failed (it was recorded with the dtypes the kernel got)."""
+        if self.ops_run > self.max_ops or (len(self.records) > recorded_before and not self.records[-1].completed):
+            return
+        self.records.append(OpRecord(op, self.modules.current, self._inputs(args, kwargs)))
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
         kwargs = kwargs or {}
         if func.namespace == "prim":  # metadata queries (prim.device under fake tensors), not data ops
@@ -248,17 +288,9 @@ class Tracer(TorchDispatchMode):
             return func(*args, **kwargs)
         if self._parameter_storages and _written_arguments(func):
             self._note_parameter_writes(func, args, kwargs)
-        inputs = []
-        for position, value in enumerate(args):
-            if isinstance(value, torch.Tensor):  # the common case, without the generator
-                inputs.append((str(position), self._index(value)))
-            elif isinstance(value, (list, tuple)):
-                inputs += [(f"{position}{suffix}", self._index(tensor)) for suffix, tensor in iter_tensors(value)]
-        for name, value in kwargs.items():
-            inputs += [(name + suffix, self._index(tensor)) for suffix, tensor in iter_tensors(value)]
         if func.overloadpacket in _ATTENTION:
             self.attention.dispatched(args, kwargs)
-        record = OpRecord(func, self.modules.current, inputs)
+        record = OpRecord(func, self.modules.current, self._inputs(args, kwargs))
         self.records.append(record)
         outputs = func(*args, **kwargs)
         # Views and data movement create no new values: their inputs were measured where they were made.
@@ -288,12 +320,14 @@ class Tracer(TorchDispatchMode):
         self.modules.__enter__()
         self._function_mode = self.attention.function_mode()
         self._function_mode.__enter__()
+        self._composite_calls.__enter__()
         return super().__enter__()
 
     def __exit__(self, exc_type, exc, traceback) -> None:  # noqa: ANN001
         try:
             super().__exit__(exc_type, exc, traceback)
         finally:
+            self._composite_calls.__exit__(exc_type, exc, traceback)
             self._function_mode.__exit__(exc_type, exc, traceback)
             self.modules.__exit__(exc_type, exc, traceback)
             if self._saved_modes is not None:
@@ -304,6 +338,28 @@ class Tracer(TorchDispatchMode):
         self._keepalive = []
         self._live = {}
         self.origins = {}
+
+
+class _CompositeCalls(TorchFunctionMode):
+    """Catches the composite calls that raise before the dispatch mode sees any op (``_CHECKED_BEFORE_DISPATCH``),
+    so that DT001 and DT101 see the failing call with its real operands. Every other call, and every call that
+    succeeds, costs one dict lookup and records nothing: the graph stays the dispatched ops."""
+
+    def __init__(self, tracer: Tracer) -> None:
+        super().__init__()
+        self.tracer = tracer
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        kwargs = kwargs or {}
+        op = _CHECKED_BEFORE_DISPATCH.get(func)
+        if op is None:
+            return func(*args, **kwargs)
+        recorded_before = len(self.tracer.records)
+        try:
+            return func(*args, **kwargs)
+        except Exception:
+            self.tracer.failed_call(op, args, kwargs, recorded_before)
+            raise
 
 
 def _parameter_storages(model: torch.nn.Module) -> dict[int, str]:

@@ -232,3 +232,22 @@ def test_nested_inputs_keep_their_input_origin_and_name(mode):
     graph = dtypelint.trace(NestedInputs(), (cache,), mode=mode)
     inputs = {graph.tensor(node)["name"] for node in graph.tensors() if graph.tensor(node)["origin"] == "input"}
     assert inputs == {"cache['layers'][0][1]", "cache['layers'][1][0]"}
+
+
+def test_a_composite_call_that_raises_before_dispatch_is_recorded() -> None:
+    """F.conv2d checks input against bias before any aten op is dispatched: the call itself is recorded."""
+    model = nn.Sequential()
+    model.add_module("conv", nn.Conv2d(3, 4, 3).half())
+    model.conv.bias.data = model.conv.bias.data.float()
+    report = dtypelint.audit(model, (torch.randn(1, 3, 8, 8, dtype=torch.float16),))
+    error = next(f for f in report.findings if f.code == "DT001")
+    assert (error.location, error.op, error.dtypes) == ("conv", "aten.conv2d", ["float16", "float16", "float32"])
+    mixed = next(f for f in report.findings if f.code == "DT101")
+    assert (mixed.location, mixed.tensor) == ("conv", "conv.bias")
+
+
+def test_a_composite_call_that_succeeds_adds_no_record() -> None:
+    model, x = nn.Conv2d(3, 4, 3), torch.randn(1, 3, 8, 8)
+    with Tracer(model) as tracer:
+        model(x)
+    assert [str(record.func) for record in tracer.records] == ["aten.convolution.default"]

@@ -61,16 +61,14 @@ def control(id: str, project: str, url: str, mechanism: int, build: Callable, **
 F16 = {"dtype": "float16"}
 BF16 = {"dtype": "bfloat16"}
 
-MISS_1 = "mechanism 1: the dtype check raises before any aten op is dispatched, so DT001 has no location, op or input dtypes and DT101 never fires"
 MISS_1_CPU_MASK = "mechanism 1: CPU's composite SDPA accepts the float32 mask next to a bfloat16 query (CUDA's kernels refuse it); no recorded op takes both"
 MISS_2_ASSIGNED = "mechanism 2: the float32 table is rebuilt in forward and assigned to the rel_indices buffer; the trace sees only the op that made it (arange, stack), not the buffer it is stored in"
-MISS_3_SDPA = "mechanism 1: SDPA checks q/k/v dtypes before any aten op is dispatched, so the float32 q/k (the q_norm cast that leaked, which mechanism 3 names once an op takes them) never meet v in a recorded op"
 MISS_7 = "mechanism 7: the trace holds the dtypes after autocast, but no rule relates them to what the code passed (autocast's coverage)"
 
 CASES: list[Case] = [
     # 1. Checks made before any aten op is dispatched.
     bug("dia-sdpa-qkv-dtypes", "dia", "https://github.com/nari-labs/dia/issues/158", 1,
-        m.sdpa_mixed_qkv, Expect("mixed-input", ("attn",)), audit=F16, known_miss=MISS_1),
+        m.sdpa_mixed_qkv, Expect("mixed-input", ("attn",)), audit=F16),
     control("dia-sdpa-qkv-dtypes-fixed", "dia", "https://github.com/nari-labs/dia/pull/45", 1,
             partial(m.sdpa_mixed_qkv, align=True), audit=F16),
     bug("titan-sdpa-float-mask", "TITAN", "https://github.com/mahmoodlab/TITAN/issues/11", 1,
@@ -78,11 +76,11 @@ CASES: list[Case] = [
     control("titan-sdpa-float-mask-cast", "TITAN", "https://github.com/mahmoodlab/TITAN/issues/11", 1,
             partial(m.sdpa_float_mask, align=True), audit=BF16),
     bug("comfyui-conv-float-input", "ComfyUI", "https://github.com/Kosinkadink/ComfyUI-Advanced-ControlNet/issues/105", 1,
-        partial(m.conv_input, m.F32, m.F16, m.F16), Expect("mixed-input", ("conv",)), audit=F16, known_miss=MISS_1),
+        partial(m.conv_input, m.F32, m.F16, m.F16), Expect("mixed-input", ("conv",)), audit=F16),
     control("comfyui-conv-float-input-cast", "ComfyUI", "https://github.com/Kosinkadink/ComfyUI-Advanced-ControlNet/issues/105", 1,
             partial(m.conv_input, m.F32, m.F16, m.F16, align=True), audit=F16),
     bug("mmdet-conv-float-bias", "mmdetection", "https://github.com/open-mmlab/mmdetection/issues/11653", 1,
-        partial(m.conv_input, m.F16, m.F16, m.F32), Expect("mixed-input", ("conv.bias",)), audit=F16, known_miss=MISS_1),
+        partial(m.conv_input, m.F16, m.F16, m.F32), Expect("mixed-input", ("conv.bias",)), audit=F16),
     control("mmdet-conv-float-bias-cast", "mmdetection", "https://github.com/open-mmlab/mmdetection/issues/11653", 1,
             partial(m.conv_input, m.F16, m.F16, m.F32, align=True), audit=F16),
     bug("diffusers-xformers-autocast-norm-q", "diffusers", "https://github.com/huggingface/diffusers/issues/6774", 7,
@@ -109,7 +107,7 @@ CASES: list[Case] = [
         known_miss=MISS_2_ASSIGNED),
     # 3. Explicit casts that leak.
     bug("xformers-qk-layernorm-fp32", "xformers", "https://github.com/facebookresearch/xformers/issues/1211", 3,
-        partial(m.qk_norm_attention, restore=False), Expect("mixed-input", ("q_norm",)), audit=BF16, known_miss=MISS_3_SDPA),
+        partial(m.qk_norm_attention, restore=False), Expect("mixed-input", ("q_norm",)), audit=BF16),
     control("xformers-qk-layernorm-cast-back", "xformers", "https://github.com/facebookresearch/xformers/issues/1211", 3,
             partial(m.qk_norm_attention, restore=True), audit=BF16),
     bug("unianimate-dit-norm1-fp32", "UniAnimate-DiT", "https://github.com/ali-vilab/UniAnimate-DiT/issues/40", 3,
