@@ -27,7 +27,7 @@ from dtypelint.paths import (
     refuse_weights_file,
     unsupported_graph_suffix,
 )
-from dtypelint.shipped import available_packs
+from dtypelint.shipped import available_packs, is_pack_path, shipped_pack
 
 if TYPE_CHECKING:
     from dtypelint.config import Settings
@@ -157,8 +157,8 @@ def _preflight(options: argparse.Namespace) -> Path | None:
     if options.dtype and options.dtype.strip().lower() != "auto":
         dtype_attribute(options.dtype)
     for name in _codes(",".join(options.backend or [])) + (options.packs or []):
-        if not name.endswith(".toml") and "/" not in name and name not in available_packs():
-            raise UsageError(f"unknown backend {name!r}; available: {', '.join(available_packs())}")
+        if not is_pack_path(name):
+            shipped_pack(name)
     _check_outputs(options)
     if options.entry:
         return None

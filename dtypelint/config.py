@@ -31,7 +31,7 @@ from typing import Any, TypedDict
 
 import torch
 
-from dtypelint.dtypes import parse_dtype
+from dtypelint.dtypes import dtype_name, parse_dtype
 from dtypelint.errors import DtypelintError, LoadError, UsageError
 from dtypelint.paths import parse_file
 from dtypelint.report import SEVERITIES
@@ -137,8 +137,7 @@ def _dtype_setting(value: str | torch.dtype) -> str | None:
     """A dtype setting as its name; "auto" (the model's own) as None."""
     if isinstance(value, str) and value.strip().lower() == "auto":
         return None
-    dtype = parse_dtype(value)
-    return str(dtype).removeprefix("torch.")
+    return dtype_name(parse_dtype(value))
 
 
 def _changed_options(options: Options, changes: Mapping[str, Any]) -> Options:

@@ -6,6 +6,8 @@ from __future__ import annotations
 from importlib import resources
 from pathlib import Path
 
+from dtypelint.errors import UsageError
+
 
 def pack_dir() -> Path:
     """Where the shipped packs are: inside the wheel, or the repository's ``rules/`` in a source tree."""
@@ -17,3 +19,16 @@ def pack_dir() -> Path:
 
 def available_packs() -> list[str]:
     return sorted(path.stem for path in pack_dir().glob("*.toml"))
+
+
+def is_pack_path(text: str) -> bool:
+    """``my-pack.toml`` or ``packs/x`` names a file; ``cuda`` names a shipped pack."""
+    return text.endswith(".toml") or "/" in text or "\\" in text
+
+
+def shipped_pack(name: str) -> Path:
+    """The file of the shipped pack ``name``, or a UsageError listing the packs there are."""
+    path = pack_dir() / f"{name}.toml"
+    if not path.is_file():
+        raise UsageError(f"unknown backend {name!r}; available: {', '.join(available_packs())}")
+    return path

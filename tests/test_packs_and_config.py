@@ -11,7 +11,8 @@ import dtypelint
 from dtypelint import LoadError, UsageError
 from dtypelint.cli import main
 from dtypelint.config import load_settings
-from dtypelint.rules.packs import available_packs, load_pack
+from dtypelint.rules.packs import load_pack
+from dtypelint.shipped import available_packs
 
 CUSTOM_PACK = """
 [pack]

@@ -16,7 +16,8 @@ from dtypelint.errors import UsageError
 from dtypelint.report import SEVERITIES, Finding
 from dtypelint.rules.base import Rule, RuleContext
 from dtypelint.rules.kernel_contract import ContractRule
-from dtypelint.rules.packs import BackendPack, available_packs, load_pack
+from dtypelint.rules.packs import BackendPack, load_pack
+from dtypelint.shipped import available_packs
 
 # Modules of this package that hold the engine's parts, not rules.
 _NOT_RULES = frozenset({"base", "kernel_contract", "packs", "sites"})

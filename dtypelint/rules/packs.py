@@ -16,11 +16,11 @@ from pathlib import Path
 from typing import Any
 
 from dtypelint.dtypes import dtype_name, parse_dtype
-from dtypelint.errors import DtypelintError, LoadError, UsageError
+from dtypelint.errors import DtypelintError, LoadError
 from dtypelint.paths import parse_file
 from dtypelint.report import SEVERITIES
 from dtypelint.rules.sites import valid_selector
-from dtypelint.shipped import available_packs, pack_dir
+from dtypelint.shipped import is_pack_path, shipped_pack
 
 _CODE = re.compile(r"^[A-Z]{2,5}[0-9]{3}$")
 _NAME = re.compile(r"^[a-z0-9]+(-[a-z0-9]+)*$")
@@ -98,14 +98,9 @@ def load_pack(name_or_path: str | Path) -> BackendPack:
     """Load a shipped pack by name (``ipex-llm-xpu``) or any pack by path (``my-pack.toml``). Each file is
     parsed once per process (again only when it changes)."""
     text = str(name_or_path)
-    if text.endswith(".toml") or "/" in text or "\\" in text:
-        path = Path(text)
-        if not path.is_file():
-            raise LoadError(f"rule pack {path} does not exist")
-    else:
-        path = pack_dir() / f"{text}.toml"
-        if not path.is_file():
-            raise UsageError(f"unknown backend {text!r}; available: {', '.join(available_packs())}")
+    path = Path(text) if is_pack_path(text) else shipped_pack(text)
+    if not path.is_file():
+        raise LoadError(f"rule pack {path} does not exist")
     status = path.stat()
     return _parse_pack(path.resolve(), status.st_mtime_ns, status.st_size)
 

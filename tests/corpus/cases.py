@@ -42,7 +42,7 @@ class Case:
     expect: Expect | None = None  # the bug: this finding must appear
     control: bool = False  # the fix: no error and no warning at all
     autocast: str | None = None  # audit under torch.autocast("cpu", dtype=autocast)
-    needs_pack: str | None = None  # skipped while dtypelint.rules.packs.available_packs() lacks it
+    needs_pack: str | None = None  # skipped while dtypelint.shipped.available_packs() lacks it
     known_miss: str | None = None
 
     def __post_init__(self) -> None:

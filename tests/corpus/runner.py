@@ -9,7 +9,7 @@ from functools import cache
 import torch
 
 import dtypelint
-from dtypelint.rules.packs import available_packs
+from dtypelint.shipped import available_packs
 
 from .cases import CASES, Case
 
