@@ -200,14 +200,6 @@ def is_low_bit(path: str | Path) -> bool:
         return False
 
 
-def load_checkpoint(path: str | Path, dtype: torch.dtype | None, *, trust_remote_code: bool = False) -> torch.nn.Module:
-    """Load a checkpoint directory as users do: ``from_pretrained(path, dtype=dtype)``, or ipex-llm's
-    ``load_low_bit(path, torch_dtype=dtype)`` for a directory that ``save_low_bit`` wrote."""
-    if is_low_bit(path):
-        return load_low_bit(path, dtype, trust_remote_code)
-    return load_pretrained(path, load_config(path, trust_remote_code=trust_remote_code), dtype, trust_remote_code)
-
-
 def load_low_bit(path: str | Path, dtype: torch.dtype | None, trust_remote_code: bool) -> torch.nn.Module:
     try:
         from ipex_llm.transformers import AutoModelForCausalLM
