@@ -9,6 +9,7 @@ from typing import Any, Unpack
 
 import torch
 
+from dtypelint.autocast import POLICIES
 from dtypelint.config import SettingOverrides, Settings
 from dtypelint.dtypes import dtype_name, parse_dtype
 from dtypelint.errors import UsageError
@@ -69,6 +70,7 @@ def _run(
     max_ops: int | None = None,
     fake_mode: Any = None,
     attn_implementation: str | None = None,
+    autocast: str = "cpu",
 ) -> TraceResult:
     """Trace one forward. Exceptions of the forward are kept in the result, never raised. The model and
     global state are restored afterwards (``dtypelint.state.preserved``).
@@ -104,7 +106,8 @@ def _run(
         on_module = stack.enter_context(
             progress_bar(progress, "tracing", total=sum(1 for _ in model.modules()), unit="module")
         )
-        tracer = Tracer(model, stats=stats and mode == "value", state=state, on_module=on_module, max_ops=max_ops)
+        tracer = Tracer(model, stats=stats and mode == "value", state=state, on_module=on_module, max_ops=max_ops,
+                        autocast_policy=POLICIES[autocast])
         tracer.add_inputs(args, kwargs, names)
         if fake_mode is not None:
             stack.enter_context(fake_mode)
@@ -187,7 +190,7 @@ def audit(
     compute_dtype = parse_dtype(resolved.dtype) or infer_compute_dtype(model)
     result = _run(
         model, inputs, mode=mode, stats=stats, notes=notes, progress=progress, max_ops=resolved.options.max_ops,
-        attn_implementation=resolved.attn_implementation,
+        attn_implementation=resolved.attn_implementation, autocast=resolved.pack.autocast,
     )
     return _report(result, compute_dtype=compute_dtype, settings=resolved, inputs=inputs if mode == "value" else None)
 
@@ -220,7 +223,7 @@ def audit_loaded(loaded: Loaded, *, settings: Settings, progress: bool = False) 
         return _run(
             loaded.model, loaded.inputs, mode="meta", stats=False, notes=[], progress=progress,
             max_ops=settings.options.max_ops, fake_mode=loaded.fake_mode,
-            attn_implementation=settings.attn_implementation,
+            attn_implementation=settings.attn_implementation, autocast=settings.pack.autocast,
         )
 
     result = run()

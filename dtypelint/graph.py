@@ -6,10 +6,13 @@ the argument position or keyword), an edge ``op -> tensor`` an output. An in-pla
 version of the tensor it mutates, so the graph stays acyclic.
 
 Op node attributes: ``kind="op"``, ``index``, ``target`` (``aten.mm.default``), ``name`` (``aten.mm``),
-``module`` (state-dict path of the module that ran it, ``""`` for the root), ``inplace``, ``failed``.
+``module`` (state-dict path of the module that ran it, ``""`` for the root), ``inplace``, ``failed``,
+``autocast`` (a cast autocast made). A ``python.NAME`` op is a function of the model's code that raised a
+dtype error before any op ran, with the tensors its frame held.
 Tensor node attributes: ``kind="tensor"``, ``dtype`` (``"float16"``), ``shape`` (tuple), ``device``,
 ``origin`` (``parameter`` | ``buffer`` | ``attribute`` | ``input`` | ``constant`` | ``op``), ``name``
-(qualified name of a leaf), and in value mode with statistics ``min``/``max``. Exports add ``label``
+(qualified name of a leaf), ``stored_kind``/``stored_name`` (an activation the forward assigned to a
+buffer or attribute), and in value mode with statistics ``min``/``max``. Exports add ``label``
 (``DtypeGraph.label``: the tensor's name or producer, dtype and shape) and draw edges with their dtype.
 """
 
@@ -45,6 +48,7 @@ class OpNode(TypedDict):
     module: str
     inplace: bool
     failed: bool
+    autocast: bool  # a cast that autocast made: the code passed its input, the kernel got its output
 
 
 class TensorNode(TypedDict, total=False):
@@ -56,6 +60,8 @@ class TensorNode(TypedDict, total=False):
     name: str | None
     min: float  # value mode with statistics only
     max: float
+    stored_kind: OriginKind  # an activation the forward assigned to a buffer or tensor attribute
+    stored_name: str
 
 
 _ROOTS_KEPT = 4  # a finding names a few roots; keeping every one would cost quadratic memory on long chains
@@ -114,12 +120,15 @@ class DtypeGraph(nx.DiGraph):
             ops_run=tracer.ops_run,
             ops_recorded=len(tracer.records),
             autocast=tracer.autocast,
+            autocast_policy=tracer.autocast_policy.device,
+            failure_module=tracer.failure_module,
             attention_calls=tuple(tracer.attention.calls),  # dtypelint.attention.AttentionCall; not exported
         )
         graph.add_nodes_from(
             (f"t{index}", _tensor_attributes(tensor)) for index, tensor in enumerate(tracer.tensors)
         )
         ops, edges = [], []
+        autocast_casts = {index for casts in tracer.autocast_casts for index in casts}
         for index, record in enumerate(tracer.records):
             target = str(record.func)
             op = f"op{index}"
@@ -133,6 +142,7 @@ class DtypeGraph(nx.DiGraph):
                 module=record.module,
                 inplace=record.func._schema.is_mutable,
                 failed=not record.completed,
+                autocast=index in autocast_casts,
             )
             ops.append((op, attributes))
             edges += [(f"t{tensor}", op, {"arg": argument}) for argument, tensor in record.inputs]
@@ -249,6 +259,24 @@ class DtypeGraph(nx.DiGraph):
         data = self._node[tensor]
         return data["name"] if data["origin"] in LEAF_ORIGINS - {OriginKind.CONSTANT} else None
 
+    def stored(self, tensor: str) -> str | None:
+        """The tensor, or one it is a view of, that the forward assigned to a buffer or attribute."""
+        node = tensor
+        while "stored_name" not in self._node[node]:
+            op = self.producer(node)
+            if op is None or not self._follows(op, through_copies=False):
+                return None
+            node = self.inputs(op)[0][0]
+        return node
+
+    def blamed_leaf(self, tensor: str) -> str | None:
+        """The name to blame for an operand's dtype: the buffer the forward stored it in, the parameter,
+        buffer or input it is a view or copy of, or the root of the table it was derived from."""
+        if stored := self.stored(tensor):
+            return self._node[stored]["stored_name"]
+        source = self.source(tensor, through_copies=True)
+        return self.leaf_name(source) or next(filter(None, map(self.leaf_name, self.root_leaves(tensor))), None)
+
     def describe(self, tensor: str) -> str:
         """A short human label: ``buffer model.rotary_emb.inv_freq`` or ``activation of aten.mul``."""
         source = self.tensor(self.source(tensor))
@@ -257,7 +285,11 @@ class DtypeGraph(nx.DiGraph):
         if source["origin"] == OriginKind.CONSTANT:
             return f"constant from {source['name']}" if source["name"] else "constant"
         op = self.producer(self.source(tensor))
-        return f"activation from {self.nodes[op]['name']}" if op else "activation"
+        made = f"activation from {self.nodes[op]['name']}" if op else "activation"
+        if stored := self.stored(tensor):
+            data = self._node[stored]
+            return f"{data['stored_kind']} {data['stored_name']} (assigned in forward: {made})"
+        return made
 
     # Provenance of a dtype -------------------------------------------------------------------------
 
@@ -525,6 +557,8 @@ def _tensor_attributes(tensor: TensorRecord) -> dict[str, Any]:
     )
     if tensor.stats is not None:
         attributes.update(min=tensor.stats[0], max=tensor.stats[1])
+    if tensor.stored_as is not None:
+        attributes.update(stored_kind=tensor.stored_as.kind, stored_name=tensor.stored_as.name)
     return attributes
 
 

@@ -2,7 +2,9 @@
 
 The recorder is a ``TorchDispatchMode``: it sees ops *after* autocast and decomposition, so the dtypes it
 records are the ones the kernels receive. Global module forward hooks keep a stack of module paths, so
-each op is attributed to the module that ran it (the shape of ``torch.utils.module_tracker``).
+each op is attributed to the module that ran it (the shape of ``torch.utils.module_tracker``). A small
+function mode applies the deployment's autocast policy, marking its casts, and records the composite calls
+that raise before dispatch; a dtype error the model's own Python raises is recorded from its traceback.
 
 The hot path only appends references; names, dtypes, shapes and the graph are derived afterwards
 (``dtypelint.graph``), because formatting inside the mode multiplies its cost.
@@ -11,11 +13,14 @@ The hot path only appends references; names, dtypes, shapes and the graph are de
 from __future__ import annotations
 
 import functools
+import re
 import sys
 import weakref
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import torch
@@ -27,6 +32,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import keystr, tree_flatten_with_path
 
 from dtypelint.attention import AttentionRecorder, autocast_dtype
+from dtypelint.autocast import POLICIES, AutocastPolicy, autocast_operands
 from dtypelint.model_info import ModelInfo, qualified_name
 from dtypelint.state import GlobalModes
 from dtypelint.vocabulary import OpKind, OriginKind, packets
@@ -43,7 +49,7 @@ class Origin:
 class TensorRecord:
     """A tensor as an op saw it. ``origin`` is None for a tensor an op produced."""
 
-    __slots__ = ("dtype", "shape", "device", "origin", "stats")
+    __slots__ = ("dtype", "shape", "device", "origin", "stats", "stored_as")
 
     def __init__(self, tensor: torch.Tensor, origin: Origin | None) -> None:
         self.dtype = tensor.dtype
@@ -51,6 +57,7 @@ class TensorRecord:
         self.device = tensor.device
         self.origin = origin
         self.stats: tuple[float, float] | None = None
+        self.stored_as: Origin | None = None  # the buffer or attribute the forward assigned this tensor to
 
 
 class OpRecord:
@@ -70,7 +77,33 @@ class OpRecord:
         return self.outputs is not None
 
 
+class PythonCall:
+    """Stands for an op in the graph: a function of the model's own code that raised a dtype error before
+    handing its tensors to any op (xformers' and NATTEN's input checks). Its inputs are the tensors of the
+    innermost frame of the traceback that holds any."""
+
+    __slots__ = ("name",)
+
+    class _Schema:
+        is_mutable = False
+
+    _schema = _Schema()
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    @property
+    def overloadpacket(self) -> PythonCall:
+        return self
+
+    def __str__(self) -> str:
+        return f"python.{self.name}"
+
+
 _CONSTANT = Origin(OriginKind.CONSTANT)
+# Words by which an exception of the model's own code says it is about dtypes.
+_DTYPE_ERROR = re.compile(r"dtype|float|half|bfloat", re.IGNORECASE)
+_PACKAGE_DIRECTORY = str(Path(__file__).parent)
 _aten = torch.ops.aten
 # Composite functions whose dtype checks can raise before any aten op reaches the dispatch mode (SDPA's q/k/v
 # and mask, a convolution's input against its weight and bias), each with the aten op whose schema shares its
@@ -151,6 +184,10 @@ class ModuleTracker:
     def current(self) -> str:
         return self._stack[-1]
 
+    def name_of(self, module: object) -> str | None:
+        """The path of one of the model's modules; None for anything else."""
+        return self._names.get(id(module)) if isinstance(module, torch.nn.Module) else None
+
     def _push(self, module: torch.nn.Module, args: Any) -> None:
         self._stack.append(self._names.get(id(module), type(module).__name__))
         if self._on_module is not None:
@@ -192,6 +229,7 @@ class Tracer(TorchDispatchMode):
         state: Mapping[str, torch.Tensor] | None = None,
         on_module: Callable[[], object] | None = None,
         max_ops: int | None = None,
+        autocast_policy: AutocastPolicy | None = None,
     ) -> None:
         super().__init__()
         self.model = model
@@ -212,7 +250,11 @@ class Tracer(TorchDispatchMode):
         self.attention = AttentionRecorder(lambda: (self.modules.current, len(self.records)))
         self.autocast: str | None = None  # the autocast dtype the forward started under, if any
         self._function_mode: AbstractContextManager[Any] = nullcontext()
-        self._composite_calls = _CompositeCalls(self)
+        self.failure_module: str | None = None  # where the forward's exception unwound from, if it raised
+        self.autocast_policy = autocast_policy or POLICIES["cpu"]
+        # The ops that are casts autocast made (the dtype the code passed -> the one the kernel received).
+        self.autocast_casts: list[range] = []
+        self._function_calls = _FunctionCalls(self)
         # Storage of the real parameters, to catch writes through ``.data`` (which no version counter sees).
         self._parameter_storages = {} if state is not None else _parameter_storages(model)
         self._register_model_origins(state)
@@ -318,20 +360,55 @@ class Tracer(TorchDispatchMode):
         self._saved_modes = GlobalModes.capture()
         self.autocast = autocast_dtype("cuda") or autocast_dtype("cpu")
         self.modules.__enter__()
+        # A function mode entered later sees a call first: the attention recorder sees what the code hands
+        # over (flash-attn ignores autocast), the tracer's own mode what autocast makes of it.
+        self._function_calls.__enter__()
         self._function_mode = self.attention.function_mode()
         self._function_mode.__enter__()
-        self._composite_calls.__enter__()
         return super().__enter__()
 
     def __exit__(self, exc_type, exc, traceback) -> None:  # noqa: ANN001
         try:
             super().__exit__(exc_type, exc, traceback)
+            self._note_stored_tensors()
+            if exc is not None:
+                self._note_failure(exc)
         finally:
-            self._composite_calls.__exit__(exc_type, exc, traceback)
             self._function_mode.__exit__(exc_type, exc, traceback)
+            self._function_calls.__exit__(exc_type, exc, traceback)
             self.modules.__exit__(exc_type, exc, traceback)
             if self._saved_modes is not None:
                 self._saved_modes.restore()
+
+    def _note_stored_tensors(self) -> None:
+        """Name the tensors the forward made and assigned to a buffer or tensor attribute (timm rebuilds
+        ``self.rel_indices`` for a new input size): the table then carries the buffer's name."""
+        for module_name, module in self.model.named_modules():
+            attributes = [(OriginKind.ATTRIBUTE, key, value) for key, value in vars(module).items()]
+            for kind, attribute, value in [*((OriginKind.BUFFER, *item) for item in module._buffers.items()), *attributes]:
+                entry = self._live.get(id(value)) if isinstance(value, torch.Tensor) else None
+                if entry is not None and entry[1]() is value and self.tensors[entry[0]].origin is None:
+                    self.tensors[entry[0]].stored_as = Origin(kind, qualified_name(module_name, attribute))
+
+    def _note_failure(self, error: BaseException) -> None:
+        """Locate an exception the model's own Python code raised: ``failure_module`` is the innermost module
+        whose forward the traceback passes through and, for a dtype error raised outside any op, the frame's
+        tensors are recorded as the inputs of a failed ``PythonCall``."""
+        frames = _model_frames(error)
+        self.failure_module = next(
+            (self.modules.name_of(frame.f_locals["self"]) for frame in reversed(frames)
+             if self.modules.name_of(frame.f_locals.get("self")) is not None), None)
+        if (self.records and not self.records[-1].completed) or self.ops_run > self.max_ops:
+            return  # an op raised: it is recorded with the dtypes its kernel got
+        if not _DTYPE_ERROR.search(str(error)):
+            return
+        for frame in reversed(frames):
+            tensors = _frame_tensors(frame)
+            if tensors:
+                inputs = [(name, self._index(tensor)) for name, tensor in tensors]
+                module = self.failure_module if self.failure_module is not None else self.modules.current
+                self.records.append(OpRecord(PythonCall(frame.f_code.co_name), module, inputs))
+                return
 
     def release(self) -> None:
         """Drop the references the trace holds to the model's tensors (call once the graph is built)."""
@@ -340,10 +417,12 @@ class Tracer(TorchDispatchMode):
         self.origins = {}
 
 
-class _CompositeCalls(TorchFunctionMode):
-    """Catches the composite calls that raise before the dispatch mode sees any op (``_CHECKED_BEFORE_DISPATCH``),
-    so that DT001 and DT101 see the failing call with its real operands. Every other call, and every call that
-    succeeds, costs one dict lookup and records nothing: the graph stays the dispatched ops."""
+class _FunctionCalls(TorchFunctionMode):
+    """The tracer's view of function calls. It applies the deployment's autocast policy
+    (``dtypelint.autocast``) and marks the casts it makes; and it catches the composite calls that raise
+    before the dispatch mode sees any op (``_CHECKED_BEFORE_DISPATCH``), so that DT001 and DT101 see the
+    failing call with the operands its kernel got. Every other call costs two set lookups and records
+    nothing: the graph stays the dispatched ops."""
 
     def __init__(self, tracer: Tracer) -> None:
         super().__init__()
@@ -351,15 +430,42 @@ class _CompositeCalls(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
         kwargs = kwargs or {}
+        tracer = self.tracer
+        first = len(tracer.records)
+        args, kwargs = autocast_operands(tracer.autocast_policy, func, args, kwargs)
+        recorded_before = len(tracer.records)
+        if recorded_before > first:
+            tracer.autocast_casts.append(range(first, recorded_before))
         op = _CHECKED_BEFORE_DISPATCH.get(func)
         if op is None:
             return func(*args, **kwargs)
-        recorded_before = len(self.tracer.records)
         try:
             return func(*args, **kwargs)
         except Exception:
-            self.tracer.failed_call(op, args, kwargs, recorded_before)
+            tracer.failed_call(op, args, kwargs, recorded_before)
             raise
+
+
+def _model_frames(error: BaseException) -> list[FrameType]:
+    """The frames of ``error``'s traceback below dtypelint's own, outermost first."""
+    frames, traceback = [], error.__traceback__
+    while traceback is not None:
+        if not traceback.tb_frame.f_code.co_filename.startswith(_PACKAGE_DIRECTORY):
+            frames.append(traceback.tb_frame)
+        traceback = traceback.tb_next
+    return frames
+
+
+def _frame_tensors(frame: FrameType) -> list[tuple[str, torch.Tensor]]:
+    """The tensors a frame's locals hold, and those one attribute deep in plain objects (xformers checks
+    an ``Inputs`` object's ``query``, ``key`` and ``value``)."""
+    tensors = []
+    for name, value in frame.f_locals.items():
+        if isinstance(value, torch.Tensor):
+            tensors.append((name, value))
+        elif not isinstance(value, (torch.nn.Module, type)) and hasattr(value, "__dict__"):
+            tensors += [(f"{name}.{key}", item) for key, item in vars(value).items() if isinstance(item, torch.Tensor)]
+    return tensors
 
 
 def _parameter_storages(model: torch.nn.Module) -> dict[int, str]:

@@ -251,3 +251,64 @@ def test_a_composite_call_that_succeeds_adds_no_record() -> None:
     with Tracer(model) as tracer:
         model(x)
     assert [str(record.func) for record in tracer.records] == ["aten.convolution.default"]
+
+
+def check_same_dtype(q: torch.Tensor, k: torch.Tensor) -> None:
+    """A library's Python-side input check (xformers, NATTEN): it raises before any op runs."""
+    if q.dtype != k.dtype:
+        raise ValueError(f"query and key should have the same dtype: {q.dtype}, {k.dtype}")
+
+
+class PythonChecked(nn.Module):
+    def __init__(self, message: str = "") -> None:
+        super().__init__()
+        self.q = nn.Linear(4, 4)
+        self.k = nn.Linear(4, 4).half()
+        self.message = message
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k = self.q(x), self.k(x.half())
+        if self.message:
+            raise RuntimeError(self.message)
+        check_same_dtype(q, k)
+        return q
+
+
+def test_a_dtype_error_raised_in_python_is_recorded_as_a_call_with_its_frame_tensors() -> None:
+    model = nn.Sequential()
+    model.add_module("attn", PythonChecked())
+    report = dtypelint.audit(model, torch.randn(2, 4))
+    error = next(f for f in report.findings if f.code == "DT001")
+    assert (error.location, error.op, error.dtypes) == ("attn", "python.check_same_dtype", ["float32", "float16"])
+    mixed = next(f for f in report.findings if f.code == "DT101")
+    assert (mixed.location, mixed.op) == ("attn", "python.check_same_dtype")
+
+
+def test_another_python_error_is_located_in_its_module_without_a_call() -> None:
+    model = nn.Sequential()
+    model.add_module("attn", PythonChecked(message="sequence too long"))
+    report = dtypelint.audit(model, torch.randn(2, 4))
+    assert [(f.code, f.location, f.op) for f in report.errors] == [("DT001", "attn", None)]
+    assert not [op for op in report.graph.ops() if report.graph.op(op)["name"].startswith("python.")]
+
+
+class RebuiltTable(nn.Module):
+    """Rebuilds a float32 buffer in forward (timm's ``rel_indices`` for a new size) for a half linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(2, 4).half()
+        self.register_buffer("table", torch.zeros(1, 2), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.table = torch.stack([torch.arange(x.shape[0]).float(), torch.ones(x.shape[0])], -1)
+        return self.proj(self.table) + x
+
+
+def test_a_buffer_assigned_in_forward_is_named_as_the_culprit() -> None:
+    model = RebuiltTable().eval()
+    report = dtypelint.audit(model, torch.randn(3, 4).half())
+    mixed = next(f for f in report.findings if f.code == "DT101")
+    assert (mixed.location, mixed.tensor) == ("proj", "table")
+    assert "buffer table (assigned in forward" in mixed.message
+    assert [node for node, data in report.graph.nodes(data=True) if data.get("stored_name") == "table"]

@@ -42,7 +42,7 @@ class ForwardError(Rule):
         failed = graph.failed_op()
         message = f"forward raised {type(error).__name__}: {first_line(error)}"
         if failed is None:
-            yield self.finding(location="", message=message)
+            yield self.finding(location=graph.graph.get("failure_module") or "", message=message)
             return
         data = graph.op(failed)
         inputs = [node for node, _ in graph.inputs(failed)]
@@ -67,9 +67,4 @@ def _odd_operand(context: RuleContext, inputs: list[str]) -> str | None:
         return None
     odd = sorted((node for node in floating if graph.tensor(node)["dtype"] != compute),
                  key=lambda node: -len(graph.tensor(node)["shape"]))
-    for node in odd:
-        source = graph.source(node, through_copies=True)
-        name = graph.leaf_name(source) or next(filter(None, map(graph.leaf_name, graph.root_leaves(node))), None)
-        if name:
-            return name
-    return None
+    return next(filter(None, map(graph.blamed_leaf, odd)), None)

@@ -59,8 +59,6 @@ class ContractRule(Rule):
         contract, model = self.contract, context.model
         if contract.model_types and model.model_type not in contract.model_types:
             return
-        if contract.skip_under_autocast and context.graph.graph.get("autocast"):
-            return  # under autocast the kernel gets what it accepts (the trace's CPU autocast stands in for CUDA's)
         if contract.head_dims and model.head_dim is not None and model.head_dim not in contract.head_dims:
             return  # the backend's Python gate takes its unfused path for this head size
         for site in self._sites(context):
@@ -212,6 +210,5 @@ def _contract_table(contract: Contract, pack: str) -> str:
         ("attention calls", contract.calls if contract.site == "attention" else ""),
         ("max head_dim", str(contract.max_head_dim or "")),
         ("SDPA dispatch", contract.dispatch or ""),
-        ("under autocast", "not checked" if contract.skip_under_autocast else ""),
     ]
     return "\n".join(f"- {key}: {value}" for key, value in rows if value)

@@ -80,10 +80,11 @@ class MixedInput(Rule):
             compute = dtype_name(context.compute_dtype)
             expected = compute if compute in present else max(counts, key=counts.__getitem__)
             # Weights before biases: the matrix operand is what users recognise.
-            odd = sorted(
-                (graph.source(node) for node in inputs if graph.tensor(node)["dtype"] != expected),
-                key=lambda node: -len(graph.tensor(node)["shape"]),
+            odd_operands = sorted(
+                (node for node in inputs if graph.tensor(node)["dtype"] != expected),
+                key=lambda node: -len(graph.tensor(graph.source(node))["shape"]),
             )
+            odd = [graph.source(node) for node in odd_operands]
             names = [graph.tensor(node)["name"] for node in odd if graph.tensor(node)["origin"] in CASTABLE_ORIGINS]
             fix = Fix(tuple(names), expected, "safe", f"cast {', '.join(names)} to {expected}") if names else None
             described = ", ".join(
@@ -92,7 +93,7 @@ class MixedInput(Rule):
                 for node in inputs
             )
             message = f"{data['name']} needs one dtype but receives {described}"
-            location, tensor = data["module"], _culprit_name(graph, odd[0])
+            location, tensor = data["module"], graph.blamed_leaf(odd_operands[0])
             if leak := _leaked_cast(graph, odd[0]):
                 location, message = graph.op(leak)["module"], f"{_leak_story(graph, leak, op)}; {message}"
             yield self.finding(
@@ -104,12 +105,6 @@ class MixedInput(Rule):
                 fix=fix,
                 node=op,
             )
-
-
-def _culprit_name(graph: DtypeGraph, node: str) -> str | None:
-    """The leaf to blame for an odd operand: itself, or the root of the table it was derived from."""
-    roots = [node] if graph.tensor(node)["origin"] != OriginKind.OP else graph.root_leaves(node)
-    return graph.leaf_name(roots[0]) if roots else None
 
 
 def _leaked_cast(graph: DtypeGraph, node: str) -> str | None:
@@ -124,6 +119,11 @@ def _leak_story(graph: DtypeGraph, cast: str, op: str) -> str:
     source = graph.floating_inputs(cast)[0]
     made = graph.tensor(graph.outputs(cast)[0])["dtype"]
     module = graph.op(cast)["module"] or "<model>"
+    reaches = f"reaches {graph.op(op)['name']} in {graph.op(op)['module'] or '<model>'} without a cast back"
+    if graph.op(cast)["autocast"]:
+        user = next((graph.op(consumer)["name"] for consumer in graph.consumers(graph.outputs(cast)[0])), "the op")
+        return (f"{graph.graph['autocast_policy']} autocast upcasts {graph.describe(source)} from "
+                f"{graph.tensor(source)['dtype']} to {made} for {user} in {module} (on its {made} list), "
+                f"and the result {reaches}")
     return (f"{module} casts {graph.describe(source)} from {graph.tensor(source)['dtype']} to {made} explicitly "
-            f"({graph.op(cast)['name']}) and its result reaches {graph.op(op)['name']} in "
-            f"{graph.op(op)['module'] or '<model>'} without a cast back")
+            f"({graph.op(cast)['name']}) and its result {reaches}")

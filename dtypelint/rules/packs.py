@@ -15,6 +15,7 @@ from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
 
+from dtypelint.autocast import POLICIES
 from dtypelint.dtypes import dtype_name, parse_dtype
 from dtypelint.errors import DtypelintError, LoadError
 from dtypelint.paths import parse_file
@@ -58,7 +59,6 @@ class Contract:
     calls: str = "any"  # attention sites: flash | sdpa | any
     max_head_dim: int | None = None
     dispatch: str | None = None  # attention sites: raises | falls-back, from CUDA's SDPA dispatch model
-    skip_under_autocast: bool = False  # CUDA autocast upcasts the kernel's inputs: nothing to check
     pack: str = ""  # the name of the pack that declares it (set on load; kept when packs are combined)
 
 
@@ -69,6 +69,7 @@ class BackendPack:
     intended_fp32: tuple[str, ...]
     contracts: tuple[Contract, ...]
     paths: tuple[Path, ...]
+    autocast: str = "cpu"  # whose autocast policy a trace under autocast applies (dtypelint.autocast.POLICIES)
 
     def keeps_fp32(self, tensor: str) -> bool:
         """True for a tensor this backend wants in float32 whatever the compute dtype."""
@@ -91,6 +92,7 @@ def combine(packs: list[BackendPack]) -> BackendPack:
         intended_fp32=tuple(pattern for pack in packs for pattern in pack.intended_fp32),
         contracts=contracts,
         paths=tuple(path for pack in packs for path in pack.paths),
+        autocast=next((pack.autocast for pack in packs if pack.autocast != "cpu"), "cpu"),
     )
 
 
@@ -110,7 +112,10 @@ def _parse_pack(path: Path, modified: int, size: int) -> BackendPack:
     data = parse_file(path, tomllib.loads, "TOML")
     _Entry(path, "the file", data).only({"pack", "contract"})
     header = _Entry(path, "[pack]", data.get("pack"))
-    header.only({"name", "description", "intended-fp32"})
+    header.only({"name", "description", "intended-fp32", "autocast"})
+    autocast = header.string("autocast", "cpu")
+    if autocast not in POLICIES:
+        raise header.error("autocast", f"must be one of {', '.join(POLICIES)}")
     entries = data.get("contract", [])
     if not isinstance(entries, list):
         raise LoadError(f"{path}: 'contract' must be an array of tables ([[contract]])")
@@ -125,6 +130,7 @@ def _parse_pack(path: Path, modified: int, size: int) -> BackendPack:
         intended_fp32=tuple(header.strings("intended-fp32")),
         contracts=tuple(replace(contract, pack=name) for contract in contracts),
         paths=(path,),
+        autocast=autocast,
     )
 
 
@@ -134,7 +140,7 @@ def _contract(entry: _Entry) -> Contract:
             "code", "name", "kernel", "summary", "why", "references", "modules", "tensors", "severity", "owner",
             "not-owner", "model-types", "must-match", "must-match-label", "accepted-dtypes", "gate-dtypes", "head-dims", "fix",
             "fix-safety", "fix-cost", "example", "known-problems", "hint", "site", "ops", "calls", "max-head-dim",
-            "dispatch", "skip-under-autocast",
+            "dispatch",
         }
     )
     code = entry.string("code")
@@ -183,7 +189,6 @@ def _contract(entry: _Entry) -> Contract:
         calls=entry.choice("calls", ("flash", "sdpa", "any"), "any"),
         max_head_dim=entry.integer("max-head-dim"),
         dispatch=None if dispatch == "none" else dispatch,
-        skip_under_autocast=entry.boolean("skip-under-autocast"),
     )
 
 
@@ -231,12 +236,6 @@ class _Entry:
         value = self._get(key, [])
         if not isinstance(value, list) or not all(isinstance(item, int) and not isinstance(item, bool) for item in value):
             raise self.error(key, "must be a list of integers")
-        return value
-
-    def boolean(self, key: str) -> bool:
-        value = self._get(key, False)
-        if not isinstance(value, bool):
-            raise self.error(key, "must be true or false")
         return value
 
     def integer(self, key: str) -> int | None:

@@ -13,8 +13,9 @@ def verdict(outcome) -> str:
         return f"skipped ({outcome.skipped})"
     if outcome.raised or outcome.changed:
         return "AUDIT FAILED"
-    if outcome.case.control:
-        return "clean" if outcome.passed else "FALSE ALARM: " + ", ".join(sorted({f.code for f in outcome.alarms}))
+    if outcome.case.control or outcome.case.fixed_upstream:
+        verdict = "clean" if outcome.passed else "FALSE ALARM: " + ", ".join(sorted({f.code for f in outcome.alarms}))
+        return f"fixed upstream, {verdict}" if outcome.case.fixed_upstream else verdict
     return "hit" if outcome.passed else "miss"
 
 
@@ -31,12 +32,12 @@ def main() -> None:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
 
     ran = [o for o in outcomes if not o.skipped]
-    bugs = [o for o in ran if not o.case.control]
-    controls = [o for o in ran if o.case.control]
+    bugs = [o for o in ran if not o.case.control and not o.case.fixed_upstream]
+    controls = [o for o in ran if o.case.control or o.case.fixed_upstream]
     hits = sum(o.passed for o in bugs)
     alarms = sum(not o.passed for o in controls)
     print()
-    print(f"cases: {len(CASES)} ({len(bugs)} bugs and {len(controls)} controls run, {len(CASES) - len(ran)} skipped for a missing pack)")
+    print(f"cases: {len(CASES)} ({len(bugs)} bugs and {len(controls)} controls run, bugs fixed upstream counted as controls; {len(CASES) - len(ran)} skipped for a missing pack)")
     print(f"reports: {len({c.url for c in CASES})} from {len({c.project for c in CASES})} projects")
     print(f"hit rate: {hits}/{len(bugs)} bugs ({hits / len(bugs):.0%})")
     print(f"false alarms on controls: {alarms}/{len(controls)}")

@@ -18,6 +18,7 @@ from functools import partial
 from typing import Any
 
 from torch import nn
+from torch.nn.attention import SDPBackend
 
 from . import models as m
 
@@ -44,6 +45,7 @@ class Case:
     autocast: str | None = None  # audit under torch.autocast("cpu", dtype=autocast)
     needs_pack: str | None = None  # skipped while dtypelint.shipped.available_packs() lacks it
     known_miss: str | None = None
+    fixed_upstream: str | None = None  # why the installed library no longer has the bug: judged as a control
 
     def __post_init__(self) -> None:
         assert (self.expect is None) == self.control, f"{self.id}: a case is either a bug or a control"
@@ -61,9 +63,10 @@ def control(id: str, project: str, url: str, mechanism: int, build: Callable, **
 F16 = {"dtype": "float16"}
 BF16 = {"dtype": "bfloat16"}
 
-MISS_1_CPU_MASK = "mechanism 1: CPU's composite SDPA accepts the float32 mask next to a bfloat16 query (CUDA's kernels refuse it); no recorded op takes both"
-MISS_2_ASSIGNED = "mechanism 2: the float32 table is rebuilt in forward and assigned to the rel_indices buffer; the trace sees only the op that made it (arange, stack), not the buffer it is stored in"
-MISS_7 = "mechanism 7: the trace holds the dtypes after autocast, but no rule relates them to what the code passed (autocast's coverage)"
+TORCH_FLOAT_MASKS = ("the installed torch accepts a float32 mask with a bfloat16 query on every SDPA kernel but CUDA's "
+                     "memory-efficient one; the report's torch refused it everywhere (the cuda pack's CUDA103 "
+                     "catches the efficient kernel: comfyui-rope-sdpa-efficient-float-mask)")
+COMFY_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 CASES: list[Case] = [
     # 1. Checks made before any aten op is dispatched.
@@ -72,9 +75,15 @@ CASES: list[Case] = [
     control("dia-sdpa-qkv-dtypes-fixed", "dia", "https://github.com/nari-labs/dia/pull/45", 1,
             partial(m.sdpa_mixed_qkv, align=True), audit=F16),
     bug("titan-sdpa-float-mask", "TITAN", "https://github.com/mahmoodlab/TITAN/issues/11", 1,
-        m.sdpa_float_mask, Expect("mixed-input", ("attn",)), audit=BF16, known_miss=MISS_1_CPU_MASK),
+        m.sdpa_float_mask, Expect("mixed-input", ("attn",)), audit=BF16, fixed_upstream=TORCH_FLOAT_MASKS),
     control("titan-sdpa-float-mask-cast", "TITAN", "https://github.com/mahmoodlab/TITAN/issues/11", 1,
             partial(m.sdpa_float_mask, align=True), audit=BF16),
+    # ComfyUI's attention enables flash, memory-efficient and math SDPA: a float mask goes to the efficient kernel.
+    bug("comfyui-rope-sdpa-efficient-float-mask", "ComfyUI", "https://github.com/BigStationW/ComfyUi-Untwisting-RoPE/issues/26", 1,
+        partial(m.sdpa_float_mask, backends=COMFY_BACKENDS), Expect("kernel-contract", ("attn",)), audit=BF16,
+        needs_pack="cuda"),
+    control("comfyui-rope-sdpa-efficient-mask-cast", "ComfyUI", "https://github.com/BigStationW/ComfyUi-Untwisting-RoPE/issues/26", 1,
+            partial(m.sdpa_float_mask, align=True, backends=COMFY_BACKENDS), audit=BF16, needs_pack="cuda"),
     bug("comfyui-conv-float-input", "ComfyUI", "https://github.com/Kosinkadink/ComfyUI-Advanced-ControlNet/issues/105", 1,
         partial(m.conv_input, m.F32, m.F16, m.F16), Expect("mixed-input", ("conv",)), audit=F16),
     control("comfyui-conv-float-input-cast", "ComfyUI", "https://github.com/Kosinkadink/ComfyUI-Advanced-ControlNet/issues/105", 1,
@@ -83,8 +92,6 @@ CASES: list[Case] = [
         partial(m.conv_input, m.F16, m.F16, m.F32), Expect("mixed-input", ("conv.bias",)), audit=F16),
     control("mmdet-conv-float-bias-cast", "mmdetection", "https://github.com/open-mmlab/mmdetection/issues/11653", 1,
             partial(m.conv_input, m.F16, m.F16, m.F32, align=True), audit=F16),
-    bug("diffusers-xformers-autocast-norm-q", "diffusers", "https://github.com/huggingface/diffusers/issues/6774", 7,
-        m.normed_query, Expect("mixed-input", ("norm_q",)), audit=BF16, autocast="bfloat16", known_miss=MISS_7),
     # 2. Provenance through derived tables.
     bug("vllm-xdrope-cos-sin-cache", "vLLM", "https://github.com/vllm-project/vllm/pull/40180", 2,
         partial(m.cached_rotary, "cos_sin_cache", cast=False), Expect("mixed-input", ("cos_sin_cache",)), audit=F16),
@@ -103,8 +110,7 @@ CASES: list[Case] = [
     control("padding-mask-finfo-scores-dtype", "transformers", "https://github.com/huggingface/transformers/pull/17306", 2,
             partial(m.padding_mask, None), audit=F16),
     bug("timm-convit-rel-indices", "timm", "https://github.com/intel/torch-xpu-ops/issues/2599", 2,
-        partial(m.relative_positions, cast=False), Expect("mixed-input", ("rel_indices",)), audit=F16,
-        known_miss=MISS_2_ASSIGNED),
+        partial(m.relative_positions, cast=False), Expect("mixed-input", ("rel_indices",)), audit=F16),
     # 3. Explicit casts that leak.
     bug("xformers-qk-layernorm-fp32", "xformers", "https://github.com/facebookresearch/xformers/issues/1211", 3,
         partial(m.qk_norm_attention, restore=False), Expect("mixed-input", ("q_norm",)), audit=BF16),
@@ -157,9 +163,14 @@ CASES: list[Case] = [
         m.flex_qk_norm, Expect("promotion", ("q_norm",), "warning"), audit=BF16, autocast="bfloat16"),
     control("pytorch-mha-autocast-float-mask", "pytorch", "https://github.com/pytorch/pytorch/issues/111276", 7,
             m.transformer_encoder_layer, audit={"dtype": "float32"}, autocast="bfloat16"),
-    bug("transformers-autocast-flash-attention-2", "flash-attention", "https://github.com/huggingface/transformers/issues/35945", 7,
-        m.fp32_llama, Expect("kernel-contract", ("self_attn",)), audit=BF16, autocast="bfloat16", needs_pack="cuda",
-        known_miss=MISS_7),
+    bug("diffusers-xformers-autocast-norm-q", "diffusers", "https://github.com/huggingface/diffusers/issues/6774", 7,
+        m.normed_query, Expect("mixed-input", ("norm_q",)), audit=BF16,
+        autocast="bfloat16", needs_pack="cuda"),
+    bug("physicsnemo-natten-qk-norm-autocast", "physicsnemo", "https://github.com/NVIDIA/physicsnemo/pull/1978", 7,
+        partial(m.normed_query, norm_k=True), Expect("mixed-input", ("norm_q",)), audit=BF16,
+        autocast="bfloat16", needs_pack="cuda"),
+    control("physicsnemo-natten-qk-norm-cast-back", "physicsnemo", "https://github.com/NVIDIA/physicsnemo/pull/1978", 7,
+            partial(m.normed_query, norm_k=True, cast_back=True), audit=BF16, autocast="bfloat16", needs_pack="cuda"),
     bug("bnb-linear4bit-fp32-compute", "bitsandbytes", "https://github.com/bitsandbytes-foundation/bitsandbytes/pull/2077", 7,
         partial(m.linear4bit, m.F32), Expect("kernel-contract", ("0",), "warning"), audit=F16, needs_pack="bitsandbytes"),
     control("bnb-linear4bit-fp16-compute", "bitsandbytes", "https://github.com/h2oai/h2ogpt/pull/682", 7,

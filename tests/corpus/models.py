@@ -6,11 +6,13 @@ each class reproduces one mechanism, switched between the buggy and the fixed ve
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 F16, BF16, F32 = torch.float16, torch.bfloat16, torch.float32
 DIM, HEADS, SEQ = 16, 2, 8
@@ -52,12 +54,14 @@ class SdpaAttention(nn.Module):
     """q/k/v projections (each in its own dtype) into ``F.scaled_dot_product_attention``; ``align`` casts
     q/k/v and the mask to the key's dtype first (the fix)."""
 
-    def __init__(self, q_dtype: torch.dtype, kv_dtype: torch.dtype, align: bool = False) -> None:
+    def __init__(self, q_dtype: torch.dtype, kv_dtype: torch.dtype, align: bool = False,
+                 backends: list[SDPBackend] | None = None) -> None:
         super().__init__()
         self.q_proj = nn.Linear(DIM, DIM).to(q_dtype)
         self.k_proj = nn.Linear(DIM, DIM).to(kv_dtype)
         self.v_proj = nn.Linear(DIM, DIM).to(kv_dtype)
         self.align = align
+        self.backends = backends  # the SDPA kernels the code enables (``sdpa_kernel``), None: torch's choice
 
     def forward(self, x: torch.Tensor, attn_bias: torch.Tensor | None = None) -> torch.Tensor:
         q = split_heads(self.q_proj(x.to(self.q_proj.weight.dtype)))
@@ -65,7 +69,8 @@ class SdpaAttention(nn.Module):
         if self.align:
             q = q.to(k.dtype)
             attn_bias = None if attn_bias is None else attn_bias.to(k.dtype)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias)
+        with sdpa_kernel(self.backends) if self.backends else contextlib.nullcontext():
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias)
 
 
 class AttentionBlock(nn.Module):
@@ -83,10 +88,11 @@ def sdpa_mixed_qkv(align: bool = False):
     return AttentionBlock(q_dtype=F32, kv_dtype=F16, align=align).eval(), (randn(1, SEQ, DIM, dtype=F16),)
 
 
-def sdpa_float_mask(align: bool = False):
+def sdpa_float_mask(align: bool = False, backends: list[SDPBackend] | None = None):
     """A float32 additive attention bias next to a bfloat16 query."""
     bias = torch.zeros(1, HEADS, SEQ, SEQ).masked_fill(torch.ones(SEQ, SEQ, dtype=torch.bool).triu(1), -1e4)
-    return AttentionBlock(q_dtype=BF16, kv_dtype=BF16, align=align).eval(), (randn(1, SEQ, DIM, dtype=BF16), bias)
+    block = AttentionBlock(q_dtype=BF16, kv_dtype=BF16, align=align, backends=backends)
+    return block.eval(), (randn(1, SEQ, DIM, dtype=BF16), bias)
 
 
 class ConvHead(nn.Module):
@@ -561,22 +567,28 @@ def memory_efficient_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
 
 
 class NormedQueryAttention(nn.Module):
-    """A diffusers attention processor with a ``norm_q`` LayerNorm on the query only: under autocast the
-    projections run in the autocast dtype, the norm of a float32 stream does not."""
+    """A diffusers attention processor with a ``norm_q`` LayerNorm after the query projection, calling
+    xformers: under CUDA autocast the projections run in the autocast dtype and the norm in float32 (it is on
+    autocast's float32 list), and xformers is not autocast-aware. ``norm_k`` adds the key norm (NATTEN's
+    qk_norm); ``cast_back`` casts the normed q/k to the value's dtype (the fix)."""
 
-    def __init__(self) -> None:
+    def __init__(self, norm_k: bool = False, cast_back: bool = False) -> None:
         super().__init__()
         self.norm_q = nn.LayerNorm(DIM)
+        self.norm_k = nn.LayerNorm(DIM) if norm_k else nn.Identity()
         self.to_q, self.to_k, self.to_v = (nn.Linear(DIM, DIM) for _ in range(3))
+        self.cast_back = cast_back
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
-        q = split_heads(self.to_q(self.norm_q(x)).float())
-        return memory_efficient_attention(q, split_heads(self.to_k(x)), split_heads(self.to_v(x)))
+        q, k, v = self.norm_q(self.to_q(x)), self.norm_k(self.to_k(x)), self.to_v(x)
+        if self.cast_back:
+            q, k = q.to(v.dtype), k.to(v.dtype)
+        return memory_efficient_attention(split_heads(q), split_heads(k), split_heads(v))
 
 
-def normed_query():
+def normed_query(norm_k: bool = False, cast_back: bool = False):
     torch.manual_seed(0)
-    return Decoder(NormedQueryAttention()).eval(), (randn(1, SEQ, DIM), torch.arange(SEQ)[None])
+    return Decoder(NormedQueryAttention(norm_k, cast_back)).eval(), (randn(1, SEQ, DIM), torch.arange(SEQ)[None])
 
 
 class PaddedEncoderLayer(nn.Module):
@@ -594,16 +606,6 @@ def transformer_encoder_layer():
     mask = torch.zeros(1, SEQ)
     mask[0, -2:] = float("-inf")
     return PaddedEncoderLayer().eval(), (randn(1, SEQ, DIM), mask)
-
-
-def fp32_llama(attn_implementation: str = "sdpa"):
-    """A float32 tiny Llama (mixed-precision training keeps parameters in float32)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                         num_key_value_heads=2, vocab_size=64, attn_implementation=attn_implementation)
-    torch.manual_seed(0)
-    return LlamaForCausalLM(config).eval(), {"input_ids": tokens()}
 
 
 def linear4bit(compute_dtype: torch.dtype):
