@@ -45,6 +45,7 @@ class OpNode(TypedDict):
     target: str
     name: str
     packet: OpOverloadPacket  # the vocabulary's key; not exported
+    kinds: frozenset[OpKind]  # the vocabulary's kinds of the op, looked up once; not exported
     module: str
     inplace: bool
     failed: bool
@@ -139,6 +140,7 @@ class DtypeGraph(nx.DiGraph):
                 target=target,
                 name=name,
                 packet=record.func.overloadpacket,
+                kinds=kinds_of(record.func.overloadpacket),
                 module=record.module,
                 inplace=record.func._schema.is_mutable,
                 failed=not record.completed,
@@ -165,7 +167,7 @@ class DtypeGraph(nx.DiGraph):
         return self._node[node]  # type: ignore[return-value]
 
     def op_is(self, op: str, kind: OpKind) -> bool:
-        return kind in kinds_of(self._node[op]["packet"])
+        return kind in self._node[op]["kinds"]
 
     def ops(self) -> Iterator[str]:
         """Op nodes in execution order."""
@@ -248,7 +250,7 @@ class DtypeGraph(nx.DiGraph):
         return node
 
     def _follows(self, op: str, through_copies: bool) -> bool:
-        kinds = kinds_of(self._node[op]["packet"])
+        kinds = self._node[op]["kinds"]
         if OpKind.VIEW in kinds:
             return True
         return through_copies and OpKind.COPIES_VALUES in kinds and OpKind.CONCATENATES not in kinds
@@ -404,7 +406,13 @@ class DtypeGraph(nx.DiGraph):
 
     def value_range(self, tensor: str) -> tuple[float, float] | None:
         """(min, max) recorded for a tensor; for views and copies (not measured, to save time) the range of
-        what they copy: the first input's, or the union of a concatenation's inputs."""
+        what they copy: the first input's, or the union of a concatenation's inputs. Memoized per graph."""
+        memo: dict[str, tuple[float, float] | None] = self.__dict__.setdefault("_ranges", {})
+        if tensor not in memo:
+            memo[tensor] = self._value_range(tensor)
+        return memo[tensor]
+
+    def _value_range(self, tensor: str) -> tuple[float, float] | None:
         data = self.tensor(tensor)
         if "min" in data:
             return data["min"], data["max"]
@@ -579,7 +587,7 @@ def _export_ready(graph: DtypeGraph) -> nx.DiGraph:
     return plain
 
 
-_NOT_EXPORTED = frozenset({"packet", "attention_calls"})
+_NOT_EXPORTED = frozenset({"packet", "kinds", "attention_calls"})
 
 
 def _scalar(value: Any) -> Any:

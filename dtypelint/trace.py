@@ -127,6 +127,33 @@ _ATTENTION = packets(OpKind.ATTENTION)
 _NOT_MEASURED = packets(OpKind.COPIES_VALUES) | packets(OpKind.UNINITIALISED)
 
 
+class _Traits:
+    """What the dispatch mode needs to know of an op, worked out once per op (``_TRAITS``, by ``id``: an
+    OpOverload's own ``__hash__`` runs Python code)."""
+
+    __slots__ = ("metadata", "writes", "attention", "makes_values")
+
+    def __init__(self, func: Any) -> None:
+        self.metadata = func.namespace == "prim"  # metadata queries (prim.device under fake tensors), not data ops
+        self.writes = bool(_written_arguments(func))
+        self.attention = func.overloadpacket in _ATTENTION
+        # Views and data movement create no new values: their inputs were measured where they were made.
+        # Uninitialised memory (aten.empty) holds garbage, not values.
+        self.makes_values = not func.is_view and func.overloadpacket not in _NOT_MEASURED
+
+
+_TRAITS: dict[int, _Traits] = {}
+
+
+def _traits(func: Any) -> _Traits:
+    _TRAITS[id(func)] = traits = _Traits(func)
+    _KEPT_FUNCS.append(func)  # an id stays valid only while its op lives
+    return traits
+
+
+_KEPT_FUNCS: list[Any] = []
+
+
 def iter_tensors(value: Any) -> Iterator[tuple[str, torch.Tensor]]:
     """Tensors in an op's argument or result, one container level deep, with their position."""
     if isinstance(value, torch.Tensor):
@@ -137,16 +164,16 @@ def iter_tensors(value: Any) -> Iterator[tuple[str, torch.Tensor]]:
                 yield f"[{index}]", item
 
 
-def value_stats(tensor: torch.Tensor) -> tuple[float, float] | None:
-    """(min, max) of a real half-precision (or narrower) floating tensor; NaN or inf in either means
-    non-finite values. Wider tensors are not measured: their range is not where dtypes put models at
-    risk, and reading every float32 activation again would double the cost of an audit."""
+def value_extremes(tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(min, max) of a real half-precision (or narrower) floating tensor, as tensors on its device: read
+    back all at once after the forward (``Tracer.resolve_stats``), not with a device sync per op. NaN or
+    inf in either means non-finite values. Wider tensors are not measured: their range is not where dtypes
+    put models at risk, and reading every float32 activation again would double the cost of an audit."""
     if not tensor.is_floating_point() or tensor.dtype.itemsize > 2 or tensor.numel() == 0:
         return None
     if tensor.device.type == "meta" or isinstance(tensor, FakeTensor):
         return None
-    low, high = torch.aminmax(tensor.detach())
-    return low.item(), high.item()
+    return torch.aminmax(tensor.detach())
 
 
 def needs_values(error: BaseException | None) -> bool:
@@ -245,6 +272,7 @@ class Tracer(TorchDispatchMode):
         # not kept alive (that would defeat the allocator's reuse): a weak reference guards their ids.
         self._keepalive: list[torch.Tensor] = []
         self._live: dict[int, tuple[int, weakref.ref]] = {}
+        self._extremes: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # measured, not yet read back
         self.modules = ModuleTracker(model, on_module)
         self._saved_modes: GlobalModes | None = None
         self.attention = AttentionRecorder(lambda: (self.modules.current, len(self.records)))
@@ -294,8 +322,25 @@ class Tracer(TorchDispatchMode):
         origin = self.origins.get(id(tensor), _CONSTANT)
         index = self._new(tensor, origin)
         if self.stats and origin.kind == OriginKind.INPUT:
-            self.tensors[index].stats = value_stats(tensor)
+            self._measure(index, tensor)
         return index
+
+    def _measure(self, index: int, tensor: torch.Tensor) -> None:
+        extremes = value_extremes(tensor)
+        if extremes is not None:
+            self._extremes.append((index, *extremes))
+
+    def resolve_stats(self) -> None:
+        """Read back the measured extremes, one transfer per dtype and device."""
+        groups: dict[tuple[torch.dtype, torch.device], list[tuple[int, torch.Tensor, torch.Tensor]]] = {}
+        for entry in self._extremes:
+            groups.setdefault((entry[1].dtype, entry[1].device), []).append(entry)
+        for (_, device), entries in groups.items():
+            with torch.autocast(device.type, enabled=False):  # stack is on autocast's promote list
+                values = torch.stack([torch.stack(pair) for _, *pair in entries]).tolist()
+            for (index, _, _), (low, high) in zip(entries, values, strict=True):
+                self.tensors[index].stats = (low, high)
+        self._extremes = []
 
     def _new(self, tensor: torch.Tensor, origin: Origin | None) -> int:
         index = len(self.tensors)
@@ -323,26 +368,31 @@ class Tracer(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
         kwargs = kwargs or {}
-        if func.namespace == "prim":  # metadata queries (prim.device under fake tensors), not data ops
+        traits = _TRAITS.get(id(func)) or _traits(func)
+        if traits.metadata:
             return func(*args, **kwargs)
         self.ops_run += 1
         if self.ops_run > self.max_ops:
             return func(*args, **kwargs)
-        if self._parameter_storages and _written_arguments(func):
+        if traits.writes and self._parameter_storages:
             self._note_parameter_writes(func, args, kwargs)
-        if func.overloadpacket in _ATTENTION:
+        if traits.attention:
             self.attention.dispatched(args, kwargs)
         record = OpRecord(func, self.modules.current, self._inputs(args, kwargs))
         self.records.append(record)
         outputs = func(*args, **kwargs)
-        # Views and data movement create no new values: their inputs were measured where they were made.
-        # Uninitialised memory (aten.empty) holds garbage, not values.
-        measure = self.stats and not func.is_view and func.overloadpacket not in _NOT_MEASURED
+        measure = self.stats and traits.makes_values
+        if isinstance(outputs, torch.Tensor):
+            index = self._new(outputs, None)
+            if measure:
+                self._measure(index, outputs)
+            record.outputs = [index]
+            return outputs
         produced = []
         for _, tensor in iter_tensors(outputs):
             index = self._new(tensor, None)
             if measure:
-                self.tensors[index].stats = value_stats(tensor)
+                self._measure(index, tensor)
             produced.append(index)
         record.outputs = produced
         return outputs
@@ -370,6 +420,7 @@ class Tracer(TorchDispatchMode):
     def __exit__(self, exc_type, exc, traceback) -> None:  # noqa: ANN001
         try:
             super().__exit__(exc_type, exc, traceback)
+            self.resolve_stats()
             self._note_stored_tensors()
             if exc is not None:
                 self._note_failure(exc)

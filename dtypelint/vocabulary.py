@@ -44,18 +44,19 @@ class OpKind(Enum):
     NARROWER_IN_META = "its meta function accepts fewer dtypes than its kernels"
 
 
-_KINDS: dict[OpOverloadPacket, set[OpKind]] = {}
+_KINDS: dict[OpOverloadPacket, frozenset[OpKind]] = {}
+_NO_KINDS: frozenset[OpKind] = frozenset()
 
 
 def register(kind: OpKind, *names: str) -> None:
     for name in names:
         packet = getattr(torch.ops.aten, name, None)
         if packet is not None:
-            _KINDS.setdefault(packet, set()).add(kind)
+            _KINDS[packet] = _KINDS.get(packet, _NO_KINDS) | {kind}
 
 
 def kinds_of(packet: OpOverloadPacket) -> frozenset[OpKind]:
-    return frozenset(_KINDS.get(packet, ()))
+    return _KINDS.get(packet, _NO_KINDS)
 
 
 def packets(kind: OpKind) -> frozenset[OpOverloadPacket]:
