@@ -130,19 +130,18 @@ class DtypeGraph(nx.DiGraph):
         )
         ops, edges = [], []
         autocast_casts = {index for casts in tracer.autocast_casts for index in casts}
+        identities: dict[int, dict[str, Any]] = {}  # per distinct op: its names and kinds, worked out once
         for index, record in enumerate(tracer.records):
-            target = str(record.func)
+            identity = identities.get(id(record.func))
+            if identity is None:
+                identity = identities[id(record.func)] = _op_identity(record.func)
             op = f"op{index}"
-            name = target.rsplit(".", 1)[0] if target.count(".") > 1 else target
+            name = identity["name"]
             attributes = dict(
+                identity,
                 kind="op",
                 index=index,
-                target=target,
-                name=name,
-                packet=record.func.overloadpacket,
-                kinds=kinds_of(record.func.overloadpacket),
                 module=record.module,
-                inplace=record.func._schema.is_mutable,
                 failed=not record.completed,
                 autocast=index in autocast_casts,
             )
@@ -568,6 +567,18 @@ def _tensor_attributes(tensor: TensorRecord) -> dict[str, Any]:
     if tensor.stored_as is not None:
         attributes.update(stored_kind=tensor.stored_as.kind, stored_name=tensor.stored_as.name)
     return attributes
+
+
+def _op_identity(func: Any) -> dict[str, Any]:
+    target = str(func)
+    packet = func.overloadpacket
+    return dict(
+        target=target,
+        name=target.rsplit(".", 1)[0] if target.count(".") > 1 else target,
+        packet=packet,
+        kinds=kinds_of(packet),
+        inplace=func._schema.is_mutable,
+    )
 
 
 def _node_order(node: str) -> tuple[str, int]:
