@@ -3,6 +3,7 @@ the command line refuses ``--dtype fp17`` before it pays for that import."""
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING
 
 from dtypelint.errors import UsageError
@@ -44,8 +45,9 @@ def parse_dtype(value: str | torch.dtype | None) -> torch.dtype | None:
     return getattr(torch, dtype_attribute(value))
 
 
+@functools.cache
 def dtype_name(dtype: torch.dtype) -> str:
-    """``torch.float16`` -> ``"float16"``."""
+    """``torch.float16`` -> ``"float16"`` (cached: rules and the graph ask for it per tensor)."""
     return str(dtype).removeprefix("torch.")
 
 

@@ -18,6 +18,7 @@ buffer or attribute), and in value mode with statistics ``min``/``max``. Exports
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from collections import deque
@@ -558,7 +559,7 @@ def _tensor_attributes(tensor: TensorRecord) -> dict[str, Any]:
         kind="tensor",
         dtype=dtype_name(tensor.dtype),
         shape=tuple(tensor.shape),
-        device=str(tensor.device),
+        device=_device_name(tensor.device),
         origin=origin.kind,
         name=origin.name,
     )
@@ -567,6 +568,11 @@ def _tensor_attributes(tensor: TensorRecord) -> dict[str, Any]:
     if tensor.stored_as is not None:
         attributes.update(stored_kind=tensor.stored_as.kind, stored_name=tensor.stored_as.name)
     return attributes
+
+
+@functools.cache
+def _device_name(device: torch.device) -> str:
+    return str(device)
 
 
 def _op_identity(func: Any) -> dict[str, Any]:
