@@ -75,6 +75,9 @@ def synthesize_inputs(
     if "input_ids" in parameters or not inputs:
         image_tokens = _image_tokens(config) if "pixel_values" in inputs else []
         ids = torch.randint(0, _vocab_size(config), (batch, seq_len), generator=generator)
+        eos = getattr(config, "eos_token_id", None)
+        if getattr(config, "is_encoder_decoder", False) and isinstance(eos, int):
+            ids[:, -1] = eos  # as an encoder-decoder's tokenizer ends the source (T5/BART classifiers need it)
         if image_tokens:
             ids = torch.cat([torch.tensor(image_tokens, dtype=torch.long).expand(batch, -1), ids], dim=1)
         length = ids.shape[1]
@@ -130,7 +133,9 @@ def _pixel_values(config: Any, preprocessor: Mapping[str, Any], batch: int, dtyp
     if not isinstance(channels, int) or channels <= 0:
         mean = preprocessor.get("image_mean")
         channels = len(mean) if isinstance(mean, list) and mean else 3
-    return torch.randn(batch, channels, *height_width, generator=generator).to(dtype)
+    frames = _sub_value(config, "num_frames", "vision_config")  # video models: (batch, frames, C, H, W)
+    clip = (frames,) if isinstance(frames, int) and frames > 0 else ()
+    return torch.randn(batch, *clip, channels, *height_width, generator=generator).to(dtype)
 
 
 def _image_tokens(config: Any) -> list[int]:
@@ -165,14 +170,19 @@ def _input_features(config: Any, batch: int, seq_len: int, dtype: torch.dtype,
     return None
 
 
+# Audio heads convolve over frames (x-vector TDNNs span 15): shorter samples than this cannot run.
+MIN_AUDIO_FRAMES = 32
+
+
 def _input_values(config: Any, batch: int, seq_len: int, dtype: torch.dtype,
                   generator: torch.Generator) -> torch.Tensor | None:
-    """Raw audio for a convolutional feature encoder (wav2vec2-like): ``seq_len`` frames of its stride."""
+    """Raw audio for a convolutional feature encoder (wav2vec2-like): ``seq_len`` frames of its stride, at
+    least ``MIN_AUDIO_FRAMES``."""
     strides = getattr(config, "conv_stride", None)
     if not (isinstance(strides, (list, tuple)) and strides):
         return None
     kernels = getattr(config, "conv_kernel", None) or [1]
-    samples = math.prod(strides) * seq_len + max(kernels)
+    samples = math.prod(strides) * max(seq_len, MIN_AUDIO_FRAMES) + max(kernels)
     return torch.randn(batch, samples, generator=generator).to(dtype)
 
 

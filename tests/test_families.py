@@ -187,3 +187,19 @@ def test_pixel_values_take_their_size_from_the_preprocessor_config(tmp_path, cap
     code, report = check_json(capsys, str(tmp_path), "--dtype", "float16")
     assert code == 0 and report["mode"] == "meta" and report["model"] == "ResNetForImageClassification"
     assert report["inputs"] == [{"name": "pixel_values", "shape": [1, 3, 40, 48], "dtype": "float16"}]
+
+
+def test_video_and_raw_audio_inputs_are_shaped_from_the_config(tmp_path, capsys):
+    """Video models take (batch, frames, channels, height, width); wav2vec2-like models raw samples, enough
+    for their convolutional feature encoder (stride 320 here) to make frames."""
+    from transformers import VideoMAEConfig, Wav2Vec2Config
+
+    VideoMAEConfig(**TINY_TEXT, image_size=32, patch_size=8, num_frames=2, tubelet_size=2, num_labels=2,
+                   architectures=["VideoMAEForVideoClassification"]).save_pretrained(tmp_path / "video")
+    Wav2Vec2Config(**TINY_TEXT, architectures=["Wav2Vec2ForCTC"]).save_pretrained(tmp_path / "audio")
+    shapes = {}
+    for name in ("video", "audio"):
+        code, report = check_json(capsys, str(tmp_path / name), "--dtype", "float16")
+        assert code == 0, report["findings"]
+        shapes.update({made["name"]: made["shape"] for made in report["inputs"]})
+    assert shapes == {"pixel_values": [1, 2, 3, 32, 32], "input_values": [1, 320 * 32 + 10]}
