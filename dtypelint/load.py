@@ -98,10 +98,12 @@ def build_meta_model(config: Any, dtype: torch.dtype, model_class: ModelClass | 
     initialise (some initialisers are data-dependent), and the caller's config untouched. Meta mode runs
     its forward on fake CPU stand-ins of these tensors."""
     model_class = model_class or resolve_model_class(config)
-    build = getattr(model_class.builder, "from_config" if model_class.source == "auto_map" else "_from_config")
+    remote = model_class.source == "auto_map"  # resolved so only with trust_remote_code
+    build = model_class.builder.from_config if remote else model_class.builder._from_config
     try:
         with torch.device("meta"), _no_init_weights(), keeps_default_dtype():
-            model = build(copy.deepcopy(config), **{dtype_keyword(): dtype})
+            model = build(copy.deepcopy(config), **{dtype_keyword(): dtype},
+                          **({"trust_remote_code": True} if remote else {}))
     except Exception as error:  # noqa: BLE001 - a config transformers accepted can still fail in any layer
         raise LoadError(f"cannot build {model_class.kind()} for model_type {config.model_type!r} ({model_class.name}): "
                         f"{type(error).__name__}: {first_line(error)}") from None
@@ -410,7 +412,7 @@ class Loaded:
     config: Any = None
     fake_mode: Any = None
     model_class: str | None = None  # the class name built ("T5ForConditionalGeneration")
-    model_source: str | None = None  # where that name came from: "architectures", "--model-class", a mapping
+    model_source: str | None = None  # where the name came from: "config.architectures", "--model-class", ...
     made_inputs: list[SynthesizedInput] = field(default_factory=list)  # the inputs dtypelint synthesized
 
 

@@ -203,3 +203,16 @@ def test_video_and_raw_audio_inputs_are_shaped_from_the_config(tmp_path, capsys)
         assert code == 0, report["findings"]
         shapes.update({made["name"]: made["shape"] for made in report["inputs"]})
     assert shapes == {"pixel_values": [1, 2, 3, 32, 32], "input_values": [1, 320 * 32 + 10]}
+
+
+@pytest.mark.parametrize("mode", ["value", "meta"])
+def test_remote_code_builds_the_class_its_auto_map_names(mode, tiny_llama_path, tmp_path, capsys):
+    checkpoint = tmp_path / "remote"
+    shutil.copytree(tiny_llama_path, checkpoint)
+    (checkpoint / "modeling_custom.py").write_text(
+        "from transformers import LlamaForCausalLM\n\n\nclass CustomLlama(LlamaForCausalLM):\n    pass\n")
+    config = json.loads((checkpoint / "config.json").read_text())
+    (checkpoint / "config.json").write_text(json.dumps(
+        {**config, "architectures": ["CustomLlama"], "auto_map": {"AutoModelForCausalLM": "modeling_custom.CustomLlama"}}))
+    code, report = check_json(capsys, str(checkpoint), "--trust-remote-code", "--mode", mode)
+    assert code == 0 and report["model"] == "CustomLlama" and report["model_source"] == "auto_map"
