@@ -96,14 +96,24 @@ def build_meta_model(config: Any, dtype: torch.dtype, model_class: ModelClass | 
     """Build ``model_class`` (default: the class the config resolves to, ``resolve_model_class``) from a
     copy of ``config`` on the meta device, weight initialisation skipped: no memory, no values to
     initialise (some initialisers are data-dependent), and the caller's config untouched. Meta mode runs
-    its forward on fake CPU stand-ins of these tensors."""
+    its forward on fake CPU stand-ins of these tensors.
+
+    A constructor that reads a value (transformers 4's BEiT, FocalNet, PoolFormer and TimeSformer take
+    their drop-path rates from ``torch.linspace(...)[i].item()``) cannot run on the meta device: such a
+    model is built on the CPU without initialising its weights and then moved to the meta device."""
     model_class = model_class or resolve_model_class(config)
     remote = model_class.source == "auto_map"  # resolved so only with trust_remote_code
     build = model_class.builder.from_config if remote else model_class.builder._from_config
+    arguments = {dtype_keyword(): dtype, **({"trust_remote_code": True} if remote else {})}
     try:
-        with torch.device("meta"), _no_init_weights(), keeps_default_dtype():
-            model = build(copy.deepcopy(config), **{dtype_keyword(): dtype},
-                          **({"trust_remote_code": True} if remote else {}))
+        try:
+            with torch.device("meta"), _no_init_weights(), keeps_default_dtype():
+                model = build(copy.deepcopy(config), **arguments)
+        except RuntimeError as error:
+            if "meta tensor" not in str(error):
+                raise
+            with _no_init_weights(), keeps_default_dtype():
+                model = build(copy.deepcopy(config), **arguments).to("meta")
     except Exception as error:  # noqa: BLE001 - a config transformers accepted can still fail in any layer
         raise LoadError(f"cannot build {model_class.kind()} for model_type {config.model_type!r} ({model_class.name}): "
                         f"{type(error).__name__}: {first_line(error)}") from None

@@ -216,3 +216,16 @@ def test_remote_code_builds_the_class_its_auto_map_names(mode, tiny_llama_path, 
         {**config, "architectures": ["CustomLlama"], "auto_map": {"AutoModelForCausalLM": "modeling_custom.CustomLlama"}}))
     code, report = check_json(capsys, str(checkpoint), "--trust-remote-code", "--mode", mode)
     assert code == 0 and report["model"] == "CustomLlama" and report["model_source"] == "auto_map"
+
+
+def test_a_model_whose_constructor_reads_a_value_is_still_audited_from_its_config(capsys):
+    """transformers 4's BEiT takes its drop-path rates from ``torch.linspace(...).item()``, which the meta
+    device cannot give: meta mode builds it on the CPU, uninitialised, and moves it to the meta device."""
+    from transformers import BeitConfig
+
+    from dtypelint import audit_config
+
+    config = BeitConfig(**{key: value for key, value in TINY_TEXT.items() if key != "vocab_size"}, image_size=32,
+                        patch_size=8, drop_path_rate=0.1, architectures=["BeitForImageClassification"])
+    report = audit_config(config, dtype="float16")
+    assert report.model == "BeitForImageClassification" and report.errors == []
