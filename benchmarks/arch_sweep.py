@@ -1,27 +1,30 @@
-"""Sweep every causal-LM architecture of the installed transformers through dtypelint.
+"""Sweep every architecture of every task mapping of the installed transformers through dtypelint.
 
-For each ``model_type`` in ``MODEL_FOR_CAUSAL_LM_MAPPING_NAMES``:
+A unit is one model class of a task mapping (``MODEL_FOR_<TASK>_MAPPING_NAMES``: causal LM, seq2seq,
+masked LM, image classification, speech, ...; each class once, under the first task that lists it, in the
+order of ``dtypelint.model_class.TASK_FAMILIES``). For each:
 
 1. build a tiny random config (``AutoConfig.for_model`` with the usual size fields shrunk, nested
-   ``text_config`` too) and keep the architecture only if plain transformers can build it
-   (``from_config``), ``save_pretrained`` it, reload it in float16 and run a forward on
-   ``dtypelint.load.sample_inputs``: those architectures are the denominator;
-2. audit it six times: value mode (the float16-loaded model) and meta mode (``audit_config``), each
-   under ``hf-eager``, ``ipex-llm-xpu`` and ``cuda``; an exception escaping ``audit``/``audit_config`` is a
-   dtypelint internal error; after each value audit the model must be unchanged (state_dict and
-   non-persistent buffers ``torch.equal``, dtypes, hooks) and no global forward hook may be left;
+   ``text_config`` too) and keep the class only if plain transformers can build it (``_from_config``),
+   ``save_pretrained`` it, reload it in float16 and run a forward on ``dtypelint.load.sample_inputs``
+   (the inputs its modality needs): those classes are the denominator;
+2. audit it six times: value mode (the checkpoint loaded by dtypelint's loader, which must build the very
+   class the checkpoint records) and meta mode (``audit_config``), each under ``hf-eager``,
+   ``ipex-llm-xpu`` and ``cuda``; an exception escaping ``audit_loaded``/``audit_config`` is a dtypelint
+   internal error; after each value audit the model must be unchanged (state_dict and non-persistent
+   buffers ``torch.equal``, dtypes, hooks) and no global forward hook may be left;
 3. note the rotary layout (a ``*RotaryEmbedding`` owned by an ``*Attention*`` module: per-layer; any
    other: model-level) and check the IPX101 expectation: under ipex-llm-xpu, IPX101 errors appear
    exactly for per-layer architectures holding a float32 ``inv_freq`` whose model_type is in the
    contract's ``model-types``; under hf-eager no error mentions ``inv_freq``.
-4. under cuda, list every cuda-pack error: the plain float16 forward ran with the default (sdpa)
-   attention, so each is a false error unless the model really holds what CUDA rejects.
+4. list the errors of the value audits: the plain float16 forward ran, so each is a false error unless
+   the model really holds what it says (cuda errors: with the default (sdpa) attention).
 
-Each architecture runs in a forked child (imports are paid once) with a wall-clock limit, so a
-pathological model cannot hang the sweep.
+Each unit runs in a forked child (imports are paid once) with a wall-clock limit, so a pathological model
+cannot hang the sweep.
 
-    .venv/bin/python benchmarks/arch_sweep.py [--only llama,gpt2] [--jobs 2] [--timeout 90] [--json rows.json]
-        [--workdir DIR [--resume]]
+    .venv/bin/python benchmarks/arch_sweep.py [--task causal_lm,masked_lm | --family vision] [--sample N]
+        [--only llama,gpt2] [--jobs 2] [--timeout 90] [--json rows.json] [--workdir DIR [--resume]]
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import argparse
 import copy
 import json
 import os
+import shutil
 import signal
 import sys
 import tempfile
@@ -242,6 +246,7 @@ def summarize(report: Any) -> dict[str, Any]:
                             if f.severity == "error" and "inv_freq" in f"{f.tensor} {f.message}"],
         "cuda_errors": [f"{f.code} {f.location}: {f.message}"[:200] for f in findings
                         if f.pack == "cuda" and f.severity == "error"],
+        "errors": [f"{f.code} {f.location}: {f.message}"[:200] for f in findings if f.severity == "error"],
     }
 
 
@@ -265,15 +270,26 @@ class Recorder:
         os.replace(tmp, self.path)
 
 
-def check_architecture(model_type: str, rec: Recorder) -> None:
+def check_architecture(unit: dict[str, str], rec: Recorder) -> None:
     import torch
-    from transformers import AutoModelForCausalLM
+    import transformers
 
     import dtypelint
-    from dtypelint.load import dtype_keyword, sample_inputs
+    from dtypelint.audit import audit_loaded
+    from dtypelint.config import Settings
+    from dtypelint.load import Request, dtype_keyword, load, sample_inputs
     from dtypelint.rules.packs import load_pack
 
+    model_type, class_name = unit["model_type"], unit["class"]
+
     row = rec.row
+    row.update(unit)
+    try:
+        model_class = getattr(transformers, class_name)
+    except Exception as error:  # noqa: BLE001 - a class whose backend (timm, ...) is not installed
+        row["builds"], row["skip"] = False, f"import: {_short(error, 160)}"
+        rec.stage("skipped")
+        return
     ipx101 = next(c for c in load_pack("ipex-llm-xpu").contracts if c.code == "IPX101")
 
     def timed(name: str, fn: Any) -> Any:
@@ -290,14 +306,14 @@ def check_architecture(model_type: str, rec: Recorder) -> None:
         try:
             config, row["config_how"] = timed("config", lambda: tiny_config(model_type, extended))
             torch.manual_seed(0)
-            model = timed("from_config", lambda: AutoModelForCausalLM.from_config(copy.deepcopy(config)))
-            row["class"] = type(model).__name__
-            with tempfile.TemporaryDirectory(prefix=f"sweep-{model_type}-") as tmp:
-                timed("save", lambda: model.save_pretrained(tmp))
-                del model
-                model = timed("reload", lambda: AutoModelForCausalLM.from_pretrained(
-                    tmp, **{dtype_keyword(): torch.float16}).eval())
+            model = timed("from_config", lambda: model_class._from_config(copy.deepcopy(config)))
+            checkpoint = tempfile.mkdtemp(prefix=f"sweep-{class_name}-")
+            timed("save", lambda: model.save_pretrained(checkpoint))
+            del model
+            model = timed("reload", lambda: model_class.from_pretrained(
+                checkpoint, **{dtype_keyword(): torch.float16}).eval())
             inputs = sample_inputs(model, config, batch=1, seq_len=8)
+            row["inputs"] = {name: f"{str(t.dtype).replace('torch.', '')}{list(t.shape)}" for name, t in inputs.items()}
             with torch.no_grad():
                 timed("forward", lambda: model(**inputs))
             break
@@ -320,8 +336,15 @@ def check_architecture(model_type: str, rec: Recorder) -> None:
     row["ipx101_listed"] = row["model_type"] in ipx101.model_types
     row["ipx101_expected"] = bool(row["per_layer_fp32"] and row["ipx101_listed"])
 
-    # 2. the four audits
-    row["audits"], row["changed"], row["internal"] = {}, {}, []
+    # 2. the six audits: value mode through the loader (the class the checkpoint records), meta mode
+    row["audits"], row["changed"], row["internal"], row["substituted"] = {}, {}, [], []
+    del model
+    loaded = load(Request(path=Path(checkpoint), mode="value", dtype=torch.float16, batch=1, seq_len=8))
+    model = loaded.model
+    with torch.no_grad():  # transformers 5 installs its output-capturing hooks at the first forward: not ours
+        model(**loaded.inputs)
+    if loaded.model_class != class_name or type(model).__name__ != class_name:
+        row["substituted"].append(f"value: {loaded.model_class} / {type(model).__name__}")
     for mode in MODES:
         for backend in BACKENDS:
             key = f"{mode}/{backend}"
@@ -330,9 +353,12 @@ def check_architecture(model_type: str, rec: Recorder) -> None:
             config_before = given.to_json_string(use_diff=False)
             try:
                 if mode == "value":
-                    report = timed(key, lambda: dtypelint.audit(model, dict(inputs), dtype="float16", backend=backend))
+                    report = timed(key, lambda: audit_loaded(loaded, settings=Settings().layered({"backend": backend})))
                 else:
-                    report = timed(key, lambda: dtypelint.audit_config(given, dtype="float16", backend=backend))
+                    report = timed(key, lambda: dtypelint.audit_config(given, dtype="float16", backend=backend,
+                                                                      model_class=class_name, seq_len=8))
+                if report.model != class_name:
+                    row["substituted"].append(f"{key}: {report.model}")
                 row["audits"][key] = summarize(report)
                 del report
             except Exception as error:  # noqa: BLE001 - an internal error of dtypelint
@@ -346,19 +372,20 @@ def check_architecture(model_type: str, rec: Recorder) -> None:
                     k for k in set(after) | set(before_dict) if after.get(k) != before_dict.get(k))
             if changed:
                 row["changed"][key] = changed
+    shutil.rmtree(checkpoint, ignore_errors=True)
     rec.stage("done")
 
 
-def child(model_type: str, out: Path, log: Path) -> None:
+def child(unit: dict[str, str], out: Path, log: Path) -> None:
     fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
     import torch
 
     torch.set_num_threads(1)
-    rec = Recorder(out, model_type)
+    rec = Recorder(out, unit["class"])
     try:
-        check_architecture(model_type, rec)
+        check_architecture(unit, rec)
     except BaseException as error:  # noqa: BLE001 - the sweep itself must report, not die
         rec.row["sweep_error"] = _short(error)
         traceback.print_exc()
@@ -366,13 +393,15 @@ def child(model_type: str, out: Path, log: Path) -> None:
 
 
 # --------------------------------------------------------------------------------------------- parent
-def run_all(types: list[str], jobs: int, timeout: float, workdir: Path, resume: bool = False) -> list[dict[str, Any]]:
-    pending = list(types)
+def run_all(units: list[dict[str, str]], jobs: int, timeout: float, workdir: Path,
+            resume: bool = False) -> list[dict[str, Any]]:
+    pending = list(units)
     running: dict[int, tuple[str, float, Path]] = {}
     rows: dict[str, dict[str, Any]] = {}
     while pending or running:
         while pending and len(running) < jobs:
-            model_type = pending.pop(0)
+            unit = pending.pop(0)
+            model_type = unit["class"]
             out, log = workdir / f"{model_type}.json", workdir / f"{model_type}.log"
             if resume and out.exists():
                 row = json.loads(out.read_text())
@@ -384,7 +413,7 @@ def run_all(types: list[str], jobs: int, timeout: float, workdir: Path, resume: 
             pid = os.fork()
             if pid == 0:
                 try:
-                    child(model_type, out, log)
+                    child(unit, out, log)
                 finally:
                     os._exit(0)
             running[pid] = (model_type, time.perf_counter(), out)
@@ -397,7 +426,8 @@ def run_all(types: list[str], jobs: int, timeout: float, workdir: Path, resume: 
             if not done:
                 os.kill(pid, signal.SIGKILL)
                 os.waitpid(pid, 0)
-            row = json.loads(out.read_text()) if out.exists() else {"arch": model_type, "stage": "start"}
+            row = json.loads(out.read_text()) if out.exists() else {"arch": model_type, "stage": "start",
+                                                                     **next(u for u in units if u["class"] == model_type)}
             if not done:
                 row["timeout"] = f"killed after {timeout:.0f} s in stage {row.get('stage')}"
             elif os.WIFSIGNALED(status):
@@ -408,8 +438,8 @@ def run_all(types: list[str], jobs: int, timeout: float, workdir: Path, resume: 
             rows[model_type] = row
             del running[pid]
             status_text = row.get("skip") or row.get("timeout") or row.get("crash") or "audited"
-            print(f"[{len(rows):3d}/{len(types)}] {model_type:<28} {elapsed:5.1f}s  {status_text[:110]}", flush=True)
-    return [rows[t] for t in types]
+            print(f"[{len(rows):3d}/{len(units)}] {model_type:<44} {elapsed:5.1f}s  {status_text[:110]}", flush=True)
+    return [rows[unit["class"]] for unit in units]
 
 
 def classify(row: dict[str, Any], mode: str) -> str:
@@ -450,12 +480,72 @@ def cuda_errors(row: dict[str, Any]) -> list[str]:
             for error in (row.get("audits", {}).get(f"{mode}/cuda") or {}).get("cuda_errors", [])]
 
 
+FAMILY_COLUMNS = ["family", "swept", "denominator", "value: no internal error", "meta: no internal error",
+                  "meta complete / DT002 / DT001", "changed model", "another class", "value errors (hf-eager)"]
+
+
+def family_rows(rows: list[dict[str, Any]]) -> list[list[Any]]:
+    """One row per task family: the README's table."""
+    table = []
+    for family in dict.fromkeys(row["family"] for row in rows):
+        mine = [row for row in rows if row["family"] == family]
+        kept = [row for row in mine if row.get("builds")]
+        table.append([
+            family, len(mine), len(kept),
+            sum(row["value"] in ("ok", "limit", "DT001") for row in kept),
+            sum(row["meta"] in ("ok", "limit", "DT001") for row in kept),
+            " / ".join(str(sum(row["meta"] == kind for row in kept)) for kind in ("ok", "limit", "DT001")),
+            sum(bool(row.get("changed")) for row in kept),
+            sum(bool(row.get("substituted")) for row in kept),
+            sum(bool((row.get("audits", {}).get("value/hf-eager") or {}).get("errors")) for row in kept),
+        ])
+    return table
+
+
 def compact(counts: dict[str, int]) -> str:
     return " ".join(f"{ABBREV.get(k, k)}:{v}" for k, v in sorted(counts.items())) or "-"
 
 
+def sweep_units(tasks: set[str] | None = None, families: set[str] | None = None, only: set[str] | None = None,
+                sample: int | None = None) -> tuple[list[dict[str, str]], Counter]:
+    """The classes to sweep, each under the first task mapping that lists it, filtered by task, family or
+    model_type; with ``sample``, at most that many per task, spread evenly over the mapping. Also the number
+    of classes per family before sampling."""
+    from dtypelint.model_class import task_family, task_mappings
+
+    seen: set[str] = set()
+    units: list[dict[str, str]] = []
+    per_family: Counter = Counter()
+    for task, mapping in task_mappings().items():
+        family = task_family(task)
+        candidates = []
+        for model_type, name in mapping.items():
+            name = name[0] if isinstance(name, (list, tuple)) and name else name
+            if not isinstance(name, str) or name in seen:
+                continue
+            seen.add(name)
+            if (tasks and task.lower() not in tasks) or (families and family not in families) \
+                    or (only and model_type not in only):
+                continue
+            per_family[family] += 1
+            candidates.append({"class": name, "model_type": model_type, "task": task or "BASE", "family": family})
+        if sample and len(candidates) > sample:
+            candidates = [candidates[index * len(candidates) // sample] for index in range(sample)]
+        units += candidates
+    return units, per_family
+
+
+def _names(text: str | None) -> set[str] | None:
+    return {part.strip().lower() if part.strip().isupper() else part.strip() for part in text.split(",")
+            if part.strip()} if text else None
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--task", help="comma-separated task mappings (causal_lm, seq_to_seq_causal_lm, masked_lm, "
+                                       "image_classification, ...: MODEL_FOR_<TASK>_MAPPING_NAMES; base for the bare model)")
+    parser.add_argument("--family", help="comma-separated task families (dtypelint.model_class.TASK_FAMILIES values)")
+    parser.add_argument("--sample", type=int, help="at most this many classes per task, spread over the mapping")
     parser.add_argument("--only", help="comma-separated model_types")
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--timeout", type=float, default=90.0, help="seconds per architecture (all stages)")
@@ -469,24 +559,19 @@ def main() -> int:
     import torch  # noqa: F401 - imported once, before forking
     import transformers
     from tabulate import tabulate
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     import dtypelint  # noqa: F401
     import dtypelint.rules.packs  # noqa: F401 - imported before the children fork, so they share it
 
-    types = list(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
-    if args.only:
-        wanted = [t.strip() for t in args.only.split(",") if t.strip()]
-        unknown = [t for t in wanted if t not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES]
-        if unknown:
-            print(f"not causal-LM model types here: {', '.join(unknown)}", file=sys.stderr)
-        types = [t for t in wanted if t in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES]
+    tasks = {task.lower().replace("base", "") for task in _names(args.task) or ()} or None
+    units, per_family = sweep_units(tasks, _names(args.family), _names(args.only), args.sample)
     print(f"transformers {transformers.__version__}, torch {torch.__version__}, python {sys.version.split()[0]}: "
-          f"{len(types)} causal-LM model types, {args.jobs} jobs, {args.timeout:.0f} s each", flush=True)
+          f"{len(units)} classes ({', '.join(f'{family} {count}' for family, count in per_family.items())} before "
+          f"sampling), {args.jobs} jobs, {args.timeout:.0f} s each", flush=True)
 
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="arch-sweep-"))
     workdir.mkdir(parents=True, exist_ok=True)
-    rows = run_all(types, args.jobs, args.timeout, workdir, args.resume)
+    rows = run_all(units, args.jobs, args.timeout, workdir, args.resume)
     for row in rows:
         row["value"] = classify(row, "value") if row.get("builds") else ""
         row["meta"] = classify(row, "meta") if row.get("builds") else ""
@@ -507,13 +592,13 @@ def main() -> int:
         kc = {k: v for k, v in (ipex.get("codes") or {}).items() if k.startswith("IPX")}
         found = {m: bool((row.get("audits", {}).get(f"{m}/ipex-llm-xpu") or {}).get("ipx101_errors")) for m in MODES}
         table.append([
-            row["arch"], "yes", row["value"], row["meta"],
+            row["arch"], row["family"], row["value"], row["meta"],
             row["layout"] + ("" if row["layout"] == "none" else f" ({'/'.join(row['inv_freq'])})"),
             f"{'Y' if row['ipx101_expected'] else 'n'}/{'Y' if found['value'] else 'n'}{'Y' if found['meta'] else 'n'}",
             compact(value.get("categories") or {}), compact(kc),
             "CHANGED" if row.get("changed") else "", len(row["violations"]) or "",
         ])
-    print(tabulate(table, headers=["architecture", "builds", "value", "meta", "layout (inv_freq)",
+    print(tabulate(table, headers=["class", "family", "value", "meta", "layout (inv_freq)",
                                    "IPX101 exp/found(v,m)", "findings value/hf-eager", "ipex codes (value)",
                                    "model", "viol."]))
 
@@ -556,14 +641,26 @@ def main() -> int:
         print(f"\ncuda errors on models that ran in float16 with sdpa ({len(flagged)}):")
         for arch, text in flagged:
             print(f"  {arch}: {text[:250]}")
+    substituted = [(r["arch"], text) for r in kept for text in r.get("substituted", [])]
+    if substituted:
+        print(f"\nAudits of another class than the checkpoint's ({len(substituted)}):")
+        for arch, text in substituted:
+            print(f"  {arch}: {text}")
+    value_errors = [(r["arch"], e) for r in kept for e in (r.get("audits", {}).get("value/hf-eager") or {}).get("errors", [])]
+    if value_errors:
+        print(f"\nErrors of value audits under hf-eager, whose plain float16 forward ran ({len(value_errors)}; to be read):")
+        for arch, text in value_errors:
+            print(f"  {arch}: {text[:250]}")
     incomplete = [r["arch"] for r in kept if r.get("timeout") or r.get("crash") or r.get("sweep_error")]
+    print("\nPer task family:")
+    print(tabulate(family_rows(rows), headers=FAMILY_COLUMNS))
 
     def no_internal(mode: str) -> int:
         return sum(1 for r in kept if r[mode] in ("ok", "limit", "DT001"))
 
     totals = {
         "transformers": transformers.__version__,
-        "model_types": len(types),
+        "classes_swept": len(units),
         "denominator": len(kept),
         "value_without_internal_error": no_internal("value"),
         "meta_without_internal_error": no_internal("meta"),
@@ -576,6 +673,8 @@ def main() -> int:
         "audits_changed_model": len(changed),
         "audit_config_mutated_config": len(mutated),
         "layout_violations": len(violations),
+        "audits_of_another_class": len(substituted),
+        "architectures_with_value_errors_hf_eager": sorted({a for a, _ in value_errors}),
         "cuda_error_architectures": sorted(r["arch"] for r in kept if cuda_errors(r)),
         "per_layer": sum(r["layout"] == "per-layer" for r in kept),
         "model_level": sum(r["layout"] == "model-level" for r in kept),

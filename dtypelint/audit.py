@@ -201,23 +201,30 @@ def audit_config(
     batch: int = 1,
     seq_len: int = 16,
     trust_remote_code: bool = False,
+    model_class: str | None = None,
+    inputs_dtype: str | torch.dtype | None = None,
     settings: Settings | None = None,
     progress: bool = False,
     **overrides: Unpack[SettingOverrides],
 ) -> Report:
-    """Audit a causal LM from its config alone (meta mode): no weights are allocated, so a 70B config
-    audits on a laptop. ``config`` is a transformers config, a ``config.json`` path or a directory; the
-    settings are those of ``audit``."""
+    """Audit a model from its config alone (meta mode): no weights are allocated, so a 70B config audits
+    on a laptop. ``config`` is a transformers config, a ``config.json`` path or a directory. The model is
+    the class ``config.architectures`` names (else the first task mapping with one for its
+    ``model_type``), or the transformers class ``model_class`` names; its inputs are made from the config
+    (``dtypelint.inputs``), float ones in ``inputs_dtype`` (default: the compute dtype). The settings are
+    those of ``audit``."""
     resolved = (settings or Settings()).layered(overrides)
     request = Request(config=config, mode="meta", dtype=parse_dtype(resolved.dtype), batch=batch, seq_len=seq_len,
-                      trust_remote_code=trust_remote_code)
+                      trust_remote_code=trust_remote_code, model_class=model_class,
+                      inputs_dtype=parse_dtype(inputs_dtype))
     return audit_loaded(load(request), settings=resolved, progress=progress)
 
 
 def audit_loaded(loaded: Loaded, *, settings: Settings, progress: bool = False) -> Report:
     """Audit what a loader returned (``dtypelint.load.load``), in its mode."""
     if loaded.mode == "value":
-        return audit(loaded.model, loaded.inputs, settings=settings, progress=progress, dtype=loaded.dtype)
+        return _with_load(loaded, audit(loaded.model, loaded.inputs, settings=settings, progress=progress,
+                                        dtype=loaded.dtype))
 
     def run() -> TraceResult:
         return _run(
@@ -238,7 +245,15 @@ def audit_loaded(loaded: Loaded, *, settings: Settings, progress: bool = False) 
                 "meta mode: this transformers reads the attention mask's values, so the forward was traced "
                 "without attention_mask (the causal path an all-ones mask takes)"
             )
-    return _report(result, compute_dtype=loaded.dtype or torch.float32, settings=settings)
+    return _with_load(loaded, _report(result, compute_dtype=loaded.dtype or torch.float32, settings=settings))
+
+
+def _with_load(loaded: Loaded, report: Report) -> Report:
+    """What the loader chose, on the report: the class and where its name came from, the inputs it made
+    (those the forward was given: meta mode may have dropped the mask)."""
+    report.model_source = loaded.model_source
+    report.made_inputs = [made for made in loaded.made_inputs if made.name in loaded.inputs]
+    return report
 
 
 _STORED_FLOATS = {"float64": torch.float64, "float32": torch.float32, "float16": torch.float16,

@@ -69,6 +69,12 @@ def _parser() -> argparse.ArgumentParser:
                             f"pack (shipped: {', '.join(available_packs())}; default: hf-eager)")
     check.add_argument("--pack", action="append", dest="packs", metavar="PACK",
                        help="an extra rule pack whose contracts join the backend's (repeatable)")
+    check.add_argument("--model-class", metavar="NAME",
+                       help="the transformers class to build (default: the one config.architectures names, "
+                            "else the first task mapping with one for the model_type)")
+    check.add_argument("--inputs-dtype", metavar="DTYPE",
+                       help="dtype of the synthesized float inputs (default: the compute dtype, as a pipeline casts "
+                            "them; float32 audits a pipeline that forgets the cast)")
     check.add_argument("--attn-implementation", metavar="NAME",
                        help="the attention the deployment runs (flash_attention_2: checked with a CPU stand-in)")
     check.add_argument("--config", help="pyproject.toml to read [tool.dtypelint] from (default: the nearest)")
@@ -156,6 +162,11 @@ def _preflight(options: argparse.Namespace) -> Path | None:
         raise UsageError("--save-fixed needs --fix")
     if options.dtype and options.dtype.strip().lower() != "auto":
         dtype_attribute(options.dtype)
+    if options.inputs_dtype:
+        dtype_attribute(options.inputs_dtype)
+    if options.entry and (options.model_class or options.inputs_dtype):
+        raise UsageError("--model-class and --inputs-dtype choose how a checkpoint or config is built and fed; "
+                         "an --entry function returns its own model and inputs")
     for name in _codes(",".join(options.backend or [])) + (options.packs or []):
         if not is_pack_path(name):
             shipped_pack(name)
@@ -207,7 +218,8 @@ def _run_check(options: argparse.Namespace, path: Path | None, progress: bool) -
     if options.static and path is not None:
         return _static(options, path, settings)
     request = Request(path=path, entry=options.entry, mode=options.mode, dtype=parse_dtype(settings.dtype),
-                      batch=options.batch, seq_len=options.seq_len, trust_remote_code=options.trust_remote_code)
+                      batch=options.batch, seq_len=options.seq_len, trust_remote_code=options.trust_remote_code,
+                      model_class=options.model_class, inputs_dtype=parse_dtype(options.inputs_dtype))
     loader = find_loader(request)
     if _fixing(options) and loader.mode == "meta":
         raise UsageError("fixes need real weights: --fix, --diff, --write-plan and --save-fixed work in value mode")

@@ -22,6 +22,10 @@ Formats
           "backend": "hf-eager",                 # name of the rule pack in use
           "mode": "value" | "meta",
           "compute_dtype": "float16",
+          "model_source": "config.architectures",  # where the class name came from (or "--model-class",
+                                                   # a task mapping); only for a checkpoint or config
+          "inputs": [{"name": "input_ids", "shape": [1, 16], "dtype": "int64"}],  # what dtypelint made;
+                                                   # only for a checkpoint or config
           "summary": {"error": 2, "warning": 1, "info": 0},
           "graph": {"ops": 123, "tensors": 456}, # size of the traced dtype graph
           "notes": ["..."],                      # what the audit could not do or assumed
@@ -173,7 +177,8 @@ def _text(report: Report, context: FormatContext, findings: str) -> str:
 
 
 def _notes(report: Report) -> list[str]:
-    return [f"note: {note}" for note in report.notes]
+    loaded = report.loaded_line()
+    return [f"note: {note}" for note in report.notes] + ([loaded] if loaded else [])
 
 
 def _next_steps(report: Report) -> list[str]:
@@ -405,8 +410,8 @@ def render_markdown(report: Report, context: FormatContext) -> str:
             lines.append("| " + " | ".join(cells) + " |")
     else:
         lines.append("No findings.")
-    if report.notes:
-        lines += ["", *(f"- note: {_md_text(note)}" for note in report.notes)]
+    if report.notes or report.loaded_line():
+        lines += ["", *(f"- {_md_text(line)}" for line in _notes(report))]
 
     from dtypelint.drawing import MAX_DRAWINGS, error_sites  # torch's op vocabulary: not at the CLI's start
 

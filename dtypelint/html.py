@@ -65,6 +65,7 @@ def render_html(report: Report, context: FormatContext) -> str:
     shown = context.fix.before if context.fix is not None and context.fix.before is not None else report
     parts = [
         f"<h1>dtypelint</h1>\n<p class=\"summary\">{escape(shown.summary_line())}</p>",
+        f"<p class=\"loaded\">{escape(shown.loaded_line())}</p>" if shown.loaded_line() else "",
         findings_table(shown.ordered()),
         notes_list(shown.notes),
         *error_drawings(shown),

@@ -15,7 +15,7 @@ import json
 import sys
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,8 @@ import torch
 
 from dtypelint.dtypes import parse_dtype
 from dtypelint.errors import LoadError, UsageError, first_line
+from dtypelint.inputs import SynthesizedInput, describe_inputs, synthesize_inputs
+from dtypelint.model_class import ModelClass, resolve_model_class
 from dtypelint.paths import local_path, parse_file, refuse_weights_file
 
 
@@ -90,17 +92,30 @@ def config_dtype(config: Any) -> torch.dtype | None:
     return parse_dtype(declared) if isinstance(declared, (str, torch.dtype)) else None
 
 
-def build_meta_model(config: Any, dtype: torch.dtype) -> torch.nn.Module:
-    """Build a causal LM from a copy of ``config`` on the meta device, weight initialisation skipped:
-    no memory, no values to initialise (some initialisers are data-dependent), and the caller's config
-    untouched. Meta mode runs its forward on fake CPU stand-ins of these tensors."""
-    from transformers import AutoModelForCausalLM
+def build_meta_model(config: Any, dtype: torch.dtype, model_class: ModelClass | None = None) -> torch.nn.Module:
+    """Build ``model_class`` (default: the class the config resolves to, ``resolve_model_class``) from a
+    copy of ``config`` on the meta device, weight initialisation skipped: no memory, no values to
+    initialise (some initialisers are data-dependent), and the caller's config untouched. Meta mode runs
+    its forward on fake CPU stand-ins of these tensors.
 
+    A constructor that reads a value (transformers 4's BEiT, FocalNet, PoolFormer and TimeSformer take
+    their drop-path rates from ``torch.linspace(...)[i].item()``) cannot run on the meta device: such a
+    model is built on the CPU without initialising its weights and then moved to the meta device."""
+    model_class = model_class or resolve_model_class(config)
+    remote = model_class.source == "auto_map"  # resolved so only with trust_remote_code
+    build = model_class.builder.from_config if remote else model_class.builder._from_config
+    arguments = {dtype_keyword(): dtype, **({"trust_remote_code": True} if remote else {})}
     try:
-        with torch.device("meta"), _no_init_weights(), keeps_default_dtype():
-            model = AutoModelForCausalLM.from_config(copy.deepcopy(config), **{dtype_keyword(): dtype})
+        try:
+            with torch.device("meta"), _no_init_weights(), keeps_default_dtype():
+                model = build(copy.deepcopy(config), **arguments)
+        except RuntimeError as error:
+            if "meta tensor" not in str(error):
+                raise
+            with _no_init_weights(), keeps_default_dtype():
+                model = build(copy.deepcopy(config), **arguments).to("meta")
     except Exception as error:  # noqa: BLE001 - a config transformers accepted can still fail in any layer
-        raise LoadError(f"cannot build a causal LM for model_type {config.model_type!r}: "
+        raise LoadError(f"cannot build {model_class.kind()} for model_type {config.model_type!r} ({model_class.name}): "
                         f"{type(error).__name__}: {first_line(error)}") from None
     return model.eval()
 
@@ -125,22 +140,27 @@ def _no_init_weights() -> Any:
 
 
 def sample_inputs(
-    model: torch.nn.Module, config: Any, *, batch: int = 1, seq_len: int = 16, seed: int = 0
+    model: torch.nn.Module,
+    config: Any,
+    *,
+    batch: int = 1,
+    seq_len: int = 16,
+    seed: int = 0,
+    float_dtype: torch.dtype | None = None,
+    preprocessor: Mapping[str, Any] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """``input_ids``, ``attention_mask`` and, where the forward takes them, ``position_ids``.
+    """The inputs the model's forward takes, made from its config (``dtypelint.inputs``): for a causal LM
+    ``input_ids``, ``attention_mask`` and, where the forward takes them, ``position_ids``. Float inputs
+    get ``float_dtype`` (default: the model's dtype, as a pipeline casts them).
 
     Call it inside the fake mode for a fake model, so the inputs are fake too (and any size is cheap).
     """
     from torch._guards import detect_fake_mode
 
     check_sample_size(config, batch=batch, seq_len=seq_len, real=detect_fake_mode() is None)
-    vocab = getattr(config, "vocab_size", None) or 2
-    generator = torch.Generator().manual_seed(seed)
-    input_ids = torch.randint(0, vocab, (batch, seq_len), generator=generator)
-    inputs = {"input_ids": input_ids, "attention_mask": torch.ones(batch, seq_len, dtype=torch.long)}
-    if "position_ids" in inspect.signature(model.forward).parameters:
-        inputs["position_ids"] = torch.arange(seq_len).unsqueeze(0).expand(batch, -1)
-    return inputs
+    float_dtype = float_dtype or getattr(model, "dtype", None) or torch.float32
+    return synthesize_inputs(model, config, batch=batch, seq_len=seq_len, float_dtype=float_dtype, seed=seed,
+                             preprocessor=preprocessor)
 
 
 # Real sample inputs beyond this many tokens (batch * seq_len) need absurd memory for a dtype audit, whose
@@ -214,16 +234,18 @@ def load_low_bit(path: str | Path, dtype: torch.dtype | None, trust_remote_code:
     return model.eval()
 
 
-def load_pretrained(path: str | Path, config: Any, dtype: torch.dtype | None, trust_remote_code: bool) -> torch.nn.Module:
-    """``from_pretrained``. A checkpoint that lacks tensors its config declares, or holds tensors the model
-    does not have, is a LoadError: transformers would fill the gaps with random weights, and the audit of
-    those is meaningless."""
-    from transformers import AutoModelForCausalLM
-
+def load_pretrained(
+    path: str | Path, config: Any, dtype: torch.dtype | None, trust_remote_code: bool,
+    model_class: ModelClass | None = None,
+) -> torch.nn.Module:
+    """``from_pretrained`` of ``model_class`` (default: the class the config resolves to). A checkpoint that
+    lacks tensors its config declares, or holds tensors the model does not have, is a LoadError:
+    transformers would fill the gaps with random weights, and the audit of those is meaningless."""
+    model_class = model_class or resolve_model_class(config, trust_remote_code=trust_remote_code)
     check_shard_indexes(Path(path))
     try:
         with keeps_default_dtype():
-            model, info = AutoModelForCausalLM.from_pretrained(
+            model, info = model_class.builder.from_pretrained(
                 path, config=config, local_files_only=True, trust_remote_code=trust_remote_code,
                 output_loading_info=True, **{dtype_keyword(): dtype or "auto"},
             )
@@ -373,7 +395,9 @@ def _read_header(shard: Path) -> tuple[dict[str, Any], int, int]:
 @dataclass(frozen=True)
 class Request:
     """What to audit: a checkpoint or config ``path``, a config object, or an ``entry`` spec; the mode
-    asked for (None: value mode where there are weights), the compute dtype and the sample size."""
+    asked for (None: value mode where there are weights), the compute dtype and the sample size;
+    ``model_class``, a transformers class name to build instead of the one the config names;
+    ``inputs_dtype``, the dtype of the float inputs (None: the compute dtype, as a pipeline casts them)."""
 
     path: Path | None = None
     config: Any = None
@@ -383,6 +407,8 @@ class Request:
     batch: int = 1
     seq_len: int = 16
     trust_remote_code: bool = False
+    model_class: str | None = None
+    inputs_dtype: torch.dtype | None = None
 
 
 @dataclass
@@ -395,6 +421,9 @@ class Loaded:
     dtype: torch.dtype | None  # the compute dtype the model was loaded in (None: the model's own)
     config: Any = None
     fake_mode: Any = None
+    model_class: str | None = None  # the class name built ("T5ForConditionalGeneration")
+    model_source: str | None = None  # where the name came from: "config.architectures", "--model-class", ...
+    made_inputs: list[SynthesizedInput] = field(default_factory=list)  # the inputs dtypelint synthesized
 
 
 @dataclass(frozen=True)
@@ -445,13 +474,40 @@ def _wants_value(request: Request) -> bool:
     return request.path is not None and request.mode != "meta" and has_weights(request.path)
 
 
-def _value_load(request: Request, model_of: Callable[[Any, torch.dtype | None], torch.nn.Module]) -> Loaded:
+def _value_load(request: Request, model_of: Callable[[Any, torch.dtype | None, ModelClass], torch.nn.Module],
+                *, low_bit: bool = False) -> Loaded:
     config = load_config(request.path, trust_remote_code=request.trust_remote_code)
     check_sample_size(config, batch=request.batch, seq_len=request.seq_len)  # before the weights load
+    model_class = _model_class(request, config, low_bit=low_bit)
     dtype = request.dtype or config_dtype(config)
-    model = model_of(config, dtype)
-    inputs = sample_inputs(model, config, batch=request.batch, seq_len=request.seq_len)
-    return Loaded(model, inputs, "value", dtype, config)
+    model = model_of(config, dtype, model_class)
+    inputs = sample_inputs(model, config, batch=request.batch, seq_len=request.seq_len,
+                           float_dtype=request.inputs_dtype or dtype, preprocessor=_preprocessor(request.path))
+    return Loaded(model, inputs, "value", dtype, config, model_class=model_class.name,
+                  model_source=model_class.source, made_inputs=describe_inputs(inputs))
+
+
+def _model_class(request: Request, config: Any, *, low_bit: bool = False) -> ModelClass:
+    """ipex-llm's ``load_low_bit`` builds causal LMs only (its AutoModelForCausalLM)."""
+    if low_bit:
+        from transformers import AutoModelForCausalLM
+
+        return ModelClass("AutoModelForCausalLM", AutoModelForCausalLM, "ipex-llm load_low_bit")
+    return resolve_model_class(config, request.model_class, trust_remote_code=request.trust_remote_code)
+
+
+PREPROCESSOR_FILE = "preprocessor_config.json"
+
+
+def _preprocessor(path: Path | None) -> dict[str, Any]:
+    """The image or feature processor's config saved beside a checkpoint (sizes and channels), if any."""
+    if path is None:
+        return {}
+    file = (path if path.is_dir() else path.parent) / PREPROCESSOR_FILE
+    if not file.is_file():
+        return {}
+    data = parse_file(file, json.loads, "JSON")
+    return data if isinstance(data, dict) else {}
 
 
 @register("entry", "value", lambda request: request.entry is not None)
@@ -462,13 +518,15 @@ def _load_entry(request: Request) -> Loaded:
 
 @register("ipex-llm low-bit", "value", lambda request: _wants_value(request) and is_low_bit(request.path))
 def _load_low_bit(request: Request) -> Loaded:
-    return _value_load(request, lambda config, dtype: load_low_bit(request.path, dtype, request.trust_remote_code))
+    return _value_load(request, lambda config, dtype, model_class: load_low_bit(request.path, dtype,
+                                                                               request.trust_remote_code),
+                       low_bit=True)
 
 
 @register("from_pretrained", "value", _wants_value)
 def _load_pretrained(request: Request) -> Loaded:
-    return _value_load(request, lambda config, dtype: load_pretrained(request.path, config, dtype,
-                                                                      request.trust_remote_code))
+    return _value_load(request, lambda config, dtype, model_class: load_pretrained(
+        request.path, config, dtype, request.trust_remote_code, model_class))
 
 
 @register("config", "meta", lambda request: request.mode != "value" and (request.config or request.path) is not None)
@@ -479,8 +537,12 @@ def _load_config_only(request: Request) -> Loaded:
     config = load_config(source, trust_remote_code=request.trust_remote_code)
     check_sample_size(config, batch=request.batch, seq_len=request.seq_len, real=False)
     dtype = request.dtype or config_dtype(config) or torch.float32
-    model = build_meta_model(config, dtype)
+    model_class = _model_class(request, config)
+    model = build_meta_model(config, dtype, model_class)
     fake_mode = new_fake_mode()
     with fake_mode:  # fake inputs: no memory however large batch x seq_len is
-        inputs = sample_inputs(model, config, batch=request.batch, seq_len=request.seq_len)
-    return Loaded(model, inputs, "meta", dtype, config, fake_mode)
+        inputs = sample_inputs(model, config, batch=request.batch, seq_len=request.seq_len,
+                               float_dtype=request.inputs_dtype or dtype,
+                               preprocessor=_preprocessor(request.path) if isinstance(source, Path) else None)
+    return Loaded(model, inputs, "meta", dtype, config, fake_mode, model_class=model_class.name,
+                  model_source=model_class.source, made_inputs=describe_inputs(inputs))

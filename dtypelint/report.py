@@ -11,6 +11,7 @@ from tabulate import tabulate
 if TYPE_CHECKING:
     from dtypelint.config import Settings
     from dtypelint.graph import DtypeGraph
+    from dtypelint.inputs import SynthesizedInput
 
 SEVERITIES = ("info", "warning", "error")
 ROOT_LOCATION = "<model>"  # how the model itself (location "") is shown
@@ -77,6 +78,10 @@ class Report:
     # What the audit ran with, so that ``fix`` re-audits exactly the same way.
     settings: Settings | None = field(default=None, repr=False)
     inputs: Any = field(default=None, repr=False)
+    # What the loader chose: where the model's class came from ("architectures", "--model-class", a task
+    # mapping), and the inputs it synthesized (empty for a model and inputs the caller gave).
+    model_source: str | None = None
+    made_inputs: list[SynthesizedInput] = field(default_factory=list)
 
     def by_severity(self, severity: str) -> list[Finding]:
         return [finding for finding in self.findings if finding.severity == severity]
@@ -98,16 +103,29 @@ class Report:
         return {severity: counter.get(severity, 0) for severity in reversed(SEVERITIES)}
 
     def to_dict(self) -> dict[str, Any]:
+        """The report as JSON-ready data; ``model_source`` and ``inputs`` only where dtypelint built the model
+        and its inputs (a checkpoint or config), not for a model and inputs the caller gave."""
+        loaded = {"model_source": self.model_source, "inputs": [asdict(made) for made in self.made_inputs]}
         return {
             "model": self.model,
             "backend": self.backend,
             "mode": self.mode,
             "compute_dtype": self.compute_dtype,
+            **(loaded if self.loaded_line() else {}),
             "summary": self.counts(),
             "graph": {"ops": sum(1 for _ in self.graph.ops()), "tensors": sum(1 for _ in self.graph.tensors())},
             "notes": list(self.notes),
             "findings": [finding.to_dict() for finding in self.findings],
         }
+
+    def loaded_line(self) -> str | None:
+        """``built T5ForConditionalGeneration (config.architectures) on input_ids int64[1, 16], ...``: what
+        the loader built and fed, where it chose them; None for a model and inputs the caller gave."""
+        if self.model_source is None and not self.made_inputs:
+            return None
+        source = f" ({self.model_source})" if self.model_source else ""
+        inputs = ", ".join(made.describe() for made in self.made_inputs) or "no synthesized inputs"
+        return f"built {self.model}{source} on {inputs}"
 
     def summary_line(self) -> str:
         counts = self.counts()
@@ -124,6 +142,7 @@ class Report:
     def render(self) -> str:
         lines = [self.table()] if self.findings else []
         lines += [f"note: {note}" for note in self.notes]
+        lines += [line for line in (self.loaded_line(),) if line]
         lines.append(self.summary_line())
         return "\n".join(lines)
 
