@@ -12,7 +12,7 @@ dtype error before any op ran, with the tensors its frame held.
 Tensor node attributes: ``kind="tensor"``, ``dtype`` (``"float16"``), ``shape`` (tuple), ``device``,
 ``origin`` (``parameter`` | ``buffer`` | ``attribute`` | ``input`` | ``constant`` | ``op``), ``name``
 (qualified name of a leaf), ``stored_kind``/``stored_name`` (an activation the forward assigned to a
-buffer or attribute), and in value mode with statistics ``min``/``max``. Exports add ``label``
+buffer or attribute), ``returned`` (the forward returned it), and in value mode with statistics ``min``/``max``. Exports add ``label``
 (``DtypeGraph.label``: the tensor's name or producer, dtype and shape) and draw edges with their dtype.
 """
 
@@ -64,6 +64,7 @@ class TensorNode(TypedDict, total=False):
     max: float
     stored_kind: OriginKind  # an activation the forward assigned to a buffer or tensor attribute
     stored_name: str
+    returned: bool  # the model's forward returned it (graph.graph["returns_known"]: the trace knows them)
 
 
 _ROOTS_KEPT = 4  # a finding names a few roots; keeping every one would cost quadratic memory on long chains
@@ -124,11 +125,14 @@ class DtypeGraph(nx.DiGraph):
             autocast=tracer.autocast,
             autocast_policy=tracer.autocast_policy.device,
             failure_module=tracer.failure_module,
+            returns_known=bool(tracer.returned),
             attention_calls=tuple(tracer.attention.calls),  # dtypelint.attention.AttentionCall; not exported
         )
         graph.add_nodes_from(
             (f"t{index}", _tensor_attributes(tensor)) for index, tensor in enumerate(tracer.tensors)
         )
+        for index in tracer.returned:
+            graph.nodes[f"t{index}"]["returned"] = True
         ops, edges = [], []
         autocast_casts = {index for casts in tracer.autocast_casts for index in casts}
         identities: dict[int, dict[str, Any]] = {}  # per distinct op: its names and kinds, worked out once

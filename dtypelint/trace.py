@@ -29,7 +29,7 @@ from torch._ops import OpOverload
 from torch._subclasses.fake_tensor import FakeTensor
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import keystr, tree_flatten_with_path
+from torch.utils._pytree import keystr, tree_flatten_with_path, tree_leaves
 
 from dtypelint.attention import AttentionRecorder, autocast_dtype
 from dtypelint.autocast import POLICIES, AutocastPolicy, autocast_operands
@@ -203,6 +203,8 @@ class ModuleTracker:
 
     def __init__(self, model: torch.nn.Module, on_module: Callable[[], object] | None = None) -> None:
         self._names = {id(module): name for name, module in model.named_modules()}
+        self._root = model
+        self.root_output: Any = None  # what the model's forward returned, the last time it returned
         self._stack: list[str] = [""]
         self._on_module = on_module
         self._hooks: list[Any] = []
@@ -223,6 +225,8 @@ class ModuleTracker:
     def _pop(self, module: torch.nn.Module, args: Any, output: Any) -> None:
         if len(self._stack) > 1:
             self._stack.pop()
+        if module is self._root:
+            self.root_output = output
 
     def __enter__(self) -> ModuleTracker:
         hooks = torch.nn.modules.module
@@ -279,6 +283,7 @@ class Tracer(TorchDispatchMode):
         self.autocast: str | None = None  # the autocast dtype the forward started under, if any
         self._function_mode: AbstractContextManager[Any] = nullcontext()
         self.failure_module: str | None = None  # where the forward's exception unwound from, if it raised
+        self.returned: set[int] = set()  # indices of the tensors the forward returned
         self.autocast_policy = autocast_policy or POLICIES["cpu"]
         # The ops that are casts autocast made (the dtype the code passed -> the one the kernel received).
         self.autocast_casts: list[range] = []
@@ -422,6 +427,7 @@ class Tracer(TorchDispatchMode):
             super().__exit__(exc_type, exc, traceback)
             self.resolve_stats()
             self._note_stored_tensors()
+            self._note_returned_tensors()
             if exc is not None:
                 self._note_failure(exc)
         finally:
@@ -440,6 +446,15 @@ class Tracer(TorchDispatchMode):
                 entry = self._live.get(id(value)) if isinstance(value, torch.Tensor) else None
                 if entry is not None and entry[1]() is value and self.tensors[entry[0]].origin is None:
                     self.tensors[entry[0]].stored_as = Origin(kind, qualified_name(module_name, attribute))
+
+    def _note_returned_tensors(self) -> None:
+        """Mark the tensors the model's forward returned (in ``ModelOutput`` and tuples, at any depth)."""
+        if self.modules.root_output is None:
+            return
+        for leaf in tree_leaves(self.modules.root_output):
+            entry = self._live.get(id(leaf)) if isinstance(leaf, torch.Tensor) else None
+            if entry is not None and entry[1]() is leaf:
+                self.returned.add(entry[0])
 
     def _note_failure(self, error: BaseException) -> None:
         """Locate an exception the model's own Python code raised: ``failure_module`` is the innermost module

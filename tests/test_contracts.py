@@ -316,18 +316,18 @@ class TinyAttention(nn.Module):
 class TinyBlock(nn.Module):
     """fp16 attention whose config declares the head size (hidden / heads)."""
 
-    def __init__(self, hidden: int = 128, heads: int = 2) -> None:
+    def __init__(self, hidden: int = 128, heads: int = 2, model_type: str = "llama") -> None:
         super().__init__()
-        self.config = types.SimpleNamespace(hidden_size=hidden, num_attention_heads=heads)
+        self.config = types.SimpleNamespace(hidden_size=hidden, num_attention_heads=heads, model_type=model_type)
         self.attn = TinyAttention(hidden, heads)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return self.attn(x, mask)
 
 
-def tiny_block(heads: int = 2) -> nn.Module:
+def tiny_block(heads: int = 2, model_type: str = "llama") -> nn.Module:
     torch.manual_seed(0)
-    return TinyBlock(128, heads).half().eval()
+    return TinyBlock(128, heads, model_type).half().eval()
 
 
 def attention_inputs(mask_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -341,6 +341,11 @@ def test_cpu_torch_accepts_an_fp32_mask_with_an_fp16_query():
     query = torch.randn(1, 2, 8, 64).to(torch.float16)
     out = F.scaled_dot_product_attention(query, query, query, attn_mask=torch.zeros(1, 1, 8, 8))
     assert out.dtype == torch.float16  # where ipex-llm's xe_addons.sdp asserts mask dtype == query dtype
+
+
+def test_ipx106_is_silent_for_a_model_ipex_llm_leaves_on_transformers_attention():
+    """ipex-llm replaces the attention of llama, qwen2, ... with its fused SDP; a T5 keeps its own."""
+    assert with_code(audit(tiny_block(model_type="t5"), attention_inputs(torch.float32)), "IPX106") == []
 
 
 def test_fp32_mask_into_fp16_attention_with_head_dim_64_is_an_ipx106_error_naming_the_mask():

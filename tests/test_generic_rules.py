@@ -188,6 +188,26 @@ def test_first_overflowing_op_is_one_nonfinite_error_with_input_ranges():
     assert "parameter up.weight float16" in finding.message
 
 
+class ConstantRowNorm(nn.Module):
+    """A float16 LayerNorm of a constant row: its saved rstd is inf, which nothing reads or returns
+    (DeiT's masked-image-modeling head in the family sweep)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(8, eps=1e-12).half()
+        self.proj = nn.Linear(8, 8).half()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.norm(x))
+
+
+def test_an_inf_in_a_by_product_the_forward_does_not_return_is_not_nonfinite():
+    report = dtypelint.audit(ConstantRowNorm().eval(), torch.zeros(2, 8).half())
+    norm = next(op for op in report.graph.ops() if report.graph.op(op)["name"] == "aten.native_layer_norm")
+    assert any(report.graph.value_range(t) == (float("inf"), float("inf")) for t in report.graph.outputs(norm))
+    assert of(report, "DT103") == []
+
+
 def test_nonfinite_needs_value_statistics():
     report = dtypelint.audit(Mlp(300.0).eval(), HUNDREDS, stats=False)
     assert of(report, "DT103") == [] and of(report, "DT104") == []

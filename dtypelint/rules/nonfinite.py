@@ -101,8 +101,10 @@ def _carries(graph: DtypeGraph, tensor: str) -> bool:
 
 
 def _reaches_end(graph: DtypeGraph, start: list[str], harmless: set[str]) -> bool:
-    """Whether non-finite values in ``start`` reach a tensor no op reads (a forward's output): measured
-    non-finite there, or unmeasured as an op's main output. ``harmless`` memoizes the dead ends."""
+    """Whether non-finite values in ``start`` reach what the forward returned. Where the trace does not know
+    that (the forward raised), a tensor no op reads stands for it: measured non-finite there, or unmeasured
+    as an op's main output. ``harmless`` memoizes the dead ends."""
+    returns_known = graph.graph.get("returns_known", False)
     seen: set[str] = set()
     frontier = [tensor for tensor in start if tensor not in harmless]
     while frontier:
@@ -111,7 +113,10 @@ def _reaches_end(graph: DtypeGraph, start: list[str], harmless: set[str]) -> boo
             continue
         seen.add(tensor)
         consumers = graph.consumers(tensor)
-        if not consumers and (graph.value_range(tensor) is not None or _main_output(graph, tensor)):
+        if returns_known:
+            if graph.tensor(tensor).get("returned"):
+                return True
+        elif not consumers and (graph.value_range(tensor) is not None or _main_output(graph, tensor)):
             return True
         frontier += [output for op in consumers for output in graph.outputs(op)]
     harmless |= seen
