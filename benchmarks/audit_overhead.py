@@ -8,6 +8,7 @@
    import floor ``python -c "import torch, transformers.models.llama.modeling_llama"``, alternating runs
    (goals <= 1.25x, <= 1.35x).
 4. Memory per recorded op: what the tracer holds after 10^4+ ops, by tracemalloc (goal <= 1 KB).
+5. Where CUDA is available, the GPU row (``gpu_overhead.py``): 100M and 1B bf16 Llamas (goal <= 2.5x).
 
 Timed runs are interleaved and medians reported: absolute times move on shared machines, ratios less.
 
@@ -162,7 +163,10 @@ def main() -> None:
         whole_process(max(3, options.repeats // 2))
     memory_per_op()
     if torch.cuda.is_available():
-        print("GPU present: run benchmarks/gpu_overhead.py for the GPU row")
+        from gpu_overhead import gpu_rows  # it builds on this module's runs
+
+        print("5. GPU:", end=" ")
+        gpu_rows(options.repeats)
 
 
 if __name__ == "__main__":

@@ -24,23 +24,27 @@ def synchronized(run: Callable[[], object]) -> Callable[[], None]:
     return timed
 
 
+def gpu_rows(repeats: int) -> None:
+    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
+    for name, (hidden, layers, heads, intermediate) in SIZES.items():
+        model = llama(hidden, layers, heads, intermediate, 32000, torch.bfloat16).cuda()
+        inputs = {"input_ids": torch.randint(0, 32000, (1, 512), device="cuda")}
+        runs = {run_name: synchronized(run) for run_name, run in forward_runs(model, inputs).items()}
+        times = medians(runs, repeats)
+        plain = times["plain"]
+        cells = ", ".join(f"{run_name} {times[run_name] / plain:.2f}x" for run_name in runs if run_name != "plain")
+        print(f"{name} bf16 Llama, seq 512: plain {plain * 1e3:.1f} ms; {cells} (goal: audit <= 2.5x)")
+        del model
+        torch.cuda.empty_cache()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
     options = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("no CUDA device: this benchmark needs a GPU")
-    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
-    for name, (hidden, layers, heads, intermediate) in SIZES.items():
-        model = llama(hidden, layers, heads, intermediate, 32000, torch.bfloat16).cuda()
-        inputs = {"input_ids": torch.randint(0, 32000, (1, 512), device="cuda")}
-        runs = {run_name: synchronized(run) for run_name, run in forward_runs(model, inputs).items()}
-        times = medians(runs, options.repeats)
-        plain = times["plain"]
-        cells = ", ".join(f"{run_name} {times[run_name] / plain:.2f}x" for run_name in runs if run_name != "plain")
-        print(f"{name} bf16 Llama, seq 512: plain {plain * 1e3:.1f} ms; {cells} (goal: audit <= 2.5x)")
-        del model
-        torch.cuda.empty_cache()
+    gpu_rows(options.repeats)
 
 
 if __name__ == "__main__":
