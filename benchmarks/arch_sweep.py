@@ -307,7 +307,7 @@ def check_architecture(unit: dict[str, str], rec: Recorder) -> None:
             config, row["config_how"] = timed("config", lambda: tiny_config(model_type, extended))
             torch.manual_seed(0)
             model = timed("from_config", lambda: model_class._from_config(copy.deepcopy(config)))
-            checkpoint = tempfile.mkdtemp(prefix=f"sweep-{class_name}-")
+            checkpoint = tempfile.mkdtemp(prefix="checkpoint-")  # in the child's scratch directory
             timed("save", lambda: model.save_pretrained(checkpoint))
             del model
             model = timed("reload", lambda: model_class.from_pretrained(
@@ -410,9 +410,12 @@ def run_all(units: list[dict[str, str]], jobs: int, timeout: float, workdir: Pat
                     continue
             sys.stdout.flush()
             sys.stderr.flush()
+            scratch = workdir / f"{model_type}.scratch"
+            scratch.mkdir(exist_ok=True)
             pid = os.fork()
             if pid == 0:
                 try:
+                    tempfile.tempdir = str(scratch)  # the parent removes it, also after a kill or a crash
                     child(unit, out, log)
                 finally:
                     os._exit(0)
@@ -437,6 +440,7 @@ def run_all(units: list[dict[str, str]], jobs: int, timeout: float, workdir: Pat
             row["wall"] = round(elapsed, 1)
             rows[model_type] = row
             del running[pid]
+            shutil.rmtree(workdir / f"{model_type}.scratch", ignore_errors=True)
             status_text = row.get("skip") or row.get("timeout") or row.get("crash") or "audited"
             print(f"[{len(rows):3d}/{len(units)}] {model_type:<44} {elapsed:5.1f}s  {status_text[:110]}", flush=True)
     return [rows[unit["class"]] for unit in units]
