@@ -448,13 +448,21 @@ class Tracer(TorchDispatchMode):
                     self.tensors[entry[0]].stored_as = Origin(kind, qualified_name(module_name, attribute))
 
     def _note_returned_tensors(self) -> None:
-        """Mark the tensors the model's forward returned (in ``ModelOutput`` and tuples, at any depth)."""
+        """Mark the tensors the model's forward returned (in ``ModelOutput`` and tuples, at any depth) and,
+        with statistics, measure them whatever their dtype: whether inf or NaN reaches the output is then a
+        fact, not an inference through unmeasured float32 ops."""
         if self.modules.root_output is None:
             return
         for leaf in tree_leaves(self.modules.root_output):
             entry = self._live.get(id(leaf)) if isinstance(leaf, torch.Tensor) else None
-            if entry is not None and entry[1]() is leaf:
-                self.returned.add(entry[0])
+            if entry is None or entry[1]() is not leaf:
+                continue
+            self.returned.add(entry[0])
+            record = self.tensors[entry[0]]
+            if self.stats and record.stats is None and leaf.is_floating_point() and leaf.numel() > 0 \
+                    and leaf.device.type != "meta" and not isinstance(leaf, FakeTensor):
+                low, high = torch.aminmax(leaf.detach())
+                record.stats = (low.item(), high.item())
 
     def _note_failure(self, error: BaseException) -> None:
         """Locate an exception the model's own Python code raised: ``failure_module`` is the innermost module

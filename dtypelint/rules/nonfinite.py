@@ -114,8 +114,8 @@ def _reaches_end(graph: DtypeGraph, start: list[str], harmless: set[str]) -> boo
         seen.add(tensor)
         consumers = graph.consumers(tensor)
         if returns_known:
-            if graph.tensor(tensor).get("returned"):
-                return True
+            if graph.tensor(tensor).get("returned") and not finite(graph.value_range(tensor)):
+                return True  # measured non-finite in what the forward returned
         elif not consumers and (graph.value_range(tensor) is not None or _main_output(graph, tensor)):
             return True
         frontier += [output for op in consumers for output in graph.outputs(op)]
