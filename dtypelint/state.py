@@ -107,7 +107,8 @@ class RandomState:
             sys.modules["numpy"].random.set_state(self.numpy)
 
 
-def _has_values(tensor: torch.Tensor) -> bool:
+def has_values(tensor: torch.Tensor) -> bool:
+    """False for tensors without storage: on the meta device, or fake."""
     return tensor.device.type != "meta" and not isinstance(tensor, FakeTensor)
 
 
@@ -149,7 +150,7 @@ class ModuleState:
             },
             buffers=buffers,
             buffer_values={
-                name: b.detach().clone() for name, b in buffers.items() if b is not None and _has_values(b)
+                name: b.detach().clone() for name, b in buffers.items() if b is not None and has_values(b)
             },
             non_persistent=set(module._non_persistent_buffers_set),
             modules=dict(module._modules),
@@ -206,7 +207,7 @@ def _library_managed(parameter: torch.Tensor) -> bool:
 def _same_data(parameter: torch.Tensor, data: torch.Tensor) -> bool:
     if parameter.shape != data.shape or parameter.dtype != data.dtype or parameter.device != data.device:
         return False
-    return not _has_values(parameter) or parameter.data_ptr() == data.data_ptr()
+    return not has_values(parameter) or parameter.data_ptr() == data.data_ptr()
 
 
 def _replace_contents(target: Any, saved: Any) -> None:

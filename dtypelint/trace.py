@@ -26,7 +26,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch._ops import OpOverload
-from torch._subclasses.fake_tensor import FakeTensor
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import keystr, tree_flatten_with_path, tree_leaves
@@ -34,7 +33,7 @@ from torch.utils._pytree import keystr, tree_flatten_with_path, tree_leaves
 from dtypelint.attention import AttentionRecorder, autocast_dtype
 from dtypelint.autocast import POLICIES, AutocastPolicy, autocast_operands
 from dtypelint.model_info import ModelInfo, qualified_name
-from dtypelint.state import GlobalModes
+from dtypelint.state import GlobalModes, has_values
 from dtypelint.vocabulary import OpKind, OriginKind, packets
 
 
@@ -131,9 +130,10 @@ class _Traits:
     """What the dispatch mode needs to know of an op, worked out once per op (``_TRAITS``, by ``id``: an
     OpOverload's own ``__hash__`` runs Python code)."""
 
-    __slots__ = ("metadata", "writes", "attention", "makes_values")
+    __slots__ = ("func", "metadata", "writes", "attention", "makes_values")
 
     def __init__(self, func: Any) -> None:
+        self.func = func  # kept alive: its id is the key
         self.metadata = func.namespace == "prim"  # metadata queries (prim.device under fake tensors), not data ops
         self.writes = bool(_written_arguments(func))
         self.attention = func.overloadpacket in _ATTENTION
@@ -147,11 +147,7 @@ _TRAITS: dict[int, _Traits] = {}
 
 def _traits(func: Any) -> _Traits:
     _TRAITS[id(func)] = traits = _Traits(func)
-    _KEPT_FUNCS.append(func)  # an id stays valid only while its op lives
     return traits
-
-
-_KEPT_FUNCS: list[Any] = []
 
 
 def iter_tensors(value: Any) -> Iterator[tuple[str, torch.Tensor]]:
@@ -164,16 +160,15 @@ def iter_tensors(value: Any) -> Iterator[tuple[str, torch.Tensor]]:
                 yield f"[{index}]", item
 
 
-def value_extremes(tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+def value_extremes(tensor: torch.Tensor, *, any_width: bool = False) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(min, max) of a real half-precision (or narrower) floating tensor, as tensors on its device: read
     back all at once after the forward (``Tracer.resolve_stats``), not with a device sync per op. NaN or
-    inf in either means non-finite values. Wider tensors are not measured: their range is not where dtypes
-    put models at risk, and reading every float32 activation again would double the cost of an audit."""
-    if not tensor.is_floating_point() or tensor.dtype.itemsize > 2 or tensor.numel() == 0:
+    inf in either means non-finite values. Wider tensors are measured only with ``any_width`` (what the
+    forward returns): their range is not where dtypes put models at risk, and reading every float32
+    activation again would double the cost of an audit."""
+    if not tensor.is_floating_point() or (tensor.dtype.itemsize > 2 and not any_width) or tensor.numel() == 0:
         return None
-    if tensor.device.type == "meta" or isinstance(tensor, FakeTensor):
-        return None
-    return torch.aminmax(tensor.detach())
+    return torch.aminmax(tensor.detach()) if has_values(tensor) else None
 
 
 def needs_values(error: BaseException | None) -> bool:
@@ -319,19 +314,24 @@ class Tracer(TorchDispatchMode):
                 if isinstance(leaf, torch.Tensor):
                     self._add_origin(leaf, Origin(OriginKind.INPUT, name + keystr(path)))
 
+    def _recorded(self, tensor: object) -> int | None:
+        """The index of the tensor record this object currently stands for, if the trace has one."""
+        entry = self._live.get(id(tensor))
+        return entry[0] if entry is not None and entry[1]() is tensor else None
+
     def _index(self, tensor: torch.Tensor) -> int:
         """The index of the tensor record this object currently stands for, creating a leaf if new."""
-        entry = self._live.get(id(tensor))
-        if entry is not None and entry[1]() is tensor:
-            return entry[0]
+        recorded = self._recorded(tensor)
+        if recorded is not None:
+            return recorded
         origin = self.origins.get(id(tensor), _CONSTANT)
         index = self._new(tensor, origin)
         if self.stats and origin.kind == OriginKind.INPUT:
             self._measure(index, tensor)
         return index
 
-    def _measure(self, index: int, tensor: torch.Tensor) -> None:
-        extremes = value_extremes(tensor)
+    def _measure(self, index: int, tensor: torch.Tensor, *, any_width: bool = False) -> None:
+        extremes = value_extremes(tensor, any_width=any_width)
         if extremes is not None:
             self._extremes.append((index, *extremes))
 
@@ -406,7 +406,7 @@ class Tracer(TorchDispatchMode):
         for position, name in _written_arguments(func):
             value = args[position] if position < len(args) else kwargs.get(name)
             for _, tensor in iter_tensors(value):
-                if not isinstance(tensor, FakeTensor) and tensor.device.type != "meta":
+                if has_values(tensor):
                     written = self._parameter_storages.get(tensor.untyped_storage().data_ptr())
                     if written is not None:
                         self.written_parameters.add(written)
@@ -426,8 +426,8 @@ class Tracer(TorchDispatchMode):
         try:
             super().__exit__(exc_type, exc, traceback)
             self.resolve_stats()
-            self._note_stored_tensors()
             self._note_returned_tensors()
+            self._note_stored_tensors()
             if exc is not None:
                 self._note_failure(exc)
         finally:
@@ -443,9 +443,9 @@ class Tracer(TorchDispatchMode):
         for module_name, module in self.model.named_modules():
             attributes = [(OriginKind.ATTRIBUTE, key, value) for key, value in vars(module).items()]
             for kind, attribute, value in [*((OriginKind.BUFFER, *item) for item in module._buffers.items()), *attributes]:
-                entry = self._live.get(id(value)) if isinstance(value, torch.Tensor) else None
-                if entry is not None and entry[1]() is value and self.tensors[entry[0]].origin is None:
-                    self.tensors[entry[0]].stored_as = Origin(kind, qualified_name(module_name, attribute))
+                index = self._recorded(value)
+                if index is not None and self.tensors[index].origin is None:
+                    self.tensors[index].stored_as = Origin(kind, qualified_name(module_name, attribute))
 
     def _note_returned_tensors(self) -> None:
         """Mark the tensors the model's forward returned (in ``ModelOutput`` and tuples, at any depth) and,
@@ -454,15 +454,13 @@ class Tracer(TorchDispatchMode):
         if self.modules.root_output is None:
             return
         for leaf in tree_leaves(self.modules.root_output):
-            entry = self._live.get(id(leaf)) if isinstance(leaf, torch.Tensor) else None
-            if entry is None or entry[1]() is not leaf:
+            index = self._recorded(leaf)
+            if index is None or index in self.returned:
                 continue
-            self.returned.add(entry[0])
-            record = self.tensors[entry[0]]
-            if self.stats and record.stats is None and leaf.is_floating_point() and leaf.numel() > 0 \
-                    and leaf.device.type != "meta" and not isinstance(leaf, FakeTensor):
-                low, high = torch.aminmax(leaf.detach())
-                record.stats = (low.item(), high.item())
+            self.returned.add(index)
+            if self.stats and self.tensors[index].stats is None:
+                self._measure(index, leaf, any_width=True)
+        self.resolve_stats()
 
     def _note_failure(self, error: BaseException) -> None:
         """Locate an exception the model's own Python code raised: ``failure_module`` is the innermost module
@@ -546,7 +544,7 @@ def _parameter_storages(model: torch.nn.Module) -> dict[int, str]:
     storages = {
         parameter.untyped_storage().data_ptr(): name
         for name, parameter in model.named_parameters()
-        if parameter.device.type != "meta" and not isinstance(parameter, FakeTensor)
+        if has_values(parameter)
     }
     storages.pop(0, None)  # empty tensors share the null pointer
     return storages
