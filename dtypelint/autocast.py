@@ -15,7 +15,7 @@ is enabled (the audit's stand-in for the deployment's), and never on a call auto
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -44,13 +44,11 @@ class AutocastPolicy:
     device: str
     lower: frozenset[Callable[..., Any]]
     float32: frozenset[Callable[..., Any]]
+    # func -> whether it runs in float32: one lookup per torch call on the tracer's hot path.
+    to_float32: dict[Callable[..., Any], bool] = field(init=False, repr=False, compare=False)
 
-    def target(self, func: Callable[..., Any], autocast_dtype: torch.dtype) -> torch.dtype | None:
-        if func in self.lower:
-            return autocast_dtype
-        if func in self.float32:
-            return torch.float32
-        return None
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "to_float32", dict.fromkeys(self.lower, False) | dict.fromkeys(self.float32, True))
 
 
 # torch's own lists (aten/src/ATen/autocast_mode.h): the ops every autocast device runs in the lower
@@ -83,9 +81,9 @@ def _eligible(value: Any, target: torch.dtype) -> bool:
 def autocast_operands(policy: AutocastPolicy, func: Callable[..., Any], args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     """``func``'s arguments as ``policy`` casts them while CPU autocast (the deployment's stand-in) is on:
     the casts run here, before the call, so a dispatch mode records them as ``aten._to_copy`` ops."""
-    if not (func in policy.lower or func in policy.float32) or not torch.is_autocast_enabled("cpu"):
+    to_float32 = policy.to_float32.get(func)
+    # An explicit dtype= is what the op computes in.
+    if to_float32 is None or not torch.is_autocast_enabled("cpu") or kwargs.get("dtype") is not None:
         return args, kwargs
-    target = policy.target(func, torch.get_autocast_dtype("cpu"))
-    if target is None or kwargs.get("dtype") is not None:  # an explicit dtype= is what the op computes in
-        return args, kwargs
+    target = torch.float32 if to_float32 else torch.get_autocast_dtype("cpu")
     return tree_map(lambda value: value.to(target) if _eligible(value, target) else value, (args, kwargs))
