@@ -9,22 +9,26 @@ Every failure is one line on stderr; ``--debug`` shows the traceback.
 from __future__ import annotations
 
 import argparse
+import io
 import logging
 import os
 import sys
+import traceback
 import warnings
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from dtypelint.errors import DtypelintError, LoadError, UsageError, first_line
+from dtypelint.errors import DtypelintError, LoadError, UsageError, WriteError, first_line
 from dtypelint.formats import FORMATS
 from dtypelint.paths import (
     GRAPH_SUFFIXES,
-    check_writable_file,
+    check_output_file,
     local_path,
+    reason,
     refuse_weights_file,
+    shown,
     unsupported_graph_suffix,
 )
 from dtypelint.shipped import available_packs, is_pack_path, shipped_pack
@@ -147,10 +151,57 @@ def _settings(options: argparse.Namespace) -> Settings:
 
 
 def _check(options: argparse.Namespace) -> int:
+    """Everything that runs the user's code (the entry, the model) writes its stdout to stderr: stdout holds
+    the report alone, which ``--format json`` readers parse."""
     path = _preflight(options)
     progress = not options.quiet and sys.stderr.isatty()
-    with _library_noise(quiet=options.quiet, progress=progress):
-        return _run_check(options, path, progress)
+    with _library_noise(quiet=options.quiet, progress=progress), _stdout_to_stderr():
+        report, fail_on, fixed = _run_check(options, path, progress)
+    return _print(options, report, fail_on, fixed)
+
+
+class _StderrStream(io.TextIOBase):
+    """``sys.stdout`` while user code runs: writes go to stderr, and closing it closes nothing."""
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+    def fileno(self) -> int:
+        return sys.stderr.fileno()
+
+    def close(self) -> None:
+        """A forward's ``sys.stdout.close()`` must not close the stream the report goes to."""
+
+
+@contextmanager
+def _stdout_to_stderr() -> Iterator[None]:
+    """Python's ``sys.stdout`` and, where stdout is a file descriptor, descriptor 1 point at stderr (native
+    code and ``print(file=sys.__stdout__)`` write there), and are restored afterwards."""
+    stdout = sys.stdout
+    stdout.flush()
+    try:
+        descriptor = stdout.fileno()
+        saved = os.dup(descriptor)
+        os.dup2(sys.stderr.fileno(), descriptor)
+    except (OSError, ValueError, AttributeError, io.UnsupportedOperation):  # captured, or not a real stream
+        descriptor = saved = None
+    sys.stdout = _StderrStream()
+    try:
+        yield
+    finally:
+        sys.stdout = stdout
+        if saved is not None:
+            for stream in {sys.__stdout__, sys.__stderr__} - {None}:
+                with suppress(OSError, ValueError):
+                    stream.flush()
+            os.dup2(saved, descriptor)
+            os.close(saved)
 
 
 def _preflight(options: argparse.Namespace) -> Path | None:
@@ -158,6 +209,10 @@ def _preflight(options: argparse.Namespace) -> Path | None:
     well under a second. Returns the checkpoint or config path (None for --entry)."""
     from dtypelint.dtypes import dtype_attribute
 
+    if options.entry and options.path is not None:
+        raise UsageError("give a PATH or --entry MODULE:FUNCTION, not both")
+    if options.static and options.entry:
+        raise UsageError("--static reads a checkpoint's safetensors headers; an --entry function has none")
     if options.save_fixed and not options.fix:
         raise UsageError("--save-fixed needs --fix")
     if options.dtype and options.dtype.strip().lower() != "auto":
@@ -177,8 +232,13 @@ def _preflight(options: argparse.Namespace) -> Path | None:
         raise UsageError("check needs a PATH (or --entry MODULE:FUNCTION)")
     path = local_path(options.path)
     refuse_weights_file(path)
-    if path.is_dir() and not any(path.iterdir()):
-        raise LoadError(f"{path} is an empty directory")
+    if path.is_dir():
+        try:
+            empty = not any(path.iterdir())
+        except OSError as error:
+            raise LoadError(f"{shown(path)}: cannot read: {reason(error)}") from None
+        if empty:
+            raise LoadError(f"{shown(path)} is an empty directory")
     return path
 
 
@@ -207,7 +267,8 @@ def _library_noise(*, quiet: bool, progress: bool) -> Iterator[None]:
             logging.disable(logging_disabled)
 
 
-def _run_check(options: argparse.Namespace, path: Path | None, progress: bool) -> int:
+def _run_check(options: argparse.Namespace, path: Path | None, progress: bool) -> tuple[Report, str, FixResult | None]:
+    """The report to print, the --fail-on threshold, and what a fix did."""
     from dtypelint.audit import audit_loaded
     from dtypelint.dtypes import parse_dtype
     from dtypelint.load import Request, find_loader
@@ -216,7 +277,7 @@ def _run_check(options: argparse.Namespace, path: Path | None, progress: bool) -
 
     settings = _settings(options)
     if options.static and path is not None:
-        return _static(options, path, settings)
+        return _static(options, path, settings), settings.fail_on, None
     request = Request(path=path, entry=options.entry, mode=options.mode, dtype=parse_dtype(settings.dtype),
                       batch=options.batch, seq_len=options.seq_len, trust_remote_code=options.trust_remote_code,
                       model_class=options.model_class, inputs_dtype=parse_dtype(options.inputs_dtype))
@@ -232,10 +293,11 @@ def _run_check(options: argparse.Namespace, path: Path | None, progress: bool) -
             f"every load: dtypelint.apply_plan(model, {str(path / PLAN_FILE)!r})"
         )
     if options.graph:
-        report.graph.write(options.graph)
+        report.graph.write(options.graph, sources=_sources(options))
     if _fixing(options):
-        return _fix(options, loaded.model, report, settings)
-    return _print(options, report, settings.fail_on)
+        fixed = _fix(options, loaded.model, report)
+        return (fixed.after if fixed.changed else report), settings.fail_on, fixed
+    return report, settings.fail_on, None
 
 
 def _check_outputs(options: argparse.Namespace) -> None:
@@ -244,35 +306,42 @@ def _check_outputs(options: argparse.Namespace) -> None:
     from dtypelint.save import check_save_target
 
     if options.graph:
-        check_writable_file("--graph", options.graph)
         suffix = Path(options.graph).suffix.lower()
         if suffix not in GRAPH_SUFFIXES:
-            raise UsageError(f"--graph {options.graph}: {unsupported_graph_suffix(suffix)}")
+            raise UsageError(f"--graph {shown(options.graph)}: {unsupported_graph_suffix(suffix)}")
+        check_output_file("--graph", options.graph, _sources(options))
     if options.write_plan:
-        check_writable_file("--write-plan", options.write_plan)
+        check_output_file("--write-plan", options.write_plan, _sources(options))
     if options.save_fixed:
-        check_save_target(options.save_fixed, sources=[options.path] if options.path else [], force=options.force)
+        check_save_target(options.save_fixed, sources=_sources(options), force=options.force)
+
+
+def _sources(options: argparse.Namespace) -> list[str]:
+    """The checkpoint every output must stay clear of."""
+    return [options.path] if options.path else []
 
 
 def _fixing(options: argparse.Namespace) -> bool:
     return bool(options.fix or options.diff or options.write_plan or options.save_fixed)
 
 
-def _static(options: argparse.Namespace, path: Path, settings: Settings) -> int:
+def _static(options: argparse.Namespace, path: Path, settings: Settings) -> Report:
     from dtypelint.audit import audit_static
 
     if _fixing(options):
         raise UsageError("fixes need a forward: --static reads headers only")
-    return _print(options, audit_static(path, settings=settings), settings.fail_on)
+    if options.graph:
+        raise UsageError("--graph needs a forward: --static reads headers only")
+    return audit_static(path, settings=settings)
 
 
-def _fix(options: argparse.Namespace, model: Any, report: Report, settings: Settings) -> int:
+def _fix(options: argparse.Namespace, model: Any, report: Report) -> FixResult:
     from dtypelint.fix import fix
     from dtypelint.save import save_fixed
 
     result = fix(model, report, unsafe=options.unsafe_fixes, dry_run=not options.fix)
     if options.write_plan:
-        result.plan.write(options.write_plan)
+        result.plan.write(options.write_plan, sources=_sources(options))
     if options.save_fixed and result.changed:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -286,7 +355,7 @@ def _fix(options: argparse.Namespace, model: Any, report: Report, settings: Sett
         result.remarks.append(f"applied in memory only: {options.entry} builds the model anew each run, so make the "
                               f"same casts where it does ({casts}), or write them with --write-plan and call "
                               f"dtypelint.apply_plan(model, FILE) after building")
-    return _print(options, result.after if result.changed else report, settings.fail_on, fixed=result)
+    return result
 
 
 def _print(options: argparse.Namespace, report: Report, fail_on: str, fixed: FixResult | None = None) -> int:
@@ -295,7 +364,15 @@ def _print(options: argparse.Namespace, report: Report, fail_on: str, fixed: Fix
 
     output = render(report, options.format, path=options.path, fix=fixed)
     if output:
-        print(output)
+        try:
+            sys.stdout.write(output + "\n")
+            sys.stdout.flush()
+        except BrokenPipeError:
+            raise
+        except (OSError, ValueError) as error:  # /dev/full, a closed stdout
+            _discard_stdout()
+            problem = reason(error) if isinstance(error, OSError) else first_line(error)
+            raise WriteError(f"cannot write the report to stdout: {problem}") from None
     failing = report.at_or_above(fail_on)
     return EXIT_FINDINGS if failing and not options.exit_zero else EXIT_CLEAN
 
@@ -333,12 +410,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _rules(options)
         return _explain(options.code)
     except BrokenPipeError:  # `dtypelint check ... | head`: the reader left; say nothing more
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        _discard_stdout()
         return EXIT_ERROR
     except BaseException as error:  # noqa: BLE001 - the boundary: no failure leaves as a traceback
         if options.debug:
-            raise
+            traceback.print_exc()
         return _fail(_describe(error))
+
+
+def _discard_stdout() -> None:
+    """Point stdout at /dev/null, so that the interpreter's last flush of what could not be written
+    fails no more (it would print "Exception ignored" and exit 120)."""
+    with suppress(OSError, ValueError, io.UnsupportedOperation):
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def _describe(error: BaseException) -> str:
@@ -352,7 +436,8 @@ def _describe(error: BaseException) -> str:
 
 
 def _fail(message: str) -> int:
-    sys.stdout.flush()
+    with suppress(OSError, ValueError):
+        sys.stdout.flush()
     print(f"dtypelint: {message}", file=sys.stderr, flush=True)
     return EXIT_ERROR
 

@@ -38,6 +38,7 @@ from dtypelint.report import SEVERITIES
 from dtypelint.rules import Selection, all_rules
 from dtypelint.rules.base import Options, Rule, option_problem
 from dtypelint.rules.packs import BackendPack, combine, load_pack
+from dtypelint.standins import check_attention_implementation
 
 _LIST_KEYS = {"select": "select", "extend-select": "extend_select", "ignore": "ignore", "packs": "packs"}
 _OPTION_KEYS = {"overflow-fraction": "overflow_fraction", "large-reduction": "large_reduction", "max-ops": "max_ops"}
@@ -110,6 +111,8 @@ class Settings:
         if not isinstance(self.options, Options):
             raise UsageError(f"options must be a dtypelint Options or a mapping, not {type(self.options).__name__}")
         self.selection.validate(all_rules() + self.rules)
+        if self.attn_implementation is not None:
+            check_attention_implementation(self.attn_implementation)
 
     @cached_property
     def pack(self) -> BackendPack:

@@ -15,6 +15,10 @@ class LoadError(DtypelintError):
     """A model, checkpoint, config or rule pack could not be loaded."""
 
 
+class WriteError(DtypelintError):
+    """A file or stream dtypelint writes (a plan, a graph, a report) could not be written."""
+
+
 def first_line(error: BaseException) -> str:
     """The first line of an exception's message: dtypelint reports errors on one line."""
     return (str(error).strip().splitlines() or [type(error).__name__])[0]

@@ -9,7 +9,8 @@ non-persistent buffer that ``save_pretrained`` does not store.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from collections.abc import Sequence
+from dataclasses import asdict, astuple, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,8 @@ import torch
 from tabulate import tabulate
 
 from dtypelint.dtypes import dtype_name, parse_dtype
-from dtypelint.errors import LoadError, UsageError
+from dtypelint.errors import LoadError, UsageError, first_line
+from dtypelint.paths import local_path, parse_file, shown, write_file
 from dtypelint.report import Report
 from dtypelint.rope import rope_error
 from dtypelint.vocabulary import OriginKind
@@ -45,25 +47,38 @@ class FixPlan:
     def to_dict(self) -> dict[str, Any]:
         return {"version": PLAN_VERSION, "model": self.model, "changes": [asdict(c) for c in self.changes]}
 
-    def write(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-        return path
+    def write(self, path: str | Path, *, sources: Sequence[str | Path] = ()) -> Path:
+        """Write the plan as JSON, whole or not at all, never on, in or around ``sources`` (checkpoints)."""
+        return write_file("the fix plan", path, json.dumps(self.to_dict(), indent=2) + "\n", sources)
 
     @classmethod
     def read(cls, path: str | Path) -> FixPlan:
+        data = parse_file(local_path(path), json.loads, "JSON")
         try:
-            data = json.loads(Path(path).read_text(encoding="utf-8"))
-            if data.get("version") != PLAN_VERSION:
-                raise ValueError(f"version {data.get('version')!r}, expected {PLAN_VERSION}")
-            changes = [Change(**entry) for entry in data["changes"]]
-            for change in changes:
-                parse_dtype(change.to_dtype), parse_dtype(change.from_dtype)
-            return cls(str(data.get("model", "")), changes)
-        except FileNotFoundError:
-            raise LoadError(f"fix plan {path} does not exist") from None
-        except (ValueError, KeyError, TypeError, AttributeError) as error:
-            raise LoadError(f"fix plan {path} is malformed: {error}") from None
+            if not isinstance(data, dict) or data.get("version") != PLAN_VERSION:
+                raise ValueError(f"version {data.get('version') if isinstance(data, dict) else None!r}, "
+                                 f"expected {PLAN_VERSION}")
+            if not isinstance(data.get("changes"), list):
+                raise ValueError("'changes' must be a list")
+            plan = cls(str(data.get("model", "")), [Change(**entry) for entry in data["changes"]])
+            plan.validate()
+        except (ValueError, TypeError) as error:
+            raise LoadError(f"fix plan {shown(path)} is malformed: {first_line(error)}") from None
+        return plan
+
+    def validate(self) -> None:
+        """Each change names a tensor and two dtypes as strings; a tensor appears once (twice with other
+        dtypes is a contradiction). A UsageError (a ValueError) otherwise."""
+        targets: dict[str, str] = {}
+        for change in self.changes:
+            if not isinstance(change, Change) or not all(isinstance(value, str) for value in astuple(change)):
+                raise UsageError(f"a change must be a Change of strings, not {shown(repr(change))[:200]}")
+            parse_dtype(change.to_dtype)
+            if change.from_dtype != "?":
+                parse_dtype(change.from_dtype)
+            if targets.setdefault(change.tensor, change.to_dtype) != change.to_dtype:
+                raise UsageError(f"{shown(change.tensor)} is cast twice, to {targets[change.tensor]} and to "
+                                 f"{change.to_dtype}")
 
 
 @dataclass
@@ -207,9 +222,12 @@ class _Transaction:
 
 
 def _check_plan(model: torch.nn.Module, plan: FixPlan) -> None:
+    plan.validate()
     missing = [change.tensor for change in plan.changes if _locate(model, change.tensor) is None]
     if missing:
-        raise UsageError(f"the fix plan names tensors the model lacks: {', '.join(missing)}")
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise UsageError(f"the fix plan names {len(missing)} tensor(s) the model lacks: "
+                         f"{', '.join(map(shown, missing[:3]))}{more}")
     for change in plan.changes:
         module, attribute, _ = _locate(model, change.tensor)  # type: ignore[misc]
         current = dtype_name(getattr(module, attribute).dtype)

@@ -19,10 +19,11 @@ buffer or attribute), ``returned`` (the forward returned it), and in value mode 
 from __future__ import annotations
 
 import functools
+import io
 import json
 import math
 from collections import deque
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypedDict
@@ -32,7 +33,7 @@ import torch
 from torch._ops import OpOverloadPacket
 
 from dtypelint.dtypes import dtype_name, wider
-from dtypelint.paths import unsupported_graph_suffix
+from dtypelint.paths import unsupported_graph_suffix, write_file
 from dtypelint.trace import Origin, TensorRecord, Tracer, TraceResult
 from dtypelint.vocabulary import LEAF_ORIGINS, WEIGHT_ORIGINS, OpKind, OriginKind, kinds_of
 
@@ -507,21 +508,24 @@ class DtypeGraph(nx.DiGraph):
         lines.append("}")
         return "\n".join(lines) + "\n"
 
-    def write(self, path: str | Path) -> Path:
-        """Write the graph in the format named by the extension: .json, .graphml, .dot or .mmd."""
-        path = Path(path)
-        suffix = path.suffix.lower()
+    def write(self, path: str | Path, *, sources: Sequence[str | Path] = ()) -> Path:
+        """Write the graph in the format named by the extension: .json, .graphml, .dot or .mmd, whole or
+        not at all, never on, in or around ``sources`` (checkpoints: ``dtypelint.paths.write_file``)."""
+        suffix = Path(path).suffix.lower()
+        text: str | bytes
         if suffix == ".json":
-            path.write_text(json.dumps(self.to_node_link(), indent=1))
+            text = json.dumps(self.to_node_link(), indent=1)
         elif suffix == ".graphml":
-            nx.write_graphml(_export_ready(self), path)
+            document = io.BytesIO()
+            nx.write_graphml(_export_ready(self), document)
+            text = document.getvalue()
         elif suffix in (".dot", ".gv"):
-            path.write_text(self.to_dot())
+            text = self.to_dot()
         elif suffix in (".mmd", ".mermaid"):
-            path.write_text(self.to_mermaid())
+            text = self.to_mermaid()
         else:
             raise unsupported_graph_suffix(suffix)
-        return path
+        return write_file("the graph", path, text, sources)
 
 
 # Drawings keep names to about this many characters (tables and the JSON/GraphML ``label`` keep them whole).

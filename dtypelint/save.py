@@ -8,6 +8,8 @@ refused, with or without ``force``.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -16,8 +18,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from dtypelint.errors import UsageError
-from dtypelint.paths import writable_directory
+from dtypelint.errors import DtypelintError, UsageError
+from dtypelint.paths import current_umask, parse_file, refuse_near_sources, resolved, shown, writable_directory
 
 if TYPE_CHECKING:
     import torch
@@ -25,20 +27,31 @@ if TYPE_CHECKING:
     from dtypelint.fix import FixPlan
 
 PLAN_FILE = "dtypelint-fixes.json"
+SAVED_FILES = "saved_files"  # the plan's record of what the save wrote: relative path -> SHA-256
 _STAGING = ".dtypelint-staging."  # staging directories: .<target name>.dtypelint-staging.<pid>.<random>
 
 
-def _real(path: str | Path) -> Path:
-    try:
-        return Path(path).expanduser().resolve()
-    except (OSError, RuntimeError) as error:  # RuntimeError: a symlink loop (Python < 3.13)
-        raise UsageError(f"cannot resolve {path}: {error}") from None
+def check_save_target(target: str | Path, *, sources: Sequence[str | Path] = (), force: bool = False) -> Path:
+    """The resolved ``target`` if a fixed checkpoint may be written there, else a ``UsageError``.
 
-
-def _checkpoint_directory(path: str | Path) -> Path:
-    """The directory a checkpoint lives in (``source`` may name its config.json)."""
-    real = _real(path)
-    return real.parent if real.is_file() else real
+    Refused with or without ``force``: a target equal to, inside or containing a source checkpoint, or
+    containing the working directory (``dtypelint.paths.refuse_near_sources``). ``force`` replaces only a
+    directory that an earlier save wrote, proven by content: its fix plan lists the files the save wrote
+    with their hashes, and the directory holds those files unchanged and nothing else. Call it before
+    loading anything (it hashes the files of a directory to replace).
+    """
+    target_path = resolved(target)
+    refuse_near_sources(target_path, sources, "the fixed model")
+    if target_path.exists():
+        if not target_path.is_dir():
+            raise UsageError(f"{shown(target_path)} exists and is not a directory")
+        if any(target_path.iterdir()):
+            if not force:
+                raise UsageError(f"{shown(target_path)} exists and is not empty; pass force=True / --force to "
+                                 f"replace a fixed checkpoint saved there before")
+            _check_written_by_a_save(target_path)
+    _check_writable(_existing_ancestor(target_path.parent), target_path)
+    return target_path
 
 
 def _existing_ancestor(path: Path) -> Path:
@@ -47,35 +60,41 @@ def _existing_ancestor(path: Path) -> Path:
     return path
 
 
-def check_save_target(target: str | Path, *, sources: Sequence[str | Path] = (), force: bool = False) -> Path:
-    """The resolved ``target`` if a fixed checkpoint may be written there, else a ``UsageError``.
+def _file_hash(file: Path) -> str:
+    digest = hashlib.sha256()
+    with file.open("rb") as stream:
+        while block := stream.read(2**20):
+            digest.update(block)
+    return digest.hexdigest()
 
-    Refused with or without ``force``: a target equal to, inside or containing a source checkpoint, or
-    containing the working directory. ``force`` replaces only a directory that an earlier save wrote
-    (it holds the fix plan), so it cannot delete unrelated files. Cheap: call it before loading anything.
-    """
-    resolved = _real(target)
-    for source in map(_checkpoint_directory, sources):
-        if resolved == source:
-            raise UsageError(f"refusing to write the fixed model over its source checkpoint {source}")
-        if source in resolved.parents:
-            raise UsageError(f"refusing to write the fixed model inside its source checkpoint {source}")
-        if resolved in source.parents:
-            raise UsageError(f"refusing to use {resolved}: it contains the source checkpoint {source}")
-    if resolved == Path.cwd().resolve() or resolved in Path.cwd().resolve().parents:
-        raise UsageError(f"refusing to use {resolved}: it contains the working directory")
-    if resolved.exists():
-        if not resolved.is_dir():
-            raise UsageError(f"{resolved} exists and is not a directory")
-        if any(resolved.iterdir()):
-            if not force:
-                raise UsageError(f"{resolved} exists and is not empty; pass force=True / --force to replace "
-                                 f"a fixed checkpoint saved there before")
-            if not (resolved / PLAN_FILE).is_file():
-                raise UsageError(f"refusing to replace {resolved}: --force replaces only a directory that an "
-                                 f"earlier save wrote (it holds {PLAN_FILE}), and this one holds other files")
-    _check_writable(_existing_ancestor(resolved.parent), resolved)
-    return resolved
+
+def _manifest(directory: Path) -> dict[str, str]:
+    """Each file under ``directory`` (but the plan) by relative path, with its SHA-256."""
+    return {str(file.relative_to(directory)): _file_hash(file)
+            for file in sorted(directory.rglob("*")) if file.is_file() and file.name != PLAN_FILE}
+
+
+def _check_written_by_a_save(directory: Path) -> None:
+    """``directory`` holds what one ``save_fixed`` wrote, unchanged, and nothing else; else a UsageError
+    that names the first thing ``--force`` would destroy."""
+    refusal = f"refusing to replace {shown(directory)}: --force replaces only a directory that an earlier save wrote"
+    plan = directory / PLAN_FILE
+    if not plan.is_file() or plan.is_symlink():
+        raise UsageError(f"{refusal}, and it holds no {PLAN_FILE}")
+    try:
+        written = parse_file(plan, json.loads, "JSON").get(SAVED_FILES)
+    except (DtypelintError, AttributeError):
+        written = None
+    if not isinstance(written, dict):
+        raise UsageError(f"{refusal}; its {PLAN_FILE} does not list the files a save wrote")
+    for entry in sorted(directory.rglob("*")):
+        name = str(entry.relative_to(directory))
+        if name == PLAN_FILE or (entry.is_dir() and not entry.is_symlink()):
+            continue
+        if name not in written or entry.is_symlink() or not entry.is_file():
+            raise UsageError(f"{refusal}, and no save wrote {shown(name)}")
+        if _file_hash(entry) != written[name]:
+            raise UsageError(f"{refusal}, and {shown(name)} changed after the save wrote it")
 
 
 def _check_writable(directory: Path, target: Path) -> None:
@@ -162,8 +181,10 @@ def save_fixed(
                       f"interrupted save: {', '.join(path.name for path in removed)}", stacklevel=2)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}{_STAGING}{os.getpid()}.", dir=target.parent))
     try:
+        staging.chmod(0o777 & ~current_umask())  # as save_pretrained creates a directory, not mkdtemp's 0700
         _write_checkpoint(model, staging)
-        plan.write(staging / PLAN_FILE)
+        record = {**plan.to_dict(), SAVED_FILES: _manifest(staging)}
+        (staging / PLAN_FILE).write_text(json.dumps(record, indent=2) + "\n")
         _move_into_place(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

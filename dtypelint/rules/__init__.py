@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from fnmatch import fnmatchcase
 
@@ -87,6 +88,19 @@ class Selection:
     def validate(self, rules: list[Rule]) -> None:
         """Reject selectors that match none of ``rules`` (pass every backend's: one pyproject.toml may
         configure several) and unknown severities."""
+        if self.select is not None and not self.select and not self.extend_select:
+            raise UsageError("select names no rule, so every rule would be off (an unset variable?); "
+                             "leave select out to run the default rules")
+        if not isinstance(self.per_location_ignores, Mapping) or not all(
+            isinstance(glob, str) and isinstance(codes, list) and all(isinstance(code, str) for code in codes)
+            for glob, codes in self.per_location_ignores.items()
+        ):
+            raise UsageError(f"per_location_ignores maps module globs to lists of codes, not "
+                             f"{self.per_location_ignores!r:.200}")
+        if not isinstance(self.severity, Mapping) or not all(
+            isinstance(selector, str) and isinstance(level, str) for selector, level in self.severity.items()
+        ):
+            raise UsageError(f"severity maps codes to severities, not {self.severity!r:.200}")
         selectors = [*(self.select or []), *self.extend_select, *self.ignore, *self.severity]
         selectors += [code for codes in self.per_location_ignores.values() for code in codes]
         for selector in selectors:

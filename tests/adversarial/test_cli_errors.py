@@ -15,7 +15,6 @@ import pytest
 import torch
 
 from dtypelint.cli import main
-from dtypelint.errors import LoadError
 
 ENTRIES = '''
 import sys
@@ -184,13 +183,15 @@ def test_the_error_line_stands_alone_after_library_noise(workspace, tiny_llama_p
     assert last.startswith("dtypelint: error: cannot load")
 
 
-def test_debug_shows_the_traceback_down_to_the_user_code(workspace, monkeypatch):
+def test_debug_shows_the_traceback_down_to_the_user_code_and_exits_2(workspace, monkeypatch, capsys):
     monkeypatch.syspath_prepend(str(workspace))
-    with pytest.raises(LoadError, match="the entry failed") as raised:
-        main(["--debug", "check", "--entry", "adv_entries:raises"])
-    assert isinstance(raised.value.__cause__, RuntimeError)
-    with pytest.raises(TypeError, match="odd model"):
-        main(["--debug", "check", "--entry", "adv_entries:odd_model"])
+    assert main(["--debug", "check", "--entry", "adv_entries:raises"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "adv_entries.py" in err and "RuntimeError: the entry failed" in err
+    assert err.strip().splitlines()[-1].startswith("dtypelint: error: --entry 'adv_entries:raises' raised")
+    assert main(["--debug", "check", "--entry", "adv_entries:odd_model"]) == 2
+    err = capsys.readouterr().err
+    assert "TypeError: odd model" in err and err.strip().splitlines()[-1].startswith("dtypelint: internal error")
 
 
 def test_output_paths_are_checked_before_loading(tiny_llama_path, capfd):

@@ -3,6 +3,7 @@ never deletes what an earlier save did not write, and nothing half-written stays
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import signal
@@ -102,13 +103,140 @@ def test_force_replaces_only_a_directory_an_earlier_save_wrote(tmp_path, tiny_ll
     unrelated = tmp_path / "results"
     unrelated.mkdir()
     (unrelated / "table.csv").write_text("a,b\n")
-    with pytest.raises(UsageError, match=f"holds {PLAN_FILE}"):
+    with pytest.raises(UsageError, match=f"holds no {PLAN_FILE}"):
         dtypelint.save_fixed(tiny_llama_fp16, unrelated, EMPTY_PLAN, force=True)
     assert tree(unrelated) == {"table.csv": b"a,b\n"}
     saved = dtypelint.save_fixed(tiny_llama_fp16, tmp_path / "fixed", EMPTY_PLAN)
-    (saved / "stale.txt").write_text("from the earlier save")
     assert dtypelint.save_fixed(tiny_llama_fp16, saved, EMPTY_PLAN, force=True) == saved
-    assert (saved / PLAN_FILE).is_file() and not (saved / "stale.txt").exists()
+    assert (saved / PLAN_FILE).is_file() and (saved / "config.json").is_file()
+
+
+def test_a_saved_directory_gets_the_mode_save_pretrained_gives(tmp_path, tiny_llama_fp16):
+    saved = dtypelint.save_fixed(tiny_llama_fp16, tmp_path / "fixed", EMPTY_PLAN)
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert saved.stat().st_mode & 0o777 == 0o777 & ~umask
+    assert (saved / PLAN_FILE).stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def _save_then(tmp_path: Path, model: nn.Module, change: str) -> Path:
+    """A directory an earlier save wrote, then touched by its owner as ``change`` says."""
+    saved = dtypelint.save_fixed(model, tmp_path / "fixed", EMPTY_PLAN)
+    if change == "empty plan":
+        (saved / PLAN_FILE).write_text("{}")
+        (saved / "thesis.tex").write_text("four years of work")
+    elif change == "added file":
+        (saved / "thesis.tex").write_text("four years of work")
+    elif change == "added folder":
+        (saved / "notes").mkdir()
+        (saved / "notes" / "todo.txt").write_text("call mum")
+    elif change == "edited file":
+        (saved / "config.json").write_text((saved / "config.json").read_text().replace("{", '{"edited": 1, ', 1))
+    elif change == "symlink":
+        (saved / "link").symlink_to(tmp_path)
+    elif change == "plan is a directory":
+        (saved / PLAN_FILE).unlink()
+        (saved / PLAN_FILE).mkdir()
+    return saved
+
+
+FORCE_REFUSALS = [
+    ("empty plan", "does not list the files a save wrote"),
+    ("added file", "no save wrote thesis.tex"),
+    ("added folder", "no save wrote notes/todo.txt"),
+    ("edited file", "config.json changed after the save wrote it"),
+    ("symlink", "no save wrote link"),
+    ("plan is a directory", f"holds no {PLAN_FILE}"),
+]
+
+
+@pytest.mark.parametrize(("change", "message"), FORCE_REFUSALS)
+def test_force_removes_nothing_a_save_did_not_write(tmp_path, tiny_llama_fp16, tiny_llama_path, capsys,
+                                                    change, message):
+    saved = _save_then(tmp_path, tiny_llama_fp16, change)
+    before = tree(saved)
+    with pytest.raises(UsageError, match=message):
+        dtypelint.save_fixed(tiny_llama_fp16, saved, EMPTY_PLAN, force=True)
+    capsys.readouterr()  # the first save's progress bar
+    code = main(["check", str(tiny_llama_path), "--dtype", "float16", "--fix", "--save-fixed", str(saved), "--force"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and message in err[0], err
+    assert tree(saved) == before
+
+
+# The files the command writes besides --save-fixed, each aimed at the source checkpoint (or through a
+# symlink to it): every one refused before the audit, whatever the mode.
+WRITE_TARGETS = [
+    ["--diff", "--write-plan", "{src}/model.safetensors"],
+    ["--write-plan", "{src}/config.json"],
+    ["--graph", "{src}/config.json"],
+    ["--graph", "{link}/model.graphml"],
+    ["--fix", "--unsafe-fixes", "--write-plan", "{link}/fixes.json"],
+    ["--graph", "{src}/new-graph.json"],
+]
+
+
+@pytest.mark.parametrize("options", WRITE_TARGETS, ids=lambda options: " ".join(options))
+def test_no_output_lands_in_the_source_checkpoint(workspace, capsys, options):
+    source = workspace / "parent" / "src"
+    options = [option.format(src=source, link=workspace / "link-to-src") for option in options]
+    before = tree(source)
+    code = main(["check", str(source), "--dtype", "float16", "--backend", "ipex-llm-xpu", *options])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "inside its source checkpoint" in err[0], err
+    assert tree(source) == before
+
+
+def test_api_writers_take_the_same_guard(workspace, tiny_llama_fp16):
+    source = workspace / "parent" / "src"
+    before = tree(source)
+    report = dtypelint.audit(tiny_llama_fp16, {"input_ids": torch.ones(1, 4, dtype=torch.long)})
+    with pytest.raises(UsageError, match="inside its source checkpoint"):
+        report.graph.write(source / "config.json", sources=[source])
+    with pytest.raises(UsageError, match="inside its source checkpoint"):
+        EMPTY_PLAN.write(source / "model.safetensors", sources=[source])
+    assert tree(source) == before
+
+
+def _run_cli(args: list[str], cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess:
+    """The command in a process of its own, so that a hang fails the test instead of blocking the run."""
+    return subprocess.run([sys.executable, "-m", "dtypelint.cli", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.mark.parametrize("option", ["--graph", "--write-plan"])
+def test_an_output_that_is_a_fifo_is_refused_not_waited_on(workspace, option):
+    fifo = workspace / "out.json"
+    os.mkfifo(fifo)
+    result = _run_cli(["check", "parent/src", "--dtype", "float16", "-q", option, str(fifo),
+                       *(["--diff"] if option == "--write-plan" else [])], cwd=workspace)
+    err = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(err) == 1 and "is a FIFO; dtypelint writes regular files only" in err[0]
+
+
+def test_an_output_written_over_keeps_its_mode(tmp_path):
+    target = tmp_path / "fixes.json"
+    target.write_text("the old plan")
+    target.chmod(0o640)
+    EMPTY_PLAN.write(target)
+    assert target.stat().st_mode & 0o777 == 0o640 and dtypelint.FixPlan.read(target).changes == []
+
+
+def _disk_full(*args: object) -> None:
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def test_a_full_disk_keeps_the_old_file_and_is_one_line(tmp_path, tiny_llama_path, monkeypatch, capsys):
+    target = tmp_path / "fixes.json"
+    target.write_text("the old plan")
+    monkeypatch.setattr("dtypelint.paths.os.fsync", _disk_full)
+    with pytest.raises(dtypelint.errors.WriteError, match="No space left on device"):
+        EMPTY_PLAN.write(target)
+    code = main(["check", str(tiny_llama_path), "--dtype", "float16", "--backend", "ipex-llm-xpu", "--fix",
+                 "--unsafe-fixes", "--write-plan", str(target)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "the fix plan" in err[0] and "No space left on device" in err[0], err
+    assert [p.name for p in tmp_path.iterdir()] == ["fixes.json"] and target.read_text() == "the old plan"
 
 
 @pytest.mark.parametrize(
