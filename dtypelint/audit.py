@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections import Counter
 from contextlib import ExitStack
 from pathlib import Path
@@ -84,6 +85,7 @@ def _run(
     """
     if mode not in MODES:
         raise UsageError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
+    _refuse_deferred(model)
     args, kwargs, names = call_arguments(model, inputs)
     state = None
     if mode == "meta":
@@ -122,6 +124,20 @@ def _run(
             error = exception
     notes += _written_note(tracer.written_parameters | set(kept.written_parameters))
     return TraceResult(tracer, error, fake=fake_mode is not None, notes=notes)
+
+
+def _refuse_deferred(model: torch.nn.Module) -> None:
+    """A forward that is a generator or coroutine function computes nothing when called: its trace would
+    be empty, and a clean report of it false."""
+    forward = model.forward
+    if inspect.isgeneratorfunction(forward) or inspect.isasyncgenfunction(forward):
+        kind = "generator"
+    elif inspect.iscoroutinefunction(forward):
+        kind = "coroutine"
+    else:
+        return
+    raise UsageError(f"{type(model).__name__}.forward returns a {kind}, so calling it runs nothing; dtypelint "
+                     f"traces a forward that computes when called (wrap the model to consume it)")
 
 
 def _graph(result: TraceResult) -> DtypeGraph:

@@ -39,6 +39,7 @@ if TYPE_CHECKING:
     from dtypelint.report import Report
 
 EXIT_CLEAN, EXIT_FINDINGS, EXIT_ERROR = 0, 1, 2
+STDOUT_FD, STDERR_FD = 1, 2
 
 
 class _Parser(argparse.ArgumentParser):
@@ -181,26 +182,26 @@ class _StderrStream(io.TextIOBase):
 
 @contextmanager
 def _stdout_to_stderr() -> Iterator[None]:
-    """Python's ``sys.stdout`` and, where stdout is a file descriptor, descriptor 1 point at stderr (native
-    code and ``print(file=sys.__stdout__)`` write there), and are restored afterwards."""
+    """Python's ``sys.stdout`` and the process's descriptor 1 point at stderr (native code and
+    ``print(file=sys.__stdout__)`` write there), and are restored afterwards."""
     stdout = sys.stdout
-    stdout.flush()
+    for stream in (stdout, sys.__stdout__):
+        with suppress(OSError, ValueError, AttributeError):
+            stream.flush()
     try:
-        descriptor = stdout.fileno()
-        saved = os.dup(descriptor)
-        os.dup2(sys.stderr.fileno(), descriptor)
-    except (OSError, ValueError, AttributeError, io.UnsupportedOperation):  # captured, or not a real stream
-        descriptor = saved = None
+        saved = os.dup(STDOUT_FD)
+        os.dup2(STDERR_FD, STDOUT_FD)
+    except OSError:  # no descriptor 1 (a closed stdout): Python's stream is all there is
+        saved = None
     sys.stdout = _StderrStream()
     try:
         yield
     finally:
         sys.stdout = stdout
         if saved is not None:
-            for stream in {sys.__stdout__, sys.__stderr__} - {None}:
-                with suppress(OSError, ValueError):
-                    stream.flush()
-            os.dup2(saved, descriptor)
+            with suppress(OSError, ValueError, AttributeError):
+                sys.__stdout__.flush()
+            os.dup2(saved, STDOUT_FD)
             os.close(saved)
 
 

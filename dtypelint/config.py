@@ -127,7 +127,7 @@ class Settings:
 
 def _names(value: str | Sequence[str], key: str) -> tuple[str, ...]:
     """``"cuda,bitsandbytes"``, ``"DT1"`` or a list of them as a tuple of names."""
-    items = [value] if isinstance(value, str) else list(value)
+    items = [value] if isinstance(value, str) else list(value) if isinstance(value, (list, tuple)) else [value]
     if not all(isinstance(item, str) for item in items):
         raise UsageError(f"{key} takes a string or a list of strings, not {value!r}")
     names = tuple(part.strip() for item in items for part in item.split(",") if part.strip())

@@ -25,7 +25,7 @@ from dtypelint.dtypes import parse_dtype
 from dtypelint.errors import LoadError, UsageError, first_line
 from dtypelint.inputs import SynthesizedInput, describe_inputs, synthesize_inputs
 from dtypelint.model_class import ModelClass, resolve_model_class
-from dtypelint.paths import local_path, parse_file, refuse_weights_file
+from dtypelint.paths import check_regular_file, local_path, parse_file, reason, refuse_weights_file, shown
 
 
 def transformers_version() -> tuple[int, int]:
@@ -66,9 +66,11 @@ def load_config(config: Any, *, trust_remote_code: bool = False) -> Any:
         return config
     path = local_path(config)
     refuse_weights_file(path)
+    if path.is_dir():
+        check_checkpoint_files(path)
     file = path / "config.json" if path.is_dir() else path
-    if not file.is_file():
-        raise LoadError(f"{path} has no config.json")
+    if not file.exists():
+        raise LoadError(f"{shown(path)} has no config.json")
     data = parse_file(file, json.loads, "JSON")
     if not isinstance(data, dict):
         raise LoadError(f"{file}: expected a JSON object")
@@ -212,12 +214,24 @@ IPEX_INSTALL = (
 
 
 def is_low_bit(path: str | Path) -> bool:
-    """True for a directory that ipex-llm's ``save_low_bit`` wrote."""
-    file = Path(path) / "config.json"
+    """True for a directory that ipex-llm's ``save_low_bit`` wrote (a config that cannot be read is not:
+    ``load_config`` then says why)."""
     try:
-        return "bigdl_transformers_low_bit" in json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        return "bigdl_transformers_low_bit" in parse_file(Path(path) / "config.json", json.loads, "JSON")
+    except (LoadError, TypeError):
         return False
+
+
+def check_checkpoint_files(directory: Path) -> None:
+    """Every file of a checkpoint directory is one a loader may open: a regular, readable file (a FIFO
+    would hang transformers' read of it, ``/dev/zero`` would never end)."""
+    try:
+        entries = sorted(directory.iterdir())
+    except OSError as error:
+        raise LoadError(f"{shown(directory)}: cannot read: {reason(error)}") from None
+    for entry in entries:
+        if not entry.is_dir():
+            check_regular_file(entry)
 
 
 def load_low_bit(path: str | Path, dtype: torch.dtype | None, trust_remote_code: bool) -> torch.nn.Module:
@@ -265,12 +279,16 @@ def _describe(error: BaseException) -> str:
 SHARD_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 
 
+def shard_indexes(directory: Path) -> list[Path]:
+    return [directory / name for name in SHARD_INDEXES if (directory / name).exists()]
+
+
 def check_shard_indexes(directory: Path) -> None:
-    """A shard index must be a JSON object with a ``metadata`` table and a ``weight_map`` of tensor names
-    to shard files that exist; transformers otherwise fails with a bare ``KeyError: 'metadata'``."""
-    for file in (directory / name for name in SHARD_INDEXES):
-        if not file.is_file():
-            continue
+    """A shard index must be a JSON object with a ``metadata`` table and a non-empty ``weight_map`` of
+    tensor names to shard files that exist inside ``directory``; transformers otherwise fails with a bare
+    ``KeyError: 'metadata'``, or reads tensors from wherever ``../`` or an absolute name points."""
+    inside = directory.resolve()
+    for file in shard_indexes(directory):
         index = parse_file(file, json.loads, "JSON")
         missing = [key for key in ("metadata", "weight_map") if not isinstance(index, dict) or key not in index]
         if missing:
@@ -278,6 +296,12 @@ def check_shard_indexes(directory: Path) -> None:
         weight_map = index["weight_map"]
         if not isinstance(weight_map, dict) or not all(isinstance(shard, str) for shard in weight_map.values()):
             raise LoadError(f"{file}: 'weight_map' must map tensor names to shard file names")
+        if not weight_map:
+            raise LoadError(f"{file}: 'weight_map' names no shard, so there are no weights to load")
+        outside = sorted({shard for shard in weight_map.values() if Path(shard).is_absolute()
+                          or inside not in (inside / shard).resolve().parents})
+        if outside:
+            raise LoadError(f"{file}: names shard(s) outside {shown(directory)}: {', '.join(map(shown, outside[:3]))}")
         absent = sorted({shard for shard in weight_map.values() if not (directory / shard).is_file()})
         if absent:
             raise LoadError(f"{file}: names {len(absent)} shard(s) that do not exist: {', '.join(absent[:3])}")
@@ -352,41 +376,26 @@ SAFETENSORS_DTYPES = {
 
 
 def stored_dtypes(path: str | Path) -> dict[str, str]:
-    """Tensor name -> stored dtype, read from the safetensors headers alone (no tensor data is read)."""
+    """Tensor name -> stored dtype, read from the safetensors headers alone (no tensor data is read).
+    safetensors itself validates each header (offsets, shapes, dtypes, coverage of the file), so
+    ``--static`` accepts exactly the files a load accepts."""
+    from safetensors import safe_open
+
     directory = Path(path)
     shards = sorted(directory.glob("*.safetensors"))
     if not shards:
-        raise LoadError(f"{directory} holds no *.safetensors files to read headers from")
+        raise LoadError(f"{shown(directory)} holds no *.safetensors files to read headers from")
     dtypes: dict[str, str] = {}
     for shard in shards:
+        check_regular_file(shard)
         try:
-            header, size, end = _read_header(shard)
-        except OSError as error:  # a symlink loop, a dangling link, no permission
-            raise LoadError(f"{local_path(shard)}: cannot read: {error.strerror or error}") from None
-        if 8 + size + end > shard.stat().st_size:
-            raise LoadError(f"{shard}: truncated: the header describes {end} bytes of data, the file is shorter")
-        for name, entry in header.items():
-            if name != "__metadata__":
-                dtypes[name] = SAFETENSORS_DTYPES.get(entry.get("dtype", "?"), entry.get("dtype", "?"))
+            with safe_open(shard, "pt") as file:
+                for name in file.keys():  # noqa: SIM118 - a safe_open handle is no mapping
+                    stored = file.get_slice(name).get_dtype()
+                    dtypes[name] = SAFETENSORS_DTYPES.get(stored, stored)
+        except Exception as error:  # noqa: BLE001 - SafetensorError is not importable on every version
+            raise LoadError(f"{shown(shard)}: not a valid safetensors file: {first_line(error)}") from None
     return dtypes
-
-
-def _read_header(shard: Path) -> tuple[dict[str, Any], int, int]:
-    """A safetensors file's JSON header, its size, and the end of the data it describes."""
-    import struct
-
-    with shard.open("rb") as file:
-        prefix = file.read(8)
-        size = struct.unpack("<Q", prefix)[0] if len(prefix) == 8 else -1
-        if size <= 0 or size > shard.stat().st_size - 8:
-            raise LoadError(f"{shard}: truncated or not a safetensors file")
-        try:
-            header = json.loads(file.read(size))
-            end = max((entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"),
-                      default=0)
-        except (ValueError, UnicodeDecodeError, KeyError, TypeError, IndexError, AttributeError):
-            raise LoadError(f"{shard}: corrupt safetensors header") from None
-    return header, size, end
 
 
 # The loader registry ----------------------------------------------------------------------------------
@@ -467,7 +476,9 @@ WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin")
 
 
 def has_weights(path: Path) -> bool:
-    return path.is_dir() and any(next(path.glob(pattern), None) for pattern in WEIGHT_PATTERNS)
+    """Weight files, or a shard index that names some (absent ones are a LoadError, not meta mode)."""
+    return path.is_dir() and (any(next(path.glob(pattern), None) for pattern in WEIGHT_PATTERNS)
+                              or bool(shard_indexes(path)))
 
 
 def _wants_value(request: Request) -> bool:

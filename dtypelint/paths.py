@@ -78,6 +78,7 @@ def _not_regular(mode: int) -> str | None:
 
 def check_regular_file(file: Path) -> None:
     """``file`` (symlinks followed) must be a regular file we may read: a LoadError otherwise."""
+    local_path(file)  # a symlink loop or a dangling link, said as such
     try:
         kind = _not_regular(file.stat().st_mode)
         if kind is None and not os.access(file, os.R_OK):
@@ -95,10 +96,11 @@ def read_regular(file: Path, limit: int = MAX_TEXT_BYTES) -> bytes:
         descriptor = os.open(file, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as error:
         raise LoadError(f"{shown(file)}: cannot read: {reason(error)}") from None
+    kind = _not_regular(os.fstat(descriptor).st_mode)
+    if kind is not None:
+        os.close(descriptor)
+        raise LoadError(f"{shown(file)} is {kind}; dtypelint reads regular files only")
     with os.fdopen(descriptor, "rb") as stream:
-        kind = _not_regular(os.fstat(descriptor).st_mode)
-        if kind is not None:
-            raise LoadError(f"{shown(file)} is {kind}; dtypelint reads regular files only")
         try:
             data = stream.read(limit + 1)
         except OSError as error:

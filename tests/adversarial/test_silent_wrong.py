@@ -3,6 +3,7 @@ thirty false warnings from a nan threshold) are refused with exit code 2 and one
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -159,3 +160,142 @@ def test_the_api_refuses_sample_sizes_that_cannot_run(row, tiny_llama_path):
     with pytest.raises(UsageError) as raised:
         dtypelint.audit_config(tiny_llama_path, **sizes)
     assert str(raised.value) == message
+
+
+ENTRIES = '''
+import os
+import sys
+import torch
+from torch import nn
+
+
+class Mixed(nn.Module):
+    """An fp16 layer fed float32: DT001 and DT101, so the report has findings to print."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4).half()
+
+    def forward(self, x):
+        return self.lin(x)
+
+
+class Chatty(Mixed):
+    def forward(self, x):
+        print("forward says hello")
+        os.write(1, b"native code says hello\\n")
+        print("to __stdout__", file=sys.__stdout__, flush=True)
+        return super().forward(x)
+
+
+class ClosesStdout(Mixed):
+    def forward(self, x):
+        sys.stdout.close()
+        return super().forward(x)
+
+
+class Deferred(nn.Module):
+    def forward(self, x):
+        yield x * 2
+
+
+def chatty():
+    print("building says hello")
+    return Chatty(), torch.randn(2, 4)
+
+
+def closes_stdout():
+    return ClosesStdout(), torch.randn(2, 4)
+
+
+def deferred():
+    return Deferred(), torch.randn(2, 4)
+
+
+def mixed():
+    return Mixed(), torch.randn(2, 4)
+'''
+
+
+@pytest.fixture
+def entries(tmp_path, monkeypatch) -> Path:
+    (tmp_path / "sw_entries.py").write_text(ENTRIES)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return tmp_path
+
+
+@pytest.mark.parametrize("format", ["json", "sarif", "github", "text"])
+def test_what_the_model_prints_goes_to_stderr_so_stdout_is_the_report(format, entries, capfd):
+    assert main(["check", "--entry", "sw_entries:chatty", "--format", format]) == 1
+    captured = capfd.readouterr()
+    for said in ("building says hello", "forward says hello", "native code says hello", "to __stdout__"):
+        assert said not in captured.out and said in captured.err
+    if format in ("json", "sarif"):
+        json.loads(captured.out)  # the whole of stdout is the document
+    elif format == "github":
+        assert all(line.startswith("::") for line in captured.out.splitlines())
+    assert "DT101" in captured.out
+
+
+def test_a_forward_that_closes_stdout_does_not_close_the_report(entries, capfd):
+    assert main(["check", "--entry", "sw_entries:closes_stdout", "--format", "json"]) == 1
+    assert {f["code"] for f in json.loads(capfd.readouterr().out)["findings"]} >= {"DT101"}
+
+
+def test_a_generator_forward_is_not_reported_clean(entries, capfd):
+    import dtypelint
+
+    assert main(["check", "--entry", "sw_entries:deferred", "-q"]) == 2
+    err = capfd.readouterr().err
+    assert err.count("\n") == 1 and "Deferred.forward returns a generator, so calling it runs nothing" in err
+    with pytest.raises(UsageError, match="returns a generator"):
+        dtypelint.audit(*__import__("sw_entries").deferred())
+
+
+def test_a_report_that_cannot_be_written_is_one_line(entries):
+    """stdout on /dev/full: the report cannot be written, and that is said, not an internal error."""
+    import subprocess
+    import sys
+
+    with open("/dev/full", "w") as full:
+        result = subprocess.run([sys.executable, "-m", "dtypelint.cli", "check", "--entry", "sw_entries:mixed", "-q"],
+                                cwd=entries, stdout=full, stderr=subprocess.PIPE, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr == "dtypelint: error: cannot write the report to stdout: No space left on device\n"
+
+
+USAGE_ROWS = [
+    # (id, arguments after `check`, what the one line must say): each once checked nothing and exited 0
+    ("select-empty", ["{tiny}", "--select", ""], "select names no rule, so every rule would be off"),
+    ("select-only-commas", ["{tiny}", "--select", " , "], "select names no rule"),
+    ("attn-typo", ["{tiny}", "--attn-implementation", "flash_attention2"],
+     "unknown attn_implementation 'flash_attention2'; this transformers knows eager, "),
+    ("path-and-entry", ["{tiny}", "--entry", "sw_entries:mixed"], "give a PATH or --entry MODULE:FUNCTION, not both"),
+    ("static-and-entry", ["--static", "--entry", "sw_entries:mixed"], "--static reads a checkpoint's safetensors"),
+    ("static-and-graph", ["{tiny}", "--static", "--graph", "{tmp}/g.json"], "--graph needs a forward"),
+]
+
+
+@_table(USAGE_ROWS)
+def test_options_that_would_check_nothing_are_usage_errors(row, entries, tiny_llama_path, capfd):
+    arguments, message = row
+    arguments = [a.format(tiny=tiny_llama_path, tmp=entries) for a in arguments]
+    assert main(["check", *arguments, "-q"]) == 2
+    err = capfd.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("dtypelint: error: ") and message in err, err
+    assert not (entries / "g.json").exists()
+
+
+def test_the_api_and_the_settings_file_refuse_the_same(tmp_path, tiny_llama_fp16, tiny_llama_path):
+    import dtypelint
+
+    inputs = {"input_ids": torch.ones(1, 4, dtype=torch.long)}
+    with pytest.raises(UsageError, match="select names no rule"):
+        dtypelint.audit(tiny_llama_fp16, inputs, select=[])
+    with pytest.raises(UsageError, match="unknown attn_implementation 'flash_attention2'"):
+        dtypelint.audit(tiny_llama_fp16, inputs, attn_implementation="flash_attention2")
+    pyproject = tmp_path / "pyproject.toml"
+    pyproject.write_text("[tool.dtypelint]\nselect = []\n")
+    assert main(["check", "--config", str(pyproject), "--mode", "meta", str(tiny_llama_path), "-q"]) == 2
+    # A deliberate empty selection plus extend-select is a selection, and runs.
+    assert dtypelint.audit(tiny_llama_fp16, inputs, select=[], extend_select=["DT101"]).errors == []

@@ -16,6 +16,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 F16, BF16, F32 = torch.float16, torch.bfloat16, torch.float32
 DIM, HEADS, SEQ = 16, 2, 8
+# bitsandbytes' CPU kernels pack 4-bit weights in blocks of up to 64 output features where the CPU has
+# AVX512-BF16 (``N % block_n == 0``, an AMD EPYC among CI's machines): a width every x86 CPU accepts.
+BNB_DIM = 64
 
 
 def randn(*shape: int, dtype: torch.dtype = F32, seed: int = 0) -> torch.Tensor:
@@ -613,11 +616,11 @@ def linear4bit(compute_dtype: torch.dtype):
     import bitsandbytes as bnb
 
     torch.manual_seed(0)
-    layer = bnb.nn.Linear4bit(DIM, DIM, compute_dtype=compute_dtype, quant_type="nf4")
+    layer = bnb.nn.Linear4bit(BNB_DIM, BNB_DIM, compute_dtype=compute_dtype, quant_type="nf4")
     # bitsandbytes quantizes the weight when it is moved to a device; the bias in the activation dtype, as
     # from_pretrained(quantization_config=..., dtype=torch.float16) loads it.
     model = nn.Sequential(layer.half().to("cpu")).eval()
-    return model, (randn(1, SEQ, DIM, dtype=F16),)
+    return model, (randn(1, SEQ, BNB_DIM, dtype=F16),)
 
 
 # Plain conflicts the tracer sees ------------------------------------------------------------------------------
