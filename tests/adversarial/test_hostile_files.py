@@ -157,3 +157,14 @@ def test_an_unreadable_folder_is_one_line(tmp_path, tiny_llama_path, monkeypatch
     assert main(["check", str(folder), "-q"]) == 2
     err = capfd.readouterr().err
     assert err.count("\n") == 1 and f"{folder}: cannot read: Permission denied" in err, err
+
+
+def test_an_unreadable_weights_file_says_so_not_no_such_file(tmp_path, tiny_llama_path, monkeypatch, capfd):
+    """A mode-000 model.safetensors (root reads it anyway, so the permission is simulated)."""
+    folder = _copy(tiny_llama_path, tmp_path / "locked-weights")
+    weights = folder / "model.safetensors"
+    real_access = os.access
+    monkeypatch.setattr("dtypelint.paths.os.access", lambda path, mode: Path(path) != weights and real_access(path, mode))
+    assert main(["check", str(folder), "-q"]) == 2
+    err = capfd.readouterr().err
+    assert err.count("\n") == 1 and f"{weights}: cannot read: Permission denied" in err, err
