@@ -242,8 +242,8 @@ class Tracer(TorchDispatchMode):
 
     Leaves nothing behind: the global hooks are removed and the process settings (grad mode, the default
     dtype and device, autocast, ...: ``dtypelint.state.PROCESS_SETTINGS``) are restored on exit, also when
-    the forward raises. The model itself is never touched. Past ``max_ops``
-    ops nothing more is recorded, only counted (``ops_run``), so a huge forward cannot exhaust memory.
+    the forward raises. The model itself is never touched. Past ``max_ops`` ops nothing more is recorded,
+    only counted (``ops_run``), so a huge forward cannot exhaust memory.
     In-place writes to the model's parameter storage (``w.data.add_``) are noted in
     ``written_parameters``.
     """

@@ -369,6 +369,16 @@ def test_the_settings_table_holds_every_listed_setting_and_each_has_a_change() -
     assert len(TABLE) == len(set(TABLE))
 
 
+def test_a_setting_this_torch_lacks_is_left_out_of_the_table() -> None:
+    from dtypelint.state import _attribute, _calls, _supported
+
+    rows = ((_calls, ("torch.set_num_threads", "torch.get_num_threads")),
+            (_calls, ("torch.set_a_future_switch", "torch.get_a_future_switch")),
+            (_attribute, ("torch.backends.cudnn.a_future_flag",)),
+            (_attribute, ("torch.backends.a_future_backend.fp32_precision",)))
+    assert [setting.name for setting in _supported(rows)] == ["torch.set_num_threads"]
+
+
 def _changing(names: list[str], *, then_raise: bool) -> tuple[nn.Module, list[dict[str, Any]]]:
     """A harness whose forward changes the named settings in turn (and raises, if told), and the value of
     each right after its change, per forward (a later change may undo an earlier: the fp32_precision tree)."""
