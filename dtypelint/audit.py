@@ -23,7 +23,7 @@ from dtypelint.report import Report
 from dtypelint.rules import run_rules
 from dtypelint.rules.base import Options, RuleContext
 from dtypelint.standins import flash_standin, requested_flash
-from dtypelint.state import preserved
+from dtypelint.state import fresh_copies, preserved, refuse_uninitialised_lazy
 from dtypelint.trace import Tracer, TraceResult, needs_values
 from dtypelint.vocabulary import OriginKind
 
@@ -50,6 +50,7 @@ def _unwrap(model: Any, notes: list[str]) -> torch.nn.Module:
         model = model.module
     if not isinstance(model, torch.nn.Module):
         raise UsageError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    refuse_uninitialised_lazy(model)
     return model
 
 
@@ -74,7 +75,8 @@ def _run(
     autocast: str = "cpu",
 ) -> TraceResult:
     """Trace one forward. Exceptions of the forward are kept in the result, never raised. The model and
-    global state are restored afterwards (``dtypelint.state.preserved``).
+    global state are restored afterwards (``dtypelint.state.preserved``), and the forward gets copies of
+    the input tensors (fakes in meta mode), so the caller's stay as they were.
 
     Meta mode runs the forward inside ``FakeTensorMode`` (``fake_mode``, or a new one) on fake CPU
     stand-ins of the model's tensors (swapped in by ``functional_call`` for the call only) and of the
@@ -95,6 +97,7 @@ def _run(
         raise UsageError("the model has tensors on the meta device, which value mode cannot run; use mode='meta'")
     else:
         fake_mode = None
+        args, kwargs = fresh_copies((args, kwargs))
     error = None
     with ExitStack() as stack:
         kept = stack.enter_context(preserved(model))

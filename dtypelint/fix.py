@@ -262,11 +262,12 @@ def _first_tensor(output: Any) -> torch.Tensor | None:
 
 
 def _outputs(model: torch.nn.Module, inputs: Any) -> torch.Tensor | None:
-    """The forward's first output as float32, with the model and global state restored afterwards."""
+    """The forward's first output as float32, on fresh copies of the inputs (so a forward that writes them
+    in place sees the same values each time), with the model and global state restored afterwards."""
     from dtypelint.load import call_arguments
-    from dtypelint.state import preserved
+    from dtypelint.state import fresh_copies, preserved
 
-    args, kwargs, _ = call_arguments(model, inputs)
+    args, kwargs = fresh_copies(call_arguments(model, inputs)[:2])
     try:
         with preserved(model), torch.no_grad():
             output = _first_tensor(model(*args, **kwargs))

@@ -2,23 +2,34 @@
 
 A forward can update buffers (BatchNorm's running statistics in ``train()``, EMA and step counters,
 ``spectral_norm``'s ``u``/``v``), replace or delete buffers and tensor attributes, flip ``training``
-flags, switch autocast or the default dtype on, and draw from the global random generators. Every
-forward dtypelint runs goes through ``preserved(model)``, which restores all of that, also when the
-forward raises. Parameters are not copied (they are the bulk of the memory): their ``_version``
-counters and storages reveal an in-place write, which is reported since it cannot be undone.
+flags and ``requires_grad``, fill ``.grad`` by a backward of its own, flip process-wide settings
+(``PROCESS_SETTINGS``: autocast, the default dtype and device, matmul precision, ``os.environ``, ...),
+and draw from the global random generators. Every forward dtypelint runs goes through
+``preserved(model)``, which restores all of that, also when the forward raises, and gets copies of
+the caller's input tensors (``fresh_copies``). Parameters are not copied (they are the bulk of the
+memory): their ``_version`` counters and storages reveal an in-place write, which is reported since it
+cannot be undone; so do gradients'.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import os
 import random
 import sys
-from collections.abc import Iterator
+import warnings
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensor
+from torch.nn.modules.lazy import LazyModuleMixin
+from torch.utils._pytree import tree_map_only
+
+from dtypelint.errors import UsageError
 
 _MISSING = object()
 AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "mps", "hpu", "xla", "ipu")
@@ -56,27 +67,168 @@ def _set_autocast(device: str, enabled: bool, dtype: torch.dtype) -> None:
             torch.set_autocast_gpu_dtype(dtype)
 
 
+def _restore_autocast(saved: dict[str, tuple[bool, torch.dtype]]) -> None:
+    for device, (enabled, dtype) in saved.items():
+        _set_autocast(device, enabled, dtype)
+
+
+@dataclass(frozen=True)
+class ProcessSetting:
+    """A process-wide setting a forward may change: named by the API that sets it, read by ``get``, put
+    back by ``set`` (called only when the value differs)."""
+
+    name: str
+    get: Callable[[], Any]
+    set: Callable[[Any], None]
+
+
+def _at(path: str) -> Any:
+    """What a dotted path names, from an imported module (AttributeError where this torch lacks it)."""
+    root, *names = path.split(".")
+    return functools.reduce(getattr, names, sys.modules[root])
+
+
+def _calls(setter: str, getter: str) -> ProcessSetting:
+    return ProcessSetting(setter, _at(getter), _at(setter))
+
+
+def _attribute(path: str) -> ProcessSetting:
+    owner, _, name = path.rpartition(".")
+    return ProcessSetting(path, functools.partial(getattr, _at(owner), name), functools.partial(setattr, _at(owner), name))
+
+
+def _list(path: str, changed: Callable[[], None] = lambda: None) -> ProcessSetting:
+    """A module-level list that code appends to or replaces (``sys.path``): the same object gets its
+    entries back. The value carries the list's id, so a replaced list with equal entries differs."""
+    owner, _, name = path.rpartition(".")
+    module = _at(owner)
+
+    def get() -> tuple[int, list, list]:
+        current = getattr(module, name)
+        return id(current), current, list(current)
+
+    def restore(saved: tuple[int, list, list]) -> None:
+        _, original, entries = saved
+        original[:] = entries
+        setattr(module, name, original)
+        changed()
+
+    return ProcessSetting(path, get, restore)
+
+
+def _default_device_mode() -> Any:
+    """The mode ``torch.set_default_device`` keeps on the function-mode stack (None: none), by identity."""
+    return getattr(torch._GLOBAL_DEVICE_CONTEXT, "device_context", None)
+
+
+def _restore_default_device(mode: Any) -> None:
+    torch.set_default_device(None if mode is None else mode.device)
+
+
+def _deterministic() -> tuple[bool, bool]:
+    return torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+
+
+def _restore_deterministic(saved: tuple[bool, bool]) -> None:
+    torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
+
+
+def _anomaly() -> tuple[bool, bool]:
+    return torch.is_anomaly_enabled(), torch.is_anomaly_check_nan_enabled()
+
+
+def _restore_anomaly(saved: tuple[bool, bool]) -> None:
+    torch.set_anomaly_enabled(*saved)
+
+
+def _environ() -> dict[Any, Any]:
+    """``os.environ``'s encoded entries: copying them costs a hundredth of ``dict(os.environ)``, which
+    decodes every one, and this runs on every forward."""
+    return os.environ._data.copy()  # type: ignore[attr-defined]
+
+
+def _restore_environ(saved: dict[Any, Any]) -> None:
+    current, environ = os.environ._data, os.environ  # type: ignore[attr-defined]
+    for key in current.keys() - saved.keys():
+        del environ[environ.decodekey(key)]  # type: ignore[attr-defined]
+    for key, value in saved.items():
+        if current.get(key) != value:
+            environ[environ.decodekey(key)] = environ.decodevalue(value)  # type: ignore[attr-defined]
+
+
+def _fp32_precision(node: str) -> str:
+    return f"torch.backends.{node}.fp32_precision" if node else "torch.backends.fp32_precision"
+
+
+# Restored in this order. The legacy precision switches (matmul precision, ``allow_tf32``) come before
+# the ``fp32_precision`` tree they are computed from (torch >= 2.9), which is put back exactly, a parent
+# before its children (setting a parent also sets them). ``set_num_interop_threads`` is absent: it
+# works once per process, so nobody can undo a forward's call.
+_ROWS: tuple[tuple[Callable[..., ProcessSetting], tuple[Any, ...]], ...] = (
+    (_calls, ("torch.set_grad_enabled", "torch.is_grad_enabled")),
+    (_calls, ("torch.set_default_dtype", "torch.get_default_dtype")),
+    (ProcessSetting, ("torch.set_default_device", _default_device_mode, _restore_default_device)),
+    (ProcessSetting, ("torch.set_autocast_enabled", _autocast_state, _restore_autocast)),
+    (_calls, ("torch.set_autocast_cache_enabled", "torch.is_autocast_cache_enabled")),
+    (_calls, ("torch.set_float32_matmul_precision", "torch.get_float32_matmul_precision")),
+    (_attribute, ("torch.backends.cuda.matmul.allow_tf32",)),
+    (_attribute, ("torch.backends.cudnn.allow_tf32",)),
+    *((_attribute, (_fp32_precision(node),)) for node in (
+        "", "cuda.matmul", "cudnn", "cudnn.conv", "cudnn.rnn", "mkldnn", "mkldnn.matmul", "mkldnn.conv", "mkldnn.rnn")),
+    *((_calls, (f"torch.backends.cuda.enable_{kernel}_sdp", f"torch.backends.cuda.{kernel}_sdp_enabled"))
+      for kernel in ("flash", "mem_efficient", "math", "cudnn")),
+    (ProcessSetting, ("torch.use_deterministic_algorithms", _deterministic, _restore_deterministic)),
+    (_calls, ("torch.set_num_threads", "torch.get_num_threads")),
+    (ProcessSetting, ("torch.autograd.set_detect_anomaly", _anomaly, _restore_anomaly)),
+    *((_attribute, (f"torch.backends.cudnn.{flag}",)) for flag in ("benchmark", "deterministic", "enabled")),
+    (_list, ("warnings.filters", getattr(warnings, "_filters_mutated", lambda: None))),  # drops "once" caches
+    (_attribute, ("warnings.showwarning",)),
+    (ProcessSetting, ("os.environ", _environ, _restore_environ)),
+    (_list, ("sys.path",)),
+)
+
+
+def _supported(rows: tuple[tuple[Callable[..., ProcessSetting], tuple[Any, ...]], ...]) -> tuple[ProcessSetting, ...]:
+    """The rows this torch has (older ones lack some getters)."""
+    settings = []
+    for build, arguments in rows:
+        try:
+            setting = build(*arguments)
+            with contextlib.suppress(RuntimeError):  # there, but unreadable now (legacy and new precision APIs mixed)
+                setting.get()
+        except AttributeError:
+            continue
+        settings.append(setting)
+    return tuple(settings)
+
+
+PROCESS_SETTINGS: tuple[ProcessSetting, ...] = _supported(_ROWS)
+
+
 @dataclass
 class GlobalModes:
-    """Grad mode, default dtype and autocast: process-wide switches a forward may flip."""
+    """The value of every process setting (``PROCESS_SETTINGS``) a forward may change."""
 
-    grad_enabled: bool
-    default_dtype: torch.dtype
-    autocast: dict[str, tuple[bool, torch.dtype]]
-    autocast_cache: bool
+    values: list[tuple[ProcessSetting, Any]]
 
     @classmethod
     def capture(cls) -> GlobalModes:
-        return cls(torch.is_grad_enabled(), torch.get_default_dtype(), _autocast_state(),
-                   torch.is_autocast_cache_enabled())
+        values = []
+        for setting in PROCESS_SETTINGS:
+            try:
+                values.append((setting, setting.get()))
+            except RuntimeError:  # unreadable now (mixed precision APIs): the exact fp32_precision rows hold it
+                continue
+        return cls(values)
 
     def restore(self) -> None:
-        torch.set_grad_enabled(self.grad_enabled)
-        torch.set_default_dtype(self.default_dtype)
-        if _autocast_state() != self.autocast:
-            for device, (enabled, dtype) in self.autocast.items():
-                _set_autocast(device, enabled, dtype)
-        torch.set_autocast_cache_enabled(self.autocast_cache)
+        for setting, value in self.values:
+            try:
+                changed = setting.get() != value
+            except RuntimeError:
+                changed = True
+            if changed:
+                setting.set(value)
 
 
 @dataclass
@@ -124,13 +276,15 @@ def _restore_values(tensor: torch.Tensor, saved: torch.Tensor) -> None:
 
 @dataclass
 class ModuleState:
-    """One module's own state: its tensor dicts, attributes, flag, and copies of its buffers' values."""
+    """One module's own state: its tensor dicts, attributes, flag, copies of its buffers' values, and its
+    parameters' ``requires_grad`` and ``.grad``."""
 
     module: torch.nn.Module
     training: bool
     attributes: dict[str, Any]
     parameters: dict[str, torch.nn.Parameter | None]
-    parameter_data: dict[str, tuple[torch.Tensor, int]]
+    tensor_data: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor, int]]
+    autograd: dict[str, tuple[bool, torch.Tensor | None]]
     buffers: dict[str, torch.Tensor | None]
     buffer_values: dict[str, torch.Tensor]
     non_persistent: set[str]
@@ -139,15 +293,14 @@ class ModuleState:
     @classmethod
     def capture(cls, module: torch.nn.Module) -> ModuleState:
         buffers = dict(module._buffers)
-        parameters = dict(module._parameters)
+        parameters = {name: p for name, p in module._parameters.items() if p is not None}
         return cls(
             module=module,
             training=module.training,
             attributes=dict(vars(module)),
-            parameters=parameters,
-            parameter_data={
-                name: (p.data, p._version) for name, p in parameters.items() if p is not None and not _library_managed(p)
-            },
+            parameters=dict(module._parameters),
+            tensor_data=_tensor_data(parameters),
+            autograd={name: (p.requires_grad, p.grad) for name, p in parameters.items()},
             buffers=buffers,
             buffer_values={
                 name: b.detach().clone() for name, b in buffers.items() if b is not None and has_values(b)
@@ -156,8 +309,8 @@ class ModuleState:
             modules=dict(module._modules),
         )
 
-    def restore(self) -> list[str]:
-        """Restore (under ``no_grad``); return the names of parameters the forward wrote in place."""
+    def restore(self) -> list[tuple[str, str]]:
+        """Restore (under ``no_grad``); return the (parameter, "" or ".grad") the forward wrote in place."""
         module = self.module
         if module.training != self.training:  # Module.__setattr__ is slow: only when changed
             module.training = self.training
@@ -168,7 +321,14 @@ class ModuleState:
         _replace_contents(module._non_persistent_buffers_set, self.non_persistent)
         for name, saved in self.buffer_values.items():
             _restore_values(self.buffers[name], saved)  # type: ignore[arg-type]
-        return self._restore_parameter_data()
+        written = self._restore_tensor_data()
+        for name, (requires_grad, grad) in self.autograd.items():
+            parameter = self.parameters[name]
+            if parameter.requires_grad != requires_grad:  # type: ignore[union-attr]
+                parameter.requires_grad_(requires_grad)  # type: ignore[union-attr]
+            if parameter.grad is not grad:  # type: ignore[union-attr]
+                parameter.grad = grad  # type: ignore[union-attr]
+        return written
 
     def _restore_tensor_attributes(self) -> None:
         """Entries of ``vars(module)`` that hold a tensor now or did before (plain tensor attributes)."""
@@ -183,15 +343,27 @@ class ModuleState:
             else:
                 current[name] = before
 
-    def _restore_parameter_data(self) -> list[str]:
+    def _restore_tensor_data(self) -> list[tuple[str, str]]:
         written = []
-        for name, (data, version) in self.parameter_data.items():
-            parameter = self.parameters[name]
-            if not _same_data(parameter, data):
-                parameter.data = data  # ``.data`` reassigned (``.half()`` inside forward): undoable
-            elif parameter._version != version:
-                written.append(name)
+        for key, (tensor, data, version) in self.tensor_data.items():
+            if not _same_data(tensor, data):
+                tensor.data = data  # ``.data`` reassigned (``.half()`` inside forward): undoable
+            elif tensor._version != version:
+                written.append(key)
         return written
+
+
+def _tensor_data(parameters: dict[str, torch.nn.Parameter]) -> dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor, int]]:
+    """Each parameter's and gradient's tensor, ``.data`` and version counter, keyed by (parameter, "" or
+    ".grad"): a reassigned ``.data`` is put back, a moved counter reveals an in-place write."""
+    data = {}
+    for name, parameter in parameters.items():
+        if not _library_managed(parameter):
+            data[name, ""] = (parameter, parameter.data, parameter._version)
+        grad = parameter.grad
+        if grad is not None:
+            data[name, ".grad"] = (grad, grad.data, grad._version)
+    return data
 
 
 # Quantization libraries whose parameters own their storage: bitsandbytes' CPU backend repacks a 4-bit
@@ -212,19 +384,52 @@ def _same_data(parameter: torch.Tensor, data: torch.Tensor) -> bool:
 
 def _replace_contents(target: Any, saved: Any) -> None:
     """Make a dict or set hold ``saved``'s entries again, keeping the container object itself (values
-    compare by identity: ``==`` on tensors is elementwise)."""
-    if isinstance(saved, dict):
-        unchanged = target.keys() == saved.keys() and all(target[key] is value for key, value in saved.items())
+    compare by identity: ``==`` on tensors is elementwise). A script module's ``_parameters``, ``_buffers``
+    and ``_modules`` are views of its C++ attributes: their keys are fixed, each value is put back."""
+    if isinstance(target, set):
+        if target != saved:
+            target.clear()
+            target.update(saved)
+    elif isinstance(target, dict):
+        if target.keys() != saved.keys() or any(target[key] is not value for key, value in saved.items()):
+            target.clear()
+            target.update(saved)
     else:
-        unchanged = target == saved
-    if not unchanged:
-        target.clear()
-        target.update(saved)
+        for key, value in saved.items():
+            if target[key] is not value:
+                target[key] = value
+
+
+def refuse_uninitialised_lazy(model: torch.nn.Module) -> None:
+    """Raise UsageError for a lazy module (``nn.LazyLinear``) not yet run: its first forward creates its
+    parameters and turns it into its plain class, which cannot be undone."""
+    for name, module in model.named_modules():
+        if isinstance(module, LazyModuleMixin) and module.has_uninitialized_params():
+            where = f"module {name!r}" if name else "the model"
+            raise UsageError(
+                f"{where} ({type(module).__name__}) is a lazy module that has not run yet: its first forward would "
+                "create its parameters, which dtypelint cannot undo; run the model once on a sample batch first"
+            )
+
+
+def fresh_copies(value: Any) -> Any:
+    """``value`` with every tensor that holds data (in tuples, lists and dicts, however nested) replaced
+    by a copy: a forward that writes its inputs in place leaves the caller's alone, and each forward
+    dtypelint runs starts from the same values. Fake and meta tensors, having none, are kept."""
+    return tree_map_only(torch.Tensor, _fresh_copy, value)
+
+
+def _fresh_copy(tensor: torch.Tensor) -> torch.Tensor:
+    if not has_values(tensor):
+        return tensor
+    copy = tensor.detach().clone()
+    return copy.requires_grad_() if tensor.requires_grad else copy
 
 
 @dataclass
 class Preserved:
-    """What ``preserved`` could not undo: parameters the forward wrote in place, by name."""
+    """What ``preserved`` could not undo: parameters (and gradients, ``NAME.grad``) the forward wrote in
+    place, by name."""
 
     written_parameters: list[str] = field(default_factory=list)
 
@@ -241,18 +446,21 @@ def parameter_names(model: torch.nn.Module) -> dict[tuple[int, str], str]:
 @contextmanager
 def preserved(model: torch.nn.Module) -> Iterator[Preserved]:
     """Run the body, then restore the model's buffers (values, dtypes, persistence, identity), tensor
-    attributes, parameter and submodule identity, ``training`` flags, grad mode, default dtype, autocast
-    and the global random generators. In-place writes to parameters are detected, not undone."""
+    attributes, parameter and submodule identity, parameters' ``requires_grad`` and ``.grad``,
+    ``training`` flags, the process settings (``PROCESS_SETTINGS``) and the global random generators.
+    In-place writes to parameters and gradients are detected, not undone."""
     modes, randomness = GlobalModes.capture(), RandomState.capture()
     states = [ModuleState.capture(module) for module in model.modules()]
     outcome = Preserved()
     try:
         yield outcome
     finally:
+        modes.restore()  # first: the default device and dtype are the caller's again for what follows
         with torch.no_grad():
-            written = {(id(state.module), name) for state in states for name in state.restore()}
-        modes.restore()
+            written = {(id(state.module), *key) for state in states for key in state.restore()}
         randomness.restore()
         if written:
             names = parameter_names(model)
-            outcome.written_parameters = sorted(names[key] for key in written if key in names)
+            outcome.written_parameters = sorted(
+                names[module, name] + suffix for module, name, suffix in written if (module, name) in names
+            )

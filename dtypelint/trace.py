@@ -240,9 +240,10 @@ class ModuleTracker:
 class Tracer(TorchDispatchMode):
     """Record the ops of whatever runs inside ``with Tracer(model):``.
 
-    Leaves nothing behind: the global hooks are removed and grad mode, the default dtype and autocast are
-    restored on exit, also when the forward raises. The model itself is never touched. Past ``max_ops``
-    ops nothing more is recorded, only counted (``ops_run``), so a huge forward cannot exhaust memory.
+    Leaves nothing behind: the global hooks are removed and the process settings (grad mode, the default
+    dtype and device, autocast, ...: ``dtypelint.state.PROCESS_SETTINGS``) are restored on exit, also when
+    the forward raises. The model itself is never touched. Past ``max_ops`` ops nothing more is recorded,
+    only counted (``ops_run``), so a huge forward cannot exhaust memory.
     In-place writes to the model's parameter storage (``w.data.add_``) are noted in
     ``written_parameters``.
     """
