@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from dtypelint.errors import DtypelintError, LoadError, UsageError, first_line
+from dtypelint.escape import printable
 from dtypelint.formats import FORMATS
 from dtypelint.paths import (
     GRAPH_SUFFIXES,
@@ -295,7 +296,8 @@ def _print(options: argparse.Namespace, report: Report, fail_on: str, fixed: Fix
 
     output = render(report, options.format, path=options.path, fix=fixed)
     if output:
-        print(output)
+        encoding = sys.stdout.encoding or "utf-8"  # a terminal that cannot show a character gets its escape
+        print(output.encode(encoding, "backslashreplace").decode(encoding))
     failing = report.at_or_above(fail_on)
     return EXIT_FINDINGS if failing and not options.exit_zero else EXIT_CLEAN
 
@@ -353,7 +355,7 @@ def _describe(error: BaseException) -> str:
 
 def _fail(message: str) -> int:
     sys.stdout.flush()
-    print(f"dtypelint: {message}", file=sys.stderr, flush=True)
+    print(f"dtypelint: {printable(message)}", file=sys.stderr, flush=True)  # errors quote the model's code
     return EXIT_ERROR
 
 
