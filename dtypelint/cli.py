@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from dtypelint.errors import DtypelintError, LoadError, UsageError, WriteError, first_line
+from dtypelint.escape import printable
 from dtypelint.formats import FORMATS
 from dtypelint.paths import (
     GRAPH_SUFFIXES,
@@ -366,7 +367,8 @@ def _print(options: argparse.Namespace, report: Report, fail_on: str, fixed: Fix
     output = render(report, options.format, path=options.path, fix=fixed)
     if output:
         try:
-            sys.stdout.write(output + "\n")
+            encoding = sys.stdout.encoding or "utf-8"  # a terminal that cannot show a character gets its escape
+            sys.stdout.write(output.encode(encoding, "backslashreplace").decode(encoding) + "\n")
             sys.stdout.flush()
         except BrokenPipeError:
             raise
@@ -439,7 +441,7 @@ def _describe(error: BaseException) -> str:
 def _fail(message: str) -> int:
     with suppress(OSError, ValueError):
         sys.stdout.flush()
-    print(f"dtypelint: {message}", file=sys.stderr, flush=True)
+    print(f"dtypelint: {printable(message)}", file=sys.stderr, flush=True)  # errors quote the model's code
     return EXIT_ERROR
 
 

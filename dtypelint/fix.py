@@ -19,6 +19,7 @@ from tabulate import tabulate
 
 from dtypelint.dtypes import dtype_name, parse_dtype
 from dtypelint.errors import LoadError, UsageError, first_line
+from dtypelint.escape import map_text, printable
 from dtypelint.paths import local_path, parse_file, shown, write_file
 from dtypelint.report import Report
 from dtypelint.rope import rope_error
@@ -139,13 +140,15 @@ class FixResult:
         return [note, *self.remarks]
 
     def render(self) -> str:
-        lines = [self.table()] if self.plan.changes else []
-        lines += [f"note: {note}" for note in self.notes()]
-        lines.append(self.summary_line())
-        if self.saved:
-            lines.append(f"saved the fixed model and its fix plan to {self.saved}")
-        elif self.not_saved:
-            lines.append(f"nothing saved: no fix was applied, so {self.not_saved} was not written")
+        """The casts, their cost and the outcome, every text from the model printable (``escape.printable``)."""
+        shown = map_text(self, printable)
+        lines = [shown.table()] if shown.plan.changes else []
+        lines += [f"note: {note}" for note in shown.notes()]
+        lines.append(shown.summary_line())
+        if shown.saved:
+            lines.append(f"saved the fixed model and its fix plan to {shown.saved}")
+        elif shown.not_saved:
+            lines.append(f"nothing saved: no fix was applied, so {shown.not_saved} was not written")
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:

@@ -4,6 +4,12 @@
 renderer, a function of ``(Report, FormatContext) -> str``. ``path`` is the audited checkpoint directory
 or config file: SARIF and the GitHub annotations name it as the artifact the findings are about.
 
+Module, parameter and buffer names, op names of the model's code and the exceptions it raised are any text.
+The formats people read (all but ``json`` and ``sarif``) render a copy of the report in which each of them
+is printable (``dtypelint.escape``: control characters, newlines, bidi overrides and undecodable bytes as
+``repr`` escapes them), then escape it for their syntax. ``json`` keeps every text exact, ``sarif`` escapes
+only undecodable bytes (SARIF is UTF-8).
+
 Formats
 -------
 ``text``
@@ -59,7 +65,8 @@ Formats
     and infos). Empty when there is no finding.
 ``markdown``
     For a pull-request comment: a heading with the summary line, a table of the findings, the notes, and
-    a Mermaid drawing of the dtype graph around each op where an error was found.
+    a Mermaid drawing of the dtype graph around each op where an error was found. Names are code spans,
+    other text has its ASCII punctuation backslash-escaped: nothing from the model renders as markup.
 ``html``
     One self-contained page (``dtypelint.html``): the summary, findings and notes, and for each error a
     Mermaid drawing of the path from its root cause to the op, dtypes on the edges. Opens offline.
@@ -67,16 +74,20 @@ Formats
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+import os
+import re
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
-from urllib.parse import quote
+from urllib.parse import quote_from_bytes
 
 from dtypelint.errors import UsageError
+from dtypelint.escape import map_text, printable, unicode_text
 from dtypelint.report import CODE_COLUMNS, FINDING_COLUMNS, ROOT_LOCATION, Finding, Report
 
 if TYPE_CHECKING:
@@ -246,7 +257,9 @@ def sarif_log(report: Report, context: FormatContext) -> dict[str, Any]:
     }
     if context.path is not None:
         run["artifacts"] = [{"location": {"uri": artifact_uri(context.path)}}]
-    return {"version": SARIF_VERSION, "$schema": SARIF_SCHEMA_URI, "runs": [run]}
+    # SARIF is UTF-8: a name or message holding undecodable bytes shows them escaped (the artifact URI
+    # percent-encodes the path's own bytes).
+    return map_text({"version": SARIF_VERSION, "$schema": SARIF_SCHEMA_URI, "runs": [run]}, unicode_text)
 
 
 def render_sarif(report: Report, context: FormatContext) -> str:
@@ -255,11 +268,12 @@ def render_sarif(report: Report, context: FormatContext) -> str:
 
 def artifact_uri(path: str | Path) -> str:
     """A URI reference for ``path``: relative paths stay relative (what code scanning matches against
-    the repository), absolute ones become ``file://`` URIs."""
+    the repository), absolute ones become ``file://`` URIs. Both percent-encode the path's bytes, so a
+    directory name that is not UTF-8 keeps its bytes."""
     path = Path(path)
     if path.is_absolute():
         return path.as_uri()
-    return quote(PurePosixPath(*path.parts).as_posix() if path.parts else ".", safe="/")
+    return quote_from_bytes(os.fsencode(PurePosixPath(*path.parts).as_posix() if path.parts else "."), safe="/")
 
 
 def _rule_descriptor(rule: Rule) -> dict[str, Any]:
@@ -335,7 +349,7 @@ def _fingerprint(report: Report, finding: Finding) -> str:
     key = "\0".join(
         [report.model, finding.code, finding.location, finding.tensor or "", finding.op or "", *finding.dtypes]
     )
-    return hashlib.sha256(key.encode()).hexdigest()[:32]
+    return hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()[:32]  # any name hashes
 
 
 def _version() -> str | None:
@@ -401,17 +415,18 @@ def render_github(report: Report, context: FormatContext) -> str:
 
 
 def render_markdown(report: Report, context: FormatContext) -> str:
-    lines = [f"### dtypelint: {_md_text(report.summary_line())}", ""]
+    """Every text from the model is literal: names in code spans, the rest with its punctuation escaped."""
+    lines = [f"### dtypelint: {_md_literal(report.summary_line())}", ""]
     if report.findings:
         lines += ["| " + " | ".join(FINDING_COLUMNS) + " |", "|" + " --- |" * len(FINDING_COLUMNS)]
         for finding in report.ordered():
-            cells = [_md_code(cell) if column in CODE_COLUMNS and cell else _md_text(cell)
+            cells = [_md_code(cell, in_table=True) if column in CODE_COLUMNS and cell else _md_literal(cell)
                      for column, cell in zip(FINDING_COLUMNS, finding.cells(), strict=True)]
             lines.append("| " + " | ".join(cells) + " |")
     else:
         lines.append("No findings.")
     if report.notes or report.loaded_line():
-        lines += ["", *(f"- {_md_text(line)}" for line in _notes(report))]
+        lines += ["", *(f"- {_md_literal(line)}" for line in _notes(report))]
 
     from dtypelint.drawing import MAX_DRAWINGS, error_sites  # torch's op vocabulary: not at the CLI's start
 
@@ -427,7 +442,8 @@ def render_markdown(report: Report, context: FormatContext) -> str:
         note = " (trimmed)" if trimmed else ""
         lines += [
             "",
-            f"#### {codes} at {_md_code(where)}: {_md_text(report.graph.label(node))}{note}",
+            f"#### {_md_literal(codes)} at {_md_code(where, in_table=False)}: "
+            f"{_md_literal(report.graph.label(node))}{note}",
             "",
             "```mermaid",
             report.graph.to_mermaid(nodes).rstrip("\n"),
@@ -470,16 +486,34 @@ def _node_key(node: str) -> tuple[str, int, str]:
     return (head, int(tail) if tail else -1, node)
 
 
-def _md_text(text: str) -> str:
-    """Text safe in a Markdown table cell: no HTML, no column breaks, one line."""
+# CommonMark lets a backslash escape any ASCII punctuation character (and only those).
+_MD_PUNCTUATION = re.compile(r"[!-/:-@\[-`{-~]")
+
+
+def _md_literal(text: str) -> str:
+    """Printable text (``escape.printable``) as literal Markdown, in a table cell too: every ASCII
+    punctuation character backslash-escaped, so no emphasis, link, image, HTML, code span or column break
+    starts (GFM takes ``\\|`` for a pipe inside a cell)."""
+    return _MD_PUNCTUATION.sub(r"\\\g<0>", text)
+
+
+def _md_code(text: str, *, in_table: bool) -> str:
+    """Printable, non-empty text as a CommonMark code span, literal whatever it holds: the fence is one
+    backtick longer than the longest run of backticks in it, and a space pads each side where the text
+    starts or ends with a backtick, or starts and ends with a space (CommonMark strips one space each
+    side then). GFM splits a table row before it reads code spans: there ``|`` is escaped, and GFM drops
+    the backslash."""
+    fence = "`" * (max(map(len, re.findall("`+", text)), default=0) + 1)
+    pad = " " if text.strip(" ") and (text[0] == "`" or text[-1] == "`" or text[0] == text[-1] == " ") else ""
+    if in_table:
+        text = text.replace("|", "\\|")
+    return f"{fence}{pad}{text}{pad}{fence}"
+
+
+def _md_cell(text: str) -> str:
+    """dtypelint's own Markdown (a rule's summary) in a table cell: no HTML, no column breaks, one line."""
     text = text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
     return " ".join(text.replace("|", "\\|").split())
-
-
-def _md_code(text: str) -> str:
-    """An inline code span safe in a table cell (double backticks when the text has one)."""
-    text = " ".join(text.replace("|", "\\|").split())
-    return f"`` {text} ``" if "`" in text else f"`{text}`"
 
 
 # Registry --------------------------------------------------------------------------------------------
@@ -506,7 +540,7 @@ def render_rules(rules: Iterable[Rule], format: str = "text", enabled: Callable[
     rows = rule_rows(rules, enabled)
     if format == "markdown":  # unpadded, so that a diff of the README shows only what changed
         lines = [RULE_COLUMNS, ("---",) * len(RULE_COLUMNS), *rows]
-        return "\n".join("| " + " | ".join(_md_text(cell) for cell in line) + " |" for line in lines)
+        return "\n".join("| " + " | ".join(_md_cell(cell) for cell in line) + " |" for line in lines)
     return tabulate(rows, headers=RULE_COLUMNS, maxcolwidths=[None] * 6 + [60])
 
 
@@ -516,15 +550,28 @@ def _html(report: Report, context: FormatContext) -> str:
     return render_html(report, context)
 
 
+def _for_people(renderer: Renderer) -> Renderer:
+    """A format people read: it renders a copy of the report, path and fix in which every text from the
+    model is printable (``dtypelint.escape.printable``), so that no name or message moves the terminal's
+    cursor, sets its title, reorders a line or breaks a table row. Data formats (json, sarif) keep the
+    texts, which their own escaping carries exactly."""
+
+    @functools.wraps(renderer)
+    def render_printable(report: Report, context: FormatContext) -> str:
+        return renderer(map_text(report, printable), map_text(context, printable))
+
+    return render_printable
+
+
 FORMATS: dict[str, Renderer] = {
-    "text": render_text,
-    "concise": render_concise,
-    "full": render_full,
+    "text": _for_people(render_text),
+    "concise": _for_people(render_concise),
+    "full": _for_people(render_full),
     "json": render_json,
     "sarif": render_sarif,
-    "github": render_github,
-    "markdown": render_markdown,
-    "html": _html,
+    "github": _for_people(render_github),
+    "markdown": _for_people(render_markdown),
+    "html": _for_people(_html),
 }
 
 

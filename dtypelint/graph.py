@@ -23,7 +23,7 @@ import io
 import json
 import math
 from collections import deque
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypedDict
@@ -33,6 +33,7 @@ import torch
 from torch._ops import OpOverloadPacket
 
 from dtypelint.dtypes import dtype_name, wider
+from dtypelint.escape import printable, xml_text
 from dtypelint.paths import unsupported_graph_suffix, write_file
 from dtypelint.trace import Origin, TensorRecord, Tracer, TraceResult
 from dtypelint.vocabulary import LEAF_ORIGINS, WEIGHT_ORIGINS, OpKind, OriginKind, kinds_of
@@ -449,12 +450,13 @@ class DtypeGraph(nx.DiGraph):
         """``aten.addmm @ head`` for an op; for a tensor its name and type: a leaf's qualified name
         (``model.rotary_emb.inv_freq float32[16]``), a view's source (``head.weight (view) float32[16, 4]``),
         else its producer (``from aten.mm float16[2, 4]``). ``width``: drawings middle-ellipsize the name to
-        about that many characters, keeping both ends (the model's prefix and the tensor's own name)."""
+        about that many characters, keeping both ends (the model's prefix and the tensor's own name).
+        A label is shown: names come out ``escape.printable``."""
         data = self.nodes[node]
         if data["kind"] == "op":
             where = f" @ {ellipsize(data['module'], width)}" if data["module"] else ""
-            return f"{data['name']}{where}"
-        return f"{ellipsize(self._tensor_name(node), width)} {data['dtype']}{list(data['shape'])}"
+            return printable(f"{data['name']}{where}")
+        return printable(f"{ellipsize(self._tensor_name(node), width)} {data['dtype']}{list(data['shape'])}")
 
     def _tensor_name(self, tensor: str) -> str:
         data = self.tensor(tensor)
@@ -501,9 +503,8 @@ class DtypeGraph(nx.DiGraph):
         lines = ["digraph dtypes {", "  rankdir=TB;"]
         for node, data in self.nodes(data=True):
             shape = "box" if data["kind"] == "op" else "ellipse"
-            label = json.dumps(self.label(node, DRAWING_NAME_WIDTH), ensure_ascii=False)
-            lines.append(f"  {node} [shape={shape}, label={label}];")
-        lines += [f"  {source} -> {target} [label={json.dumps(self.flow_label(source, target))}];"
+            lines.append(f"  {node} [shape={shape}, label={dot_string(self.label(node, DRAWING_NAME_WIDTH))}];")
+        lines += [f"  {source} -> {target} [label={dot_string(self.flow_label(source, target))}];"
                   for source, target in self.edges]
         lines.append("}")
         return "\n".join(lines) + "\n"
@@ -517,7 +518,7 @@ class DtypeGraph(nx.DiGraph):
             text = json.dumps(self.to_node_link(), indent=1)
         elif suffix == ".graphml":
             document = io.BytesIO()
-            nx.write_graphml(_export_ready(self), document)
+            nx.write_graphml(_export_ready(self, xml_text), document)  # names kept, but for what XML forbids
             text = document.getvalue()
         elif suffix in (".dot", ".gv"):
             text = self.to_dot()
@@ -542,6 +543,12 @@ _MERMAID_ESCAPES = {ord(char): f"#{ord(char)};" for char in '"#&<>`'}
 def mermaid_text(text: str) -> str:
     """``text`` safe inside a quoted Mermaid label: one line, quotes, codes and markup encoded."""
     return " ".join(text.split()).translate(_MERMAID_ESCAPES)
+
+
+def dot_string(text: str) -> str:
+    """``text`` as a quoted DOT string: ``\\"`` is DOT's only escape, and a backslash stays a backslash
+    in a label only doubled (``\\n``, ``\\N`` are label escapes). Labels are printable: no newline."""
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 def ellipsize(text: str, width: int | None) -> str:
@@ -599,23 +606,25 @@ def _node_order(node: str) -> tuple[str, int]:
     return node[0], int(node.lstrip("opt"))
 
 
-def _export_ready(graph: DtypeGraph) -> nx.DiGraph:
-    """A plain copy whose attributes are all str/int/float/bool, as GraphML and JSON need."""
+def _export_ready(graph: DtypeGraph, text: Callable[[str], str] = str) -> nx.DiGraph:
+    """A plain copy whose attributes are all str/int/float/bool, as GraphML and JSON need; ``text`` makes
+    each string fit the file (GraphML: ``escape.xml_text``)."""
     plain = nx.DiGraph()
-    plain.graph.update({key: value for key, value in graph.graph.items()
+    plain.graph.update({key: _scalar(value, text) for key, value in graph.graph.items()
                         if value is not None and key not in _NOT_EXPORTED})
     for node, data in graph.nodes(data=True):
-        plain.add_node(node, label=graph.label(node), **{key: _scalar(value) for key, value in data.items()
-                                                         if value is not None and key not in _NOT_EXPORTED})
+        attributes = {key: _scalar(value, text) for key, value in data.items()
+                      if value is not None and key not in _NOT_EXPORTED}
+        plain.add_node(node, label=graph.label(node), **attributes)  # printable: fits any file
     for source, target, data in graph.edges(data=True):
-        plain.add_edge(source, target, **{key: _scalar(value) for key, value in data.items()})
+        plain.add_edge(source, target, **{key: _scalar(value, text) for key, value in data.items()})
     return plain
 
 
 _NOT_EXPORTED = frozenset({"packet", "kinds", "attention_calls"})
 
 
-def _scalar(value: Any) -> Any:
+def _scalar(value: Any, text: Callable[[str], str]) -> Any:
     if isinstance(value, tuple):
-        return str(list(value))
-    return str(value) if isinstance(value, str) else value  # OriginKind as a plain str
+        return text(str(list(value)))
+    return text(str(value)) if isinstance(value, str) else value  # OriginKind as a plain str

@@ -6,8 +6,9 @@ dtype on every edge and the op and the odd-dtype operand highlighted. Mermaid (v
 ``dtypelint/vendor``, see its README) is inlined; a Content-Security-Policy forbids every fetch, so a
 page that renders here renders anywhere.
 
-Every text that comes from the model is HTML-escaped; Mermaid source is escaped for Mermaid first
-(``graph.mermaid_text``) and then for HTML, since Mermaid reads it back from the page's text.
+Every text that comes from the model is printable (``formats`` renders a copy of the report made so) and
+HTML-escaped; Mermaid source is escaped for Mermaid first (``graph.mermaid_text``) and then for HTML, since
+Mermaid reads it back from the page's text.
 """
 
 from __future__ import annotations

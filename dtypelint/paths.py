@@ -13,9 +13,10 @@ import os
 import re
 import stat
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from dtypelint.errors import LoadError, UsageError, WriteError, first_line
 
@@ -89,9 +90,10 @@ def check_regular_file(file: Path) -> None:
         raise LoadError(f"{shown(file)} is {kind}; dtypelint reads regular files only")
 
 
-def read_regular(file: Path, limit: int = MAX_TEXT_BYTES) -> bytes:
-    """The bytes of a regular file of at most ``limit`` bytes. The file is opened without blocking and
-    checked on its descriptor, so a FIFO or device swapped in after a check cannot hang the read."""
+@contextmanager
+def open_regular(file: Path) -> Iterator[BinaryIO]:
+    """``file`` opened for binary reading, if it is a regular file. It is opened without blocking and
+    checked on its descriptor, so a FIFO or device swapped in after a check cannot hang a read."""
     try:
         descriptor = os.open(file, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as error:
@@ -102,9 +104,15 @@ def read_regular(file: Path, limit: int = MAX_TEXT_BYTES) -> bytes:
         raise LoadError(f"{shown(file)} is {kind}; dtypelint reads regular files only")
     with os.fdopen(descriptor, "rb") as stream:
         try:
-            data = stream.read(limit + 1)
+            yield stream
         except OSError as error:
             raise LoadError(f"{shown(file)}: cannot read: {reason(error)}") from None
+
+
+def read_regular(file: Path, limit: int = MAX_TEXT_BYTES) -> bytes:
+    """The bytes of a regular file of at most ``limit`` bytes (``open_regular``)."""
+    with open_regular(file) as stream:
+        data = stream.read(limit + 1)
     if len(data) > limit:
         raise LoadError(f"{shown(file)} is larger than {limit} bytes, more than such a file holds")
     return data

@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING, Any
 
 from tabulate import tabulate
 
+from dtypelint.escape import map_text, printable
+
 if TYPE_CHECKING:
     from dtypelint.config import Settings
     from dtypelint.graph import DtypeGraph
@@ -140,10 +142,13 @@ class Report:
                         disable_numparse=True)  # module "1" is a name, not a number to right-align
 
     def render(self) -> str:
-        lines = [self.table()] if self.findings else []
-        lines += [f"note: {note}" for note in self.notes]
-        lines += [line for line in (self.loaded_line(),) if line]
-        lines.append(self.summary_line())
+        """The table, the notes and the summary line, as ``print(report)`` shows them: every text from the
+        model printable (``escape.printable``)."""
+        shown = map_text(self, printable)
+        lines = [shown.table()] if shown.findings else []
+        lines += [f"note: {note}" for note in shown.notes]
+        lines += [line for line in (shown.loaded_line(),) if line]
+        lines.append(shown.summary_line())
         return "\n".join(lines)
 
     def __str__(self) -> str:

