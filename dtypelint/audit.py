@@ -235,7 +235,8 @@ def audit_config(
     resolved = (settings or Settings()).layered(overrides)
     request = Request(config=config, mode="meta", dtype=parse_dtype(resolved.dtype), batch=batch, seq_len=seq_len,
                       trust_remote_code=trust_remote_code, model_class=model_class,
-                      inputs_dtype=parse_dtype(inputs_dtype))
+                      inputs_dtype=parse_dtype(inputs_dtype), max_input_elements=resolved.options.max_input_elements,
+                      max_layers=resolved.options.max_layers)
     return audit_loaded(load(request), settings=resolved, progress=progress)
 
 

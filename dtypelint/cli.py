@@ -89,6 +89,11 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--seq-len", type=_positive_int, default=16,
                        help="sample length (default: 16; at most the config's max_position_embeddings)")
     check.add_argument("--max-ops", type=_positive_int, metavar="N", help="ops recorded per forward (default: 200000)")
+    check.add_argument("--max-input-elements", type=_positive_int, metavar="N",
+                       help="elements each input synthesized from the config may have, in value mode "
+                            "(default: 33554432)")
+    check.add_argument("--max-layers", type=_positive_int, metavar="N",
+                       help="layers per stack, or experts per layer, a config may ask for (default: 1024)")
     check.add_argument("--format", choices=tuple(FORMATS), default="text", help="output format (default: text)")
     check.add_argument("--fail-on", choices=("info", "warning", "error"),
                        help="lowest severity that makes the exit code 1 (default: error)")
@@ -148,7 +153,8 @@ def _settings(options: argparse.Namespace) -> Settings:
         "backend": options.backend, "packs": options.packs, "select": options.select, "ignore": options.ignore,
         "extend_select": options.extend_select, "fail_on": options.fail_on, "dtype": options.dtype,
         "attn_implementation": options.attn_implementation,
-        "options": {"max_ops": options.max_ops} if options.max_ops else None,
+        "options": {name: getattr(options, name) for name in ("max_ops", "max_input_elements", "max_layers")
+                    if getattr(options, name)} or None,
     })
 
 
@@ -282,7 +288,8 @@ def _run_check(options: argparse.Namespace, path: Path | None, progress: bool) -
         return _static(options, path, settings), settings.fail_on, None
     request = Request(path=path, entry=options.entry, mode=options.mode, dtype=parse_dtype(settings.dtype),
                       batch=options.batch, seq_len=options.seq_len, trust_remote_code=options.trust_remote_code,
-                      model_class=options.model_class, inputs_dtype=parse_dtype(options.inputs_dtype))
+                      model_class=options.model_class, inputs_dtype=parse_dtype(options.inputs_dtype),
+                      max_input_elements=settings.options.max_input_elements, max_layers=settings.options.max_layers)
     loader = find_loader(request)
     if _fixing(options) and loader.mode == "meta":
         raise UsageError("fixes need real weights: --fix, --diff, --write-plan and --save-fixed work in value mode")

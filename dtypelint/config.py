@@ -12,6 +12,8 @@
     overflow-fraction = 0.5
     large-reduction = 65536
     max-ops = 200000                  # ops recorded per forward (DT002 past it)
+    max-input-elements = 33554432     # per input synthesized from a config (value mode)
+    max-layers = 1024                 # layers per stack, or experts per layer, a config may ask for
 
     [tool.dtypelint.per-location-ignores]
     "model.layers.*.mlp" = ["DT104"]
@@ -41,7 +43,8 @@ from dtypelint.rules.packs import BackendPack, combine, load_pack
 from dtypelint.standins import check_attention_implementation
 
 _LIST_KEYS = {"select": "select", "extend-select": "extend_select", "ignore": "ignore", "packs": "packs"}
-_OPTION_KEYS = {"overflow-fraction": "overflow_fraction", "large-reduction": "large_reduction", "max-ops": "max_ops"}
+_OPTION_KEYS = {"overflow-fraction": "overflow_fraction", "large-reduction": "large_reduction", "max-ops": "max_ops",
+                "max-input-elements": "max_input_elements", "max-layers": "max_layers"}
 
 
 class SettingOverrides(TypedDict, total=False):

@@ -10,6 +10,7 @@ synthesized from the config. Nothing is downloaded: every load is local.
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 import json
 import math
@@ -25,9 +26,24 @@ import torch
 
 from dtypelint.dtypes import parse_dtype
 from dtypelint.errors import LoadError, UsageError, first_line
-from dtypelint.inputs import SynthesizedInput, describe_inputs, synthesize_inputs
+from dtypelint.inputs import (
+    MAX_INPUT_ELEMENTS,
+    PREPROCESSOR_FILE,
+    InputBound,
+    SynthesizedInput,
+    describe_inputs,
+    synthesize_inputs,
+)
 from dtypelint.model_class import ModelClass, resolve_model_class
-from dtypelint.paths import check_regular_file, local_path, open_regular, parse_file, reason, refuse_weights_file, shown
+from dtypelint.paths import (
+    check_regular_file,
+    local_path,
+    open_regular,
+    parse_file,
+    reason,
+    refuse_weights_file,
+    shown,
+)
 
 
 def transformers_version() -> tuple[int, int]:
@@ -42,6 +58,15 @@ def dtype_keyword() -> str:
     return "dtype" if transformers_version() >= (4, 56) else "torch_dtype"
 
 
+# Meta mode builds and traces every layer (about 15 ms each): a config may ask for at most this many in a
+# stack. Released models have a few hundred at most (Llama 3.1 405B: 126).
+MAX_LAYERS = 1024
+
+# Modules a layer may build on average, within MAX_LAYERS: a Llama layer builds about 12, a DeepSeek-V3
+# layer of 256 experts about 1000 (63k modules in its 61 layers). Building costs about 0.1 ms a module, so
+# an expert count no model has (a million) is refused while it builds, within seconds.
+MODULES_PER_LAYER = 256
+
 # Config fields whose value sizes the model: a value that is not a positive integer cannot build one.
 _SIZE_FIELDS = ("hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size", "vocab_size",
                 "num_key_value_heads", "max_position_embeddings", "head_dim")
@@ -49,19 +74,107 @@ _SIZE_FIELDS = ("hidden_size", "num_attention_heads", "num_hidden_layers", "inte
 
 def check_config_sizes(data: Mapping[str, Any], file: Path) -> None:
     """Refuse sizes no model can have (``hidden_size: -64``, ``num_attention_heads: 0``, a string) as a
-    config error, before transformers fails on them with a traceback deep inside a layer."""
+    config error, before transformers fails on them with a traceback deep inside a layer. A size takes the
+    shape its config class's default has (per-stage head counts are a list in SegFormer), and the head
+    counts must divide where the class's defaults divide (families with their own head size need not)."""
+    defaults = _default_fields(data.get("model_type"))
     for key in _SIZE_FIELDS:
         value = data.get(key)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+        if value is not None and value != defaults.get(key) and not _positive_sizes(value, defaults.get(key)):
             raise LoadError(f"{file}: {key!r} must be a positive integer, not {value!r}")
     hidden, heads = data.get("hidden_size"), data.get("num_attention_heads")
-    if hidden and heads and data.get("head_dim") is None and hidden % heads:
+    if data.get("head_dim") is None and _must_divide(hidden, heads, defaults, "hidden_size", "num_attention_heads"):
         raise LoadError(f"{file}: 'hidden_size' {hidden} is not divisible by 'num_attention_heads' {heads} "
                         f"(and no 'head_dim' is given)")
+    key_value_heads = data.get("num_key_value_heads")
+    if _must_divide(heads, key_value_heads, defaults, "num_attention_heads", "num_key_value_heads"):
+        raise LoadError(f"{file}: 'num_attention_heads' {heads} is not divisible by 'num_key_value_heads' "
+                        f"{key_value_heads}")
+
+
+def _positive_sizes(value: Any, default: Any) -> bool:
+    """A positive integer; or, where the default is a list or a table of them, a list or table of them."""
+    if isinstance(default, (list, tuple)) and isinstance(value, list):
+        return bool(value) and all(_positive_sizes(item, None) for item in value)
+    if isinstance(default, dict) and isinstance(value, dict):
+        return bool(value) and all(_positive_sizes(item, None) for item in value.values())
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _must_divide(total: Any, parts: Any, defaults: Mapping[str, Any], total_key: str, parts_key: str) -> bool:
+    """True when ``parts`` does not divide ``total`` although the class's defaults of the two divide (or
+    the class is unknown)."""
+    if not (isinstance(total, int) and isinstance(parts, int) and parts > 0 and total % parts):
+        return False
+    default_total, default_parts = defaults.get(total_key), defaults.get(parts_key)
+    known = isinstance(default_total, int) and isinstance(default_parts, int) and default_parts > 0
+    return not known or default_total % default_parts == 0
+
+
+DTYPE_FIELDS = ("dtype", "torch_dtype")  # the dtype a config declares: ``dtype`` in transformers 5
+
+
+def check_config_fields(data: Mapping[str, Any], file: Path) -> None:
+    """Refuse a field of the wrong kind as a config error. The fields dtypelint reads itself: the dtype must
+    be a name transformers turns into a torch dtype (``"float16"``), ``architectures`` a list of class
+    names. Every other field whose default in the config class of its ``model_type`` is a boolean, a
+    number or a string must be one too: transformers 4 keeps ``"rms_norm_eps": "abc"`` or
+    ``"tie_word_embeddings": "yes"`` and fails deep in a layer, or not at all."""
+    for key in DTYPE_FIELDS:
+        value = data.get(key)
+        if value is not None and not (isinstance(value, str) and isinstance(getattr(torch, value, None), torch.dtype)):
+            raise LoadError(f"{file}: {key!r} must name a torch dtype (\"float16\", \"bfloat16\", \"float32\", ...), "
+                            f"not {value!r}")
+    architectures = data.get("architectures")
+    if architectures is not None and not (isinstance(architectures, list)
+                                          and all(isinstance(name, str) for name in architectures)):
+        raise LoadError(f"{file}: 'architectures' must be a list of class names, not {architectures!r}")
+    defaults = _default_fields(data.get("model_type"))
+    for key, value in data.items():
+        wanted = _kind_wanted(defaults.get(key), value)
+        if wanted:
+            raise LoadError(f"{file}: {key!r} must be {wanted}, not {value!r}")
+
+
+@functools.cache
+def _default_fields(model_type: Any) -> dict[str, Any]:
+    """The fields of ``model_type``'s config class built with its defaults; empty for a model type this
+    transformers does not know (remote code) or a class that has no defaults (encoder-decoder wrappers)."""
+    from transformers import CONFIG_MAPPING
+
+    if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING:
+        return {}
+    try:
+        return dict(vars(CONFIG_MAPPING[model_type]()))
+    except Exception:  # noqa: BLE001 - a config class that needs arguments has no defaults to compare with
+        return {}
+
+
+def _kind_wanted(default: Any, value: Any) -> str | None:
+    """The kind ``value`` must have, when the default's kind says and ``value`` is not of it. A number's
+    field takes a list too where its default is an integer (token ids, per-stage sizes)."""
+    if value is None or default is None:
+        return None
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if isinstance(default, bool):
+        return None if isinstance(value, bool) else "a boolean"
+    if isinstance(default, float):
+        return None if number else "a number"
+    if isinstance(default, int):
+        return None if number or isinstance(value, list) else "a number or a list"
+    if isinstance(default, str):
+        return None if isinstance(value, str) else "a string"
+    return None
+
+
+def config_file(path: Path) -> Path:
+    """The config a checkpoint or config path names: ``config.json`` in a directory, else the file itself."""
+    return path / "config.json" if path.is_dir() else path
 
 
 def load_config(config: Any, *, trust_remote_code: bool = False) -> Any:
-    """A transformers config from a config object, a ``config.json`` path or a directory holding one."""
+    """A transformers config from a config object, a ``config.json`` path or a directory holding one.
+    Whatever transformers raises on the file's values is a LoadError naming the file."""
     from transformers import AutoConfig, PretrainedConfig
 
     if isinstance(config, PretrainedConfig):
@@ -70,7 +183,7 @@ def load_config(config: Any, *, trust_remote_code: bool = False) -> Any:
     refuse_weights_file(path)
     if path.is_dir():
         check_checkpoint_files(path)
-    file = path / "config.json" if path.is_dir() else path
+    file = config_file(path)
     if not file.exists():
         raise LoadError(f"{shown(path)} has no config.json")
     data = parse_file(file, json.loads, "JSON")
@@ -79,15 +192,21 @@ def load_config(config: Any, *, trust_remote_code: bool = False) -> Any:
     if "auto_map" in data and not trust_remote_code:
         raise UsageError(f"{file} needs remote code (auto_map); pass trust_remote_code=True / --trust-remote-code")
     check_config_sizes(data, file)
+    check_config_fields(data, file)
     model_type = data.get("model_type")
     try:
         if path.is_dir():
             return AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
         return AutoConfig.for_model(model_type, **{k: v for k, v in data.items() if k != "model_type"})
-    except (KeyError, ValueError) as error:
+    except Exception as error:  # noqa: BLE001 - config classes validate in their own ways (transformers 5: strictly)
         if model_type is None:
             raise LoadError(f"{file} has no model_type") from None
-        raise LoadError(f"{file}: cannot build a config for model_type {model_type!r}: {first_line(error)}") from None
+        raise LoadError(f"{file}: cannot build a config for model_type {model_type!r}: {_joined(error)}") from None
+
+
+def _joined(error: BaseException) -> str:
+    """An error's message on one line: transformers 5's validation errors say what is wrong on the second."""
+    return " ".join(line.strip() for line in str(error).splitlines() if line.strip()) or type(error).__name__
 
 
 def config_dtype(config: Any) -> torch.dtype | None:
@@ -96,11 +215,14 @@ def config_dtype(config: Any) -> torch.dtype | None:
     return parse_dtype(declared) if isinstance(declared, (str, torch.dtype)) else None
 
 
-def build_meta_model(config: Any, dtype: torch.dtype, model_class: ModelClass | None = None) -> torch.nn.Module:
+def build_meta_model(config: Any, dtype: torch.dtype, model_class: ModelClass | None = None, *,
+                     source: Path | None = None, max_layers: int = MAX_LAYERS) -> torch.nn.Module:
     """Build ``model_class`` (default: the class the config resolves to, ``resolve_model_class``) from a
     copy of ``config`` on the meta device, weight initialisation skipped: no memory, no values to
     initialise (some initialisers are data-dependent), and the caller's config untouched. Meta mode runs
-    its forward on fake CPU stand-ins of these tensors.
+    its forward on fake CPU stand-ins of these tensors. A build that fails is a LoadError naming
+    ``source``, the config file, where there is one, and so is one that registers more than ``max_layers``
+    times ``MODULES_PER_LAYER`` modules (it is stopped there).
 
     A constructor that reads a value (transformers 4's BEiT, FocalNet, PoolFormer and TimeSformer take
     their drop-path rates from ``torch.linspace(...)[i].item()``) cannot run on the meta device: such a
@@ -109,19 +231,51 @@ def build_meta_model(config: Any, dtype: torch.dtype, model_class: ModelClass | 
     remote = model_class.source == "auto_map"  # resolved so only with trust_remote_code
     build = model_class.builder.from_config if remote else model_class.builder._from_config
     arguments = {dtype_keyword(): dtype, **({"trust_remote_code": True} if remote else {})}
+    where = f"{source}: " if source else ""
+    budget = max_layers * MODULES_PER_LAYER
     try:
-        try:
-            with torch.device("meta"), _no_init_weights(), keeps_default_dtype():
-                model = build(copy.deepcopy(config), **arguments)
-        except RuntimeError as error:
-            if "meta tensor" not in str(error):
-                raise
-            with _no_init_weights(), keeps_default_dtype():
-                model = build(copy.deepcopy(config), **arguments).to("meta")
+        with _module_budget(budget):
+            try:
+                with torch.device("meta"), _no_init_weights(), keeps_default_dtype():
+                    model = build(copy.deepcopy(config), **arguments)
+            except RuntimeError as error:
+                if "meta tensor" not in str(error):
+                    raise
+                with _no_init_weights(), keeps_default_dtype():
+                    model = build(copy.deepcopy(config), **arguments).to("meta")
+    except _OverBudget:
+        raise LoadError(f"{where}{model_class.name} built more than {budget} modules ({MODULES_PER_LAYER} a layer "
+                        f"for --max-layers {max_layers}) and was stopped: the config asks for "
+                        f"{_largest_count(config)}; raise the bound with --max-layers N") from None
     except Exception as error:  # noqa: BLE001 - a config transformers accepted can still fail in any layer
-        raise LoadError(f"cannot build {model_class.kind()} for model_type {config.model_type!r} ({model_class.name}): "
-                        f"{type(error).__name__}: {first_line(error)}") from None
+        raise LoadError(f"{where}cannot build {model_class.kind()} for model_type {config.model_type!r} "
+                        f"({model_class.name}): {type(error).__name__}: {first_line(error)}") from None
     return model.eval()
+
+
+class _OverBudget(Exception):
+    """Raised inside a build that registered more modules than its budget."""
+
+
+@contextmanager
+def _module_budget(limit: int) -> Iterator[None]:
+    """Count the submodules registered while the block runs (torch's global registration hook) and stop
+    the block past ``limit``: a build's time grows with its modules."""
+    from torch.nn.modules.module import register_module_module_registration_hook
+
+    registered = 0
+
+    def count(module: torch.nn.Module, name: str, submodule: torch.nn.Module | None) -> None:
+        nonlocal registered
+        registered += 1
+        if registered > limit:
+            raise _OverBudget
+
+    handle = register_module_module_registration_hook(count)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 @contextmanager
@@ -152,19 +306,24 @@ def sample_inputs(
     seed: int = 0,
     float_dtype: torch.dtype | None = None,
     preprocessor: Mapping[str, Any] | None = None,
+    max_input_elements: int = MAX_INPUT_ELEMENTS,
+    source: Path | None = None,
 ) -> dict[str, torch.Tensor]:
     """The inputs the model's forward takes, made from its config (``dtypelint.inputs``): for a causal LM
     ``input_ids``, ``attention_mask`` and, where the forward takes them, ``position_ids``. Float inputs
-    get ``float_dtype`` (default: the model's dtype, as a pipeline casts them).
+    get ``float_dtype`` (default: the model's dtype, as a pipeline casts them). A real input the config
+    sizes past ``max_input_elements`` is refused before it is allocated, naming the fields of ``source``
+    (the config file) that asked for it.
 
     Call it inside the fake mode for a fake model, so the inputs are fake too (and any size is cheap).
     """
     from torch._guards import detect_fake_mode
 
-    check_sample_size(config, batch=batch, seq_len=seq_len, real=detect_fake_mode() is None)
+    real = detect_fake_mode() is None
+    check_sample_size(config, batch=batch, seq_len=seq_len, real=real)
     float_dtype = float_dtype or getattr(model, "dtype", None) or torch.float32
     return synthesize_inputs(model, config, batch=batch, seq_len=seq_len, float_dtype=float_dtype, seed=seed,
-                             preprocessor=preprocessor)
+                             preprocessor=preprocessor, bound=InputBound(max_input_elements, real, source))
 
 
 # Real sample inputs beyond this many tokens (batch * seq_len) need absurd memory for a dtype audit, whose
@@ -183,6 +342,61 @@ def check_sample_size(config: Any, *, batch: int, seq_len: int, real: bool = Tru
     limit = getattr(config, "max_position_embeddings", None)
     if isinstance(limit, int) and seq_len > limit:
         raise UsageError(f"seq_len {seq_len} is longer than the config's max_position_embeddings {limit}")
+
+
+# Config fields that count layers (a list: layers per stage).
+_LAYER_FIELDS = ("num_hidden_layers", "num_layers", "n_layer", "n_layers", "encoder_layers", "decoder_layers",
+                 "num_decoder_layers", "depths")
+
+
+def check_model_size(config: Any, *, max_layers: int = MAX_LAYERS, source: Path | None = None) -> None:
+    """Refuse a config (or one of its sub-configs: ``text_config``, ``vision_config``, ``encoder``, ...)
+    that asks for more than ``max_layers`` layers in a stack, before anything is built: a LoadError naming
+    the field of ``source``, the config file. What a layer holds is bounded while it builds
+    (``build_meta_model``)."""
+    for prefix, part in _config_parts(config):
+        for key in _LAYER_FIELDS:
+            value = vars(part).get(key)
+            count = sum(value) if _int_list(value) else value
+            if isinstance(count, int) and not isinstance(count, bool) and count > max_layers:
+                raise LoadError(f"{source or 'the config'}: {prefix + key!r} is {value}, over the bound of "
+                                f"{max_layers} layers a config may ask for; raise it with --max-layers N")
+
+
+def _largest_count(config: Any) -> str:
+    """The config's largest layer or expert count, as ``'num_local_experts' 1000000``: what made a build
+    too large, in the words of the config."""
+    counts = [(value, prefix + key) for prefix, part in _config_parts(config) for key, value in vars(part).items()
+              if ("layer" in key or "expert" in key) and isinstance(value, int) and not isinstance(value, bool)]
+    return f"{max(counts)[1]!r} {max(counts)[0]}" if counts else "its sizes"
+
+
+def _int_list(value: Any) -> bool:
+    return isinstance(value, (list, tuple)) and all(isinstance(item, int) for item in value)
+
+
+def _config_parts(config: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """The config and, depth first, each sub-config it holds, with the dotted prefix of its fields."""
+    from transformers import PretrainedConfig
+
+    yield prefix, config
+    for key, value in vars(config).items():
+        if isinstance(value, PretrainedConfig) and value is not config:
+            yield from _config_parts(value, f"{prefix}{key}.")
+
+
+def check_weights_hold(model: torch.nn.Module, path: Path, source: Path) -> None:
+    """Refuse a checkpoint whose config asks for more parameters than its weight files can hold at one bit
+    each (every format, low-bit ones included, stores more): ``from_pretrained`` would allocate the model
+    the config describes before it finds the weights missing. ``model`` is that model, built on meta."""
+    parameters = sum(parameter.numel() for parameter in model.parameters())
+    try:
+        stored = sum(file.stat().st_size for pattern in WEIGHT_PATTERNS for file in path.glob(pattern))
+    except OSError as error:
+        raise LoadError(f"cannot load {path}: cannot read its weight files: {reason(error)}") from None
+    if parameters > 8 * stored:
+        raise LoadError(f"cannot load {path}: {source} asks for a model of {parameters} parameters, more than its "
+                        f"weight files hold ({stored} bytes: under one bit per parameter)")
 
 
 def call_arguments(model: torch.nn.Module, inputs: Any) -> tuple[tuple, dict[str, Any], list[str]]:
@@ -452,7 +666,8 @@ class Request:
     """What to audit: a checkpoint or config ``path``, a config object, or an ``entry`` spec; the mode
     asked for (None: value mode where there are weights), the compute dtype and the sample size;
     ``model_class``, a transformers class name to build instead of the one the config names;
-    ``inputs_dtype``, the dtype of the float inputs (None: the compute dtype, as a pipeline casts them)."""
+    ``inputs_dtype``, the dtype of the float inputs (None: the compute dtype, as a pipeline casts them);
+    the bounds on what a config may ask for: ``max_input_elements`` and ``max_layers``."""
 
     path: Path | None = None
     config: Any = None
@@ -464,6 +679,8 @@ class Request:
     trust_remote_code: bool = False
     model_class: str | None = None
     inputs_dtype: torch.dtype | None = None
+    max_input_elements: int = MAX_INPUT_ELEMENTS  # per synthesized real input (``dtypelint.inputs``)
+    max_layers: int = MAX_LAYERS  # per stack of layers (``check_model_size``), modules per layer in a build
 
 
 @dataclass
@@ -533,13 +750,21 @@ def _wants_value(request: Request) -> bool:
 
 def _value_load(request: Request, model_of: Callable[[Any, torch.dtype | None, ModelClass], torch.nn.Module],
                 *, low_bit: bool = False) -> Loaded:
-    config = load_config(request.path, trust_remote_code=request.trust_remote_code)
+    path, source = request.path, config_file(request.path)
+    config = load_config(path, trust_remote_code=request.trust_remote_code)
+    check_shard_indexes(path)  # before the weights are counted: an index may point outside the checkpoint
     check_sample_size(config, batch=request.batch, seq_len=request.seq_len)  # before the weights load
+    check_model_size(config, max_layers=request.max_layers, source=source)
     model_class = _model_class(request, config, low_bit=low_bit)
     dtype = request.dtype or config_dtype(config)
+    # built on meta first: a config that cannot build, or asks for more than the files hold, fails here
+    measured = _model_class(request, config) if low_bit else model_class
+    meta = build_meta_model(config, dtype or torch.float32, measured, source=source, max_layers=request.max_layers)
+    check_weights_hold(meta, path, source)
     model = model_of(config, dtype, model_class)
     inputs = sample_inputs(model, config, batch=request.batch, seq_len=request.seq_len,
-                           float_dtype=request.inputs_dtype or dtype, preprocessor=_preprocessor(request.path))
+                           float_dtype=request.inputs_dtype or dtype, preprocessor=_preprocessor(path),
+                           max_input_elements=request.max_input_elements, source=source)
     return Loaded(model, inputs, "value", dtype, config, model_class=model_class.name,
                   model_source=model_class.source, made_inputs=describe_inputs(inputs))
 
@@ -551,9 +776,6 @@ def _model_class(request: Request, config: Any, *, low_bit: bool = False) -> Mod
 
         return ModelClass("AutoModelForCausalLM", AutoModelForCausalLM, "ipex-llm load_low_bit")
     return resolve_model_class(config, request.model_class, trust_remote_code=request.trust_remote_code)
-
-
-PREPROCESSOR_FILE = "preprocessor_config.json"
 
 
 def _preprocessor(path: Path | None) -> dict[str, Any]:
@@ -592,14 +814,17 @@ def _load_config_only(request: Request) -> Loaded:
 
     source = request.config if request.config is not None else request.path
     config = load_config(source, trust_remote_code=request.trust_remote_code)
+    file = config_file(local_path(source)) if isinstance(source, (str, Path)) else None
     check_sample_size(config, batch=request.batch, seq_len=request.seq_len, real=False)
+    check_model_size(config, max_layers=request.max_layers, source=file)
     dtype = request.dtype or config_dtype(config) or torch.float32
     model_class = _model_class(request, config)
-    model = build_meta_model(config, dtype, model_class)
+    model = build_meta_model(config, dtype, model_class, source=file, max_layers=request.max_layers)
     fake_mode = new_fake_mode()
     with fake_mode:  # fake inputs: no memory however large batch x seq_len is
         inputs = sample_inputs(model, config, batch=request.batch, seq_len=request.seq_len,
                                float_dtype=request.inputs_dtype or dtype,
-                               preprocessor=_preprocessor(request.path) if isinstance(source, Path) else None)
+                               preprocessor=_preprocessor(request.path) if isinstance(source, Path) else None,
+                               max_input_elements=request.max_input_elements, source=file)
     return Loaded(model, inputs, "meta", dtype, config, fake_mode, model_class=model_class.name,
                   model_source=model_class.source, made_inputs=describe_inputs(inputs))

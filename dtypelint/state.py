@@ -19,7 +19,7 @@ import os
 import random
 import sys
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -284,6 +284,7 @@ class ModuleState:
     attributes: dict[str, Any]
     parameters: dict[str, torch.nn.Parameter | None]
     tensor_data: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor, int]]
+    library_state: list[tuple[Any, dict[str, Any]]]
     autograd: dict[str, tuple[bool, torch.Tensor | None]]
     buffers: dict[str, torch.Tensor | None]
     buffer_values: dict[str, torch.Tensor]
@@ -300,6 +301,7 @@ class ModuleState:
             attributes=dict(vars(module)),
             parameters=dict(module._parameters),
             tensor_data=_tensor_data(parameters),
+            library_state=_library_state(parameters.values()),
             autograd={name: (p.requires_grad, p.grad) for name, p in parameters.items()},
             buffers=buffers,
             buffer_values={
@@ -322,6 +324,8 @@ class ModuleState:
         for name, saved in self.buffer_values.items():
             _restore_values(self.buffers[name], saved)  # type: ignore[arg-type]
         written = self._restore_tensor_data()
+        for owner, attributes in self.library_state:
+            _replace_contents(vars(owner), attributes)
         for name, (requires_grad, grad) in self.autograd.items():
             parameter = self.parameters[name]
             if parameter.requires_grad != requires_grad:  # type: ignore[union-attr]
@@ -331,13 +335,15 @@ class ModuleState:
         return written
 
     def _restore_tensor_attributes(self) -> None:
-        """Entries of ``vars(module)`` that hold a tensor now or did before (plain tensor attributes)."""
+        """Entries of ``vars(module)`` that hold a tensor now or did before (plain tensor attributes), and
+        every entry of a quantization library's module."""
         current, saved = vars(self.module), self.attributes
+        every_attribute = _library_managed(self.module)  # its first forward sets flags (compute_type_is_set)
         changed = [name for name, value in current.items() if saved.get(name, _MISSING) is not value]
         for name in [*changed, *(saved.keys() - current.keys())]:
             before, now = saved.get(name, _MISSING), current.get(name, _MISSING)
-            if not isinstance(before, torch.Tensor) and not isinstance(now, torch.Tensor):
-                continue  # only tensor attributes are restored
+            if not every_attribute and not isinstance(before, torch.Tensor) and not isinstance(now, torch.Tensor):
+                continue  # tensor attributes are restored; other state is the model's own business
             if before is _MISSING:
                 del current[name]
             else:
@@ -358,8 +364,7 @@ def _tensor_data(parameters: dict[str, torch.nn.Parameter]) -> dict[tuple[str, s
     ".grad"): a reassigned ``.data`` is put back, a moved counter reveals an in-place write."""
     data = {}
     for name, parameter in parameters.items():
-        if not _library_managed(parameter):
-            data[name, ""] = (parameter, parameter.data, parameter._version)
+        data[name, ""] = (parameter, parameter.data, parameter._version)
         grad = parameter.grad
         if grad is not None:
             data[name, ".grad"] = (grad, grad.data, grad._version)
@@ -367,13 +372,30 @@ def _tensor_data(parameters: dict[str, torch.nn.Parameter]) -> dict[tuple[str, s
 
 
 # Quantization libraries whose parameters own their storage: bitsandbytes' CPU backend repacks a 4-bit
-# weight's ``.data`` and its ``quant_state`` together on every forward (and unpacks them for state_dict()).
-# Putting back only ``.data`` would pair it with the new quant_state and corrupt the layer.
+# weight's ``.data`` and its ``quant_state`` together on a forward (and unpacks them for state_dict()).
+# Both are put back together: ``.data`` alone would pair with the new quant_state and corrupt the layer.
 LIBRARY_MANAGED = ("bitsandbytes",)
 
 
-def _library_managed(parameter: torch.Tensor) -> bool:
-    return type(parameter).__module__.split(".")[0] in LIBRARY_MANAGED
+def _library_managed(value: Any) -> bool:
+    return type(value).__module__.split(".")[0] in LIBRARY_MANAGED
+
+
+def _library_state(parameters: Iterable[torch.nn.Parameter]) -> list[tuple[Any, dict[str, Any]]]:
+    """Each library-managed parameter, and each library object it reaches by attributes (bitsandbytes'
+    ``quant_state`` and the nested ``state2``), with a shallow copy of its attributes."""
+    pending = [parameter for parameter in parameters if _library_managed(parameter)]
+    state, seen = [], set()
+    while pending:
+        owner = pending.pop()
+        if id(owner) in seen:
+            continue
+        seen.add(id(owner))
+        attributes = dict(vars(owner))
+        state.append((owner, attributes))
+        pending.extend(value for value in attributes.values()
+                       if _library_managed(value) and not isinstance(value, torch.nn.Module))
+    return state
 
 
 def _same_data(parameter: torch.Tensor, data: torch.Tensor) -> bool:

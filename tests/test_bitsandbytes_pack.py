@@ -17,8 +17,6 @@ pytest.importorskip("accelerate")
 BNB = "bitsandbytes"
 LAYERS = 2
 LINEARS_PER_LAYER = 7  # q, k, v, o, gate, up, down
-# What bitsandbytes rewrites itself (quant-state entries of a 4-bit weight): not the audit's to keep.
-QUANT_STATE = ("absmax", "quant_map", "nested_absmax", "nested_quant_map", "quant_state.bitsandbytes__nf4")
 
 
 @pytest.fixture(scope="module")
@@ -81,26 +79,33 @@ def test_8bit_bf16_activations_warn_and_fp16_ones_do_not(checkpoint, input_ids):
     assert with_code(fp16, "BNB102") == []
 
 
-def stable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {name: tensor.clone() for name, tensor in model.state_dict().items() if not name.endswith(QUANT_STATE)}
-
-
-def test_audit_changes_nothing_bitsandbytes_keeps_stable(checkpoint, input_ids):
-    model = load(checkpoint, torch.float16, load_in_4bit=True, bnb_4bit_compute_dtype=torch.bfloat16)
-    before = stable_state(model)
-    dtypelint.audit(model, {"input_ids": input_ids}, backend=BNB)
-    after = stable_state(model)
-    assert after.keys() == before.keys()
-    assert all(torch.equal(after[name], tensor) for name, tensor in before.items())
-
-
 def packing(model: torch.nn.Module) -> torch.nn.Module:
     """bitsandbytes' AVX512-BF16 path, forced on: the first forward repacks each 4-bit weight's ``.data`` and
-    its ``quant_state`` together (what it does by itself on CPUs with avx512_bf16)."""
+    its ``quant_state`` together (what it does by itself on CPUs with avx512_bf16), and state_dict()
+    afterwards unpacks a re-quantized absmax."""
     for module in model.modules():
         if isinstance(module, bnb.nn.Linear4bit):
             module.support_avx512bf16_for_cpu = True
     return model
+
+
+def full_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: tensor.clone() for name, tensor in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("repacks", [False, True], ids=["as-loaded", "repacking"])
+def test_an_audit_leaves_every_state_entry_as_it_was_quant_state_included(checkpoint, input_ids, repacks):
+    model = load(checkpoint, torch.float16, load_in_4bit=True, bnb_4bit_compute_dtype=torch.bfloat16)
+    model = packing(model) if repacks else model
+    before = full_state(model)
+    dtypelint.audit(model, {"input_ids": input_ids}, backend=BNB)
+    after = full_state(model)
+    assert after.keys() == before.keys()
+    assert [name for name, tensor in before.items() if not torch.equal(after[name], tensor)] == []
+    if repacks:  # guards the test: a forward outside dtypelint does change the quant state
+        with torch.no_grad():
+            model(input_ids)
+        assert any(not torch.equal(tensor, before[name]) for name, tensor in full_state(model).items())
 
 
 def test_an_audit_as_first_forward_leaves_bitsandbytes_own_repacking_alone(checkpoint, input_ids):

@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 
 from dtypelint.errors import UsageError
+from dtypelint.inputs import MAX_INPUT_ELEMENTS
+from dtypelint.load import MAX_LAYERS
 from dtypelint.report import Finding, Fix
 from dtypelint.trace import needs_values
 from dtypelint.vocabulary import OpKind
@@ -26,11 +28,14 @@ if TYPE_CHECKING:
 
 @dataclass
 class Options:
-    """Tunable thresholds of the generic rules (``[tool.dtypelint]`` keys in kebab case)."""
+    """Tunable thresholds of the generic rules and bounds of an audit (``[tool.dtypelint]`` keys in kebab
+    case)."""
 
     overflow_fraction: float = 0.5
     large_reduction: int = 65536
     max_ops: int = 200_000  # ops recorded per forward; past it the trace only counts (DT002)
+    max_input_elements: int = MAX_INPUT_ELEMENTS  # per input synthesized from a config, in value mode
+    max_layers: int = MAX_LAYERS  # layers per stack, or experts per layer, a config may ask for
 
     def __post_init__(self) -> None:
         for option in fields(self):

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from dtypelint.cli import main
+from dtypelint.errors import LoadError
 
 ENTRIES = '''
 import sys
@@ -67,6 +68,7 @@ def workspace(tmp_path_factory: pytest.TempPathFactory, tiny_llama_path: Path) -
         "bool-layers": {"num_hidden_layers": True},
         "indivisible": {"num_attention_heads": 5},
         "unknown-activation": {"hidden_act": "no-such-activation"},
+        **WRONG_KINDS,
     }
     for name, changes in bad_configs.items():
         _with_config(tiny_llama_path, root / f"meta-{name}", weights=False, **changes)
@@ -93,21 +95,53 @@ def workspace(tmp_path_factory: pytest.TempPathFactory, tiny_llama_path: Path) -
     return root
 
 
-# Config values that cannot make a model: a config error, the same in meta and in value mode.
+# Fields of the wrong kind, which once ended as "internal error" (transformers 5's validation, a bad
+# dtype name), a finding of a forward that could never run, or (transformers 4) a silent audit.
+WRONG_KINDS = {
+    "dtype-unknown": {"torch_dtype": "float99"},
+    "dtype-5-unknown": {"dtype": "float99"},
+    "dtype-a-number": {"torch_dtype": 5},
+    "eps-a-string": {"rms_norm_eps": "abc"},
+    "rope-theta-a-list": {"rope_theta": [1]},
+    "activation-a-number": {"hidden_act": 5},
+    "tie-a-string": {"tie_word_embeddings": "yes"},
+    "architectures-a-string": {"architectures": "LlamaForCausalLM"},
+    "architectures-of-numbers": {"architectures": [5]},
+    "rope-scaling-a-number": {"rope_scaling": 5},
+    "negative-positions": {"max_position_embeddings": -1},
+    "kv-heads-indivisible": {"num_key_value_heads": 3},
+}
+
+# Config values that cannot make a model: a config error naming the file (and the field where dtypelint
+# can know it), the same in meta and in value mode.
 CONFIG_ROWS = [
     ("negative-hidden", "'hidden_size' must be a positive integer, not -64"),
     ("zero-heads", "'num_attention_heads' must be a positive integer, not 0"),
     ("string-hidden", "'hidden_size' must be a positive integer, not 'sixty-four'"),
     ("bool-layers", "'num_hidden_layers' must be a positive integer, not True"),
     ("indivisible", "'hidden_size' 64 is not divisible by 'num_attention_heads' 5"),
+    ("dtype-unknown", "'torch_dtype' must name a torch dtype (\"float16\", \"bfloat16\", \"float32\", ...), not 'float99'"),
+    ("dtype-5-unknown", "'dtype' must name a torch dtype"),
+    ("dtype-a-number", "'torch_dtype' must name a torch dtype (\"float16\", \"bfloat16\", \"float32\", ...), not 5"),
+    ("eps-a-string", "'rms_norm_eps' must be a number, not 'abc'"),
+    # transformers 4: its default says a number; transformers 5 keeps it in rope_parameters and the build fails
+    ("rope-theta-a-list", ""),
+    ("activation-a-number", "'hidden_act' must be a string, not 5"),
+    ("tie-a-string", "'tie_word_embeddings' must be a boolean, not 'yes'"),
+    ("architectures-a-string", "'architectures' must be a list of class names, not 'LlamaForCausalLM'"),
+    ("architectures-of-numbers", "'architectures' must be a list of class names, not [5]"),
+    ("rope-scaling-a-number", "cannot build a config for model_type 'llama': "),
+    ("negative-positions", "'max_position_embeddings' must be a positive integer, not -1"),
+    ("kv-heads-indivisible", "'num_attention_heads' 4 is not divisible by 'num_key_value_heads' 3"),
 ]
 
 ROWS = [
     # (id, arguments, what the one line must say)
-    *[(f"{mode}-{name}", ["check", f"{{ws}}/{mode}-{name}"], message)
+    *[(f"{mode}-{name}", ["check", f"{{ws}}/{mode}-{name}"], f"error: {{ws}}/{mode}-{name}/config.json: {message}")
       for name, message in CONFIG_ROWS for mode in ("meta", "value")],
-    ("meta-build-fails", ["check", "{ws}/meta-unknown-activation"], "cannot build a causal LM for model_type 'llama'"),
-    ("value-build-fails", ["check", "{ws}/value-unknown-activation"], "cannot load"),
+    *[(f"{mode}-build-fails", ["check", f"{{ws}}/{mode}-unknown-activation"],
+       f"error: {{ws}}/{mode}-unknown-activation/config.json: cannot build a causal LM for model_type 'llama'")
+      for mode in ("meta", "value")],
     # Sample sizes: positive, bounded, within the config's positions.
     ("seq-len-huge", ["check", "{tiny}", "--seq-len", "1000000000"], "over the cap of 1048576"),
     ("seq-len-huge-meta", ["check", "{tiny}", "--mode", "meta", "--seq-len", "1000000000"], "longer than the config's max_position_embeddings 512"),
@@ -164,6 +198,7 @@ ROWS = [
 def test_failure_is_exit_2_and_one_line(arguments, message, quiet, workspace, tiny_llama_path, capfd, monkeypatch):
     monkeypatch.syspath_prepend(str(workspace))
     arguments = [a.format(ws=workspace, tiny=tiny_llama_path) for a in arguments]
+    message = message.format(ws=workspace)
     if quiet and arguments[:1] == ["check"]:
         arguments.append("-q")
     assert main(arguments) == 2
@@ -180,7 +215,7 @@ def test_the_error_line_stands_alone_after_library_noise(workspace, tiny_llama_p
     """Without -q, libraries may talk; the error is still the last line, on its own."""
     assert main(["check", f"{workspace}/value-unknown-activation"]) == 2
     last = capfd.readouterr().err.splitlines()[-1]
-    assert last.startswith("dtypelint: error: cannot load")
+    assert last.startswith(f"dtypelint: error: {workspace}/value-unknown-activation/config.json: cannot build")
 
 
 def test_debug_shows_the_traceback_down_to_the_user_code_and_exits_2(workspace, monkeypatch, capsys):
@@ -211,3 +246,28 @@ def test_a_command_leaves_logging_and_warning_filters_as_they_were(workspace, ti
     after = (transformers_logging.get_verbosity(), transformers_logging.is_progress_bar_enabled(),
              logging.root.manager.disable, list(warnings.filters))
     assert after == before
+
+
+def test_no_config_that_transformers_writes_with_its_defaults_is_refused():
+    """The config checks refuse what no model can have, never what a config class itself writes: per-stage
+    head counts (SegFormer's list), a family with its own head size (Reformer's 256 / 12), a layer count per
+    tower (LXMERT's table). Every model type of this transformers, saved with its defaults, passes."""
+    from transformers import CONFIG_MAPPING
+
+    from dtypelint.load import check_config_fields, check_config_sizes, check_model_size
+
+    checked, refused = 0, []
+    for model_type in CONFIG_MAPPING:
+        try:
+            config = CONFIG_MAPPING[model_type]()
+            data = json.loads(config.to_json_string(use_diff=False))
+        except Exception:  # noqa: BLE001 - a class without defaults (encoder-decoder wrappers) writes nothing
+            continue
+        checked += 1
+        try:
+            check_config_sizes(data, Path(model_type))
+            check_config_fields(data, Path(model_type))
+            check_model_size(config, source=Path(model_type))
+        except LoadError as error:
+            refused.append(str(error))
+    assert checked > 200 and refused == []
