@@ -247,6 +247,8 @@ def summarize(report: Any) -> dict[str, Any]:
         "cuda_errors": [f"{f.code} {f.location}: {f.message}"[:200] for f in findings
                         if f.pack == "cuda" and f.severity == "error"],
         "errors": [f"{f.code} {f.location}: {f.message}"[:200] for f in findings if f.severity == "error"],
+        # every finding whole, to compare two sweeps (a refactor must leave them identical)
+        "findings": sorted(f"{f.code} {f.severity} {f.location} {f.tensor} {f.pack} {f.message}" for f in findings),
     }
 
 
@@ -557,6 +559,8 @@ def main() -> int:
     parser.add_argument("--workdir", type=Path, help="keep per-architecture results and logs here")
     parser.add_argument("--resume", action="store_true",
                         help="reuse the finished per-architecture results already in --workdir")
+    parser.add_argument("--compare", type=Path, help="a --json of an earlier sweep: list every audit whose "
+                                                     "findings differ (exit 1 if any)")
     args = parser.parse_args()
 
     started = time.perf_counter()
@@ -690,7 +694,23 @@ def main() -> int:
     print(f"(per-architecture results and child logs: {workdir})")
     if args.json:
         args.json.write_text(json.dumps({"totals": totals, "rows": rows}, indent=1, default=str))
-    return 0
+    return compare(rows, json.loads(args.compare.read_text())["rows"]) if args.compare else 0
+
+
+def compare(rows: list[dict[str, Any]], earlier: list[dict[str, Any]]) -> int:
+    """Print each audit (class, mode/backend) whose findings differ from the earlier sweep's; 1 if any."""
+    def findings(sweep: list[dict[str, Any]]) -> dict[tuple[str, str], Any]:
+        return {(row["arch"], key): audit.get("findings", audit.get("internal"))
+                for row in sweep for key, audit in (row.get("audits") or {}).items() if audit}
+
+    now, before = findings(rows), findings(earlier)
+    differing = sorted(key for key in now.keys() | before.keys() if now.get(key) != before.get(key))
+    for arch, audit in differing:
+        old, new = ([value] if isinstance(value, str) else value or []
+                    for value in (before.get((arch, audit)), now.get((arch, audit))))
+        print(f"{arch} {audit}: only before {sorted(set(old) - set(new))[:3]}, only now {sorted(set(new) - set(old))[:3]}")
+    print(f"compared {len(now.keys() & before.keys())} audits with the earlier sweep: {len(differing)} differ")
+    return 1 if differing else 0
 
 
 if __name__ == "__main__":
