@@ -277,9 +277,9 @@ def check_architecture(unit: dict[str, str], rec: Recorder) -> None:
     import transformers
 
     import dtypelint
-    from dtypelint.audit import audit_loaded
     from dtypelint.config import Settings
     from dtypelint.load import Request, dtype_keyword, load, sample_inputs
+    from dtypelint.pipeline import audit_loaded
     from dtypelint.rules.packs import load_pack
 
     model_type, class_name = unit["model_type"], unit["class"]

@@ -167,7 +167,7 @@ def on_gpu(scenario: Scenario) -> dict[str, Any]:
 
 def predicted(scenario: Scenario) -> dict[str, Any]:
     import dtypelint
-    from dtypelint.standins import flash_standin
+    from dtypelint.flash_standin import flash_standin
 
     model, inputs = scenario.build()
     deployment = flash_standin(model, "flash_attention_2") if scenario.flash else contextlib.nullcontext()

@@ -7,7 +7,7 @@ flash deployment, at ``F.scaled_dot_product_attention`` itself (before autocast,
 
 A deployment that runs attention through flash-attn is declared with ``flash_deployment(name)``: while it
 is active every attention call is recorded as a call of that implementation, the transformers attention
-interface (through ``dtypelint.standins``) and direct SDPA calls (diffusers-style processors) alike.
+interface (through ``dtypelint.flash_standin``) and direct SDPA calls (diffusers-style processors) alike.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from dtypelint.dtypes import dtype_name
+from dtypelint.errors import UsageError
 
 SDPA = "sdpa"
 _implementation: ContextVar[str] = ContextVar("dtypelint_attention_implementation", default=SDPA)
@@ -34,6 +35,28 @@ _BACKEND_SWITCHES = {
     "cudnn": torch.backends.cuda.cudnn_sdp_enabled,
     "math": torch.backends.cuda.math_sdp_enabled,
 }
+
+
+# transformers before its attention registry (4.48) knows these three.
+_FIRST_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2")
+
+
+def known_attention_implementations() -> list[str]:
+    """The ``attn_implementation`` values this transformers accepts by name: ``eager`` and its attention
+    registry's keys (a hub kernel, ``org/name``, is accepted besides)."""
+    try:
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    except ImportError:
+        return list(_FIRST_IMPLEMENTATIONS)
+    return list(dict.fromkeys(["eager", *ALL_ATTENTION_FUNCTIONS.valid_keys()]))
+
+
+def check_attention_implementation(name: str) -> None:
+    """A UsageError for a value transformers would not run (``flash_attention2``): it would check nothing."""
+    known = known_attention_implementations()
+    if not isinstance(name, str) or (name not in known and "/" not in name):
+        raise UsageError(f"unknown attn_implementation {name!r}; this transformers knows {', '.join(known)} "
+                         f"(or a hub kernel, org/name)")
 
 
 @contextmanager

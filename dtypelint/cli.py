@@ -36,7 +36,7 @@ from dtypelint.shipped import available_packs, is_pack_path, shipped_pack
 
 if TYPE_CHECKING:
     from dtypelint.config import Settings
-    from dtypelint.fix import FixResult
+    from dtypelint.fixes import FixResult
     from dtypelint.report import Report
 
 EXIT_CLEAN, EXIT_FINDINGS, EXIT_ERROR = 0, 1, 2
@@ -277,9 +277,9 @@ def _library_noise(*, quiet: bool, progress: bool) -> Iterator[None]:
 
 def _run_check(options: argparse.Namespace, path: Path | None, progress: bool) -> tuple[Report, str, FixResult | None]:
     """The report to print, the --fail-on threshold, and what a fix did."""
-    from dtypelint.audit import audit_loaded
     from dtypelint.dtypes import parse_dtype
     from dtypelint.load import Request, find_loader
+    from dtypelint.pipeline import audit_loaded
     from dtypelint.progress import progress_bar
     from dtypelint.save import PLAN_FILE
 
@@ -335,7 +335,7 @@ def _fixing(options: argparse.Namespace) -> bool:
 
 
 def _static(options: argparse.Namespace, path: Path, settings: Settings) -> Report:
-    from dtypelint.audit import audit_static
+    from dtypelint.pipeline import audit_static
 
     if _fixing(options):
         raise UsageError("fixes need a forward: --static reads headers only")
@@ -345,7 +345,7 @@ def _static(options: argparse.Namespace, path: Path, settings: Settings) -> Repo
 
 
 def _fix(options: argparse.Namespace, model: Any, report: Report) -> FixResult:
-    from dtypelint.fix import fix
+    from dtypelint.fixes import fix
     from dtypelint.save import save_fixed
 
     result = fix(model, report, unsafe=options.unsafe_fixes, dry_run=not options.fix)

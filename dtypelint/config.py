@@ -33,6 +33,7 @@ from typing import Any, TypedDict
 
 import torch
 
+from dtypelint.attention import check_attention_implementation
 from dtypelint.dtypes import dtype_name, parse_dtype
 from dtypelint.errors import DtypelintError, LoadError, UsageError
 from dtypelint.paths import parse_file
@@ -40,7 +41,6 @@ from dtypelint.report import SEVERITIES
 from dtypelint.rules import Selection, all_rules
 from dtypelint.rules.base import Options, Rule, option_problem
 from dtypelint.rules.packs import BackendPack, combine, load_pack
-from dtypelint.standins import check_attention_implementation
 
 _LIST_KEYS = {"select": "select", "extend-select": "extend_select", "ignore": "ignore", "packs": "packs"}
 _OPTION_KEYS = {"overflow-fraction": "overflow_fraction", "large-reduction": "large_reduction", "max-ops": "max_ops",

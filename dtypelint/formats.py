@@ -91,7 +91,7 @@ from dtypelint.escape import map_text, printable, unicode_text
 from dtypelint.report import CODE_COLUMNS, FINDING_COLUMNS, ROOT_LOCATION, Finding, Report
 
 if TYPE_CHECKING:
-    from dtypelint.fix import FixResult
+    from dtypelint.fixes import FixResult
     from dtypelint.graph import DtypeGraph
     from dtypelint.rules.base import Rule
 

@@ -35,7 +35,7 @@ from torch._ops import OpOverloadPacket
 from dtypelint.dtypes import dtype_name, wider
 from dtypelint.escape import printable, xml_text
 from dtypelint.paths import unsupported_graph_suffix, write_file
-from dtypelint.trace import Origin, TensorRecord, Tracer, TraceResult
+from dtypelint.tracer import Origin, TensorRecord, Tracer, TraceResult
 from dtypelint.vocabulary import LEAF_ORIGINS, WEIGHT_ORIGINS, OpKind, OriginKind, kinds_of
 
 _PRODUCED = Origin(OriginKind.OP)

@@ -92,7 +92,7 @@ def dtypelint(request: pytest.FixtureRequest) -> DtypelintFixture:
 
 class DtypelintFixture:
     """What the ``dtypelint`` fixture gives a test. Options are the keyword arguments of
-    ``dtypelint.audit`` (``backend``, ``dtype``, ``select``, ``ignore``, ``extend_select``,
+    ``dtypelint.pipeline`` (``backend``, ``dtype``, ``select``, ``ignore``, ``extend_select``,
     ``per_location_ignores``, ``severity``, ``packs``, ``options``, ``mode``, ``stats``) and ``fail_on``;
     ``settings=`` (a ``dtypelint.config.Settings``) replaces every layer below the keyword arguments."""
 
@@ -126,8 +126,8 @@ class DtypelintFixture:
 
     def _audit(self, model: Any, inputs: Any, options: dict[str, Any], *, asserted: bool) -> tuple[Report, str]:
         __tracebackhide__ = True
-        from dtypelint.audit import audit
         from dtypelint.errors import DtypelintError
+        from dtypelint.pipeline import audit
 
         settings, run = self._resolve(options)
         try:
@@ -148,7 +148,7 @@ class DtypelintFixture:
         try:
             explicit = dict(options)
             base = explicit.pop("settings", None)
-            _check_keys(explicit, "dtypelint.audit")
+            _check_keys(explicit, "dtypelint.pipeline")
             layers: list[tuple[str, Mapping[str, Any]]] = []
             run: dict[str, Any] = {}
             if base is None:

@@ -18,8 +18,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, GPT2LMHea
 
 import dtypelint
 from dtypelint.cli import main
+from dtypelint.flash_standin import flash_standin, requested_flash
 from dtypelint.load import dtype_keyword
-from dtypelint.standins import flash_standin, requested_flash
 
 CUDA = "cuda"
 LAYERS = 2

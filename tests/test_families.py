@@ -126,9 +126,9 @@ def test_a_float32_vision_tower_in_a_float16_model_is_one_audit_blamed_on_the_to
     """CLIP casts pixel_values to its patch embedding's dtype: a tower kept in float32 runs in float32 and
     hands float32 features to the float16 projection, which raises. The mixed input is traced back into
     the tower, where the cast made it."""
-    from dtypelint.audit import audit_loaded
     from dtypelint.config import Settings
     from dtypelint.load import Request, load
+    from dtypelint.pipeline import audit_loaded
 
     loaded = load(Request(path=checkpoints["clip"], dtype=torch.float16))
     loaded.model.vision_model.float()

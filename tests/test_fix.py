@@ -13,7 +13,7 @@ from torch import nn
 
 import dtypelint
 from dtypelint import FixPlan, LoadError, UsageError
-from dtypelint.fix import Change
+from dtypelint.fixes import Change
 from dtypelint.rope import rope_error
 from dtypelint.save import PLAN_FILE
 
@@ -81,9 +81,9 @@ def test_failed_verification_rolls_everything_back_bit_identically(stray_fp32_la
     def audit_that_still_sees_the_problem(model, inputs, **options):
         return report  # as if the cast had not cured DT101
 
-    monkeypatch.setattr(sys.modules["dtypelint.audit"], "audit", audit_that_still_sees_the_problem)
+    monkeypatch.setattr(sys.modules["dtypelint.pipeline"], "audit", audit_that_still_sees_the_problem)
     result = dtypelint.fix(stray_fp32_layer, report, inputs=x)
-    monkeypatch.setattr(sys.modules["dtypelint.audit"], "audit", real_audit)
+    monkeypatch.setattr(sys.modules["dtypelint.pipeline"], "audit", real_audit)
     assert result.rolled_back and "DT101 still reported for head.weight" in result.reason
     assert stray_fp32_layer.head.weight.data_ptr() == storage  # the original storage, not a copy
     assert_unchanged(stray_fp32_layer, before)
@@ -96,7 +96,7 @@ def test_a_fix_that_introduces_an_error_is_rolled_back(stray_fp32_layer, monkeyp
     before = snapshot(stray_fp32_layer)
     new_error = dtypelint.Finding("DT103", "nonfinite", "error", "body.0", None, "aten.addmm", ["float16"], "inf")
     clean = dtypelint.Report(report.graph, [new_error], report.model, report.backend, report.mode, report.compute_dtype)
-    monkeypatch.setattr(sys.modules["dtypelint.audit"], "audit", lambda model, inputs, **options: clean)
+    monkeypatch.setattr(sys.modules["dtypelint.pipeline"], "audit", lambda model, inputs, **options: clean)
     result = dtypelint.fix(stray_fp32_layer, report, inputs=x)
     assert result.rolled_back and "introduced DT103 at body.0" in result.reason
     assert_unchanged(stray_fp32_layer, before)

@@ -78,7 +78,7 @@ def models():
     return {"clean": Clean(), "upcast": UpcastHead(), "stray": StrayHead(), "broken": Broken()}
 '''
 
-INTERNALS = ("pytest_plugin.py", "dtypelint/audit.py", "dtypelint/rules", "site-packages", "Traceback")
+INTERNALS = ("pytest_plugin.py", "dtypelint/pipeline.py", "dtypelint/rules", "site-packages", "Traceback")
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -16,7 +16,7 @@ from dtypelint.errors import UsageError
 from dtypelint.inputs import MAX_INPUT_ELEMENTS
 from dtypelint.load import MAX_LAYERS
 from dtypelint.report import Finding, Fix
-from dtypelint.trace import needs_values
+from dtypelint.tracer import needs_values
 from dtypelint.vocabulary import OpKind
 
 if TYPE_CHECKING:

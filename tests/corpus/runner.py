@@ -1,4 +1,4 @@
-"""Run one corpus case through ``dtypelint.audit`` and judge it against its expectation."""
+"""Run one corpus case through ``dtypelint.pipeline`` and judge it against its expectation."""
 
 from __future__ import annotations
 

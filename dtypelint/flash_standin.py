@@ -29,28 +29,6 @@ def requested_flash(model: torch.nn.Module, requested: str | None = None) -> str
     return name if isinstance(name, str) and is_flash(name) else None
 
 
-# transformers before its attention registry (4.48) knows these three.
-_FIRST_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2")
-
-
-def known_attention_implementations() -> list[str]:
-    """The ``attn_implementation`` values this transformers accepts by name: ``eager`` and its attention
-    registry's keys (a hub kernel, ``org/name``, is accepted besides)."""
-    try:
-        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-    except ImportError:
-        return list(_FIRST_IMPLEMENTATIONS)
-    return list(dict.fromkeys(["eager", *ALL_ATTENTION_FUNCTIONS.valid_keys()]))
-
-
-def check_attention_implementation(name: str) -> None:
-    """A UsageError for a value transformers would not run (``flash_attention2``): it would check nothing."""
-    known = known_attention_implementations()
-    if not isinstance(name, str) or (name not in known and "/" not in name):
-        raise UsageError(f"unknown attn_implementation {name!r}; this transformers knows {', '.join(known)} "
-                         f"(or a hub kernel, org/name)")
-
-
 @contextmanager
 def flash_standin(model: torch.nn.Module, implementation: str) -> Iterator[None]:
     """Trace ``model`` as if it ran ``implementation`` (a flash attention) on CUDA; see the module docs."""

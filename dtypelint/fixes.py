@@ -316,7 +316,7 @@ def fix(
     fixed finding must be gone and no new error may appear, otherwise every cast is rolled back and the
     result says why. ``dry_run`` plans without changing anything.
     """
-    from dtypelint.audit import audit
+    from dtypelint.pipeline import audit
 
     if report is not None and report.mode != "value":
         raise UsageError(f"a {report.mode}-mode report has no real weights to fix; audit in value mode")

@@ -15,6 +15,7 @@ from dtypelint.config import SettingOverrides, Settings
 from dtypelint.dtypes import dtype_name, parse_dtype
 from dtypelint.errors import UsageError
 from dtypelint.fake import fake_attributes, fake_call, new_fake_mode
+from dtypelint.flash_standin import flash_standin, requested_flash
 from dtypelint.graph import DtypeGraph
 from dtypelint.load import Loaded, Request, call_arguments, config_dtype, load, load_config, stored_dtypes
 from dtypelint.model_info import ModelInfo, TensorInfo, config_value
@@ -22,9 +23,8 @@ from dtypelint.progress import progress_bar
 from dtypelint.report import Report
 from dtypelint.rules import run_rules
 from dtypelint.rules.base import Options, RuleContext
-from dtypelint.standins import flash_standin, requested_flash
 from dtypelint.state import fresh_copies, preserved, refuse_uninitialised_lazy
-from dtypelint.trace import Tracer, TraceResult, needs_values
+from dtypelint.tracer import Tracer, TraceResult, needs_values
 from dtypelint.vocabulary import OriginKind
 
 MODES = ("value", "meta")
@@ -83,7 +83,7 @@ def _run(
     inputs: shapes and dtypes, no data.
 
     A flash attention implementation (``attn_implementation``, else the model config's) runs on a CPU
-    stand-in for the forward only (``dtypelint.standins``), and its calls are recorded as flash sites.
+    stand-in for the forward only (``dtypelint.flash_standin``), and its calls are recorded as flash sites.
     """
     if mode not in MODES:
         raise UsageError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
