@@ -13,11 +13,12 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from dtypelint.diagnostics import Finding, Fix
     from dtypelint.errors import DtypelintError, LoadError, UsageError
     from dtypelint.fixes import FixPlan, FixResult, apply_plan, fix, plan_fixes
     from dtypelint.graph import DtypeGraph
     from dtypelint.pipeline import audit, audit_config, trace
-    from dtypelint.report import Finding, Fix, Report
+    from dtypelint.report import Report
     from dtypelint.rules import CATEGORIES
     from dtypelint.save import save_fixed
     from dtypelint.tracer import Tracer
@@ -37,8 +38,8 @@ _PUBLIC = {
     "save_fixed": "dtypelint.save",
     "DtypeGraph": "dtypelint.graph",
     "CATEGORIES": "dtypelint.rules",
-    "Finding": "dtypelint.report",
-    "Fix": "dtypelint.report",
+    "Finding": "dtypelint.diagnostics",
+    "Fix": "dtypelint.diagnostics",
     "Report": "dtypelint.report",
     "Tracer": "dtypelint.tracer",
 }

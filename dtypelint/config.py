@@ -34,10 +34,10 @@ from typing import Any, TypedDict
 import torch
 
 from dtypelint.attention import check_attention_implementation
+from dtypelint.diagnostics import SEVERITIES
 from dtypelint.dtypes import dtype_name, parse_dtype
 from dtypelint.errors import DtypelintError, LoadError, UsageError
 from dtypelint.paths import parse_file
-from dtypelint.report import SEVERITIES
 from dtypelint.rules import Selection, all_rules
 from dtypelint.rules.base import Options, Rule, option_problem
 from dtypelint.rules.packs import BackendPack, combine, load_pack

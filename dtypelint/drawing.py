@@ -13,8 +13,9 @@ from typing import TYPE_CHECKING
 from dtypelint.vocabulary import OpKind
 
 if TYPE_CHECKING:
+    from dtypelint.diagnostics import Finding
     from dtypelint.graph import DtypeGraph
-    from dtypelint.report import Finding, Report
+    from dtypelint.report import Report
 
 MAX_DRAWINGS = 10  # drawings per report
 MAX_PATH_NODES = 40  # nodes per drawing: a path through a whole model would not read

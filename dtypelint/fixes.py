@@ -8,6 +8,7 @@ non-persistent buffer that ``save_pretrained`` does not store.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Sequence
 from dataclasses import asdict, astuple, dataclass, field
@@ -17,6 +18,7 @@ from typing import Any
 import torch
 from tabulate import tabulate
 
+from dtypelint.diagnostics import Applicability, Severity
 from dtypelint.dtypes import dtype_name, parse_dtype
 from dtypelint.errors import LoadError, UsageError, first_line
 from dtypelint.escape import map_text, printable
@@ -173,7 +175,7 @@ def plan_fixes(report: Report, *, unsafe: bool = False) -> FixPlan:
     changes: dict[str, Change] = {}
     for finding in report.findings:
         fix = finding.fix
-        if fix is None or (fix.safety == "unsafe" and not unsafe):
+        if fix is None or (fix.safety == Applicability.UNSAFE and not unsafe):
             continue
         for name in fix.tensors:
             if name not in changes:
@@ -267,15 +269,10 @@ def _first_tensor(output: Any) -> torch.Tensor | None:
 def _outputs(model: torch.nn.Module, inputs: Any) -> torch.Tensor | None:
     """The forward's first output as float32, on fresh copies of the inputs (so a forward that writes them
     in place sees the same values each time), with the model and global state restored afterwards."""
-    from dtypelint.load import call_arguments
-    from dtypelint.state import fresh_copies, preserved
+    from dtypelint.forward import run_forward
 
-    args, kwargs = fresh_copies(call_arguments(model, inputs)[:2])
-    try:
-        with preserved(model), torch.no_grad():
-            output = _first_tensor(model(*args, **kwargs))
-    except Exception:  # noqa: BLE001 - an unfixed model may not run; its change is then unmeasurable
-        return None
+    ran = run_forward(model, inputs)  # an unfixed model may not run: its change is then unmeasurable
+    output = None if ran.error is not None else _first_tensor(ran.output)
     return None if output is None else output.detach().float().clone()
 
 
@@ -288,16 +285,7 @@ def _difference(reference: torch.Tensor | None, other: torch.Tensor | None) -> t
 
 
 def _is_new_error(finding: Any, before: set[tuple]) -> bool:
-    return finding.severity == "error" and (finding.code, finding.location, finding.tensor) not in before
-
-
-def _reaudit_options(report: Report, overrides: dict[str, Any]) -> dict[str, Any]:
-    """Audit again as ``report`` was audited (backend, packs, selection, compute dtype), unless told
-    otherwise."""
-    same = {"dtype": report.compute_dtype}
-    if report.settings is not None:
-        same["settings"] = report.settings
-    return same | overrides
+    return finding.severity == Severity.ERROR and (finding.code, finding.location, finding.tensor) not in before
 
 
 def fix(
@@ -311,21 +299,22 @@ def fix(
 ) -> FixResult:
     """Apply the fixes of ``report`` (audited from ``inputs`` first when None) to ``model`` in place.
 
-    Safe fixes only, unless ``unsafe``. After applying, the model is re-audited with the report's inputs,
-    backend, packs, selection and compute dtype (``inputs`` and ``audit_options`` override them): every
-    fixed finding must be gone and no new error may appear, otherwise every cast is rolled back and the
-    result says why. ``dry_run`` plans without changing anything.
+    Safe fixes only, unless ``unsafe``. After applying, the model is re-audited as the report was
+    (``report.rerun``: its inputs, backend, packs, selection and compute dtype; ``inputs`` and
+    ``audit_options`` override them): every fixed finding must be gone and no new error may appear,
+    otherwise every cast is rolled back and the result says why. ``dry_run`` plans without changing
+    anything.
     """
     from dtypelint.pipeline import audit
 
     if report is not None and report.mode != "value":
         raise UsageError(f"a {report.mode}-mode report has no real weights to fix; audit in value mode")
-    if inputs is None and report is not None:
-        inputs = report.inputs
+    if inputs is None and report is not None and report.rerun is not None:
+        inputs = report.rerun.inputs
     if inputs is None:
         raise UsageError("fix needs the inputs to verify with: pass inputs=, or a report made by audit()")
     before = report if report is not None else audit(model, inputs, **audit_options)
-    audit_options = _reaudit_options(before, audit_options)
+    audit_again = before.rerun.audit if before.rerun is not None else functools.partial(audit, dtype=before.compute_dtype)
     plan = plan_fixes(before, unsafe=unsafe)
     result = FixResult(plan=plan, applied=False, before=before)
     if dry_run or not plan.changes:
@@ -347,13 +336,13 @@ def fix(
                     transaction.cast(model, change)
             result.output_change[code] = _difference(reference, _outputs(model, inputs))
         result.applied = True
-        result.after = audit(model, inputs, **audit_options)
+        result.after = audit_again(model, inputs, **audit_options)
     except BaseException:
         transaction.rollback()
         raise
     fixed = {(change.code, change.tensor) for change in plan.changes}
     remaining = [f for f in result.after.findings if (f.code, f.tensor) in fixed]
-    errors_before = {(f.code, f.location, f.tensor) for f in before.findings if f.severity == "error"}
+    errors_before = {(f.code, f.location, f.tensor) for f in before.findings if f.severity == Severity.ERROR}
     new_errors = [f for f in result.after.findings if _is_new_error(f, errors_before)]
     if remaining or new_errors:
         transaction.rollback()

@@ -86,9 +86,10 @@ from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote_from_bytes
 
+from dtypelint.diagnostics import CODE_COLUMNS, FINDING_COLUMNS, ROOT_LOCATION, Finding
 from dtypelint.errors import UsageError
 from dtypelint.escape import map_text, printable, unicode_text
-from dtypelint.report import CODE_COLUMNS, FINDING_COLUMNS, ROOT_LOCATION, Finding, Report
+from dtypelint.report import Report
 
 if TYPE_CHECKING:
     from dtypelint.fixes import FixResult

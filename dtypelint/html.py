@@ -19,12 +19,13 @@ from html import escape
 from importlib.resources import files
 from typing import TYPE_CHECKING
 
+from dtypelint.diagnostics import CODE_COLUMNS, FINDING_COLUMNS, ROOT_LOCATION
 from dtypelint.drawing import MAX_DRAWINGS, CausePath, cause_path, error_sites, unplaced_errors
-from dtypelint.report import CODE_COLUMNS, FINDING_COLUMNS, ROOT_LOCATION
 
 if TYPE_CHECKING:
+    from dtypelint.diagnostics import Finding
     from dtypelint.formats import FormatContext
-    from dtypelint.report import Finding, Report
+    from dtypelint.report import Report
 
 # Inline script and style only; nothing may be fetched, not even an image or a font.
 CONTENT_SECURITY_POLICY = (

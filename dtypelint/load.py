@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import inspect
 import json
 import math
 import os
@@ -397,30 +396,6 @@ def check_weights_hold(model: torch.nn.Module, path: Path, source: Path) -> None
     if parameters > 8 * stored:
         raise LoadError(f"cannot load {path}: {source} asks for a model of {parameters} parameters, more than its "
                         f"weight files hold ({stored} bytes: under one bit per parameter)")
-
-
-def call_arguments(model: torch.nn.Module, inputs: Any) -> tuple[tuple, dict[str, Any], list[str]]:
-    """Positional args, keyword args and the forward's positional parameter names for ``inputs``:
-    a tensor, a tuple/list of positional args, or a mapping of keyword args."""
-    if isinstance(inputs, torch.Tensor):
-        args, kwargs = (inputs,), {}
-    elif isinstance(inputs, (tuple, list)):
-        args, kwargs = tuple(inputs), {}
-    elif isinstance(inputs, Mapping):
-        args, kwargs = (), dict(inputs)
-        if not all(isinstance(key, str) for key in kwargs):
-            raise UsageError("keyword inputs need string keys")
-    else:
-        raise UsageError(
-            f"inputs must be a tensor, a tuple of positional arguments or a dict of keyword arguments, "
-            f"not {type(inputs).__name__}"
-        )
-    try:
-        parameters = inspect.signature(model.forward).parameters.values()
-        names = [p.name for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    except (TypeError, ValueError):
-        names = []
-    return args, kwargs, names
 
 
 IPEX_INSTALL = (

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import inspect
+import functools
 from collections import Counter
-from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Unpack
 
@@ -14,20 +14,17 @@ from dtypelint.autocast import POLICIES
 from dtypelint.config import SettingOverrides, Settings
 from dtypelint.dtypes import dtype_name, parse_dtype
 from dtypelint.errors import UsageError
-from dtypelint.fake import fake_attributes, fake_call, new_fake_mode
-from dtypelint.flash_standin import flash_standin, requested_flash
+from dtypelint.forward import Call, run_forward
 from dtypelint.graph import DtypeGraph
-from dtypelint.load import Loaded, Request, call_arguments, config_dtype, load, load_config, stored_dtypes
+from dtypelint.load import Loaded, Request, config_dtype, load, load_config, stored_dtypes
 from dtypelint.model_info import ModelInfo, TensorInfo, config_value
 from dtypelint.progress import progress_bar
-from dtypelint.report import Report
+from dtypelint.report import Report, Rerun
 from dtypelint.rules import run_rules
 from dtypelint.rules.base import Options, RuleContext
-from dtypelint.state import fresh_copies, preserved, refuse_uninitialised_lazy
+from dtypelint.state import refuse_uninitialised_lazy
 from dtypelint.tracer import Tracer, TraceResult, needs_values
 from dtypelint.vocabulary import OriginKind
-
-MODES = ("value", "meta")
 
 
 def infer_compute_dtype(model: torch.nn.Module) -> torch.dtype:
@@ -61,86 +58,47 @@ def _written_note(parameters: set[str]) -> list[str]:
             "in place; dtypelint cannot undo it"]
 
 
-def _run(
-    model: torch.nn.Module,
-    inputs: Any,
-    *,
-    mode: str,
-    stats: bool,
-    notes: list[str],
-    progress: bool = False,
-    max_ops: int | None = None,
-    fake_mode: Any = None,
-    attn_implementation: str | None = None,
-    autocast: str = "cpu",
-) -> TraceResult:
-    """Trace one forward. Exceptions of the forward are kept in the result, never raised. The model and
-    global state are restored afterwards (``dtypelint.state.preserved``), and the forward gets copies of
-    the input tensors (fakes in meta mode), so the caller's stay as they were.
+@dataclass(frozen=True)
+class TraceOptions:
+    """How to trace one forward: ``mode`` (value or meta), whether to measure value ``stats``, a progress
+    bar, the op limit, the fake mode of a meta-mode load, the attention the deployment runs and whose
+    autocast lists apply (``from_settings``: what the settings say)."""
 
-    Meta mode runs the forward inside ``FakeTensorMode`` (``fake_mode``, or a new one) on fake CPU
-    stand-ins of the model's tensors (swapped in by ``functional_call`` for the call only) and of the
-    inputs: shapes and dtypes, no data.
+    mode: str = "value"
+    stats: bool = False
+    progress: bool = False
+    max_ops: int | None = None
+    fake_mode: Any = None
+    attn_implementation: str | None = None
+    autocast: str = "cpu"
 
-    A flash attention implementation (``attn_implementation``, else the model config's) runs on a CPU
-    stand-in for the forward only (``dtypelint.flash_standin``), and its calls are recorded as flash sites.
-    """
-    if mode not in MODES:
-        raise UsageError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
-    _refuse_deferred(model)
-    args, kwargs, names = call_arguments(model, inputs)
-    state = None
-    if mode == "meta":
-        fake_mode = fake_mode or new_fake_mode()
-        state, args, kwargs = fake_call(model, args, kwargs, fake_mode)
-    elif any(t.device.type == "meta" for t in [*model.parameters(), *model.buffers()]):
-        raise UsageError("the model has tensors on the meta device, which value mode cannot run; use mode='meta'")
-    else:
-        fake_mode = None
-        args, kwargs = fresh_copies((args, kwargs))
-    error = None
-    with ExitStack() as stack:
-        kept = stack.enter_context(preserved(model))
-        flash = requested_flash(model, attn_implementation)
-        if flash is not None:
-            stack.enter_context(flash_standin(model, flash))
-            notes.append(f"attention traced with a CPU stand-in for {flash} (SDPA numerics); every attention "
-                         "call is checked as a flash-attention call")
-        if fake_mode is not None:
-            stack.enter_context(fake_attributes(model, fake_mode))
-        on_module = stack.enter_context(
-            progress_bar(progress, "tracing", total=sum(1 for _ in model.modules()), unit="module")
-        )
-        tracer = Tracer(model, stats=stats and mode == "value", state=state, on_module=on_module, max_ops=max_ops,
-                        autocast_policy=POLICIES[autocast])
-        tracer.add_inputs(args, kwargs, names)
-        if fake_mode is not None:
-            stack.enter_context(fake_mode)
-        stack.enter_context(torch.no_grad())
-        try:
-            with tracer:
-                if state is None:
-                    model(*args, **kwargs)
-                else:
-                    torch.func.functional_call(model, state, args, kwargs, strict=False)
-        except Exception as exception:  # noqa: BLE001 - the audit reports whatever the forward raised
-            error = exception
-    notes += _written_note(tracer.written_parameters | set(kept.written_parameters))
-    return TraceResult(tracer, error, fake=fake_mode is not None, notes=notes)
+    @classmethod
+    def from_settings(cls, settings: Settings, **chosen: Any) -> TraceOptions:
+        return cls(max_ops=settings.options.max_ops, attn_implementation=settings.attn_implementation,
+                   autocast=settings.pack.autocast, **chosen)
 
 
-def _refuse_deferred(model: torch.nn.Module) -> None:
-    """A forward that is a generator or coroutine function computes nothing when called: its trace would
-    be empty, and a clean report of it false."""
-    forward = model.forward
-    if inspect.isgeneratorfunction(forward) or inspect.isasyncgenfunction(forward):
-        kind = "generator"
-    elif inspect.iscoroutinefunction(forward):
-        kind = "coroutine"
-    else:
-        return
-    raise UsageError(f"{type(model).__name__}.forward returns a {kind}, so calling it runs nothing; dtypelint "
-                     f"traces a forward that computes when called (wrap the model to consume it)")
+def _run(model: torch.nn.Module, inputs: Any, options: TraceOptions, notes: list[str]) -> TraceResult:
+    """Trace one forward (``dtypelint.forward.run_forward``: the model and process are left as they were,
+    the inputs copied, a flash attention run on its stand-in). Exceptions of the forward are kept in the
+    result, never raised. Meta mode runs on fake stand-ins of the weights and inputs: shapes and dtypes,
+    no data."""
+    tracers: list[Tracer] = []
+
+    def tracer_for(call: Call) -> Tracer:
+        tracer = Tracer(model, stats=options.stats and options.mode == "value", state=call.state, on_module=on_module,
+                        max_ops=options.max_ops, autocast_policy=POLICIES[options.autocast])
+        tracer.add_inputs(call.args, call.kwargs, call.names)
+        tracers.append(tracer)
+        return tracer
+
+    total = sum(1 for _ in model.modules())
+    with progress_bar(options.progress, "tracing", total=total, unit="module") as on_module:
+        ran = run_forward(model, inputs, mode=options.mode, fake_mode=options.fake_mode,
+                          attn_implementation=options.attn_implementation, notes=notes, recorder=tracer_for)
+    (tracer,) = tracers
+    notes += _written_note(tracer.written_parameters | set(ran.written_parameters))
+    return TraceResult(tracer, ran.error, fake=options.mode == "meta", notes=notes)
 
 
 def _graph(result: TraceResult) -> DtypeGraph:
@@ -154,10 +112,10 @@ def trace(model: torch.nn.Module, inputs: Any, *, mode: str = "value", stats: bo
     forward that fails: the graph holds the ops up to the failing one, marked ``failed``)."""
     notes: list[str] = []
     model = _unwrap(model, notes)
-    return _graph(_run(model, inputs, mode=mode, stats=stats, notes=notes, max_ops=Options().max_ops))
+    return _graph(_run(model, inputs, TraceOptions(mode=mode, stats=stats, max_ops=Options().max_ops), notes))
 
 
-def _report(result: TraceResult, *, compute_dtype: torch.dtype, settings: Settings, inputs: Any = None) -> Report:
+def _report(result: TraceResult, *, compute_dtype: torch.dtype, settings: Settings, rerun: Rerun | None = None) -> Report:
     graph = _graph(result)
     context = RuleContext(
         graph=graph,
@@ -176,8 +134,7 @@ def _report(result: TraceResult, *, compute_dtype: torch.dtype, settings: Settin
         compute_dtype=dtype_name(compute_dtype),
         notes=result.notes,
         tensor_dtypes={name: dtype_name(info.dtype) for name, info in context.model.tensors.items()},
-        settings=settings,
-        inputs=inputs,
+        rerun=rerun,
     )
 
 
@@ -207,11 +164,14 @@ def audit(
     model = _unwrap(model, notes)
     resolved = (settings or Settings()).layered(overrides)
     compute_dtype = parse_dtype(resolved.dtype) or infer_compute_dtype(model)
-    result = _run(
-        model, inputs, mode=mode, stats=stats, notes=notes, progress=progress, max_ops=resolved.options.max_ops,
-        attn_implementation=resolved.attn_implementation, autocast=resolved.pack.autocast,
-    )
-    return _report(result, compute_dtype=compute_dtype, settings=resolved, inputs=inputs if mode == "value" else None)
+    result = _run(model, inputs, TraceOptions.from_settings(resolved, mode=mode, stats=stats, progress=progress), notes)
+    rerun = Rerun(inputs, functools.partial(_audit_again, resolved, dtype_name(compute_dtype))) if mode == "value" else None
+    return _report(result, compute_dtype=compute_dtype, settings=resolved, rerun=rerun)
+
+
+def _audit_again(settings: Settings, compute_dtype: str, model: torch.nn.Module, inputs: Any, **overrides: Any) -> Report:
+    """``audit`` with the settings and compute dtype of an earlier audit (``Report.rerun``)."""
+    return audit(model, inputs, settings=settings, **{"dtype": compute_dtype, **overrides})
 
 
 def audit_config(
@@ -244,35 +204,30 @@ def audit_loaded(loaded: Loaded, *, settings: Settings, progress: bool = False) 
     """Audit what a loader returned (``dtypelint.load.load``), in its mode."""
     if loaded.mode == "value":
         return _with_load(loaded, audit(loaded.model, loaded.inputs, settings=settings, progress=progress,
-                                        dtype=loaded.dtype))
+                                        dtype=loaded.dtype), loaded.inputs)
 
-    def run() -> TraceResult:
-        return _run(
-            loaded.model, loaded.inputs, mode="meta", stats=False, notes=[], progress=progress,
-            max_ops=settings.options.max_ops, fake_mode=loaded.fake_mode,
-            attn_implementation=settings.attn_implementation, autocast=settings.pack.autocast,
-        )
-
-    result = run()
-    if needs_values(result.error) and "attention_mask" in loaded.inputs:
+    options = TraceOptions.from_settings(settings, mode="meta", progress=progress, fake_mode=loaded.fake_mode)
+    inputs = loaded.inputs
+    result = _run(loaded.model, inputs, options, [])
+    if needs_values(result.error) and "attention_mask" in inputs:
         # Older transformers inspect the mask's values (is it all ones?). Real all-ones masks take the
         # causal path without one, so that path is what to audit.
-        del loaded.inputs["attention_mask"]
-        retry = run()
+        unmasked = {name: value for name, value in inputs.items() if name != "attention_mask"}
+        retry = _run(loaded.model, unmasked, options, [])
         if len(retry.tracer.records) > len(result.tracer.records):
-            result = retry
+            result, inputs = retry, unmasked
             result.notes.append(
                 "meta mode: this transformers reads the attention mask's values, so the forward was traced "
                 "without attention_mask (the causal path an all-ones mask takes)"
             )
-    return _with_load(loaded, _report(result, compute_dtype=loaded.dtype or torch.float32, settings=settings))
+    return _with_load(loaded, _report(result, compute_dtype=loaded.dtype or torch.float32, settings=settings), inputs)
 
 
-def _with_load(loaded: Loaded, report: Report) -> Report:
+def _with_load(loaded: Loaded, report: Report, inputs: Any) -> Report:
     """What the loader chose, on the report: the class and where its name came from, the inputs it made
     (those the forward was given: meta mode may have dropped the mask)."""
     report.model_source = loaded.model_source
-    report.made_inputs = [made for made in loaded.made_inputs if made.name in loaded.inputs]
+    report.made_inputs = [made for made in loaded.made_inputs if made.name in inputs]
     return report
 
 
@@ -301,7 +256,7 @@ def audit_static(path: str | Path, *, settings: Settings | None = None, **overri
         findings = run_rules(context, resolved.selection, [rule for rule in resolved.rules if rule.judges_model_only])
     return Report(graph=_static_graph(), findings=findings, model=model.class_name, backend=resolved.pack.name,
                   mode="static", compute_dtype=dtype_name(compute) if compute else "unknown", notes=notes,
-                  tensor_dtypes=dict(stored), settings=resolved)
+                  tensor_dtypes=dict(stored))
 
 
 def _static_graph() -> DtypeGraph:

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from dtypelint.report import SEVERITIES
+from dtypelint.diagnostics import SEVERITIES
 
 if TYPE_CHECKING:
     from dtypelint.config import Settings

@@ -1,68 +1,29 @@
-"""Stage 5 of the pipeline: findings and the report that carries them to the user."""
+"""Stage 5 of the pipeline: the report that carries the findings (``dtypelint.diagnostics``) to the user."""
 
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from tabulate import tabulate
 
+from dtypelint.diagnostics import FINDING_COLUMNS, SEVERITIES, Finding, Severity
 from dtypelint.escape import map_text, printable
 
 if TYPE_CHECKING:
-    from dtypelint.config import Settings
     from dtypelint.graph import DtypeGraph
     from dtypelint.inputs import SynthesizedInput
 
-SEVERITIES = ("info", "warning", "error")
-ROOT_LOCATION = "<model>"  # how the model itself (location "") is shown
-FINDING_COLUMNS = ("severity", "code", "pack", "location", "tensor", "dtypes", "message", "fix")  # of every findings table
-CODE_COLUMNS = frozenset({"code", "location", "tensor"})  # names: set as code where a format can
-
-def severity_rank(severity: str) -> int:
-    return SEVERITIES.index(severity)
-
-
 @dataclass(frozen=True)
-class Fix:
-    """A proposed change: cast parameters or buffers to one dtype. ``safety`` is ``safe`` or ``unsafe``."""
+class Rerun:
+    """How to audit a model again exactly as a report's model was audited: what ``fix`` verifies with.
+    ``inputs``: the forward's inputs; ``audit(model, **overrides)``: an audit with the same settings and
+    compute dtype (``overrides`` as ``dtypelint.audit`` takes them)."""
 
-    tensors: tuple[str, ...]
-    to_dtype: str
-    safety: str
-    description: str
-
-    def short(self) -> str:
-        """``cast to float16 (unsafe)``: for a table cell or a one-line finding."""
-        what = "" if len(self.tensors) == 1 else f" {len(self.tensors)} tensors"
-        return f"cast{what} to {self.to_dtype} ({self.safety})"
-
-
-@dataclass
-class Finding:
-    code: str
-    category: str
-    severity: str
-    location: str
-    tensor: str | None
-    op: str | None
-    dtypes: list[str]
-    message: str
-    fix: Fix | None = None
-    node: str | None = None
-    pack: str | None = None  # the backend pack whose contract found it; None for generic rules
-
-    def cells(self) -> tuple[str, ...]:
-        """The ``FINDING_COLUMNS`` of this finding as plain text: each format escapes them its own way."""
-        fix = f"{self.fix.description} ({self.fix.safety})" if self.fix else "no automatic fix"
-        return (self.severity, self.code, self.pack or "", self.location or ROOT_LOCATION, self.tensor or "",
-                " ".join(self.dtypes), self.message, fix)
-
-    def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data.pop("node")
-        return data
+    inputs: Any
+    audit: Callable[..., Report]
 
 
 @dataclass
@@ -77,28 +38,27 @@ class Report:
     compute_dtype: str
     notes: list[str] = field(default_factory=list)
     tensor_dtypes: dict[str, str] = field(default_factory=dict, repr=False)  # parameters and buffers
-    # What the audit ran with, so that ``fix`` re-audits exactly the same way.
-    settings: Settings | None = field(default=None, repr=False)
-    inputs: Any = field(default=None, repr=False)
+    # How to audit again the same way (value mode, for ``fix``); None for meta and static reports.
+    rerun: Rerun | None = field(default=None, repr=False, compare=False)
     # What the loader chose: where the model's class came from ("architectures", "--model-class", a task
     # mapping), and the inputs it synthesized (empty for a model and inputs the caller gave).
     model_source: str | None = None
     made_inputs: list[SynthesizedInput] = field(default_factory=list)
 
-    def by_severity(self, severity: str) -> list[Finding]:
+    def by_severity(self, severity: Severity | str) -> list[Finding]:
         return [finding for finding in self.findings if finding.severity == severity]
 
     @property
     def errors(self) -> list[Finding]:
-        return self.by_severity("error")
+        return self.by_severity(Severity.ERROR)
 
-    def at_or_above(self, severity: str) -> list[Finding]:
-        rank = severity_rank(severity)
-        return [finding for finding in self.findings if severity_rank(finding.severity) >= rank]
+    def at_or_above(self, severity: Severity | str) -> list[Finding]:
+        rank = Severity(severity).rank
+        return [finding for finding in self.findings if finding.severity.rank >= rank]
 
     def ordered(self) -> list[Finding]:
         """Errors first, then warnings, then infos; report order within a severity."""
-        return sorted(self.findings, key=lambda finding: -severity_rank(finding.severity))
+        return sorted(self.findings, key=lambda finding: -finding.severity.rank)
 
     def counts(self) -> dict[str, int]:
         counter = Counter(finding.severity for finding in self.findings)

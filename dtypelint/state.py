@@ -21,6 +21,7 @@ import sys
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -465,6 +466,15 @@ def parameter_names(model: torch.nn.Module) -> dict[tuple[int, str], str]:
     }
 
 
+# True inside ``preserved``: the process settings are captured there already (the tracer then skips it).
+_SETTINGS_GUARDED: ContextVar[bool] = ContextVar("dtypelint_settings_guarded", default=False)
+
+
+def settings_guarded() -> bool:
+    """Whether the code running now is inside ``preserved``, which restores every process setting."""
+    return _SETTINGS_GUARDED.get()
+
+
 @contextmanager
 def preserved(model: torch.nn.Module) -> Iterator[Preserved]:
     """Run the body, then restore the model's buffers (values, dtypes, persistence, identity), tensor
@@ -474,9 +484,11 @@ def preserved(model: torch.nn.Module) -> Iterator[Preserved]:
     modes, randomness = GlobalModes.capture(), RandomState.capture()
     states = [ModuleState.capture(module) for module in model.modules()]
     outcome = Preserved()
+    guard = _SETTINGS_GUARDED.set(True)
     try:
         yield outcome
     finally:
+        _SETTINGS_GUARDED.reset(guard)
         modes.restore()  # first: the default device and dtype are the caller's again for what follows
         with torch.no_grad():
             written = {(id(state.module), *key) for state in states for key in state.restore()}

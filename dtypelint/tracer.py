@@ -33,7 +33,7 @@ from torch.utils._pytree import keystr, tree_flatten_with_path, tree_leaves
 from dtypelint.attention import AttentionRecorder, autocast_dtype
 from dtypelint.autocast import POLICIES, AutocastPolicy, autocast_operands
 from dtypelint.model_info import ModelInfo, qualified_name
-from dtypelint.state import GlobalModes, has_values
+from dtypelint.state import GlobalModes, has_values, settings_guarded
 from dtypelint.vocabulary import OpKind, OriginKind, packets
 
 
@@ -413,7 +413,7 @@ class Tracer(TorchDispatchMode):
                         self.written_parameters.add(written)
 
     def __enter__(self) -> Tracer:
-        self._saved_modes = GlobalModes.capture()
+        self._saved_modes = None if settings_guarded() else GlobalModes.capture()  # once per forward
         self.autocast = autocast_dtype("cuda") or autocast_dtype("cpu")
         self.modules.__enter__()
         # A function mode entered later sees a call first: the attention recorder sees what the code hands

@@ -16,6 +16,7 @@ import torch
 from helpers import markdown_view, parse_github_command, sarif_validator
 
 from dtypelint import audit
+from dtypelint.diagnostics import FINDING_COLUMNS, Finding, Fix
 from dtypelint.errors import UsageError
 from dtypelint.formats import (
     FORMATS,
@@ -28,7 +29,7 @@ from dtypelint.formats import (
     render,
 )
 from dtypelint.graph import DtypeGraph
-from dtypelint.report import FINDING_COLUMNS, Finding, Fix, Report
+from dtypelint.report import Report
 from dtypelint.rules import all_rules
 
 CHECKPOINT = "checkpoints/tiny-llama"

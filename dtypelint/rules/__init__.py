@@ -13,8 +13,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from fnmatch import fnmatchcase
 
+from dtypelint.diagnostics import SEVERITIES, Applicability, Finding, Severity
 from dtypelint.errors import UsageError
-from dtypelint.report import SEVERITIES, Finding
 from dtypelint.rules.base import Rule, RuleContext
 from dtypelint.rules.kernel_contract import ContractRule
 from dtypelint.rules.packs import BackendPack, load_pack
@@ -115,9 +115,9 @@ class Selection:
         selected = selected or any(_matches(rule, selector) for selector in self.extend_select)
         return selected and not any(_matches(rule, selector) for selector in self.ignore)
 
-    def severity_of(self, rule: Rule) -> str:
+    def severity_of(self, rule: Rule) -> Severity:
         chosen = [severity for selector, severity in self.severity.items() if _matches(rule, selector)]
-        return chosen[-1] if chosen else rule.severity
+        return Severity(chosen[-1]) if chosen else rule.severity
 
     def ignored_at(self, rule: Rule, location: str) -> bool:
         return any(
@@ -146,13 +146,13 @@ def run_rules(context: RuleContext, selection: Selection | None = None, rules: l
 def _one_safety_per_cast(findings: list[Finding]) -> list[Finding]:
     """One cast, one safety: a cast that one finding shows to be safe (the op cannot run without it) is
     safe under every finding that proposes it, as a fix of several tensors is when all of them are."""
-    safe = {(name, f.fix.to_dtype): f.code for f in findings if f.fix and f.fix.safety == "safe" for name in f.fix.tensors}
+    safe = {(name, f.fix.to_dtype): f.code for f in findings if f.fix and f.fix.safety == Applicability.SAFE for name in f.fix.tensors}
     agreed = []
     for finding in findings:
         fix = finding.fix
-        if fix and fix.safety == "unsafe" and all((name, fix.to_dtype) in safe for name in fix.tensors):
+        if fix and fix.safety == Applicability.UNSAFE and all((name, fix.to_dtype) in safe for name in fix.tensors):
             proof = safe[fix.tensors[0], fix.to_dtype]
-            fix = replace(fix, safety="safe", description=f"{fix.description} (safe: {proof} shows the op cannot "
+            fix = replace(fix, safety=Applicability.SAFE, description=f"{fix.description} (safe: {proof} shows the op cannot "
                                                          f"run without it)")
             finding = replace(finding, fix=fix)
         agreed.append(finding)

@@ -12,10 +12,10 @@ from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
+from dtypelint.diagnostics import Finding, Fix, Severity
 from dtypelint.errors import UsageError
 from dtypelint.inputs import MAX_INPUT_ELEMENTS
 from dtypelint.load import MAX_LAYERS
-from dtypelint.report import Finding, Fix
 from dtypelint.tracer import needs_values
 from dtypelint.vocabulary import OpKind
 
@@ -98,7 +98,7 @@ class Rule:
     code: ClassVar[str]
     name: ClassVar[str]
     category: ClassVar[str]  # default: the name (a rule that is its own category)
-    severity: ClassVar[str]
+    severity: ClassVar[Severity]
     fix_availability: ClassVar[str] = "never"  # never | sometimes | always
     uses_value_statistics: ClassVar[bool] = False  # runs only on graphs with value statistics
     pack: str | None = None  # the backend pack a contract rule comes from
@@ -136,7 +136,7 @@ class Rule:
         dtypes: list[str] | None = None,
         fix: Fix | None = None,
         node: str | None = None,
-        severity: str | None = None,
+        severity: Severity | None = None,
     ) -> Finding:
         """``severity``: lower than the rule's for a finding it is less sure of (kept under overrides)."""
         return Finding(

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+from dtypelint.diagnostics import Finding, Severity
 from dtypelint.dtypes import dtype_name
 from dtypelint.errors import first_line
-from dtypelint.report import Finding
 from dtypelint.rules.base import Rule, RuleContext
 
 
@@ -32,7 +32,7 @@ class ForwardError(Rule):
 
     code = "DT001"
     name = "forward-error"
-    severity = "error"
+    severity = Severity.ERROR
 
     def check(self, context: RuleContext) -> Iterator[Finding]:
         error = context.error

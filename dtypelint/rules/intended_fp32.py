@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import torch
 
-from dtypelint.report import Finding
+from dtypelint.diagnostics import Finding, Severity
 from dtypelint.rope import reference_inv_freq, rope_error
 from dtypelint.rules.base import Rule, RuleContext
 from dtypelint.rules.packs import BackendPack
@@ -61,7 +61,7 @@ class IntendedFp32(Rule):
     code = "DT107"
     name = "intended-fp32"
     category = "low-precision-op"
-    severity = "warning"
+    severity = Severity.WARNING
 
     def check(self, context: RuleContext) -> Iterator[Finding]:
         reported: set[str] = set()

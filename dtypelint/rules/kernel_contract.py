@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from fnmatch import fnmatchcase
 
 from dtypelint.attention import AttentionCall, is_flash
-from dtypelint.report import Finding, Fix
+from dtypelint.diagnostics import Finding, Fix
 from dtypelint.rules.base import Rule, RuleContext
 from dtypelint.rules.packs import Contract
 from dtypelint.rules.sdpa_dispatch import predict

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import torch
 
-from dtypelint.report import Finding
+from dtypelint.diagnostics import Finding, Severity
 from dtypelint.rules.base import Rule, RuleContext
 from dtypelint.vocabulary import OpKind
 
@@ -43,7 +43,7 @@ class LowPrecisionOp(Rule):
 
     code = "DT106"
     name = "low-precision-op"
-    severity = "info"
+    severity = Severity.INFO
 
     def check(self, context: RuleContext) -> Iterator[Finding]:
         graph, limit = context.graph, context.options.large_reduction

@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterator
 
+from dtypelint.diagnostics import Applicability, Finding, Fix, Severity
 from dtypelint.dtypes import dtype_name
 from dtypelint.graph import DtypeGraph
-from dtypelint.report import Finding, Fix
 from dtypelint.rules.base import Rule, RuleContext
 from dtypelint.vocabulary import CASTABLE_ORIGINS, OpKind, OriginKind
 
@@ -63,7 +63,7 @@ class MixedInput(Rule):
 
     code = "DT101"
     name = "mixed-input"
-    severity = "error"
+    severity = Severity.ERROR
     fix_availability = "sometimes"
 
     def check(self, context: RuleContext) -> Iterator[Finding]:
@@ -86,7 +86,7 @@ class MixedInput(Rule):
             )
             odd = [graph.source(node) for node in odd_operands]
             names = [graph.tensor(node)["name"] for node in odd if graph.tensor(node)["origin"] in CASTABLE_ORIGINS]
-            fix = Fix(tuple(names), expected, "safe", f"cast {', '.join(names)} to {expected}") if names else None
+            fix = Fix(tuple(names), expected, Applicability.SAFE, f"cast {', '.join(names)} to {expected}") if names else None
             described = ", ".join(
                 f"{graph.describe(node) if graph.tensor(node)['dtype'] == expected else graph.describe_derived(node)} "
                 f"{graph.tensor(node)['dtype']}"

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+from dtypelint.diagnostics import Finding, Severity
 from dtypelint.graph import DtypeGraph, finite, format_range
-from dtypelint.report import Finding
 from dtypelint.rules.base import Rule, RuleContext
 from dtypelint.vocabulary import OriginKind
 
@@ -49,7 +49,7 @@ class Nonfinite(Rule):
 
     code = "DT103"
     name = "nonfinite"
-    severity = "error"
+    severity = Severity.ERROR
     uses_value_statistics = True
 
     def check(self, context: RuleContext) -> Iterator[Finding]:
@@ -88,7 +88,7 @@ class Nonfinite(Rule):
             f"{format_range(graph.value_range(produced))}) from {where}, and they reach the end of the forward: "
             f"{described}",
             node=op,
-            severity="warning" if likely else None,
+            severity=Severity.WARNING if likely else None,
         )
 
 

@@ -6,8 +6,8 @@ from collections.abc import Iterator
 
 import torch
 
+from dtypelint.diagnostics import Finding, Severity
 from dtypelint.graph import finite
-from dtypelint.report import Finding
 from dtypelint.rules.base import Rule, RuleContext
 
 
@@ -40,7 +40,7 @@ class OverflowRisk(Rule):
 
     code = "DT104"
     name = "overflow-risk"
-    severity = "warning"
+    severity = Severity.WARNING
     uses_value_statistics = True
 
     def check(self, context: RuleContext) -> Iterator[Finding]:

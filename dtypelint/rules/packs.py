@@ -16,10 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from dtypelint.autocast import POLICIES
+from dtypelint.diagnostics import SEVERITIES
 from dtypelint.dtypes import dtype_name, parse_dtype
 from dtypelint.errors import DtypelintError, LoadError
 from dtypelint.paths import parse_file
-from dtypelint.report import SEVERITIES
 from dtypelint.rules.sites import valid_selector
 from dtypelint.shipped import is_pack_path, shipped_pack
 

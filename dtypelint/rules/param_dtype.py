@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Iterator
 
+from dtypelint.diagnostics import Applicability, Finding, Fix, Severity
 from dtypelint.dtypes import dtype_name
-from dtypelint.report import Finding, Fix
 from dtypelint.rules.base import Rule, RuleContext
 from dtypelint.rules.sites import parent
 from dtypelint.vocabulary import OriginKind
@@ -38,7 +38,7 @@ class ParamDtype(Rule):
 
     code = "DT105"
     name = "param-dtype"
-    severity = "warning"
+    severity = Severity.WARNING
     fix_availability = "always"
     judges_model_only = True
 
@@ -62,8 +62,8 @@ class ParamDtype(Rule):
                 tensor=names[0],
                 dtypes=sorted({compute, *(dtype for _, dtype in tensors)}),
                 message=f"{module or '<model>'} holds {listed} in a {compute} model; {_uses(context, names, meeting)}",
-                fix=Fix(names, compute, "unsafe", f"cast {', '.join(names)} to {compute}"),
-                severity=None if meeting or unknown else "info",
+                fix=Fix(names, compute, Applicability.UNSAFE, f"cast {', '.join(names)} to {compute}"),
+                severity=None if meeting or unknown else Severity.INFO,
             )
 
 

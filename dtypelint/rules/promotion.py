@@ -6,9 +6,9 @@ from collections.abc import Iterator
 
 import torch
 
+from dtypelint.diagnostics import Applicability, Finding, Fix, Severity
 from dtypelint.dtypes import dtype_name, wider
 from dtypelint.graph import DtypeGraph
-from dtypelint.report import Finding, Fix
 from dtypelint.rules.base import Rule, RuleContext
 from dtypelint.vocabulary import CASTABLE_ORIGINS, STREAM_ORIGINS, WEIGHT_ORIGINS, OpKind, OriginKind
 
@@ -71,7 +71,7 @@ class Promotion(Rule):
 
     code = "DT102"
     name = "promotion"
-    severity = "warning"
+    severity = Severity.WARNING
     fix_availability = "sometimes"
 
     def check(self, context: RuleContext) -> Iterator[Finding]:
@@ -125,7 +125,7 @@ class Promotion(Rule):
         direct = graph.source(tensor, through_copies=True) == leaf
         # A derived table is fixed by a cast after its derivation, in the model's code: no automatic fix.
         fixable = direct and leaf_data["origin"] in CASTABLE_ORIGINS
-        fix = Fix((name,), compute, "unsafe", f"cast {name} to {compute}") if name and fixable else None
+        fix = Fix((name,), compute, Applicability.UNSAFE, f"cast {name} to {compute}") if name and fixable else None
         after, cast_back = widened_ops(graph, op, wide)
         what = f"{graph.describe(leaf)} ({leaf_data['dtype']})" if direct else graph.describe_derived(tensor)
         # A table the backend keeps in float32 by design (RoPE's cos/sin from inv_freq), used in float32 for a
@@ -142,5 +142,5 @@ class Promotion(Rule):
             f"{after} later op{'s' if after != 1 else ''} then run in {wide}{ending}",
             fix=None if intended else fix,
             node=op,
-            severity="info" if intended else None,
+            severity=Severity.INFO if intended else None,
         )

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+from dtypelint.diagnostics import Finding, Severity
 from dtypelint.errors import first_line
-from dtypelint.report import Finding
 from dtypelint.rules.base import Rule, RuleContext
 
 
@@ -33,7 +33,7 @@ class TraceLimit(Rule):
 
     code = "DT002"
     name = "trace-limit"
-    severity = "warning"
+    severity = Severity.WARNING
 
     def check(self, context: RuleContext) -> Iterator[Finding]:
         yield from self._op_cap(context)

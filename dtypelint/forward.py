@@ -1,0 +1,138 @@
+"""The one place that runs a model's forward, for the tracer, for ``fix``'s measurements and for anything
+else that runs the model.
+
+``run_forward`` prepares the call once (``prepare_call``: positional and keyword arguments from what the
+caller passed), runs it on fresh copies of the input tensors (value mode) or on fake stand-ins of the
+weights and inputs (meta mode), under ``no_grad``, with a flash attention implementation on its CPU
+stand-in, and inside ``state.preserved``, which puts back whatever the forward changed. A recorder (the
+tracer) is entered right around the call. The forward's exception is returned, never raised.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager, ExitStack, nullcontext
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from dtypelint.errors import UsageError
+from dtypelint.fake import fake_attributes, fake_call, new_fake_mode
+from dtypelint.flash_standin import flash_standin, requested_flash
+from dtypelint.state import fresh_copies, preserved
+
+MODES = ("value", "meta")
+
+
+@dataclass(frozen=True)
+class Call:
+    """One forward's arguments; ``names``: the forward's positional parameter names; ``state``: the fake
+    stand-ins of the model's parameters and buffers a meta-mode call runs on (None: the model's own)."""
+
+    args: tuple
+    kwargs: dict[str, Any]
+    names: list[str]
+    state: dict[str, torch.Tensor] | None = None
+
+
+@dataclass
+class Ran:
+    """What one forward did: its output, or the exception it raised, and the parameters it wrote in place
+    (which ``preserved`` reports but cannot undo)."""
+
+    output: Any = None
+    error: Exception | None = None
+    written_parameters: list[str] = field(default_factory=list)
+
+
+def prepare_call(model: torch.nn.Module, inputs: Any) -> Call:
+    """The arguments for ``inputs``: a tensor, a tuple/list of positional args, or a mapping of keyword args."""
+    if isinstance(inputs, torch.Tensor):
+        args, kwargs = (inputs,), {}
+    elif isinstance(inputs, (tuple, list)):
+        args, kwargs = tuple(inputs), {}
+    elif isinstance(inputs, Mapping):
+        args, kwargs = (), dict(inputs)
+        if not all(isinstance(key, str) for key in kwargs):
+            raise UsageError("keyword inputs need string keys")
+    else:
+        raise UsageError(
+            f"inputs must be a tensor, a tuple of positional arguments or a dict of keyword arguments, "
+            f"not {type(inputs).__name__}"
+        )
+    try:
+        parameters = inspect.signature(model.forward).parameters.values()
+        names = [p.name for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    except (TypeError, ValueError):
+        names = []
+    return Call(args, kwargs, names)
+
+
+def run_forward(
+    model: torch.nn.Module,
+    inputs: Any,
+    *,
+    mode: str = "value",
+    fake_mode: Any = None,
+    attn_implementation: str | None = None,
+    notes: list[str] | None = None,
+    recorder: Callable[[Call], AbstractContextManager[Any]] | None = None,
+) -> Ran:
+    """Run one forward of ``model`` on ``inputs`` (see the module docs); meta mode in ``fake_mode`` (default:
+    a new one).
+    ``attn_implementation``: the attention the deployment runs (default: the model config's); a flash one
+    runs on its CPU stand-in and says so in ``notes``. ``recorder(call)`` is made before the call, outside
+    fake mode, and entered right around it."""
+    if mode not in MODES:
+        raise UsageError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
+    refuse_deferred(model)
+    call = prepare_call(model, inputs)
+    if mode == "meta":
+        fake_mode = fake_mode or new_fake_mode()
+        state, args, kwargs = fake_call(model, call.args, call.kwargs, fake_mode)
+        call = Call(args, kwargs, call.names, state)
+    elif any(t.device.type == "meta" for t in [*model.parameters(), *model.buffers()]):
+        raise UsageError("the model has tensors on the meta device, which value mode cannot run; use mode='meta'")
+    else:
+        call = Call(*fresh_copies((call.args, call.kwargs)), call.names)
+    ran = Ran()
+    with ExitStack() as stack:
+        kept = stack.enter_context(preserved(model))
+        flash = requested_flash(model, attn_implementation)
+        if flash is not None:
+            stack.enter_context(flash_standin(model, flash))
+            if notes is not None:
+                notes.append(f"attention traced with a CPU stand-in for {flash} (SDPA numerics); every attention "
+                             "call is checked as a flash-attention call")
+        if mode == "meta":
+            stack.enter_context(fake_attributes(model, fake_mode))
+        recording = recorder(call) if recorder is not None else nullcontext()
+        if mode == "meta":
+            stack.enter_context(fake_mode)
+        stack.enter_context(torch.no_grad())
+        try:
+            with recording:
+                if call.state is None:
+                    ran.output = model(*call.args, **call.kwargs)
+                else:
+                    ran.output = torch.func.functional_call(model, call.state, call.args, call.kwargs, strict=False)
+        except Exception as exception:  # noqa: BLE001 - the caller reports whatever the forward raised
+            ran.error = exception
+    ran.written_parameters = list(kept.written_parameters)
+    return ran
+
+
+def refuse_deferred(model: torch.nn.Module) -> None:
+    """A forward that is a generator or coroutine function computes nothing when called: its trace would
+    be empty, and a clean report of it false."""
+    forward = model.forward
+    if inspect.isgeneratorfunction(forward) or inspect.isasyncgenfunction(forward):
+        kind = "generator"
+    elif inspect.iscoroutinefunction(forward):
+        kind = "coroutine"
+    else:
+        return
+    raise UsageError(f"{type(model).__name__}.forward returns a {kind}, so calling it runs nothing; dtypelint "
+                     f"traces a forward that computes when called (wrap the model to consume it)")
