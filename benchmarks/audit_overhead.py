@@ -23,73 +23,13 @@ import subprocess
 import sys
 import time
 import tracemalloc
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from common import forward_runs, llama, medians
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = {"70B": ROOT / "examples" / "configs" / "llama-3-70b", "405B": ROOT / "examples" / "configs" / "llama-3.1-405b"}
-
-
-class RecordingFloor(TorchDispatchMode):
-    """The floor of any dtype tracer: each op's input dtypes, appended."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.ops: list = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
-        kwargs = kwargs or {}
-        self.ops.append((func, [arg.dtype for arg in args if isinstance(arg, torch.Tensor)]))
-        return func(*args, **kwargs)
-
-
-def llama(hidden: int, layers: int, heads: int, intermediate: int, vocab: int, dtype: torch.dtype) -> torch.nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
-                         num_attention_heads=heads, num_key_value_heads=heads, vocab_size=vocab,
-                         max_position_embeddings=512)
-    return LlamaForCausalLM(config).eval().to(dtype)
-
-
-def medians(runs: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-    for run in runs.values():
-        run()  # warm-up
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(repeats):
-        for name, run in runs.items():
-            start = time.perf_counter()
-            run()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in times.items()}
-
-
-def forward_runs(model: torch.nn.Module, inputs: dict) -> dict[str, Callable[[], object]]:
-    import dtypelint
-
-    def plain() -> None:
-        with torch.no_grad():
-            model(**inputs)
-
-    def floor() -> None:
-        with torch.no_grad(), RecordingFloor():
-            model(**inputs)
-
-    def tracer() -> None:
-        with torch.no_grad(), dtypelint.Tracer(model):
-            model(**inputs)
-
-    return {
-        "plain": plain,
-        "floor": floor,
-        "tracer": tracer,
-        "audit_no_stats": lambda: dtypelint.audit(model, inputs, stats=False),
-        "audit": lambda: dtypelint.audit(model, inputs),
-    }
 
 
 def launch_bound(repeats: int) -> None:
@@ -163,7 +103,7 @@ def main() -> None:
         whole_process(max(3, options.repeats // 2))
     memory_per_op()
     if torch.cuda.is_available():
-        from gpu_overhead import gpu_rows  # it builds on this module's runs
+        from gpu_overhead import gpu_rows
 
         print("5. GPU:", end=" ")
         gpu_rows(options.repeats)

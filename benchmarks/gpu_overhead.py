@@ -11,7 +11,7 @@ import argparse
 from collections.abc import Callable
 
 import torch
-from audit_overhead import forward_runs, llama, medians
+from common import forward_runs, llama, medians
 
 SIZES = {"100M": (768, 12, 12, 2048), "1B": (2048, 16, 32, 8192)}
 
