@@ -134,6 +134,7 @@ def _report(result: TraceResult, *, compute_dtype: torch.dtype, settings: Settin
         compute_dtype=dtype_name(compute_dtype),
         notes=result.notes,
         tensor_dtypes={name: dtype_name(info.dtype) for name, info in context.model.tensors.items()},
+        judged=dict(context.judged),
         rerun=rerun,
     )
 
@@ -247,16 +248,17 @@ def audit_static(path: str | Path, *, settings: Settings | None = None, **overri
                for name, dtype in stored.items() if dtype in _STORED_FLOATS}
     name = (config_value(config, "architectures") or [type(config).__name__])[0]
     model = ModelInfo(name, {}, tensors, {}, [], config_value(config, "model_type"))
-    findings = []
+    findings, judged = [], {}
     if compute is None:
         notes.append("config.json declares no dtype and none was given (--dtype): nothing to compare with")
     else:
         context = RuleContext(graph=_static_graph(), model=model, compute_dtype=compute, pack=resolved.pack,
                               options=resolved.options)
         findings = run_rules(context, resolved.selection, [rule for rule in resolved.rules if rule.judges_model_only])
+        judged = dict(context.judged)
     return Report(graph=_static_graph(), findings=findings, model=model.class_name, backend=resolved.pack.name,
                   mode="static", compute_dtype=dtype_name(compute) if compute else "unknown", notes=notes,
-                  tensor_dtypes=dict(stored))
+                  tensor_dtypes=dict(stored), judged=judged)
 
 
 def _static_graph() -> DtypeGraph:

@@ -38,12 +38,19 @@ class Report:
     compute_dtype: str
     notes: list[str] = field(default_factory=list)
     tensor_dtypes: dict[str, str] = field(default_factory=dict, repr=False)  # parameters and buffers
+    # Rule code -> how many sites it judged (ops, tensors, kernel calls): a silent rule that judged none
+    # saw nothing to judge, which a negative control must tell from "judged it fine".
+    judged: dict[str, int] = field(default_factory=dict)
     # How to audit again the same way (value mode, for ``fix``); None for meta and static reports.
     rerun: Rerun | None = field(default=None, repr=False, compare=False)
     # What the loader chose: where the model's class came from ("architectures", "--model-class", a task
     # mapping), and the inputs it synthesized (empty for a model and inputs the caller gave).
     model_source: str | None = None
     made_inputs: list[SynthesizedInput] = field(default_factory=list)
+
+    def by_code(self, code: str) -> list[Finding]:
+        """The findings of one rule (``DT101``, ``IPX101``), in report order."""
+        return [finding for finding in self.findings if finding.code == code]
 
     def by_severity(self, severity: Severity | str) -> list[Finding]:
         return [finding for finding in self.findings if finding.severity == severity]

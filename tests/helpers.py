@@ -46,6 +46,12 @@ def assert_unchanged(model: nn.Module, before: dict) -> None:
     assert not hooks._global_forward_hooks and not hooks._global_forward_pre_hooks
 
 
+def judged_silently(report, code: str) -> bool:
+    """A negative control's check: rule ``code`` judged at least one site of the model and reported none
+    (an empty list alone would also pass for a rule that never ran or saw nothing to judge)."""
+    return report.judged.get(code, 0) > 0 and report.by_code(code) == []
+
+
 def per_layer_rotary(model: nn.Module) -> nn.Module:
     """The per-layer rotary layout ipex-llm pins (transformers 4.37), grafted onto a transformers 5 Llama:
     a copy of the model-level rotary module (float32 ``inv_freq``) in each attention layer."""

@@ -60,9 +60,6 @@ def audit(model: nn.Module, inputs, backend: str = IPEX) -> dtypelint.Report:
     return dtypelint.audit(model, inputs, backend=backend)
 
 
-def with_code(report: dtypelint.Report, code: str) -> list[dtypelint.Finding]:
-    return [finding for finding in report.findings if finding.code == code]
-
 
 def loud(report: dtypelint.Report) -> list[dtypelint.Finding]:
     return [finding for finding in report.findings if finding.severity in ("error", "warning")]
@@ -79,7 +76,7 @@ def test_per_layer_rotary_with_fp32_inv_freq_is_one_ipx101_error_per_layer(input
 
     report = audit(model, {"input_ids": input_ids})
 
-    errors = with_code(report, "IPX101")
+    errors = report.by_code("IPX101")
     assert [f.tensor for f in errors] == [
         f"model.layers.{layer}.self_attn.rotary_emb.inv_freq" for layer in range(LAYERS)
     ]
@@ -107,14 +104,14 @@ def test_per_layer_rotary_with_fp32_inv_freq_is_silent_under_hf_eager(input_ids)
 def test_per_layer_rotary_is_silent_once_its_inv_freq_is_cast_to_fp16(input_ids):
     model = tiny_llama()
     per_layer_rotary(model)
-    assert with_code(audit(model, {"input_ids": input_ids}), "IPX101")  # the alarm first
+    assert audit(model, {"input_ids": input_ids}).by_code("IPX101")  # the alarm first
     for layer in model.model.layers:
         rotary = layer.self_attn.rotary_emb
         rotary.inv_freq = rotary.inv_freq.to(torch.float16)
 
     report = audit(model, {"input_ids": input_ids})
 
-    assert with_code(report, "IPX101") == []
+    assert report.by_code("IPX101") == []
     assert loud(report) == []
 
 
@@ -122,7 +119,7 @@ def test_per_layer_rotary_of_a_bf16_llama_is_an_ipx101_unsupported_dtype_error_w
     model = tiny_llama(torch.bfloat16)
     per_layer_rotary(model)
 
-    errors = with_code(audit(model, {"input_ids": input_ids}), "IPX101")
+    errors = audit(model, {"input_ids": input_ids}).by_code("IPX101")
 
     assert len(errors) == LAYERS
     for finding in errors:
@@ -166,7 +163,7 @@ def test_model_level_rotary_returning_fp32_cos_sin_is_an_ipx102_error(input_ids)
 
     report = audit(model, {"input_ids": input_ids})  # HF's own forward fails on fp32 q/k: still a report
 
-    errors = with_code(report, "IPX102")
+    errors = report.by_code("IPX102")
     assert errors
     for finding in errors:
         assert finding.severity == "error" and finding.category == "kernel-contract"
@@ -174,14 +171,14 @@ def test_model_level_rotary_returning_fp32_cos_sin_is_an_ipx102_error(input_ids)
         assert finding.op == "xe_addons.rotary_half_with_cache_inplaced"
         assert finding.dtypes == ["float16", "float32"]
         assert "model.layers.0.self_attn" in finding.message
-    assert with_code(audit(model, {"input_ids": input_ids}, HF), "IPX102") == []
+    assert audit(model, {"input_ids": input_ids}, HF).by_code("IPX102") == []
     assert_unchanged(model, before)
 
 
 def test_ipx102_findings_for_cos_and_sin_can_be_told_apart(input_ids):
     model = returning_fp32_cos_sin(tiny_llama())
 
-    errors = with_code(audit(model, {"input_ids": input_ids}), "IPX102")
+    errors = audit(model, {"input_ids": input_ids}).by_code("IPX102")
 
     assert errors
     assert len({(f.location, f.tensor, f.message) for f in errors}) == len(errors)
@@ -192,7 +189,7 @@ def test_model_level_rotary_returning_fp16_cos_sin_is_not_an_ipx102_error(input_
 
     report = audit(model, {"input_ids": input_ids})
 
-    assert with_code(report, "IPX102") == []
+    assert report.by_code("IPX102") == []
     assert loud(report) == []
 
 
@@ -204,7 +201,7 @@ def test_fp32_rms_norm_weight_in_an_fp16_llama_is_an_ipx103_error_with_a_safe_fp
     model = tiny_llama()
     model.get_submodule(norm).float()
 
-    errors = with_code(audit(model, {"input_ids": input_ids}), "IPX103")
+    errors = audit(model, {"input_ids": input_ids}).by_code("IPX103")
 
     assert len(errors) == 1
     finding = errors[0]
@@ -220,12 +217,12 @@ def test_fp32_rms_norm_weight_in_a_bf16_llama_is_not_an_ipx103_error_as_bf16_ski
 
     report = audit(model, {"input_ids": input_ids})
 
-    assert with_code(report, "IPX103") == []
-    assert [f.tensor for f in with_code(report, "DT105")] == ["model.norm.weight"]  # the weight was seen
+    assert report.by_code("IPX103") == []
+    assert [f.tensor for f in report.by_code("DT105")] == ["model.norm.weight"]  # the weight was seen
 
 
 def test_untouched_fp16_llama_has_no_ipx103(input_ids):
-    assert with_code(audit(tiny_llama(), {"input_ids": input_ids}), "IPX103") == []
+    assert audit(tiny_llama(), {"input_ids": input_ids}).by_code("IPX103") == []
 
 
 # IPX104 gemma rms-norm --------------------------------------------------------------------------------
@@ -240,7 +237,7 @@ def test_bf16_gemma_rms_norm_is_an_ipx104_error_as_the_kernel_supports_only_fp16
 
     report = audit(model, {"input_ids": input_ids})
 
-    errors = with_code(report, "IPX104")
+    errors = report.by_code("IPX104")
     norms = [f"model.layers.{layer}.{kind}" for layer in range(LAYERS)
              for kind in ("input_layernorm", "post_attention_layernorm")] + ["model.norm"]
     assert sorted(f.location for f in errors) == sorted(norms)
@@ -256,7 +253,7 @@ def test_bf16_gemma_rms_norm_is_an_ipx104_error_as_the_kernel_supports_only_fp16
 def test_fp16_gemma_has_no_ipx104(input_ids):
     report = audit(tiny_gemma(torch.float16), {"input_ids": input_ids})
 
-    assert with_code(report, "IPX104") == []
+    assert report.by_code("IPX104") == []
     assert loud(report) == []
 
 
@@ -274,20 +271,20 @@ def test_fp32_layer_norm_weight_in_an_fp16_phi_is_an_ipx105_error(input_ids):
     norm = model.model.final_layernorm
     norm.weight = nn.Parameter(norm.weight.detach().float())
 
-    errors = with_code(audit(model, {"input_ids": input_ids}), "IPX105")
+    errors = audit(model, {"input_ids": input_ids}).by_code("IPX105")
 
     assert [f.tensor for f in errors] == ["model.final_layernorm.weight"]  # its bias is still float16
     finding = errors[0]
     assert (finding.severity, finding.location) == ("error", "model.final_layernorm")
     assert finding.op == "xe_addons.layer_norm" and finding.dtypes == ["float16", "float32"]
     assert finding.fix is not None and finding.fix.to_dtype == "float16" and finding.fix.safety == "safe"
-    assert with_code(audit(model, {"input_ids": input_ids}, HF), "IPX105") == []
+    assert audit(model, {"input_ids": input_ids}, HF).by_code("IPX105") == []
 
 
 def test_untouched_fp16_phi_has_no_ipx105(input_ids):
     report = audit(tiny("phi", torch.float16), {"input_ids": input_ids})
 
-    assert with_code(report, "IPX105") == []
+    assert report.by_code("IPX105") == []
     assert loud(report) == []
 
 
@@ -345,7 +342,7 @@ def test_cpu_torch_accepts_an_fp32_mask_with_an_fp16_query():
 
 def test_ipx106_is_silent_for_a_model_ipex_llm_leaves_on_transformers_attention():
     """ipex-llm replaces the attention of llama, qwen2, ... with its fused SDP; a T5 keeps its own."""
-    assert with_code(audit(tiny_block(model_type="t5"), attention_inputs(torch.float32)), "IPX106") == []
+    assert audit(tiny_block(model_type="t5"), attention_inputs(torch.float32)).by_code("IPX106") == []
 
 
 def test_fp32_mask_into_fp16_attention_with_head_dim_64_is_an_ipx106_error_naming_the_mask():
@@ -354,28 +351,28 @@ def test_fp32_mask_into_fp16_attention_with_head_dim_64_is_an_ipx106_error_namin
 
     report = audit(model, attention_inputs(torch.float32))
 
-    errors = with_code(report, "IPX106")
+    errors = report.by_code("IPX106")
     assert len(errors) == 1
     finding = errors[0]
     assert (finding.severity, finding.location, finding.op) == ("error", "attn", "xe_addons.sdp")
     assert finding.dtypes == ["float16", "float32"]
     assert "the attention mask entering attn (float32)" in finding.message
     assert "the query dtype, float16" in finding.message
-    assert [f for f in report.findings if f.code == "DT001"] == []  # CPU ran it
+    assert report.by_code("DT001") == []  # CPU ran it
     assert_unchanged(model, before)
 
 
 def test_fp16_mask_into_fp16_attention_is_not_an_ipx106_error():
     report = audit(tiny_block(), attention_inputs(torch.float16))
 
-    assert with_code(report, "IPX106") == []
+    assert report.by_code("IPX106") == []
     assert loud(report) == []
 
 
 def test_fp32_mask_is_not_an_ipx106_error_where_head_dim_32_keeps_the_fused_sdp_off():
     model = tiny_block(heads=4)  # head_dim 128 / 4 = 32, not a size xe_addons.sdp takes
 
-    assert with_code(audit(model, attention_inputs(torch.float32)), "IPX106") == []
+    assert audit(model, attention_inputs(torch.float32)).by_code("IPX106") == []
 
 
 def test_fp32_mask_into_fp16_attention_is_no_error_under_hf_eager_where_torch_accepts_it():
@@ -391,7 +388,7 @@ def test_fp16_llama_with_head_dim_64_gives_the_fused_sdp_one_dtype(input_ids, at
 
     report = audit(model, inputs)
 
-    assert with_code(report, "IPX106") == []
+    assert report.by_code("IPX106") == []
     assert loud(report) == []
 
 
@@ -408,7 +405,7 @@ def test_qwen2_mlp_whose_up_proj_returns_fp32_is_an_ipx107_error(input_ids):
     mlp = model.model.layers[0].mlp
     mlp.up_proj = nn.Sequential(mlp.up_proj, ToFloat32())
 
-    errors = with_code(audit(model, {"input_ids": input_ids}), "IPX107")
+    errors = audit(model, {"input_ids": input_ids}).by_code("IPX107")
 
     assert len(errors) == 1
     finding = errors[0]
@@ -416,13 +413,13 @@ def test_qwen2_mlp_whose_up_proj_returns_fp32_is_an_ipx107_error(input_ids):
     assert finding.op == "xe_addons.mlp_silu_mul_inplaced" and finding.dtypes == ["float16", "float32"]
     assert "to match output of model.layers.0.mlp.up_proj, float32" in finding.message
     assert "output of model.layers.0.mlp.gate_proj (float16)" in finding.message
-    assert with_code(audit(model, {"input_ids": input_ids}, HF), "IPX107") == []
+    assert audit(model, {"input_ids": input_ids}, HF).by_code("IPX107") == []
 
 
 def test_untouched_fp16_qwen2_has_no_ipx107(input_ids):
     report = audit(tiny("qwen2", torch.float16, num_key_value_heads=2), {"input_ids": input_ids})
 
-    assert with_code(report, "IPX107") == []
+    assert report.by_code("IPX107") == []
     assert loud(report) == []
 
 
@@ -456,7 +453,7 @@ def test_uint8_input_to_low_bit_linear_is_an_ipx108_error():
 
     report = audit(model, torch.randint(0, 255, (2, 16), dtype=torch.uint8))
 
-    errors = with_code(report, "IPX108")
+    errors = report.by_code("IPX108")
     assert len(errors) == 1
     finding = errors[0]
     assert (finding.severity, finding.location, finding.op) == ("error", "proj", "xe_linear.forward_new")
@@ -469,4 +466,4 @@ def test_uint8_input_to_low_bit_linear_is_an_ipx108_error():
 def test_floating_input_to_low_bit_linear_is_not_an_ipx108_error(dtype):
     report = audit(QuantisedNet().eval(), torch.randn(2, 16).to(dtype))
 
-    assert with_code(report, "IPX108") == []
+    assert report.by_code("IPX108") == []

@@ -179,7 +179,7 @@ def test_one_cast_has_one_safety_whichever_finding_proposes_it(stray_fp32_layer)
             proposals.setdefault((name, finding.fix.to_dtype), set()).add((finding.code, finding.fix.safety))
     assert proposals[("head.weight", "float16")] == {("DT101", "safe"), ("DT105", "safe")}
     assert all(len({safety for _, safety in found}) == 1 for found in proposals.values())
-    param_dtype = next(f for f in report.findings if f.code == "DT105")
+    param_dtype = report.by_code("DT105")[0]
     assert "safe: DT101 shows the op cannot run without it" in param_dtype.fix.description
 
 

@@ -128,7 +128,7 @@ def test_a_meta_function_narrower_than_the_kernel_is_a_trace_limit_not_a_broken_
     if "aten._grouped_mm" not in {report.graph.nodes[op]["name"] for op in report.graph.ops()}:
         pytest.skip("this transformers routes mixtral's experts without aten._grouped_mm")
     assert "DT001" not in codes and "DT002" in codes
-    limit = next(f for f in report.findings if f.code == "DT002")
+    limit = report.by_code("DT002")[0]
     assert limit.op == "aten._grouped_mm" and "BF16" in limit.message
 
 

@@ -16,9 +16,6 @@ def fp16(*shape: int) -> torch.Tensor:
     return torch.randn(*shape, generator=torch.Generator().manual_seed(0)).half()
 
 
-def of(report: dtypelint.Report, code: str) -> list:
-    return [finding for finding in report.findings if finding.code == code]
-
 
 class TableScale(nn.Module):
     """A float32 table looked up by positions and computed on (mul, cos) before it meets the fp16 stream."""
@@ -64,14 +61,14 @@ def test_lineage_of_a_derived_table_ends_at_its_buffer_and_names_the_derivation(
 
 def test_promotion_by_a_derived_table_names_its_root_buffer_without_a_fix():
     report = dtypelint.audit(TableScale().eval(), (fp16(1, 3, 4), torch.tensor([1, 2, 5])), dtype="float16")
-    [finding] = of(report, "DT102")
+    [finding] = report.by_code("DT102")
     assert (finding.tensor, finding.op, finding.fix) == ("table", "aten.mul", None)
     assert "from buffer table through aten.index" in finding.message
 
 
 def test_promotion_by_a_mask_built_from_an_integer_input_names_the_input():
     mask = torch.tensor([[0, 1, 1]])
-    [finding] = of(dtypelint.audit(PaddingBias().eval(), (fp16(1, 3), mask), dtype="float16"), "DT102")
+    [finding] = dtypelint.audit(PaddingBias().eval(), (fp16(1, 3), mask), dtype="float16").by_code("DT102")
     assert finding.tensor == "attention_mask"
     assert "from input attention_mask through aten._to_copy" in finding.message
 
@@ -87,7 +84,7 @@ def test_a_cast_of_the_stream_is_no_derived_table():
 
 
 def test_mixed_input_after_a_leaked_cast_is_located_at_the_cast():
-    [finding] = of(dtypelint.audit(LeakyNorm().eval(), fp16(2, 4), dtype="float16"), "DT101")
+    [finding] = dtypelint.audit(LeakyNorm().eval(), fp16(2, 4), dtype="float16").by_code("DT101")
     assert finding.location == ""  # the root module made the cast (x.float()) and did not cast back
     assert finding.message.startswith("<model> casts input x from float16 to float32 explicitly (aten._to_copy) "
                                       "and its result reaches aten.addmm in proj without a cast back")
@@ -111,7 +108,7 @@ class Adapter(nn.Module):
 
 def test_param_dtype_is_info_where_every_use_casts_and_where_nothing_reads_it():
     report = dtypelint.audit(Adapter(cast_input=True).eval(), fp16(2, 4), dtype="float16")
-    findings = {f.location: f for f in of(report, "DT105")}
+    findings = {f.location: f for f in report.by_code("DT105")}
     assert {location: f.severity for location, f in findings.items()} == {"adapter": "info", "unused": "info"}
     assert findings["adapter"].message.endswith("every use casts (an intended convention)")
     assert findings["unused"].message.endswith("the forward never reads it")
@@ -119,7 +116,7 @@ def test_param_dtype_is_info_where_every_use_casts_and_where_nothing_reads_it():
 
 def test_param_dtype_is_a_warning_where_the_weight_meets_the_stream_uncast():
     report = dtypelint.audit(Adapter(cast_input=False).eval(), fp16(2, 4), dtype="float16")
-    [finding] = [f for f in of(report, "DT105") if f.location == "adapter"]
+    [finding] = [f for f in report.by_code("DT105") if f.location == "adapter"]
     assert finding.severity == "warning"
     assert finding.message.endswith("it meets another dtype at aten.mm without a cast")
 
@@ -161,7 +158,7 @@ class WithRotary(nn.Module):
 
 def dt107(stored: torch.dtype, angles: torch.dtype) -> list:
     inputs = (fp16(4, 8), torch.arange(2000, 2004))
-    return of(dtypelint.audit(WithRotary(stored, angles).eval(), inputs, dtype="float16"), "DT107")
+    return dtypelint.audit(WithRotary(stored, angles).eval(), inputs, dtype="float16").by_code("DT107")
 
 
 def test_intended_fp32_buffer_stored_in_half_is_a_warning_with_the_measured_error():
@@ -212,6 +209,6 @@ class Float32Rotary(nn.Module):
 @pytest.mark.parametrize(("cast_back", "severity"), [(True, "info"), (False, "warning")])
 def test_a_float32_rope_step_cast_back_is_intended_and_one_that_flows_on_is_not(cast_back, severity):
     report = dtypelint.audit(Float32Rotary(cast_back).eval(), torch.randn(1, 4, 8, dtype=torch.float16))
-    (promotion,) = [finding for finding in report.findings if finding.code == "DT102"]
+    (promotion,) = report.by_code("DT102")
     assert promotion.severity == severity and promotion.tensor == "inv_freq"
     assert ("an intended float32 step" in promotion.message) == cast_back

@@ -241,9 +241,9 @@ def test_a_composite_call_that_raises_before_dispatch_is_recorded() -> None:
     model.add_module("conv", nn.Conv2d(3, 4, 3).half())
     model.conv.bias.data = model.conv.bias.data.float()
     report = dtypelint.audit(model, (torch.randn(1, 3, 8, 8, dtype=torch.float16),))
-    error = next(f for f in report.findings if f.code == "DT001")
+    error = report.by_code("DT001")[0]
     assert (error.location, error.op, error.dtypes) == ("conv", "aten.conv2d", ["float16", "float16", "float32"])
-    mixed = next(f for f in report.findings if f.code == "DT101")
+    mixed = report.by_code("DT101")[0]
     assert (mixed.location, mixed.tensor) == ("conv", "conv.bias")
 
 
@@ -279,9 +279,9 @@ def test_a_dtype_error_raised_in_python_is_recorded_as_a_call_with_its_frame_ten
     model = nn.Sequential()
     model.add_module("attn", PythonChecked())
     report = dtypelint.audit(model, torch.randn(2, 4))
-    error = next(f for f in report.findings if f.code == "DT001")
+    error = report.by_code("DT001")[0]
     assert (error.location, error.op, error.dtypes) == ("attn", "python.check_same_dtype", ["float32", "float16"])
-    mixed = next(f for f in report.findings if f.code == "DT101")
+    mixed = report.by_code("DT101")[0]
     assert (mixed.location, mixed.op) == ("attn", "python.check_same_dtype")
 
 
@@ -309,7 +309,7 @@ class RebuiltTable(nn.Module):
 def test_a_buffer_assigned_in_forward_is_named_as_the_culprit() -> None:
     model = RebuiltTable().eval()
     report = dtypelint.audit(model, torch.randn(3, 4).half())
-    mixed = next(f for f in report.findings if f.code == "DT101")
+    mixed = report.by_code("DT101")[0]
     assert (mixed.location, mixed.tensor) == ("proj", "table")
     assert "buffer table (assigned in forward" in mixed.message
     assert [node for node, data in report.graph.nodes(data=True) if data.get("stored_name") == "table"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import math
 import re
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field, fields
 from functools import cached_property
@@ -59,7 +60,8 @@ def option_problem(name: str, value: object) -> str | None:
 
 @dataclass
 class RuleContext:
-    """Everything a rule may look at. Rules read it; none of them changes it."""
+    """Everything a rule may look at. Rules read it; the one thing they write is ``judged``: how many sites
+    each rule looked at (``Rule.looked``), so that a silent rule is seen to have judged something."""
 
     graph: DtypeGraph
     model: ModelInfo
@@ -67,6 +69,7 @@ class RuleContext:
     pack: BackendPack
     error: BaseException | None = None
     options: Options = field(default_factory=Options)
+    judged: Counter[str] = field(default_factory=Counter)
 
     @property
     def traced(self) -> bool:
@@ -125,6 +128,10 @@ class Rule:
 
     def check(self, context: RuleContext) -> Iterable[Finding]:
         raise NotImplementedError
+
+    def looked(self, context: RuleContext, sites: int = 1) -> None:
+        """Count ``sites`` this rule judged (a finding or not): ``Report.judged``."""
+        context.judged[self.code] += sites
 
     def finding(
         self,

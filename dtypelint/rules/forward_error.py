@@ -36,6 +36,7 @@ class ForwardError(Rule):
 
     def check(self, context: RuleContext) -> Iterator[Finding]:
         error = context.error
+        self.looked(context)  # the forward
         if error is None or context.stopped_at_trace_limit:
             return
         graph = context.graph

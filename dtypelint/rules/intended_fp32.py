@@ -76,9 +76,10 @@ class IntendedFp32(Rule):
         kernel_operands = _kernel_operands(context.pack)
         for node in graph.tensors():
             data = graph.tensor(node)
-            if data["origin"] not in LEAF_ORIGINS or not data["name"] or graph.dtype(node) not in HALF:
+            if data["origin"] not in LEAF_ORIGINS or not data["name"] or not context.pack.keeps_fp32(data["name"]):
                 continue
-            if not context.pack.keeps_fp32(data["name"]) or data["name"].rsplit(".", 1)[-1] in kernel_operands:
+            self.looked(context)
+            if graph.dtype(node) not in HALF or data["name"].rsplit(".", 1)[-1] in kernel_operands:
                 continue
             width = 2 * data["shape"][-1] if data["shape"] else 2
             error = _error(graph.dtype(node), width, positions, angles_in_dtype=False)
@@ -97,6 +98,7 @@ class IntendedFp32(Rule):
         for op in graph.ops():
             if graph.op(op)["packet"] not in ANGLE_FUNCTIONS:
                 continue
+            self.looked(context)
             inputs = graph.floating_inputs(op)
             if not inputs or graph.dtype(inputs[0]) not in HALF or not graph.lineage(inputs[0]).table:
                 continue

@@ -54,6 +54,7 @@ class LowPrecisionOp(Rule):
             inputs = graph.floating_inputs(op)
             if not inputs or graph.tensor(inputs[0])["dtype"] not in HALF:
                 continue
+            self.looked(context)
             reason = self._reason(context, op, inputs[0], limit)
             if reason is None:
                 continue

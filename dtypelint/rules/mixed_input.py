@@ -68,6 +68,7 @@ class MixedInput(Rule):
 
     def check(self, context: RuleContext) -> Iterator[Finding]:
         graph = context.graph
+        self.looked(context, sum(1 for op in graph.ops() if graph.op_is(op, OpKind.ONE_DTYPE)))
         for op in graph.dtype_conflicts():
             data = graph.op(op)
             if not graph.op_is(op, OpKind.ONE_DTYPE) and not data["failed"]:

@@ -57,7 +57,9 @@ class Nonfinite(Rule):
         harmless: set[str] = set()  # tensors whose values, followed forward, never reach the end
         clean_upstream: set[str] = set()  # unmeasured tensors with only finite measured values behind them
         for op in graph.ops():
-            produced = [t for t in graph.outputs(op) if not finite(graph.value_range(t))]
+            ranges = [graph.value_range(t) for t in graph.outputs(op)]
+            self.looked(context, any(bounds is not None for bounds in ranges))  # an op whose values were measured
+            produced = [t for t, bounds in zip(graph.outputs(op), ranges, strict=True) if not finite(bounds)]
             if not produced or not graph.computes_values(op):
                 continue
             inputs = graph.floating_inputs(op)

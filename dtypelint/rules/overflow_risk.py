@@ -55,6 +55,7 @@ class OverflowRisk(Rule):
                 dtype = graph.dtype(tensor)
                 if bounds is None or not finite(bounds) or not dtype.is_floating_point:
                     continue
+                self.looked(context)
                 largest = torch.finfo(dtype).max
                 peak = max((abs(bound) for bound in bounds if abs(bound) < largest), default=0.0)
                 carried = max(

@@ -47,7 +47,10 @@ class ParamDtype(Rule):
         keep = set(model.keep_in_fp32_modules)
         by_module: dict[str, list[tuple[str, str]]] = defaultdict(list)
         for name, info in model.tensors.items():
-            if info.kind == OriginKind.ATTRIBUTE or not info.dtype.is_floating_point or dtype_name(info.dtype) == compute:
+            if info.kind == OriginKind.ATTRIBUTE or not info.dtype.is_floating_point:
+                continue
+            self.looked(context)
+            if dtype_name(info.dtype) == compute:
                 continue
             if context.pack.keeps_fp32(name) or keep & set(name.split(".")):
                 continue

@@ -82,6 +82,7 @@ class Promotion(Rule):
             outputs = graph.outputs(op)
             if graph.op_is(op, OpKind.CAST) or graph.op(op)["inplace"] or not outputs:
                 continue  # casts are explicit; an in-place op keeps its target's dtype
+            self.looked(context)
             if not wider(graph.dtype(outputs[0]), compute):
                 continue
             inputs = graph.floating_inputs(op)

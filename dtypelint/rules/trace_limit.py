@@ -36,6 +36,7 @@ class TraceLimit(Rule):
     severity = Severity.WARNING
 
     def check(self, context: RuleContext) -> Iterator[Finding]:
+        self.looked(context)  # the forward
         yield from self._op_cap(context)
         if context.error is None or not context.stopped_at_trace_limit:
             return

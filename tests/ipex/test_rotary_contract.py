@@ -85,7 +85,7 @@ def test_after_half_and_under_hf_eager_there_is_nothing_to_report(checkpoints, f
 @pytest.mark.parametrize("family", FAMILIES)
 def test_bf16_reaches_a_kernel_that_takes_only_fp16_and_fp32(checkpoints, family):
     model = load(checkpoints[family], torch.bfloat16)
-    errors = [f for f in audit(model, "ipex-llm-xpu").findings if f.code == "IPX101"]
+    errors = audit(model, "ipex-llm-xpu").by_code("IPX101")
     assert len(errors) == LAYERS
     for finding in errors:
         assert "supports only float16, float32" in finding.message and "bfloat16" in finding.message
