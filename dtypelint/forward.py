@@ -11,8 +11,9 @@ tracer) is entered right around the call. The forward's exception is returned, n
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Mapping
-from contextlib import AbstractContextManager, ExitStack, nullcontext
+import logging
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,6 +25,9 @@ from dtypelint.flash_standin import flash_standin, requested_flash
 from dtypelint.state import fresh_copies, preserved
 
 MODES = ("value", "meta")
+# Where a fake kernel that fails logs its traceback at ERROR level ("E1203 ... fake_tensor.py:3090]"): on
+# stderr it reads as a crash of dtypelint, so it is kept for the trace-limit finding instead.
+FAKE_TENSOR_LOGGER = "torch._subclasses.fake_tensor"
 
 
 @dataclass(frozen=True)
@@ -45,6 +49,7 @@ class Ran:
     output: Any = None
     error: Exception | None = None
     written_parameters: list[str] = field(default_factory=list)
+    torch_log: list[str] = field(default_factory=list)  # what torch's fake tensors logged (meta mode)
 
 
 def prepare_call(model: torch.nn.Module, inputs: Any) -> Call:
@@ -108,6 +113,7 @@ def run_forward(
                              "call is checked as a flash-attention call")
         if mode == "meta":
             stack.enter_context(fake_attributes(model, fake_mode))
+            ran.torch_log = stack.enter_context(captured_log(FAKE_TENSOR_LOGGER))
         recording = recorder(call) if recorder is not None else nullcontext()
         if mode == "meta":
             stack.enter_context(fake_mode)
@@ -122,6 +128,28 @@ def run_forward(
             ran.error = exception
     ran.written_parameters = list(kept.written_parameters)
     return ran
+
+
+@contextmanager
+def captured_log(name: str) -> Iterator[list[str]]:
+    """The first line of each message the logger ``name`` emits in the body, kept from its handlers."""
+    messages: list[str] = []
+    logger = logging.getLogger(name)
+    saved = logger.handlers, logger.propagate  # torch gives the logger a stderr handler of its own
+    logger.handlers, logger.propagate = [_Collect(messages)], False
+    try:
+        yield messages
+    finally:
+        logger.handlers, logger.propagate = saved
+
+
+class _Collect(logging.Handler):
+    def __init__(self, messages: list[str]) -> None:
+        super().__init__()
+        self.messages = messages
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage().split("\n", 1)[0])
 
 
 def refuse_deferred(model: torch.nn.Module) -> None:

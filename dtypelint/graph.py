@@ -127,6 +127,7 @@ class DtypeGraph(nx.DiGraph):
             autocast=tracer.autocast,
             autocast_policy=tracer.autocast_policy.device,
             failure_module=tracer.failure_module,
+            torch_log=tuple(dict.fromkeys(result.torch_log)),
             returns_known=bool(tracer.returned),
             attention_calls=tuple(tracer.attention.calls),  # dtypelint.attention.AttentionCall; not exported
         )

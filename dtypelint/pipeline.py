@@ -98,7 +98,7 @@ def _run(model: torch.nn.Module, inputs: Any, options: TraceOptions, notes: list
                           attn_implementation=options.attn_implementation, notes=notes, recorder=tracer_for)
     (tracer,) = tracers
     notes += _written_note(tracer.written_parameters | set(ran.written_parameters))
-    return TraceResult(tracer, ran.error, fake=options.mode == "meta", notes=notes)
+    return TraceResult(tracer, ran.error, fake=options.mode == "meta", notes=notes, torch_log=ran.torch_log)
 
 
 def _graph(result: TraceResult) -> DtypeGraph:

@@ -559,3 +559,4 @@ class TraceResult:
     error: BaseException | None = None
     fake: bool = False
     notes: list[str] = field(default_factory=list)
+    torch_log: list[str] = field(default_factory=list)  # what torch logged while the forward ran (fake kernels)

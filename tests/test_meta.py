@@ -152,3 +152,23 @@ def test_meta_mode_swaps_plain_tensor_attributes_for_the_call_only():
     assert report.findings == [] and report.graph.graph["error"] is None
     assert report.graph.nodes[report.graph.find_tensor("table")]["origin"] == "attribute"
     assert model.table is table and table.device.type == "meta"
+
+
+def test_a_fake_kernel_failure_is_one_trace_limit_finding_not_a_log_on_stderr(capfd):
+    """A meta kernel narrower than the real one (``_grouped_mm``'s takes bfloat16 only) logs its traceback on
+    torch's own stderr handler; dtypelint keeps its first line in DT002 and prints nothing."""
+    from transformers import AutoConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    if "afmoe" not in CONFIG_MAPPING_NAMES:
+        pytest.skip("this transformers has no AFMoE (it came with transformers 5)")
+    config = AutoConfig.for_model(
+        "afmoe", vocab_size=128, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=2,
+        num_dense_layers=1, num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=4,
+        num_experts_per_tok=2, num_shared_experts=1, layer_types=["full_attention"] * 2,
+    )
+    report = dtypelint.audit_config(config, dtype="float16")
+    [limit] = report.by_code("DT002")
+    assert "aten._grouped_mm" in limit.message
+    assert "torch logged: failed while attempting to run meta for aten._grouped_mm" in limit.message
+    assert "fake_tensor.py" not in capfd.readouterr().err

@@ -45,11 +45,13 @@ class TraceLimit(Rule):
         location = graph.op(failed)["module"] if failed else ""
         op = graph.op(failed)["name"] if failed else None
         traced = sum(1 for _ in graph.ops())
+        logged = "".join(f"; torch logged: {line}" for line in graph.graph.get("torch_log", ()))
         yield self.finding(
             location=location,
             op=op,
             message=f"meta mode cannot run {op or 'this op'} ({first_line(context.error)}); "
-            f"the {traced - 1 if failed else traced} ops before it were checked, the rest of the forward was not",
+            f"the {traced - 1 if failed else traced} ops before it were checked, the rest of the forward was not"
+            f"{logged}",
             node=failed,
         )
 

@@ -37,7 +37,7 @@ def main() -> None:
     hits = sum(o.passed for o in bugs)
     alarms = sum(not o.passed for o in controls)
     print()
-    print(f"cases: {len(CASES)} ({len(bugs)} bugs and {len(controls)} controls run, bugs fixed upstream counted as controls; {len(CASES) - len(ran)} skipped for a missing pack)")
+    print(f"cases: {len(CASES)} ({len(bugs)} bugs and {len(controls)} controls run, bugs fixed upstream counted as controls; {len(CASES) - len(ran)} skipped for a missing pack or library)")
     print(f"reports: {len({c.url for c in CASES})} from {len({c.project for c in CASES})} projects")
     print(f"hit rate: {hits}/{len(bugs)} bugs ({hits / len(bugs):.0%})")
     print(f"false alarms on controls: {alarms}/{len(controls)}")

@@ -44,6 +44,7 @@ class Case:
     control: bool = False  # the fix: no error and no warning at all
     autocast: str | None = None  # audit under torch.autocast("cpu", dtype=autocast)
     needs_pack: str | None = None  # skipped while dtypelint.shipped.available_packs() lacks it
+    needs_library: str | None = None  # skipped while this module is not installed (an optional extra)
     known_miss: str | None = None
     fixed_upstream: str | None = None  # why the installed library no longer has the bug: judged as a control
 
@@ -172,9 +173,9 @@ CASES: list[Case] = [
     control("physicsnemo-natten-qk-norm-cast-back", "physicsnemo", "https://github.com/NVIDIA/physicsnemo/pull/1978", 7,
             partial(m.normed_query, norm_k=True, cast_back=True), audit=BF16, autocast="bfloat16", needs_pack="cuda"),
     bug("bnb-linear4bit-fp32-compute", "bitsandbytes", "https://github.com/bitsandbytes-foundation/bitsandbytes/pull/2077", 7,
-        partial(m.linear4bit, m.F32), Expect("kernel-contract", ("0",), "warning"), audit=F16, needs_pack="bitsandbytes"),
+        partial(m.linear4bit, m.F32), Expect("kernel-contract", ("0",), "warning"), audit=F16, needs_pack="bitsandbytes", needs_library="bitsandbytes"),
     control("bnb-linear4bit-fp16-compute", "bitsandbytes", "https://github.com/h2oai/h2ogpt/pull/682", 7,
-            partial(m.linear4bit, m.F16), audit=F16, needs_pack="bitsandbytes"),
+            partial(m.linear4bit, m.F16), audit=F16, needs_pack="bitsandbytes", needs_library="bitsandbytes"),
     # Conflicts the tracer already sees.
     bug("deepspeed-fp16-engine-float-input", "DeepSpeed", "https://github.com/deepspeedai/DeepSpeed/issues/550", 0,
         partial(m.half_model_float_input, cast_input=False), Expect("mixed-input", ("0",)), audit=F16),

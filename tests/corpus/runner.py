@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib
 from dataclasses import dataclass, field
 from functools import cache
 
@@ -53,7 +54,17 @@ class Outcome:
 def skip_reason(case: Case) -> str | None:
     if case.needs_pack and case.needs_pack not in available_packs():
         return f"needs the {case.needs_pack} pack"
+    if case.needs_library and not _importable(case.needs_library):
+        return f"needs {case.needs_library} (pip install -e '.[{case.needs_library}]')"
     return None
+
+
+def _importable(module: str) -> bool:
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        return False
+    return True
 
 
 def audit_settings(case: Case) -> dict:
