@@ -671,6 +671,9 @@ class Loaded:
     model_class: str | None = None  # the class name built ("T5ForConditionalGeneration")
     model_source: str | None = None  # where the name came from: "config.architectures", "--model-class", ...
     made_inputs: list[SynthesizedInput] = field(default_factory=list)  # the inputs dtypelint synthesized
+    # Tensor name -> the dtype its safetensors file stores (value loads of a checkpoint): ``from_pretrained``
+    # casts on load, so these may differ from what the audit ran.
+    stored_dtypes: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -741,7 +744,14 @@ def _value_load(request: Request, model_of: Callable[[Any, torch.dtype | None, M
                            float_dtype=request.inputs_dtype or dtype, preprocessor=_preprocessor(path),
                            max_input_elements=request.max_input_elements, source=source)
     return Loaded(model, inputs, "value", dtype, config, model_class=model_class.name,
-                  model_source=model_class.source, made_inputs=describe_inputs(inputs))
+                  model_source=model_class.source, made_inputs=describe_inputs(inputs), stored_dtypes=_stored(path))
+
+
+def _stored(path: Path | None) -> dict[str, str]:
+    """The stored dtypes of a checkpoint directory's safetensors files ({} without any)."""
+    if path is None or not path.is_dir() or not any(path.glob("*.safetensors")):
+        return {}
+    return stored_dtypes(path)
 
 
 def _model_class(request: Request, config: Any, *, low_bit: bool = False) -> ModelClass:
@@ -802,4 +812,5 @@ def _load_config_only(request: Request) -> Loaded:
                                preprocessor=_preprocessor(request.path) if isinstance(source, Path) else None,
                                max_input_elements=request.max_input_elements, source=file)
     return Loaded(model, inputs, "meta", dtype, config, fake_mode, model_class=model_class.name,
-                  model_source=model_class.source, made_inputs=describe_inputs(inputs))
+                  model_source=model_class.source, made_inputs=describe_inputs(inputs),
+                  stored_dtypes=_stored(request.path))

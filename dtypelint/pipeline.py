@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import functools
 from collections import Counter
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Unpack
 
@@ -12,6 +13,7 @@ import torch
 
 from dtypelint.autocast import POLICIES
 from dtypelint.config import SettingOverrides, Settings
+from dtypelint.diagnostics import Finding
 from dtypelint.dtypes import dtype_name, parse_dtype
 from dtypelint.errors import UsageError
 from dtypelint.forward import Call, run_forward
@@ -24,7 +26,7 @@ from dtypelint.rules import run_rules
 from dtypelint.rules.base import Options, RuleContext
 from dtypelint.state import refuse_uninitialised_lazy
 from dtypelint.tracer import Tracer, TraceResult, needs_values
-from dtypelint.vocabulary import OriginKind
+from dtypelint.vocabulary import LEAF_ORIGINS, OriginKind
 
 
 def infer_compute_dtype(model: torch.nn.Module) -> torch.dtype:
@@ -115,7 +117,8 @@ def trace(model: torch.nn.Module, inputs: Any, *, mode: str = "value", stats: bo
     return _graph(_run(model, inputs, TraceOptions(mode=mode, stats=stats, max_ops=Options().max_ops), notes))
 
 
-def _report(result: TraceResult, *, compute_dtype: torch.dtype, settings: Settings, rerun: Rerun | None = None) -> Report:
+def _report(result: TraceResult, *, compute_dtype: torch.dtype, settings: Settings, rerun: Rerun | None = None,
+            stored: Mapping[str, str] | None = None) -> Report:
     graph = _graph(result)
     context = RuleContext(
         graph=graph,
@@ -125,18 +128,71 @@ def _report(result: TraceResult, *, compute_dtype: torch.dtype, settings: Settin
         error=result.error,
         options=settings.options,
     )
+    findings = run_rules(context, settings.selection, settings.rules)
     return Report(
         graph=graph,
-        findings=run_rules(context, settings.selection, settings.rules),
+        findings=findings,
         model=context.model.class_name,
         backend=settings.pack.name,
         mode=graph.graph["mode"],
         compute_dtype=dtype_name(compute_dtype),
-        notes=result.notes,
+        notes=result.notes + _stored_notes(context, settings, findings, stored or {}),
         tensor_dtypes={name: dtype_name(info.dtype) for name, info in context.model.tensors.items()},
         judged=dict(context.judged),
         rerun=rerun,
     )
+
+
+def _stored_notes(context: RuleContext, settings: Settings, findings: list[Finding],
+                  stored: Mapping[str, str]) -> list[str]:
+    """Where a checkpoint of mixed stored dtypes stores tensors in another dtype than the audit ran them
+    (``from_pretrained`` casts on load; a loader that keeps stored dtypes does not): a note naming them, and
+    what the backend's contracts say of the forward with those tensors as stored."""
+    floating = {name: dtype for name, dtype in stored.items() if _stored_floating(dtype) is not None}
+    if len(set(floating.values())) < 2:
+        return []  # one stored float dtype: a load in another dtype casts everything alike, as asked
+    differ = {name: (floating[name], dtype_name(info.dtype)) for name, info in context.model.tensors.items()
+              if name in floating and floating[name] != dtype_name(info.dtype) and info.dtype.is_floating_point}
+    if not differ:
+        return []
+    listed = ", ".join(f"{name} {kept}" for name, (kept, _) in list(differ.items())[:5])
+    more = f" and {len(differ) - 5} more" if len(differ) > 5 else ""
+    loaded = sorted({ran for _, ran in differ.values()})
+    note = (f"the checkpoint stores {len(differ)} tensor{'s' if len(differ) > 1 else ''} in another dtype than the "
+            f"audit ran ({', '.join(loaded)}: from_pretrained casts to the dtype asked for): {listed}{more}; a loader that "
+            "keeps stored dtypes runs them as stored")
+    seen = {(finding.code, finding.location) for finding in findings}
+    sites: dict[tuple[str, str], Finding] = {}
+    for finding in _judged_as_stored(context, settings, differ):
+        if (finding.code, finding.location) not in seen:
+            sites.setdefault((finding.code, finding.location), finding)
+    if sites:
+        shown = "; ".join(f"{code} at {location or '<model>'} ({finding.message})"
+                          for (code, location), finding in list(sites.items())[:3])
+        note += f", and under {settings.pack.name} that is {shown}" + (f" and {len(sites) - 3} more" if len(sites) > 3 else "")
+    return [note]
+
+
+def _stored_floating(name: str) -> torch.dtype | None:
+    """The floating torch dtype a stored dtype name (``dtypelint.load.SAFETENSORS_DTYPES``) is, else None."""
+    dtype = getattr(torch, name, None)
+    return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else None
+
+
+def _judged_as_stored(context: RuleContext, settings: Settings, differ: Mapping[str, tuple[str, str]]) -> list[Finding]:
+    """The backend's kernel contracts over the same forward with ``differ``'s tensors in their stored dtype."""
+    contracts = [rule for rule in settings.rules if rule.pack is not None]
+    if not contracts:
+        return []
+    graph = context.graph.copy()
+    for node in graph.tensors():
+        data = graph.tensor(node)
+        if data["origin"] in LEAF_ORIGINS and data["name"] in differ:
+            graph.nodes[node]["dtype"] = differ[data["name"]][0]
+    tensors = {name: replace(info, dtype=_stored_floating(differ[name][0])) if name in differ else info
+               for name, info in context.model.tensors.items()}
+    as_stored = replace(context, graph=graph, model=replace(context.model, tensors=tensors), judged=Counter())
+    return run_rules(as_stored, settings.selection, contracts)
 
 
 def audit(
@@ -161,13 +217,21 @@ def audit(
     flash_attn; default: the model config's own). They
     override ``settings`` (``dtypelint.config.load_settings()``). The model is left exactly as it was.
     """
+    return _audit(model, inputs, TraceOptions(mode=mode, stats=stats, progress=progress),
+                  (settings or Settings()).layered(overrides))
+
+
+def _audit(model: torch.nn.Module, inputs: Any, chosen: TraceOptions, settings: Settings,
+           stored: Mapping[str, str] | None = None) -> Report:
+    """``audit`` with resolved settings; ``stored``: the dtypes the checkpoint stores, by tensor name."""
     notes: list[str] = []
     model = _unwrap(model, notes)
-    resolved = (settings or Settings()).layered(overrides)
-    compute_dtype = parse_dtype(resolved.dtype) or infer_compute_dtype(model)
-    result = _run(model, inputs, TraceOptions.from_settings(resolved, mode=mode, stats=stats, progress=progress), notes)
-    rerun = Rerun(inputs, functools.partial(_audit_again, resolved, dtype_name(compute_dtype))) if mode == "value" else None
-    return _report(result, compute_dtype=compute_dtype, settings=resolved, rerun=rerun)
+    compute_dtype = parse_dtype(settings.dtype) or infer_compute_dtype(model)
+    options = TraceOptions.from_settings(settings, mode=chosen.mode, stats=chosen.stats, progress=chosen.progress)
+    result = _run(model, inputs, options, notes)
+    value = chosen.mode == "value"
+    rerun = Rerun(inputs, functools.partial(_audit_again, settings, dtype_name(compute_dtype))) if value else None
+    return _report(result, compute_dtype=compute_dtype, settings=settings, rerun=rerun, stored=stored)
 
 
 def _audit_again(settings: Settings, compute_dtype: str, model: torch.nn.Module, inputs: Any, **overrides: Any) -> Report:
@@ -204,8 +268,10 @@ def audit_config(
 def audit_loaded(loaded: Loaded, *, settings: Settings, progress: bool = False) -> Report:
     """Audit what a loader returned (``dtypelint.load.load``), in its mode."""
     if loaded.mode == "value":
-        return _with_load(loaded, audit(loaded.model, loaded.inputs, settings=settings, progress=progress,
-                                        dtype=loaded.dtype), loaded.inputs)
+        resolved = settings.layered({"dtype": loaded.dtype})
+        report = _audit(loaded.model, loaded.inputs, TraceOptions(stats=True, progress=progress), resolved,
+                        stored=loaded.stored_dtypes)
+        return _with_load(loaded, report, loaded.inputs)
 
     options = TraceOptions.from_settings(settings, mode="meta", progress=progress, fake_mode=loaded.fake_mode)
     inputs = loaded.inputs
@@ -221,7 +287,8 @@ def audit_loaded(loaded: Loaded, *, settings: Settings, progress: bool = False) 
                 "meta mode: this transformers reads the attention mask's values, so the forward was traced "
                 "without attention_mask (the causal path an all-ones mask takes)"
             )
-    return _with_load(loaded, _report(result, compute_dtype=loaded.dtype or torch.float32, settings=settings), inputs)
+    report = _report(result, compute_dtype=loaded.dtype or torch.float32, settings=settings, stored=loaded.stored_dtypes)
+    return _with_load(loaded, report, inputs)
 
 
 def _with_load(loaded: Loaded, report: Report, inputs: Any) -> Report:
