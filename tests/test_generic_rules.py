@@ -503,3 +503,67 @@ def test_an_origin_behind_unmeasured_inputs_is_a_likely_origin_warning():
     [finding] = dtypelint.audit(Fp32Region().eval(), HUNDREDS * 100, dtype="float16").by_code("DT103")
     assert (finding.op, finding.severity) == ("aten._to_copy", "warning")
     assert "from inputs not measured (the values measured before them are finite" in finding.message
+
+
+# DT102 where no leaf is behind the promotion: an activation cast to float32 on purpose ----------------------
+
+
+class GatedBlock(nn.Module):
+    """A router whose float32 gate (``scores.float().softmax``, as MoE routers compute it) scales the stream:
+    without the cast back the block and everything after it run in float32, up to the model's output."""
+
+    def __init__(self, ending: str) -> None:
+        super().__init__()
+        self.gate, self.up, self.ending = nn.Linear(16, 4), nn.Linear(16, 16), ending
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.gate(x).float().softmax(-1).max(-1, keepdim=True).values
+        if self.ending == "cast-back":
+            weight = weight.to(x.dtype)
+        scaled = self.up(x) * weight
+        if self.ending == "top-k":  # the float32 scores only choose indices: nothing wide flows on
+            return x[..., scaled.topk(4, dim=-1).indices[0]]
+        return scaled
+
+
+class Gated(nn.Module):
+    def __init__(self, ending: str) -> None:
+        super().__init__()
+        self.block = GatedBlock(ending)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(x + self.block(x)) * 3
+
+
+def test_a_float32_step_that_flows_on_to_the_output_is_where_the_stream_leaves_the_compute_dtype():
+    [finding] = dtypelint.audit(Gated("leaks").eval().half(), fp16(2, 16)).by_code("DT102")
+    assert (finding.location, finding.op, finding.tensor, finding.fix) == ("block", "aten.mul", None, None)
+    assert finding.message.startswith("the float16 stream leaves float16 at aten.mul in block: ")
+    assert "cast to float32 by aten._to_copy in block" in finding.message
+    assert finding.message.endswith("and the model returns float32")
+
+
+@pytest.mark.parametrize("ending", ["cast-back", "top-k"])
+def test_a_float32_step_cast_back_or_ending_in_indices_is_the_convention(ending):
+    report = dtypelint.audit(Gated(ending).eval().half(), fp16(2, 16))
+    assert judged_silently(report, "DT102")
+
+
+class RebuiltTable(nn.Module):
+    """A position table the forward rebuilds in float32 when the input outgrows it, stored as its buffer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("table", torch.zeros(4, 16, dtype=torch.float16), persistent=False)
+        self.proj = nn.Linear(16, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] > self.table.shape[0]:
+            self.table = torch.arange(x.shape[0] * 16, dtype=torch.float32).reshape(-1, 16) / 100
+        return self.proj(x) + self.table[: x.shape[0]]
+
+
+def test_a_constant_the_forward_stores_as_a_buffer_is_named_by_that_buffer_in_dt102():
+    [finding] = dtypelint.audit(RebuiltTable().half().eval(), fp16(8, 16)).by_code("DT102")
+    assert (finding.location, finding.tensor) == ("", "table")
+    assert finding.message.startswith("buffer table (assigned in forward")

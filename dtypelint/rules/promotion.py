@@ -16,12 +16,14 @@ PROMOTING_ORIGINS = WEIGHT_ORIGINS | {OriginKind.CONSTANT}
 INTENDED_WIDE_OPS = 4  # a promoted stretch this short that ends in casts back is a deliberate float32 step
 
 
-def widened_ops(graph: DtypeGraph, start: str, dtype: str) -> tuple[int, bool]:
-    """How many ops after ``start`` go on producing ``dtype`` from its output, up to an explicit cast, and
-    whether every such value ends in explicit casts (back to the stream's dtype, as RoPE in float32 does)."""
-    seen, frontier, cast_back = set(), list(graph.outputs(start)), True
+def widened_ops(graph: DtypeGraph, start: str, dtype: str) -> tuple[int, bool, bool]:
+    """How many ops after ``start`` go on producing ``dtype`` from its output, up to an explicit cast,
+    whether every such value ends in explicit casts (back to the stream's dtype, as RoPE in float32 does),
+    and whether the forward returns one of them."""
+    seen, frontier, cast_back, returned = set(), list(graph.outputs(start)), True, False
     while frontier:
         tensor = frontier.pop()
+        returned = returned or bool(graph.tensor(tensor).get("returned"))
         consumers = graph.consumers(tensor)
         cast_back = cast_back and bool(consumers)
         for op in consumers:
@@ -33,7 +35,7 @@ def widened_ops(graph: DtypeGraph, start: str, dtype: str) -> tuple[int, bool]:
                 frontier += outputs
             else:
                 cast_back = False
-    return len(seen), cast_back
+    return len(seen), cast_back, returned
 
 
 class Promotion(Rule):
@@ -41,7 +43,10 @@ class Promotion(Rule):
     ## What it does
     Finds a floating leaf (buffer, parameter, tensor attribute or a constant made in forward) of a wider
     dtype than the compute dtype that silently promotes the activation stream, following torch's own type
-    promotion: the op's recorded output dtype, as `torch.result_type` decided it.
+    promotion: the op's recorded output dtype, as `torch.result_type` decided it. Where no leaf is behind
+    it (an activation cast to float32 on purpose, a router's `scores.float()`, that meets the stream again
+    without a cast back, up to the model's output), it names the op and module where the stream leaves the
+    compute dtype.
 
     ## Why is this bad?
     `x_fp16 * buffer_fp32` is legal and returns float32: every op after it runs in float32, at twice
@@ -77,7 +82,7 @@ class Promotion(Rule):
     def check(self, context: RuleContext) -> Iterator[Finding]:
         graph, compute = context.graph, context.compute_dtype
         compute_name = dtype_name(compute)
-        reported: set[str] = set()
+        reported: set[str] = set()  # promoting leaves, and the casts that made a promoting stream value
         for op in graph.ops():
             outputs = graph.outputs(op)
             if graph.op_is(op, OpKind.CAST) or graph.op(op)["inplace"] or not outputs:
@@ -100,10 +105,36 @@ class Promotion(Rule):
                 if dtype_name(torch.promote_types(compute, graph.dtype(tensor))) != wide:
                     continue
                 leaf = self._promoting_leaf(context, tensor)
-                if leaf is None or leaf in reported:
+                if leaf is None:
+                    casts = graph.lineage(tensor).casts
+                    if casts and casts[0] not in reported:  # the stream itself, made wide on purpose
+                        reported.add(casts[0])
+                        yield from self._stream_left(context, op, tensor, casts[0], wide, compute_name)
+                    continue
+                if leaf in reported:
                     continue
                 reported.add(leaf)
                 yield self._finding(context, op, tensor, leaf, wide, compute_name)
+
+    def _stream_left(self, context: RuleContext, op: str, tensor: str, cast: str, wide: str,
+                     compute: str) -> Iterator[Finding]:
+        """An activation cast wide on purpose (a router's ``scores.float()``) that meets the stream without a
+        cast back: the stream leaves the compute dtype here and the model's output stays wide."""
+        graph = context.graph
+        after, _, returned = widened_ops(graph, op, wide)
+        if not returned:
+            return  # cast back, or ending in indices or a mask (a router, a RoPE step, a top-k): a local step
+        data, made = graph.op(op), graph.op(cast)
+        yield self.finding(
+            location=data["module"],
+            op=data["name"],
+            dtypes=sorted({compute, wide}),
+            message=f"the {compute} stream leaves {compute} at {data['name']} in {data['module'] or '<model>'}: "
+            f"{graph.describe_derived(tensor)} (cast to {wide} by {made['name']} in {made['module'] or '<model>'}) "
+            f"meets it without a cast back; {after} later op{'s' if after != 1 else ''} run in {wide}, and the model "
+            f"returns {wide}",
+            node=op,
+        )
 
     @staticmethod
     def _promoting_leaf(context: RuleContext, tensor: str) -> str | None:
@@ -127,7 +158,7 @@ class Promotion(Rule):
         # A derived table is fixed by a cast after its derivation, in the model's code: no automatic fix.
         fixable = direct and leaf_data["origin"] in CASTABLE_ORIGINS
         fix = Fix((name,), compute, Applicability.UNSAFE, f"cast {name} to {compute}") if name and fixable else None
-        after, cast_back = widened_ops(graph, op, wide)
+        after, cast_back, _ = widened_ops(graph, op, wide)
         what = f"{graph.describe(leaf)} ({leaf_data['dtype']})" if direct else graph.describe_derived(tensor)
         # A table the backend keeps in float32 by design (RoPE's cos/sin from inv_freq), used in float32 for a
         # few ops and cast back: the model computes that step in float32 on purpose (Olmo's rotary).
@@ -136,7 +167,7 @@ class Promotion(Rule):
         ending = "; then cast back: an intended float32 step" if intended else ""
         return self.finding(
             location=data["module"],
-            tensor=name,
+            tensor=name or graph.blamed_leaf(tensor),  # a constant the forward stored: named by its buffer
             op=data["name"],
             dtypes=sorted({compute, wide, graph.tensor(tensor)["dtype"]}),
             message=f"{what} promotes the {compute} stream to {wide} at {data['name']}; "
