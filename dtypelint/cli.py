@@ -89,6 +89,9 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--seq-len", type=_positive_int, default=16,
                        help="sample length (default: 16; at most the config's max_position_embeddings)")
     check.add_argument("--max-ops", type=_positive_int, metavar="N", help="ops recorded per forward (default: 200000)")
+    check.add_argument("--steps", type=_positive_int, metavar="N",
+                       help="calls traced of a generative model: the prompt, then N-1 decode steps fed the cache "
+                            "it returned (default: 2; 1: the prompt only)")
     check.add_argument("--max-input-elements", type=_positive_int, metavar="N",
                        help="elements each input synthesized from the config may have, in value mode "
                             "(default: 33554432)")
@@ -153,7 +156,7 @@ def _settings(options: argparse.Namespace) -> Settings:
         "backend": options.backend, "packs": options.packs, "select": options.select, "ignore": options.ignore,
         "extend_select": options.extend_select, "fail_on": options.fail_on, "dtype": options.dtype,
         "attn_implementation": options.attn_implementation,
-        "options": {name: getattr(options, name) for name in ("max_ops", "max_input_elements", "max_layers")
+        "options": {name: getattr(options, name) for name in ("max_ops", "max_input_elements", "max_layers", "steps")
                     if getattr(options, name)} or None,
     })
 

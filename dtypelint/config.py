@@ -14,6 +14,7 @@
     max-ops = 200000                  # ops recorded per forward (DT002 past it)
     max-input-elements = 33554432     # per input synthesized from a config (value mode)
     max-layers = 1024                 # layers per stack, or experts per layer, a config may ask for
+    steps = 2                         # calls traced of a generative model: the prompt, then decode steps
 
     [tool.dtypelint.per-location-ignores]
     "model.layers.*.mlp" = ["DT104"]
@@ -44,7 +45,7 @@ from dtypelint.rules.packs import BackendPack, combine, load_pack
 
 _LIST_KEYS = {"select": "select", "extend-select": "extend_select", "ignore": "ignore", "packs": "packs"}
 _OPTION_KEYS = {"overflow-fraction": "overflow_fraction", "large-reduction": "large_reduction", "max-ops": "max_ops",
-                "max-input-elements": "max_input_elements", "max-layers": "max_layers"}
+                "max-input-elements": "max_input_elements", "max-layers": "max_layers", "steps": "steps"}
 
 
 class SettingOverrides(TypedDict, total=False):

@@ -28,6 +28,7 @@ Formats
           "backend": "hf-eager",                 # name of the rule pack in use
           "mode": "value" | "meta",
           "compute_dtype": "float16",
+          "steps": 2,                            # calls traced: the prompt and decode steps (--steps)
           "model_source": "config.architectures",  # where the class name came from (or "--model-class",
                                                    # a task mapping); only for a checkpoint or config
           "inputs": [{"name": "input_ids", "shape": [1, 16], "dtype": "int64"}],  # what dtypelint made;

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch.utils._python_dispatch import _disable_current_modes
 
 from dtypelint.errors import UsageError
 from dtypelint.fake import fake_attributes, fake_call, new_fake_mode
@@ -50,6 +51,7 @@ class Ran:
     error: Exception | None = None
     written_parameters: list[str] = field(default_factory=list)
     torch_log: list[str] = field(default_factory=list)  # what torch's fake tensors logged (meta mode)
+    steps: int = 0  # the calls run: the first, then the decode steps
 
 
 def prepare_call(model: torch.nn.Module, inputs: Any) -> Call:
@@ -84,12 +86,17 @@ def run_forward(
     attn_implementation: str | None = None,
     notes: list[str] | None = None,
     recorder: Callable[[Call], AbstractContextManager[Any]] | None = None,
+    steps: int = 1,
+    on_step: Callable[[int], None] | None = None,
 ) -> Ran:
     """Run one forward of ``model`` on ``inputs`` (see the module docs); meta mode in ``fake_mode`` (default:
     a new one).
     ``attn_implementation``: the attention the deployment runs (default: the model config's); a flash one
     runs on its CPU stand-in and says so in ``notes``. ``recorder(call)`` is made before the call, outside
-    fake mode, and entered right around it."""
+    fake mode, and entered right around it. ``steps``: a generative model (one that returns a cache and
+    logits for ``input_ids``) runs ``steps - 1`` decode steps after the first call, each fed the token it
+    predicted and the cache it returned, as ``generate`` does (``decode_call``); ``on_step(n)`` is called
+    before decode step ``n`` (1, 2, ...)."""
     if mode not in MODES:
         raise UsageError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
     refuse_deferred(model)
@@ -102,6 +109,8 @@ def run_forward(
         raise UsageError("the model has tensors on the meta device, which value mode cannot run; use mode='meta'")
     else:
         call = Call(*fresh_copies((call.args, call.kwargs)), call.names)
+    if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        steps = 1  # its decoder steps on decoder_input_ids and the encoder's outputs: not decoded here
     ran = Ran()
     with ExitStack() as stack:
         kept = stack.enter_context(preserved(model))
@@ -120,10 +129,17 @@ def run_forward(
         stack.enter_context(torch.no_grad())
         try:
             with recording:
-                if call.state is None:
-                    ran.output = model(*call.args, **call.kwargs)
-                else:
-                    ran.output = torch.func.functional_call(model, call.state, call.args, call.kwargs, strict=False)
+                step: Call | None = call
+                for number in range(steps):
+                    if number:
+                        with _unrecorded():
+                            step = decode_call(step, ran.output, _cache_keyword(model))
+                        if step is None:
+                            break
+                        if on_step is not None:
+                            on_step(number)
+                    ran.steps = number + 1
+                    ran.output = _call(model, step)
         except Exception as exception:  # noqa: BLE001 - the caller reports whatever the forward raised
             ran.error = exception
     ran.written_parameters = list(kept.written_parameters)
@@ -150,6 +166,52 @@ class _Collect(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         self.messages.append(record.getMessage().split("\n", 1)[0])
+
+
+def _cache_keyword(model: torch.nn.Module) -> str:
+    try:
+        parameters = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return "past_key_values"
+    return "cache" if "cache" in parameters else "past_key_values"
+
+
+def _call(model: torch.nn.Module, call: Call) -> Any:
+    if call.state is None:
+        return model(*call.args, **call.kwargs)
+    return torch.func.functional_call(model, call.state, call.args, call.kwargs, strict=False)
+
+
+@contextmanager
+def _unrecorded() -> Iterator[None]:
+    """dtypelint's own tensor work between two calls (the next token, the longer mask): outside every
+    recording mode. Fake tensors stay fake: they carry their mode."""
+    with _disable_current_modes(), torch._C.DisableTorchFunction():
+        yield
+
+
+def decode_call(call: Call, output: Any, cache_keyword: str = "past_key_values") -> Call | None:
+    """The decode step after ``call``, as ``generate`` makes it: the token the logits predict for the last
+    position, the cache the call returned, the attention mask and positions one longer; the prompt's other
+    inputs (``pixel_values``) are not given again; ``cache_keyword``: how the forward takes the cache
+    (``cache`` in transformers >= 5.24, ``past_key_values`` before). None where the output has no cache or
+    no logits, or the call had no ``input_ids`` keyword (nothing to decode)."""
+    cache = getattr(output, "cache", None)
+    if cache is None:
+        cache = getattr(output, "past_key_values", None)
+    logits = getattr(output, "logits", None)
+    ids = call.kwargs.get("input_ids")
+    if cache is None or logits is None or not isinstance(ids, torch.Tensor) or ids.dim() != 2 or call.args:
+        return None
+    kwargs = {"input_ids": logits[:, -1:].argmax(-1).to(ids.dtype), cache_keyword: cache, "use_cache": True}
+    mask = call.kwargs.get("attention_mask")
+    if isinstance(mask, torch.Tensor) and mask.dim() == 2:
+        kwargs["attention_mask"] = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=-1)
+    for name in ("position_ids", "cache_position"):
+        positions = call.kwargs.get(name)
+        if isinstance(positions, torch.Tensor):
+            kwargs[name] = positions[..., -1:] + 1
+    return Call((), kwargs, call.names, call.state)
 
 
 def refuse_deferred(model: torch.nn.Module) -> None:

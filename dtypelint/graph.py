@@ -7,7 +7,7 @@ version of the tensor it mutates, so the graph stays acyclic.
 
 Op node attributes: ``kind="op"``, ``index``, ``target`` (``aten.mm.default``), ``name`` (``aten.mm``),
 ``module`` (state-dict path of the module that ran it, ``""`` for the root), ``inplace``, ``failed``,
-``autocast`` (a cast autocast made). A ``python.NAME`` op is a function of the model's code that raised a
+``autocast`` (a cast autocast made), ``step`` (0: the first call; n: decode step n). A ``python.NAME`` op is a function of the model's code that raised a
 dtype error before any op ran, with the tensors its frame held.
 Tensor node attributes: ``kind="tensor"``, ``dtype`` (``"float16"``), ``shape`` (tuple), ``device``,
 ``origin`` (``parameter`` | ``buffer`` | ``attribute`` | ``input`` | ``constant`` | ``op``), ``name``
@@ -18,6 +18,7 @@ buffer or attribute), ``returned`` (the forward returned it), and in value mode 
 
 from __future__ import annotations
 
+import bisect
 import functools
 import io
 import json
@@ -53,6 +54,7 @@ class OpNode(TypedDict):
     inplace: bool
     failed: bool
     autocast: bool  # a cast that autocast made: the code passed its input, the kernel got its output
+    step: int  # 0: the first call; n: decode step n (``Options.steps``)
 
 
 class TensorNode(TypedDict, total=False):
@@ -128,6 +130,7 @@ class DtypeGraph(nx.DiGraph):
             autocast_policy=tracer.autocast_policy.device,
             failure_module=tracer.failure_module,
             torch_log=tuple(dict.fromkeys(result.torch_log)),
+            step_starts=tuple(result.step_starts),
             returns_known=bool(tracer.returned),
             attention_calls=tuple(tracer.attention.calls),  # dtypelint.attention.AttentionCall; not exported
         )
@@ -152,6 +155,7 @@ class DtypeGraph(nx.DiGraph):
                 module=record.module,
                 failed=not record.completed,
                 autocast=index in autocast_casts,
+                step=bisect.bisect_right(result.step_starts, index),  # 0: the first call; n: decode step n
             )
             ops.append((op, attributes))
             edges += [(f"t{tensor}", op, {"arg": argument}) for argument, tensor in record.inputs]

@@ -73,11 +73,12 @@ class TraceOptions:
     fake_mode: Any = None
     attn_implementation: str | None = None
     autocast: str = "cpu"
+    steps: int = 1
 
     @classmethod
     def from_settings(cls, settings: Settings, **chosen: Any) -> TraceOptions:
         return cls(max_ops=settings.options.max_ops, attn_implementation=settings.attn_implementation,
-                   autocast=settings.pack.autocast, **chosen)
+                   autocast=settings.pack.autocast, steps=settings.options.steps, **chosen)
 
 
 def _run(model: torch.nn.Module, inputs: Any, options: TraceOptions, notes: list[str]) -> TraceResult:
@@ -86,6 +87,7 @@ def _run(model: torch.nn.Module, inputs: Any, options: TraceOptions, notes: list
     result, never raised. Meta mode runs on fake stand-ins of the weights and inputs: shapes and dtypes,
     no data."""
     tracers: list[Tracer] = []
+    step_starts: list[int] = []  # the index of each decode step's first op
 
     def tracer_for(call: Call) -> Tracer:
         tracer = Tracer(model, stats=options.stats and options.mode == "value", state=call.state, on_module=on_module,
@@ -97,10 +99,12 @@ def _run(model: torch.nn.Module, inputs: Any, options: TraceOptions, notes: list
     total = sum(1 for _ in model.modules())
     with progress_bar(options.progress, "tracing", total=total, unit="module") as on_module:
         ran = run_forward(model, inputs, mode=options.mode, fake_mode=options.fake_mode,
-                          attn_implementation=options.attn_implementation, notes=notes, recorder=tracer_for)
+                          attn_implementation=options.attn_implementation, notes=notes, recorder=tracer_for,
+                          steps=options.steps, on_step=lambda _: step_starts.append(len(tracers[0].records)))
     (tracer,) = tracers
     notes += _written_note(tracer.written_parameters | set(ran.written_parameters))
-    return TraceResult(tracer, ran.error, fake=options.mode == "meta", notes=notes, torch_log=ran.torch_log)
+    return TraceResult(tracer, ran.error, fake=options.mode == "meta", notes=notes, torch_log=ran.torch_log,
+                       step_starts=step_starts)
 
 
 def _graph(result: TraceResult) -> DtypeGraph:
@@ -128,7 +132,7 @@ def _report(result: TraceResult, *, compute_dtype: torch.dtype, settings: Settin
         error=result.error,
         options=settings.options,
     )
-    findings = run_rules(context, settings.selection, settings.rules)
+    findings = _first_step_of_each(run_rules(context, settings.selection, settings.rules), graph)
     return Report(
         graph=graph,
         findings=findings,
@@ -139,8 +143,38 @@ def _report(result: TraceResult, *, compute_dtype: torch.dtype, settings: Settin
         notes=result.notes + _stored_notes(context, settings, findings, stored or {}),
         tensor_dtypes={name: dtype_name(info.dtype) for name, info in context.model.tensors.items()},
         judged=dict(context.judged),
+        steps=1 + len(graph.graph["step_starts"]),
         rerun=rerun,
     )
+
+
+def _first_step_of_each(findings: list[Finding], graph: DtypeGraph) -> list[Finding]:
+    """A decode step runs the layers again: its finding for the same rule, place and tensor as an earlier
+    one is the same defect, kept once (the rules judge the calls in order), as is a finding about a leaf
+    made alike on every call. One that only a decode step shows says so."""
+    seen: set[tuple[str, str, str | None]] = set()
+    identical: set[tuple[str, str, str | None, str, str | None]] = set()  # a leaf's finding made on each call
+    kept = []
+    for finding in findings:
+        key, step = (finding.code, finding.location, finding.tensor), _step(graph, finding.node)
+        whole = (*key, finding.message, finding.node)
+        if (step and key in seen) or whole in identical:
+            continue
+        seen.add(key)
+        identical.add(whole)
+        kept.append(replace(finding, message=f"{finding.message} (in decode step {step})") if step else finding)
+    return kept
+
+
+def _step(graph: DtypeGraph, node: str | None) -> int:
+    """The call an op ran in, or a tensor was made in (0: the first call, or a leaf)."""
+    if node is None or node not in graph:
+        return 0
+    if graph.nodes[node]["kind"] != "op":
+        node = graph.producer(node)
+        if node is None:
+            return 0
+    return graph.nodes[node].get("step", 0)
 
 
 def _stored_notes(context: RuleContext, settings: Settings, findings: list[Finding],

@@ -41,6 +41,8 @@ class Report:
     # Rule code -> how many sites it judged (ops, tensors, kernel calls): a silent rule that judged none
     # saw nothing to judge, which a negative control must tell from "judged it fine".
     judged: dict[str, int] = field(default_factory=dict)
+    # Calls traced: 1, or a generative model's prompt and its decode steps (``Options.steps``).
+    steps: int = 1
     # How to audit again the same way (value mode, for ``fix``); None for meta and static reports.
     rerun: Rerun | None = field(default=None, repr=False, compare=False)
     # What the loader chose: where the model's class came from ("architectures", "--model-class", a task
@@ -80,6 +82,7 @@ class Report:
             "backend": self.backend,
             "mode": self.mode,
             "compute_dtype": self.compute_dtype,
+            "steps": self.steps,
             **(loaded if self.loaded_line() else {}),
             "summary": self.counts(),
             "graph": {"ops": sum(1 for _ in self.graph.ops()), "tensors": sum(1 for _ in self.graph.tensors())},

@@ -199,7 +199,7 @@ class ModuleTracker:
     def __init__(self, model: torch.nn.Module, on_module: Callable[[], object] | None = None) -> None:
         self._names = {id(module): name for name, module in model.named_modules()}
         self._root = model
-        self.root_output: Any = None  # what the model's forward returned, the last time it returned
+        self.root_outputs: list[Any] = []  # what the model's forward returned, each time it returned
         self._stack: list[str] = [""]
         self._on_module = on_module
         self._hooks: list[Any] = []
@@ -221,7 +221,7 @@ class ModuleTracker:
         if len(self._stack) > 1:
             self._stack.pop()
         if module is self._root:
-            self.root_output = output
+            self.root_outputs.append(output)
 
     def __enter__(self) -> ModuleTracker:
         hooks = torch.nn.modules.module
@@ -452,9 +452,7 @@ class Tracer(TorchDispatchMode):
         """Mark the tensors the model's forward returned (in ``ModelOutput`` and tuples, at any depth) and,
         with statistics, measure them whatever their dtype: whether inf or NaN reaches the output is then a
         fact, not an inference through unmeasured float32 ops."""
-        if self.modules.root_output is None:
-            return
-        for leaf in tree_leaves(self.modules.root_output):
+        for leaf in tree_leaves(self.modules.root_outputs):
             index = self._recorded(leaf)
             if index is None or index in self.returned:
                 continue
@@ -560,3 +558,4 @@ class TraceResult:
     fake: bool = False
     notes: list[str] = field(default_factory=list)
     torch_log: list[str] = field(default_factory=list)  # what torch logged while the forward ran (fake kernels)
+    step_starts: list[int] = field(default_factory=list)  # the first op of each decode step after the first call

@@ -124,5 +124,5 @@ def test_a_value_audit_keeps_no_activation_alive(tiny_llama_fp16, input_ids):
     for handle in handles:
         handle.remove()
     gc.collect()
-    assert len(seen) == 2 and report.graph.number_of_nodes() > 0
+    assert len(seen) == 4 and report.graph.number_of_nodes() > 0  # 2 layers, on the prompt and a decode step
     assert all(reference() is None for reference in seen)

@@ -37,6 +37,7 @@ class Options:
     max_ops: int = 200_000  # ops recorded per forward; past it the trace only counts (DT002)
     max_input_elements: int = MAX_INPUT_ELEMENTS  # per input synthesized from a config, in value mode
     max_layers: int = MAX_LAYERS  # layers per stack, or experts per layer, a config may ask for
+    steps: int = 2  # calls traced of a generative model: the prompt, then decode steps fed the cache it returned
 
     def __post_init__(self) -> None:
         for option in fields(self):

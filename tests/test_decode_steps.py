@@ -1,0 +1,91 @@
+"""Defects of the second call: a generative model is traced on the prompt and then on a decode step fed the
+token it predicted and the cache it returned, as ``generate`` runs it (``Options.steps``, ``--steps``)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from helpers import per_layer_rotary
+from torch import nn
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+import dtypelint
+from dtypelint.cli import main
+
+
+class TinyDecoder(nn.Module):
+    """One attention head over a cache it returns as a tuple (the legacy cache of transformers < 4.45)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed, self.k, self.head = nn.Embedding(32, 16), nn.Linear(16, 16), nn.Linear(16, 32)
+
+    def forward(self, input_ids: torch.Tensor, past_key_values: tuple | None = None, use_cache: bool = True,
+                attention_mask: torch.Tensor | None = None) -> CausalLMOutputWithPast:
+        x = self.embed(input_ids)
+        keys = self.k(x)
+        if past_key_values is not None:
+            keys = torch.cat([past_key_values[0], keys], dim=1)
+        scores = torch.softmax(x @ keys.transpose(1, 2), dim=-1)
+        return CausalLMOutputWithPast(logits=self.head(scores @ keys), past_key_values=(keys,))
+
+
+def fp32_outputs(model: nn.Module) -> nn.Module:
+    """What accelerate's ``convert_outputs_to_fp32`` does to a mixed-precision model's forward: every
+    returned tensor, the cache too, made float32."""
+    forward = model.forward
+
+    def converted(*args, **kwargs):
+        output = forward(*args, **kwargs)
+        return CausalLMOutputWithPast(logits=output.logits.float(),
+                                      past_key_values=tuple(t.float() for t in output.past_key_values))
+
+    model.forward = converted
+    return model
+
+
+PROMPT = {"input_ids": torch.tensor([[1, 2, 3, 4]]), "attention_mask": torch.ones(1, 4, dtype=torch.long)}
+
+
+def test_a_cache_returned_in_another_dtype_is_caught_on_the_decode_step_it_breaks():
+    model = fp32_outputs(TinyDecoder().half().eval())
+    assert dtypelint.audit(model, PROMPT, options={"steps": 1}).errors == []  # the prompt alone is clean
+    report = dtypelint.audit(model, PROMPT)
+    assert {error.code for error in report.errors} == {"DT001", "DT101"}  # bmm of the float32 cache and float16 q
+    for error in report.errors:
+        assert error.message.endswith("(in decode step 1)") and "activation from aten.cat float32" in error.message
+    assert report.steps == 2
+
+
+def test_the_same_model_returning_its_cache_as_computed_is_clean_on_every_step():
+    report = dtypelint.audit(TinyDecoder().half().eval(), PROMPT, options={"steps": 3})
+    assert report.at_or_above("warning") == []
+    steps = {report.graph.op(op)["step"] for op in report.graph.ops()}
+    assert steps == {0, 1, 2}
+    assert report.steps == 3
+
+
+def test_a_decode_step_repeats_no_finding_of_the_prompt(tiny_llama_fp16, input_ids):
+    model = per_layer_rotary(tiny_llama_fp16)  # IPX101 at every layer's rotary, on every step
+
+    def audited(steps: int) -> dtypelint.Report:
+        return dtypelint.audit(model, {"input_ids": input_ids}, backend="ipex-llm-xpu", options={"steps": steps})
+
+    prompt, both = audited(1), audited(2)
+    assert prompt.by_code("IPX101") and both.findings == prompt.findings  # the same defects, once
+    assert (prompt.steps, both.steps) == (1, 2)
+    assert {both.graph.op(op)["step"] for op in both.graph.ops()} == {0, 1}
+
+
+def test_steps_on_the_command_line(tiny_llama_path, capsys):
+    for steps in (1, 2, 3):
+        assert main(["check", str(tiny_llama_path), "--steps", str(steps), "--format", "json"]) == 0
+        assert json.loads(capsys.readouterr().out)["steps"] == steps
+
+
+@pytest.mark.parametrize("model", [nn.Linear(4, 4), nn.Sequential(nn.Linear(4, 4), nn.ReLU())])
+def test_a_model_without_a_cache_is_traced_once(model):
+    report = dtypelint.audit(model.eval(), torch.randn(2, 4))
+    assert {report.graph.op(op)["step"] for op in report.graph.ops()} == {0} and report.steps == 1
