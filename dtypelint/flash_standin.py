@@ -12,6 +12,7 @@ parameters and buffers are never touched.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from typing import Any
@@ -19,7 +20,7 @@ from typing import Any
 import torch
 
 from dtypelint.attention import flash_deployment, is_flash
-from dtypelint.errors import UsageError
+from dtypelint.errors import UsageError, first_line
 from dtypelint.model_info import config_value
 
 
@@ -34,6 +35,7 @@ def flash_standin(model: torch.nn.Module, implementation: str) -> Iterator[None]
     """Trace ``model`` as if it ran ``implementation`` (a flash attention) on CUDA; see the module docs."""
     if not is_flash(implementation):
         raise UsageError(f"{implementation!r} is not a flash attention implementation")
+    refuse_what_transformers_refuses(model, implementation)
     try:
         from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, flash_attention_mask
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -47,6 +49,24 @@ def flash_standin(model: torch.nn.Module, implementation: str) -> Iterator[None]
         stack.enter_context(_attention_config(model, implementation))
         stack.enter_context(flash_deployment(implementation))
         yield
+
+
+def refuse_what_transformers_refuses(model: torch.nn.Module, implementation: str) -> None:
+    """A UsageError with transformers' own reason where it would not run ``implementation`` for this class
+    (``T5ForConditionalGeneration does not support Flash Attention 2 yet``): a clean report of a deployment
+    that cannot load would be false. Its check that flash_attn is installed is not ours to make: the
+    stand-in runs without it."""
+    version = re.fullmatch(r"flash_attention_(\d+)", implementation)
+    check = getattr(model, "_flash_attn_can_dispatch", None)
+    if version is None or check is None:
+        return  # a hub kernel, or a transformers without the check
+    try:
+        check(int(version.group(1)), is_init_check=True)
+    except ValueError as error:
+        reason = first_line(error).split(". ")[0]  # "T5... does not support Flash Attention 2 yet"
+        raise UsageError(f"{reason}: transformers refuses attn_implementation={implementation!r} for it") from None
+    except ImportError:
+        pass  # flash_attn is not installed here: the CPU stand-in is what runs
 
 
 @contextmanager

@@ -329,3 +329,21 @@ def test_norm_contract_is_not_checked_under_autocast_which_upcasts_norms_on_cuda
         report = dtypelint.audit(model, {"input_ids": input_ids}, backend=CUDA)
     assert report.graph.graph["autocast"] == "float16"
     assert "CUDA101" not in codes(report)
+
+
+def test_a_class_transformers_will_not_run_with_flash_attention_is_refused_with_its_reason(tmp_path, capsys):
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    from dtypelint.cli import main
+
+    torch.manual_seed(0)
+    model = T5ForConditionalGeneration(T5Config(d_model=32, d_ff=64, num_layers=1, num_heads=2, d_kv=16,
+                                                vocab_size=64, decoder_start_token_id=0)).half().eval()
+    ids = torch.randint(0, 64, (1, 8))
+    with pytest.raises(dtypelint.UsageError, match="T5ForConditionalGeneration does not support Flash Attention 2"):
+        dtypelint.audit(model, {"input_ids": ids, "decoder_input_ids": ids}, attn_implementation="flash_attention_2")
+    model.save_pretrained(tmp_path / "t5")
+    capsys.readouterr()  # save_pretrained's progress bar
+    assert main(["check", str(tmp_path / "t5"), "--attn-implementation", "flash_attention_2"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "does not support Flash Attention 2 yet: transformers refuses" in err
