@@ -279,8 +279,8 @@ def check_architecture(unit: dict[str, str], rec: Recorder) -> None:
     import dtypelint
     from dtypelint.config import Settings
     from dtypelint.load import Request, dtype_keyword, load, sample_inputs
+    from dtypelint.packs.schema import load_pack
     from dtypelint.pipeline import audit_loaded
-    from dtypelint.rules.packs import load_pack
 
     model_type, class_name = unit["model_type"], unit["class"]
 
@@ -569,7 +569,7 @@ def main() -> int:
     from tabulate import tabulate
 
     import dtypelint  # noqa: F401
-    import dtypelint.rules.packs  # noqa: F401 - imported before the children fork, so they share it
+    import dtypelint.packs.schema  # noqa: F401 - imported before the children fork, so they share it
 
     tasks = {task.lower().replace("base", "") for task in _names(args.task) or ()} or None
     units, per_family = sweep_units(tasks, _names(args.family), _names(args.only), args.sample)

@@ -38,10 +38,10 @@ from dtypelint.attention import check_attention_implementation
 from dtypelint.diagnostics import SEVERITIES
 from dtypelint.dtypes import dtype_name, parse_dtype
 from dtypelint.errors import DtypelintError, LoadError, UsageError
+from dtypelint.packs.schema import BackendPack, combine, load_pack
 from dtypelint.paths import parse_file
 from dtypelint.rules import Selection, all_rules
 from dtypelint.rules.base import Options, Rule, option_problem
-from dtypelint.rules.packs import BackendPack, combine, load_pack
 
 _LIST_KEYS = {"select": "select", "extend-select": "extend_select", "ignore": "ignore", "packs": "packs"}
 _OPTION_KEYS = {"overflow-fraction": "overflow_fraction", "large-reduction": "large_reduction", "max-ops": "max_ops",

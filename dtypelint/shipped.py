@@ -10,11 +10,9 @@ from dtypelint.errors import UsageError
 
 
 def pack_dir() -> Path:
-    """Where the shipped packs are: inside the wheel, or the repository's ``rules/`` in a source tree."""
-    installed = resources.files("dtypelint") / "packs"
-    if installed.is_dir():
-        return Path(str(installed))
-    return Path(__file__).resolve().parents[1] / "rules"
+    """Where the shipped packs are: package data of ``dtypelint.packs`` (the repository's ``rules/`` links
+    to it)."""
+    return Path(str(resources.files("dtypelint") / "packs" / "shipped"))
 
 
 def available_packs() -> list[str]:

@@ -11,7 +11,7 @@ import dtypelint
 from dtypelint import LoadError, UsageError
 from dtypelint.cli import main
 from dtypelint.config import load_settings
-from dtypelint.rules.packs import load_pack
+from dtypelint.packs.schema import load_pack
 from dtypelint.shipped import available_packs
 
 CUSTOM_PACK = """
@@ -91,6 +91,40 @@ def test_cli_reports_a_malformed_pack_with_exit_2(tmp_path, tiny_llama_path, cap
     assert main(["check", str(tiny_llama_path), "--pack", str(path)]) == 2
     err = capsys.readouterr().err
     assert "'kernel' is required" in err and err.count("\n") == 1
+
+
+def test_every_rule_code_and_name_is_one_rules_across_generic_rules_and_every_shipped_pack():
+    from dtypelint.rules import all_rules
+
+    rules = all_rules()  # the generic rules and every shipped pack together
+    assert {pack for pack in available_packs()} >= {"cuda", "bitsandbytes", "ipex-llm-xpu"}
+    assert len({rule.code for rule in rules}) == len({rule.name for rule in rules}) == len(rules)
+
+
+@pytest.mark.parametrize(
+    ("mutation", "message"),
+    [
+        (lambda t: t.replace('code = "ACM101"', 'code = "DT101"'), "contract DT101: code 'DT101' is already a generic rule's"),
+        (lambda t: t.replace('name = "head-weight-dtype"', 'name = "mixed-input"'),
+         "contract ACM101: name 'mixed-input' is already a generic rule's"),
+        (lambda t: t.replace('code = "ACM101"', 'code = "CUDA101"'), "code 'CUDA101' is already pack cuda's"),
+        (lambda t: t.replace('name = "head-weight-dtype"', 'name = "norm-weight-dtype"'),
+         "name 'norm-weight-dtype' is already pack cuda's"),
+    ],
+    ids=["generic-code", "generic-name", "shipped-code", "shipped-name"],
+)
+def test_a_pack_reusing_a_code_or_name_is_refused_with_one_line(tmp_path, tiny_llama_path, capsys, mutation, message):
+    path = write(tmp_path, mutation(CUSTOM_PACK))
+    with pytest.raises(LoadError, match=message):
+        dtypelint.audit(torch.nn.Linear(4, 4), torch.randn(2, 4), packs=[str(path)])
+    assert main(["check", str(tiny_llama_path), "--pack", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and str(path) in err and err.count("\n") == 1
+
+
+def test_two_shipped_packs_in_one_deployment_load_together(tiny_llama_path):
+    report = dtypelint.audit_config(tiny_llama_path, backend=["cuda", "bitsandbytes"])
+    assert report.backend == "cuda+bitsandbytes"
 
 
 PYPROJECT = """

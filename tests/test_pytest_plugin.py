@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from dtypelint.shipped import available_packs
+
 pytest_plugins = ["pytester"]
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -426,7 +428,10 @@ def test_the_plugin_works_from_an_installed_wheel(tmp_path):
     with zipfile.ZipFile(wheel) as archive:
         names = set(archive.namelist())
         entry_points = next(archive.read(n).decode() for n in names if n.endswith(".dist-info/entry_points.txt"))
-    assert {"dtypelint/pytest_plugin.py", "dtypelint/packs/ipex-llm-xpu.toml", "dtypelint/packs/hf-eager.toml"} <= names
+    assert {"dtypelint/pytest_plugin.py", "dtypelint/packs/shipped/ipex-llm-xpu.toml",
+            "dtypelint/packs/shipped/hf-eager.toml"} <= names
+    packs = sorted(name.rsplit("/", 1)[-1] for name in names if name.endswith(".toml"))
+    assert packs == sorted(set(packs)) == sorted(f"{pack}.toml" for pack in available_packs())  # each once
     assert "[pytest11]\ndtypelint = dtypelint.pytest_plugin" in entry_points
 
     venv = tmp_path / "venv"

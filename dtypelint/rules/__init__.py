@@ -1,12 +1,13 @@
 """Stage 4 of the pipeline: the rule engine.
 
 Each rule is one module of this package with its docs in ruff's sections. Backend packs
-(``dtypelint.rules.packs``) add the kernel contracts of one backend. ``run_rules`` applies the
+(``dtypelint.packs.schema``) add the kernel contracts of one backend. ``run_rules`` applies the
 selection (``select`` / ``ignore`` / ``extend-select``, per-location ignores, severity overrides).
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 import pkgutil
 from collections.abc import Mapping
@@ -14,27 +15,24 @@ from dataclasses import dataclass, field, replace
 from fnmatch import fnmatchcase
 
 from dtypelint.diagnostics import SEVERITIES, Applicability, Finding, Severity
-from dtypelint.errors import UsageError
+from dtypelint.errors import LoadError, UsageError
+from dtypelint.packs.schema import BackendPack, load_pack
 from dtypelint.rules.base import Rule, RuleContext
 from dtypelint.rules.kernel_contract import ContractRule
-from dtypelint.rules.packs import BackendPack, load_pack
 from dtypelint.shipped import available_packs
-
-# Modules of this package that hold the engine's parts, not rules.
-_NOT_RULES = frozenset({"base", "kernel_contract", "packs", "sites"})
 
 
 def _discover() -> tuple[Rule, ...]:
     """One instance of every rule class the package's rule modules define, in code order: adding a
-    generic rule is adding one module."""
+    generic rule is adding one module. A class without a code of its own (``ContractRule``: one instance
+    per pack contract) is not a generic rule."""
     rules = []
     for module_info in pkgutil.iter_modules(__path__):
-        if module_info.name in _NOT_RULES:
-            continue
         module = importlib.import_module(f"{__name__}.{module_info.name}")
         rules += [
             value() for value in vars(module).values()
             if isinstance(value, type) and issubclass(value, Rule) and value.__module__ == module.__name__
+            and "code" in vars(value)
         ]
     return tuple(sorted(rules, key=lambda rule: rule.code))
 
@@ -61,7 +59,35 @@ def all_rules(packs: list[BackendPack] | None = None) -> list[Rule]:
     """The generic rules and the contracts of ``packs`` (default: every shipped pack)."""
     if packs is None:
         packs = [load_pack(name) for name in available_packs()]
-    return [*GENERIC_RULES, *(rule for pack in packs for rule in pack_rules(pack))]
+    rules = [*GENERIC_RULES, *(rule for pack in packs for rule in pack_rules(pack))]
+    in_use = {(rule.code, _source(rule)) for rule in rules}
+    unused = [rule for rule in _shipped_rules() if (rule.code, _source(rule)) not in in_use]
+    _refuse_duplicates([*GENERIC_RULES, *unused, *rules[len(GENERIC_RULES):]])  # a pack file is the one blamed
+    return rules
+
+
+@functools.cache
+def _shipped_rules() -> tuple[Rule, ...]:
+    """Every shipped pack's contracts: a code or name of a pack file is checked against these too."""
+    return tuple(rule for name in available_packs() for rule in pack_rules(load_pack(name)))
+
+
+def _refuse_duplicates(rules: list[Rule]) -> None:
+    """A code or name is one rule's: a pack contract coded like a generic rule (or like another pack's)
+    would be shown by ``explain`` as one and switched off by ``--ignore`` as both."""
+    owners: dict[tuple[str, str], Rule] = {}
+    for rule in rules:
+        for kind, key in (("code", rule.code), ("name", rule.name)):
+            owner = owners.setdefault((kind, key), rule)
+            if owner is not rule:
+                taken = f"pack {owner.pack}'s ({_source(owner)})" if owner.pack else "a generic rule's"
+                raise LoadError(f"{_source(rule)}: contract {rule.code}: {kind} {key!r} is already {taken}")
+
+
+def _source(rule: Rule) -> str:
+    """The pack file a contract rule comes from."""
+    contract = getattr(rule, "contract", None)
+    return str(contract.source) if contract is not None and contract.source else f"pack {rule.pack}"
 
 
 def find_rule(code_or_name: str) -> Rule:

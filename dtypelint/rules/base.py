@@ -23,8 +23,8 @@ from dtypelint.vocabulary import OpKind
 if TYPE_CHECKING:
     from dtypelint.graph import DtypeGraph
     from dtypelint.model_info import ModelInfo
-    from dtypelint.rules.packs import BackendPack
-    from dtypelint.rules.sites import ModelSites
+    from dtypelint.packs.operands import ModelSites
+    from dtypelint.packs.schema import BackendPack
 
 
 @dataclass
@@ -90,7 +90,7 @@ class RuleContext:
 
     @cached_property
     def sites(self) -> ModelSites:
-        from dtypelint.rules.sites import ModelSites
+        from dtypelint.packs.operands import ModelSites
 
         return ModelSites(self.graph, self.model)
 

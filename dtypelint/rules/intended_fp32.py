@@ -7,10 +7,10 @@ from collections.abc import Iterator
 import torch
 
 from dtypelint.diagnostics import Finding, Severity
+from dtypelint.packs.operands import parent
+from dtypelint.packs.schema import BackendPack
 from dtypelint.rope import reference_inv_freq, rope_error
 from dtypelint.rules.base import Rule, RuleContext
-from dtypelint.rules.packs import BackendPack
-from dtypelint.rules.sites import parent
 from dtypelint.vocabulary import LEAF_ORIGINS
 
 aten = torch.ops.aten

@@ -8,10 +8,10 @@ from fnmatch import fnmatchcase
 
 from dtypelint.attention import AttentionCall, is_flash
 from dtypelint.diagnostics import Finding, Fix
+from dtypelint.packs.operands import Operand, attention_operands, parent
+from dtypelint.packs.schema import Contract
+from dtypelint.packs.sdpa_dispatch import predict
 from dtypelint.rules.base import Rule, RuleContext
-from dtypelint.rules.packs import Contract
-from dtypelint.rules.sdpa_dispatch import predict
-from dtypelint.rules.sites import Operand, attention_operands, parent
 
 
 @dataclass(frozen=True)

@@ -7,8 +7,8 @@ from collections.abc import Iterator
 
 from dtypelint.diagnostics import Applicability, Finding, Fix, Severity
 from dtypelint.dtypes import dtype_name
+from dtypelint.packs.operands import parent
 from dtypelint.rules.base import Rule, RuleContext
-from dtypelint.rules.sites import parent
 from dtypelint.vocabulary import OriginKind
 
 

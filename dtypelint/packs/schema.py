@@ -1,7 +1,7 @@
-"""Backend rule packs: declarative TOML files in the top-level ``rules/`` folder, one per backend.
+"""Backend rule packs: declarative TOML files, one per backend (the shipped ones in ``shipped/``).
 
 A pack says what a backend's kernels accept. It is data, never code: nothing in it is evaluated. The
-schema is documented in ``rules/README.md``; a malformed pack raises ``LoadError`` naming the file, the
+schema is documented in ``shipped/README.md`` (``rules/README.md`` in the repository); a malformed pack raises ``LoadError`` naming the file, the
 entry and the problem.
 """
 
@@ -19,8 +19,8 @@ from dtypelint.autocast import POLICIES
 from dtypelint.diagnostics import SEVERITIES
 from dtypelint.dtypes import dtype_name, parse_dtype
 from dtypelint.errors import DtypelintError, LoadError
+from dtypelint.packs.operands import valid_selector
 from dtypelint.paths import parse_file
-from dtypelint.rules.sites import valid_selector
 from dtypelint.shipped import is_pack_path, shipped_pack
 
 _CODE = re.compile(r"^[A-Z]{2,5}[0-9]{3}$")
@@ -60,6 +60,7 @@ class Contract:
     max_head_dim: int | None = None
     dispatch: str | None = None  # attention sites: raises | falls-back, from CUDA's SDPA dispatch model
     pack: str = ""  # the name of the pack that declares it (set on load; kept when packs are combined)
+    source: Path | None = None  # the pack file that declares it
 
 
 @dataclass(frozen=True)
@@ -128,7 +129,7 @@ def _parse_pack(path: Path, modified: int, size: int) -> BackendPack:
         name=name,
         description=header.string("description", ""),
         intended_fp32=tuple(header.strings("intended-fp32")),
-        contracts=tuple(replace(contract, pack=name) for contract in contracts),
+        contracts=tuple(replace(contract, pack=name, source=path) for contract in contracts),
         paths=(path,),
         autocast=autocast,
     )
