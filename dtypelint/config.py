@@ -34,7 +34,7 @@ from typing import Any, TypedDict
 
 import torch
 
-from dtypelint.attention import check_attention_implementation
+from dtypelint.attention import check_attention_implementation, is_flash
 from dtypelint.diagnostics import SEVERITIES
 from dtypelint.dtypes import dtype_name, parse_dtype
 from dtypelint.errors import DtypelintError, LoadError, UsageError
@@ -120,8 +120,25 @@ class Settings:
 
     @cached_property
     def pack(self) -> BackendPack:
-        """The backend's packs and the extra packs, combined (each file parsed once per process)."""
-        return combine([load_pack(name) for name in (*self.backend, *self.packs)])
+        """The backend's packs, the extra packs and the packs the flags bring, combined (each file parsed
+        once per process)."""
+        return combine([load_pack(name) for name in (*self.backend, *self.packs, *self.brought_packs)])
+
+    @cached_property
+    def brought_packs(self) -> tuple[str, ...]:
+        """Shipped packs a flag brings, since it names their deployment: a flash attention implementation
+        runs flash-attn's CUDA kernels, so its contracts come with it (a UsageError beside another
+        device's pack)."""
+        if self.attn_implementation is None or not is_flash(self.attn_implementation):
+            return ()
+        devices = {pack.device: pack.name for name in (*self.backend, *self.packs) if (pack := load_pack(name)).device}
+        if "cuda" in devices:
+            return ()
+        if devices:
+            device, name = next(iter(devices.items()))
+            raise UsageError(f"attn_implementation {self.attn_implementation!r} runs flash-attn's CUDA kernels; "
+                             f"backend {name} deploys on {device}")
+        return ("cuda",)
 
     @cached_property
     def rules(self) -> list[Rule]:

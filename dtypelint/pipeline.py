@@ -140,7 +140,7 @@ def _report(result: TraceResult, *, compute_dtype: torch.dtype, settings: Settin
         backend=settings.pack.name,
         mode=graph.graph["mode"],
         compute_dtype=dtype_name(compute_dtype),
-        notes=result.notes + _stored_notes(context, settings, findings, stored or {}),
+        notes=result.notes + _brought_notes(settings) + _stored_notes(context, settings, findings, stored or {}),
         tensor_dtypes={name: dtype_name(info.dtype) for name, info in context.model.tensors.items()},
         judged=dict(context.judged),
         steps=1 + len(graph.graph["step_starts"]),
@@ -175,6 +175,12 @@ def _step(graph: DtypeGraph, node: str | None) -> int:
         if node is None:
             return 0
     return graph.nodes[node].get("step", 0)
+
+
+def _brought_notes(settings: Settings) -> list[str]:
+    return [f"attn_implementation {settings.attn_implementation!r} brings the {name} pack along (flash-attn's kernels "
+            f"run on CUDA)"
+            for name in settings.brought_packs]
 
 
 def _stored_notes(context: RuleContext, settings: Settings, findings: list[Finding],

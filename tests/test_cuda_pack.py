@@ -347,3 +347,31 @@ def test_a_class_transformers_will_not_run_with_flash_attention_is_refused_with_
     assert main(["check", str(tmp_path / "t5"), "--attn-implementation", "flash_attention_2"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "does not support Flash Attention 2 yet: transformers refuses" in err
+
+
+def test_a_flash_attention_flag_brings_the_cuda_contracts_without_backend_cuda(input_ids):
+    """The flag names a CUDA deployment: a float32 model under it is an error per layer, not clean."""
+    report = dtypelint.audit(tiny_llama(torch.float32), {"input_ids": input_ids}, attn_implementation="flash_attention_2")
+    assert report.backend == "hf-eager+cuda"
+    assert [f.code for f in report.errors] == ["CUDA102"] * LAYERS
+    assert "attn_implementation 'flash_attention_2' brings the cuda pack along" in " ".join(report.notes)
+    named = dtypelint.audit(tiny_llama(torch.float32), {"input_ids": input_ids}, backend=CUDA,
+                            attn_implementation="flash_attention_2")
+    assert named.backend == "cuda" and not any("brings" in note for note in named.notes)
+    assert [f.code for f in named.errors] == ["CUDA102"] * LAYERS
+
+
+def test_a_flash_attention_flag_beside_another_devices_pack_is_one_line(tiny_llama_path, capsys):
+    from dtypelint.cli import main
+
+    assert main(["check", str(tiny_llama_path), "--backend", "ipex-llm-xpu",
+                 "--attn-implementation", "flash_attention_2"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "runs flash-attn's CUDA kernels; backend ipex-llm-xpu deploys on xpu" in err
+
+
+def test_packs_of_two_devices_do_not_combine(tiny_llama_path, capsys):
+    from dtypelint.cli import main
+
+    assert main(["check", str(tiny_llama_path), "--backend", "cuda,ipex-llm-xpu"]) == 2
+    assert "deploy on different devices" in capsys.readouterr().err

@@ -71,6 +71,7 @@ class BackendPack:
     contracts: tuple[Contract, ...]
     paths: tuple[Path, ...]
     autocast: str = "cpu"  # whose autocast policy a trace under autocast applies (dtypelint.autocast.POLICIES)
+    device: str | None = None  # the device it deploys on ("cuda", "xpu"); None: any
 
     def keeps_fp32(self, tensor: str) -> bool:
         """True for a tensor this backend wants in float32 whatever the compute dtype."""
@@ -94,7 +95,17 @@ def combine(packs: list[BackendPack]) -> BackendPack:
         contracts=contracts,
         paths=tuple(path for pack in packs for path in pack.paths),
         autocast=next((pack.autocast for pack in packs if pack.autocast != "cpu"), "cpu"),
+        device=_one_device(packs),
     )
+
+
+def _one_device(packs: list[BackendPack]) -> str | None:
+    """The device of a deployment made of ``packs``: one at most."""
+    devices = {pack.device: pack.name for pack in packs if pack.device}
+    if len(devices) > 1:
+        named = " and ".join(f"{name} ({device})" for device, name in devices.items())
+        raise LoadError(f"packs {named} deploy on different devices; one deployment runs on one")
+    return next(iter(devices), None)
 
 
 def load_pack(name_or_path: str | Path) -> BackendPack:
@@ -113,7 +124,7 @@ def _parse_pack(path: Path, modified: int, size: int) -> BackendPack:
     data = parse_file(path, tomllib.loads, "TOML")
     _Entry(path, "the file", data).only({"pack", "contract"})
     header = _Entry(path, "[pack]", data.get("pack"))
-    header.only({"name", "description", "intended-fp32", "autocast"})
+    header.only({"name", "description", "intended-fp32", "autocast", "device"})
     autocast = header.string("autocast", "cpu")
     if autocast not in POLICIES:
         raise header.error("autocast", f"must be one of {', '.join(POLICIES)}")
@@ -132,6 +143,7 @@ def _parse_pack(path: Path, modified: int, size: int) -> BackendPack:
         contracts=tuple(replace(contract, pack=name, source=path) for contract in contracts),
         paths=(path,),
         autocast=autocast,
+        device=header.string("device", None),
     )
 
 
