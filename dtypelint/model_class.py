@@ -173,7 +173,13 @@ def _fits(cls: Any, config: Any) -> bool:
     if not (isinstance(cls, type) and issubclass(cls, PreTrainedModel)):
         return False
     config_class = getattr(cls, "config_class", None)
-    return config_class is None or isinstance(config, config_class)
+    if config_class is None or isinstance(config, config_class):
+        return True
+    # transformers' own rule besides: an Auto mapping that builds this class for the config's model_type
+    # (transformers 5 maps ``exaone`` to ``LlamaForCausalLM``, which it builds with the ExaoneConfig).
+    model_type = getattr(config, "model_type", None)
+    return any(cls.__name__ in _class_names({model_type: mapping[model_type]})
+               for mapping in task_mappings().values() if model_type in mapping)
 
 
 def _remote_builder(config: Any, name: str) -> Any:

@@ -229,3 +229,23 @@ def test_a_model_whose_constructor_reads_a_value_is_still_audited_from_its_confi
                         patch_size=8, drop_path_rate=0.1, architectures=["BeitForImageClassification"])
     report = audit_config(config, dtype="float16")
     assert report.model == "BeitForImageClassification" and report.errors == []
+
+
+def test_a_model_type_transformers_maps_onto_another_familys_class_is_audited(tmp_path, capsys):
+    """transformers 5 builds ``exaone`` configs as ``LlamaForCausalLM`` (its Auto mapping says so): the class
+    fits although its ``config_class`` is LlamaConfig; a class no mapping gives the config is refused."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    if MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get("exaone") != "LlamaForCausalLM":
+        pytest.skip("this transformers does not map exaone onto LlamaForCausalLM")
+    config = AutoConfig.for_model("exaone", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, vocab_size=128, eos_token_id=0)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).half().save_pretrained(tmp_path / "exaone")
+    capsys.readouterr()
+    for mode in ("value", "meta"):
+        assert main(["check", str(tmp_path / "exaone"), "--mode", mode]) == 0
+        assert "LlamaForCausalLM [" in capsys.readouterr().out
+    assert main(["check", str(tmp_path / "exaone"), "--mode", "meta", "--model-class", "BertForMaskedLM"]) == 2
+    assert "does not fit the config (ExaoneConfig)" in capsys.readouterr().err
