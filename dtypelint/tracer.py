@@ -213,7 +213,9 @@ class ModuleTracker:
         return self._names.get(id(module)) if isinstance(module, torch.nn.Module) else None
 
     def _push(self, module: torch.nn.Module, args: Any) -> None:
-        self._stack.append(self._names.get(id(module), type(module).__name__))
+        # A module outside the model's tree (transformers' hub-kernel functions, ``Func`` modules since 5.25)
+        # runs as part of the module that called it.
+        self._stack.append(self._names.get(id(module), self._stack[-1]))
         if self._on_module is not None:
             self._on_module()
 

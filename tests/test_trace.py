@@ -79,6 +79,26 @@ def test_ops_are_attributed_to_the_innermost_module(tiny_llama_fp16, input_ids):
     assert {"model.embed_tokens", "model.layers.1.mlp.down_proj", "model.norm", "lm_head"} <= modules
 
 
+class CallsAModuleOutsideItsTree(nn.Module):
+    """Calls a module it does not register, as transformers >= 5.25 calls its hub-kernel functions
+    (``apply_rotary_pos_emb`` is a ``Func`` module instance when the ``kernels`` package is installed)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(8, 8)
+        object.__setattr__(self, "helper", nn.Tanh())  # not a submodule: no state-dict path
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.helper(self.proj(x))
+
+
+def test_a_module_outside_the_models_tree_runs_as_part_of_its_caller():
+    model = nn.Sequential(CallsAModuleOutsideItsTree())
+    graph = dtypelint.trace(model, torch.randn(2, 8))
+    tanh = [op for op in graph.ops() if graph.op(op)["name"] == "aten.tanh"]
+    assert [graph.op(op)["module"] for op in tanh] == ["0"]
+
+
 def test_autocast_records_post_autocast_dtypes_and_no_false_mixed_input():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4)).eval()
