@@ -1,7 +1,8 @@
 """dtypelint: find dtype conflicts in PyTorch models before the backend does.
 
 Pipeline: ``load`` -> ``tracer`` -> ``graph`` -> ``rules`` -> ``report`` | ``fixes``; ``pipeline`` runs it
-(``audit``, ``audit_config``, ``trace``).
+(``audit``, ``audit_config``, ``trace``); ``formats`` renders a report (``render``) and ``drawing`` draws
+its graph (``write_graph``).
 
 The public names are imported on first use: ``import dtypelint`` (which pytest does for the plugin at
 every start) must not cost the seconds that importing torch takes.
@@ -14,10 +15,13 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from dtypelint.diagnostics import Finding, Fix
+    from dtypelint.drawing import write_graph
     from dtypelint.errors import DtypelintError, LoadError, UsageError
-    from dtypelint.fixes import FixPlan, FixResult, apply_plan, fix, plan_fixes
+    from dtypelint.fixes import apply_plan, fix, plan_fixes
+    from dtypelint.formats import render
     from dtypelint.graph import DtypeGraph
     from dtypelint.pipeline import audit, audit_config, trace
+    from dtypelint.plan import FixPlan, FixResult
     from dtypelint.report import Report
     from dtypelint.rules import CATEGORIES
     from dtypelint.save import save_fixed
@@ -30,13 +34,15 @@ _PUBLIC = {
     "DtypelintError": "dtypelint.errors",
     "LoadError": "dtypelint.errors",
     "UsageError": "dtypelint.errors",
-    "FixPlan": "dtypelint.fixes",
-    "FixResult": "dtypelint.fixes",
+    "FixPlan": "dtypelint.plan",
+    "FixResult": "dtypelint.plan",
     "apply_plan": "dtypelint.fixes",
     "fix": "dtypelint.fixes",
     "plan_fixes": "dtypelint.fixes",
     "save_fixed": "dtypelint.save",
     "DtypeGraph": "dtypelint.graph",
+    "write_graph": "dtypelint.drawing",
+    "render": "dtypelint.formats",
     "CATEGORIES": "dtypelint.rules",
     "Finding": "dtypelint.diagnostics",
     "Fix": "dtypelint.diagnostics",

@@ -36,7 +36,7 @@ from dtypelint.shipped import available_packs, is_pack_path, shipped_pack
 
 if TYPE_CHECKING:
     from dtypelint.config import Settings
-    from dtypelint.fixes import FixResult
+    from dtypelint.plan import FixResult
     from dtypelint.report import Report
 
 EXIT_CLEAN, EXIT_FINDINGS, EXIT_ERROR = 0, 1, 2
@@ -305,7 +305,9 @@ def _run_check(options: argparse.Namespace, path: Path | None, progress: bool) -
             f"every load: dtypelint.apply_plan(model, {str(path / PLAN_FILE)!r})"
         )
     if options.graph:
-        report.graph.write(options.graph, sources=_sources(options))
+        from dtypelint.drawing import write_graph
+
+        write_graph(report.graph, options.graph, sources=_sources(options))
     if _fixing(options):
         fixed = _fix(options, loaded.model, report)
         return (fixed.after if fixed.changed else report), settings.fail_on, fixed
@@ -392,7 +394,7 @@ def _print(options: argparse.Namespace, report: Report, fail_on: str, fixed: Fix
 
 def _rules(options: argparse.Namespace) -> int:
     from dtypelint.config import load_settings
-    from dtypelint.formats import render_rules
+    from dtypelint.formats.catalog import render_rules
     from dtypelint.rules import all_rules
 
     settings = load_settings(options.config)

@@ -1,5 +1,6 @@
-"""What the report drawings show: where each error is in the dtype graph, and the path from its root
-cause to it. Shared by the Markdown and HTML formats; the drawing itself is Mermaid's.
+"""Drawings of the dtype graph, a pass over it as torch.fx draws its graphs: Mermaid and DOT export, and
+which nodes the drawing of each error shows (the path from its root cause to it). The Markdown and HTML
+formats draw errors with it; ``write_graph`` writes the whole graph (``--graph``).
 
 A root cause is where the odd dtype enters the flow: a leaf (parameter, buffer, attribute, input,
 constant) or a cast (an op whose output dtype is not the dtype of any of its floating inputs).
@@ -7,9 +8,15 @@ constant) or a cast (an op whose output dtype is not the dtype of any of its flo
 
 from __future__ import annotations
 
+import json
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING
 
+from dtypelint.diagnostics import ROOT_LOCATION
+from dtypelint.graph import node_order
+from dtypelint.paths import unsupported_graph_suffix, write_file
 from dtypelint.vocabulary import OpKind
 
 if TYPE_CHECKING:
@@ -19,6 +26,12 @@ if TYPE_CHECKING:
 
 MAX_DRAWINGS = 10  # drawings per report
 MAX_PATH_NODES = 40  # nodes per drawing: a path through a whole model would not read
+# Drawings keep names to about this many characters (tables and the JSON/GraphML ``label`` keep them whole).
+DRAWING_NAME_WIDTH = 60
+MERMAID_CLASSES = {
+    "conflict": "fill:#fde2e1,stroke:#c62828,stroke-width:3px",  # the op that fails or gets mixed dtypes
+    "culprit": "fill:#fff3cd,stroke:#e65100,stroke-width:3px",  # the odd-dtype operand and where it comes from
+}
 
 
 @dataclass
@@ -33,23 +46,57 @@ class CausePath:
     trimmed: bool = False
 
     def classes(self) -> dict[str, str]:
-        """Mermaid classes (``DtypeGraph.to_mermaid``) of the highlighted nodes."""
+        """Mermaid classes (``to_mermaid``) of the highlighted nodes."""
         return {**dict.fromkeys(self.culprits, "culprit"), self.site: "conflict"}
 
 
-def error_sites(report: Report) -> dict[str, list[Finding]]:
-    """The errors that name a graph node, grouped by node in report order."""
+@dataclass(frozen=True)
+class ErrorDrawing:
+    """The drawing of one error site: the codes found there, the module, the labels of the site and of
+    its root causes, and the path drawn, as Mermaid source with the site and the culprits highlighted."""
+
+    codes: str
+    location: str
+    site: str
+    roots: list[str]
+    path: CausePath
+    mermaid: str
+
+
+@dataclass(frozen=True)
+class ErrorDrawings:
+    """What a report draws: up to ``MAX_DRAWINGS`` error sites, how many more there were, and the errors
+    that name nothing the traced forward used (a per-layer rotary ``inv_freq`` whose cos/sin were cached at
+    load has nothing to draw)."""
+
+    drawn: list[ErrorDrawing]
+    more: int
+    unplaced: list[Finding]
+
+
+def error_drawings(report: Report, *, max_drawings: int = MAX_DRAWINGS) -> ErrorDrawings:
+    """The one selection of what the formats draw: each error site (errors grouped by the graph node they
+    name, in report order) with the path from its root cause."""
+    graph = report.graph
     sites: dict[str, list[Finding]] = {}
+    unplaced = []
     for finding in report.errors:
-        if finding.node is not None and finding.node in report.graph:
+        if finding.node is not None and finding.node in graph:
             sites.setdefault(finding.node, []).append(finding)
-    return sites
-
-
-def unplaced_errors(report: Report) -> list[Finding]:
-    """The errors that name no graph node: a contract on a tensor the traced forward never read (a
-    per-layer rotary ``inv_freq`` whose cos/sin were cached at load) has nothing to draw."""
-    return [finding for finding in report.errors if finding.node is None or finding.node not in report.graph]
+        else:
+            unplaced.append(finding)
+    drawn = []
+    for node, findings in list(sites.items())[:max_drawings]:
+        path = cause_path(graph, node, report.compute_dtype)
+        drawn.append(ErrorDrawing(
+            codes=", ".join(dict.fromkeys(finding.code for finding in findings)),
+            location=findings[0].location or ROOT_LOCATION,
+            site=graph.label(node),
+            roots=[graph.label(root) for root in path.roots],
+            path=path,
+            mermaid=to_mermaid(graph, path.nodes, classes=path.classes()),
+        ))
+    return ErrorDrawings(drawn, max(len(sites) - max_drawings, 0), unplaced)
 
 
 def cause_path(graph: DtypeGraph, site: str, compute_dtype: str, *, max_nodes: int = MAX_PATH_NODES) -> CausePath:
@@ -119,3 +166,74 @@ def _add(path: CausePath, max_nodes: int, node: str, *, culprit: bool = False) -
     if culprit:
         path.culprits.add(node)
     return True
+
+
+# Export ----------------------------------------------------------------------------------------------
+
+
+def to_mermaid(graph: DtypeGraph, nodes: Iterable[str] | None = None, *, classes: Mapping[str, str] | None = None) -> str:
+    """A Mermaid flowchart of the given nodes (all when None): ops are boxes, tensors rounded, edges
+    labelled with the dtype that flows. ``classes`` maps nodes to a class of ``MERMAID_CLASSES``
+    (``conflict``, ``culprit``) that highlights them; the op where the forward raised is outlined."""
+    chosen = graph if nodes is None else graph.subgraph(nodes)
+    classes = classes or {}
+    lines = ["flowchart TD"]
+    lines += [f"    classDef {name} {style}" for name, style in MERMAID_CLASSES.items() if name in classes.values()]
+    for node in sorted(chosen, key=node_order):  # a subgraph's order is a set's: sorted, drawings stay put
+        data = chosen.nodes[node]
+        text = mermaid_text(graph.label(node, DRAWING_NAME_WIDTH))
+        shape = f'["{text}"]' if data["kind"] == "op" else f'("{text}")'
+        style = f":::{classes[node]}" if node in classes else ""
+        lines.append(f"    {node}{shape}{style}")
+        if data.get("failed"):
+            lines.append(f"    style {node} stroke:#d00,stroke-width:3px")
+    lines += [f'    {source} -->|"{mermaid_text(graph.flow_label(source, target))}"| {target}'
+              for source, target in sorted(chosen.edges, key=lambda edge: tuple(map(node_order, edge)))]
+    return "\n".join(lines) + "\n"
+
+
+def to_dot(graph: DtypeGraph) -> str:
+    """The whole graph in Graphviz DOT: ops are boxes, tensors ellipses, edges labelled with their dtype."""
+    lines = ["digraph dtypes {", "  rankdir=TB;"]
+    for node, data in graph.nodes(data=True):
+        shape = "box" if data["kind"] == "op" else "ellipse"
+        lines.append(f"  {node} [shape={shape}, label={dot_string(graph.label(node, DRAWING_NAME_WIDTH))}];")
+    lines += [f"  {source} -> {target} [label={dot_string(graph.flow_label(source, target))}];"
+              for source, target in graph.edges]
+    lines.append("}")
+    return "\n".join(lines) + "\n"
+
+
+def write_graph(graph: DtypeGraph, path: str | Path, *, sources: Sequence[str | Path] = ()) -> Path:
+    """Write the graph in the format its extension names: data (.json node-link, .graphml) or a drawing
+    (.dot/.gv, .mmd/.mermaid), whole or not at all, never on, in or around ``sources`` (checkpoints:
+    ``dtypelint.paths.write_file``)."""
+    suffix = Path(path).suffix.lower()
+    text: str | bytes
+    if suffix == ".json":
+        text = json.dumps(graph.to_node_link(), indent=1)
+    elif suffix == ".graphml":
+        text = graph.to_graphml()
+    elif suffix in (".dot", ".gv"):
+        text = to_dot(graph)
+    elif suffix in (".mmd", ".mermaid"):
+        text = to_mermaid(graph)
+    else:
+        raise unsupported_graph_suffix(suffix)
+    return write_file("the graph", path, text, sources)
+
+
+# Mermaid reads ``#code;`` as that character. Inside a quoted label only these need it: ``"`` ends the
+# label, ``#`` starts a code, ``&<>`` would be markup in HTML labels, a leading backtick a Markdown string.
+_MERMAID_ESCAPES = {ord(char): f"#{ord(char)};" for char in '"#&<>`'}
+
+
+def mermaid_text(text: str) -> str:
+    """``text`` safe inside a quoted Mermaid label: one line, quotes, codes and markup encoded."""
+    return " ".join(text.split()).translate(_MERMAID_ESCAPES)
+
+
+def dot_string(text: str) -> str:
+    """``text`` as a quoted DOT string: ``\\"`` is DOT's only escape, and a backslash stays a backslash
+    in a label only doubled (``\\n``, ``\\N`` are label escapes). Labels are printable: no newline."""
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'

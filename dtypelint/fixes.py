@@ -2,171 +2,25 @@
 
 ``fix`` casts exactly the parameters and buffers that findings name, in place, re-audits with the same
 inputs, and rolls everything back (bit-identical) when a fixed finding remains or a new error appears.
-A fix plan (JSON) records the casts so they can be re-applied after any later load: ``inv_freq`` is a
-non-persistent buffer that ``save_pretrained`` does not store.
+What it planned and did are the records of ``dtypelint.plan``.
 """
 
 from __future__ import annotations
 
 import functools
-import json
-from collections.abc import Sequence
-from dataclasses import asdict, astuple, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from tabulate import tabulate
 
 from dtypelint.diagnostics import Applicability, Severity
 from dtypelint.dtypes import dtype_name, parse_dtype
-from dtypelint.errors import LoadError, UsageError, first_line
-from dtypelint.escape import map_text, printable
-from dtypelint.paths import local_path, parse_file, shown, write_file
+from dtypelint.errors import UsageError
+from dtypelint.paths import shown
+from dtypelint.plan import Change, FixPlan, FixResult
 from dtypelint.report import Report
 from dtypelint.rope import rope_error
 from dtypelint.vocabulary import OriginKind
-
-PLAN_VERSION = 1
-
-
-@dataclass(frozen=True)
-class Change:
-    """Cast one parameter or buffer: one entry of a fix plan."""
-
-    tensor: str
-    from_dtype: str
-    to_dtype: str
-    code: str
-    reason: str
-    safety: str
-
-
-@dataclass
-class FixPlan:
-    model: str
-    changes: list[Change]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"version": PLAN_VERSION, "model": self.model, "changes": [asdict(c) for c in self.changes]}
-
-    def write(self, path: str | Path, *, sources: Sequence[str | Path] = ()) -> Path:
-        """Write the plan as JSON, whole or not at all, never on, in or around ``sources`` (checkpoints)."""
-        return write_file("the fix plan", path, json.dumps(self.to_dict(), indent=2) + "\n", sources)
-
-    @classmethod
-    def read(cls, path: str | Path) -> FixPlan:
-        data = parse_file(local_path(path), json.loads, "JSON")
-        try:
-            if not isinstance(data, dict) or data.get("version") != PLAN_VERSION:
-                raise ValueError(f"version {data.get('version') if isinstance(data, dict) else None!r}, "
-                                 f"expected {PLAN_VERSION}")
-            if not isinstance(data.get("changes"), list):
-                raise ValueError("'changes' must be a list")
-            plan = cls(str(data.get("model", "")), [Change(**entry) for entry in data["changes"]])
-            plan.validate()
-        except (ValueError, TypeError) as error:
-            raise LoadError(f"fix plan {shown(path)} is malformed: {first_line(error)}") from None
-        return plan
-
-    def validate(self) -> None:
-        """Each change names a tensor and two dtypes as strings; a tensor appears once (twice with other
-        dtypes is a contradiction). A UsageError (a ValueError) otherwise."""
-        targets: dict[str, str] = {}
-        for change in self.changes:
-            if not isinstance(change, Change) or not all(isinstance(value, str) for value in astuple(change)):
-                raise UsageError(f"a change must be a Change of strings, not {shown(repr(change))[:200]}")
-            parse_dtype(change.to_dtype)
-            if change.from_dtype != "?":
-                parse_dtype(change.from_dtype)
-            if targets.setdefault(change.tensor, change.to_dtype) != change.to_dtype:
-                raise UsageError(f"{shown(change.tensor)} is cast twice, to {targets[change.tensor]} and to "
-                                 f"{change.to_dtype}")
-
-
-@dataclass
-class FixResult:
-    """What ``fix`` did: the plan, whether it was applied and kept, and what it cost."""
-
-    plan: FixPlan
-    applied: bool
-    rolled_back: bool = False
-    reason: str | None = None
-    before: Report | None = None
-    after: Report | None = None
-    output_change: dict[str, tuple[float, float] | None] = field(default_factory=dict)
-    rope_error: dict[str, float] = field(default_factory=dict)
-    unread: list[str] = field(default_factory=list)  # cast tensors the audited forward never read
-    saved: Path | None = None  # where the fixed model was saved, by whoever saved it
-    remarks: list[str] = field(default_factory=list)  # what the caller adds (the command line: --entry advice)
-    not_saved: str | None = None  # a save that was asked for while nothing was fixed
-
-    @property
-    def changed(self) -> list[Change]:
-        return self.plan.changes if self.applied and not self.rolled_back else []
-
-    def table(self) -> str:
-        rows = []
-        for change in self.plan.changes:
-            cost = self.output_change.get(change.code)
-            rows.append((
-                change.tensor, f"{change.from_dtype} -> {change.to_dtype}", change.code, change.safety,
-                "n/a" if cost is None else f"{cost[0]:.3g} / {cost[1]:.3g}",
-                f"{self.rope_error[change.tensor]:.3g}" if change.tensor in self.rope_error else "",
-            ))
-        headers = ("tensor", "cast", "code", "safety", "output max abs / rel change", "cos/sin max error")
-        return tabulate(rows, headers=headers, tablefmt="simple")
-
-    def summary_line(self) -> str:
-        count = len(self.plan.changes)
-        if not count:
-            return "no fix to apply"
-        if not self.applied:
-            return f"would cast {count} tensor{'s' if count != 1 else ''} (dry run)"
-        if self.rolled_back:
-            return f"rolled back {count} cast{'s' if count != 1 else ''}: {self.reason}"
-        return f"cast {count} tensor{'s' if count != 1 else ''}; re-audit: " + (
-            self.after.summary_line() if self.after else "not run"
-        )
-
-    def notes(self) -> list[str]:
-        """Why a measured output change of 0 is not the whole story."""
-        if not self.unread or not self.applied:
-            return list(self.remarks)
-        shown = ", ".join(self.unread[:2]) + (f" and {len(self.unread) - 2} more" if len(self.unread) > 2 else "")
-        note = (f"the audited forward never read {shown} (it computes from values cached at load, as RoPE's "
-                f"cos/sin in transformers 4.x), so its output cannot show the cast; a kernel that reads the "
-                f"tensor directly computes with the cast value")
-        if any(name in self.rope_error for name in self.unread):
-            note += ": the cos/sin max error above is what it will see"
-        return [note, *self.remarks]
-
-    def render(self) -> str:
-        """The casts, their cost and the outcome, every text from the model printable (``escape.printable``)."""
-        shown = map_text(self, printable)
-        lines = [shown.table()] if shown.plan.changes else []
-        lines += [f"note: {note}" for note in shown.notes()]
-        lines.append(shown.summary_line())
-        if shown.saved:
-            lines.append(f"saved the fixed model and its fix plan to {shown.saved}")
-        elif shown.not_saved:
-            lines.append(f"nothing saved: no fix was applied, so {shown.not_saved} was not written")
-        return "\n".join(lines)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "applied": bool(self.changed),
-            "rolled_back": self.rolled_back,
-            "reason": self.reason,
-            "changes": self.plan.to_dict()["changes"],
-            "output_change": self.output_change,
-            "rope_error": self.rope_error,
-            "unread": self.unread,
-            "saved": str(self.saved) if self.saved else None,
-        }
-
-    def __str__(self) -> str:
-        return self.render()
 
 
 def plan_fixes(report: Report, *, unsafe: bool = False) -> FixPlan:

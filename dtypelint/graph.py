@@ -12,8 +12,9 @@ dtype error before any op ran, with the tensors its frame held.
 Tensor node attributes: ``kind="tensor"``, ``dtype`` (``"float16"``), ``shape`` (tuple), ``device``,
 ``origin`` (``parameter`` | ``buffer`` | ``attribute`` | ``input`` | ``constant`` | ``op``), ``name``
 (qualified name of a leaf), ``stored_kind``/``stored_name`` (an activation the forward assigned to a
-buffer or attribute), ``returned`` (the forward returned it), and in value mode with statistics ``min``/``max``. Exports add ``label``
-(``DtypeGraph.label``: the tensor's name or producer, dtype and shape) and draw edges with their dtype.
+buffer or attribute), ``returned`` (the forward returned it), and in value mode with statistics ``min``/``max``. The data exports
+(``to_node_link``, ``to_graphml``) add ``label`` (``DtypeGraph.label``: the tensor's name or producer, dtype
+and shape); the drawings (Mermaid, DOT) and ``write_graph`` are ``dtypelint.drawing``'s.
 """
 
 from __future__ import annotations
@@ -21,12 +22,10 @@ from __future__ import annotations
 import bisect
 import functools
 import io
-import json
 import math
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, TypedDict
 
 import networkx as nx
@@ -35,7 +34,6 @@ from torch._ops import OpOverloadPacket
 
 from dtypelint.dtypes import dtype_name, wider
 from dtypelint.escape import printable, xml_text
-from dtypelint.paths import unsupported_graph_suffix, write_file
 from dtypelint.tracer import Origin, TensorRecord, Tracer, TraceResult
 from dtypelint.vocabulary import LEAF_ORIGINS, WEIGHT_ORIGINS, OpKind, OriginKind, kinds_of
 
@@ -214,7 +212,7 @@ class DtypeGraph(nx.DiGraph):
         """Every leaf tensor (parameter, buffer, attribute, input, constant) the tensor derives from."""
         return [
             node
-            for node in sorted(nx.ancestors(self, tensor) | {tensor}, key=_node_order)
+            for node in sorted(nx.ancestors(self, tensor) | {tensor}, key=node_order)
             if self.nodes[node]["kind"] == "tensor" and self.nodes[node]["origin"] in LEAF_ORIGINS
         ]
 
@@ -409,7 +407,7 @@ class DtypeGraph(nx.DiGraph):
         data = self._node[root]
         stored = 0 if data["dtype"] == dtype else 1
         weight = 0 if data["origin"] in WEIGHT_ORIGINS else 1 if data["origin"] == OriginKind.CONSTANT else 2
-        return stored, weight, _node_order(root)
+        return stored, weight, node_order(root)
 
     def computes_values(self, op: str) -> bool:
         """False for factories and fills, whose extreme values are chosen on purpose."""
@@ -483,77 +481,11 @@ class DtypeGraph(nx.DiGraph):
     def to_node_link(self) -> dict[str, Any]:
         return nx.node_link_data(_export_ready(self), edges="edges")
 
-    def to_mermaid(self, nodes: Iterable[str] | None = None, *, classes: Mapping[str, str] | None = None) -> str:
-        """A Mermaid flowchart of the given nodes (all when None): ops are boxes, tensors rounded, edges
-        labelled with the dtype that flows. ``classes`` maps nodes to a class of ``MERMAID_CLASSES``
-        (``conflict``, ``culprit``) that highlights them; the op where the forward raised is outlined."""
-        chosen = self if nodes is None else self.subgraph(nodes)
-        classes = classes or {}
-        lines = ["flowchart TD"]
-        lines += [f"    classDef {name} {style}" for name, style in MERMAID_CLASSES.items()
-                  if name in classes.values()]
-        for node in sorted(chosen, key=_node_order):  # a subgraph's order is a set's: sorted, drawings stay put
-            data = chosen.nodes[node]
-            text = mermaid_text(self.label(node, DRAWING_NAME_WIDTH))
-            shape = f'["{text}"]' if data["kind"] == "op" else f'("{text}")'
-            style = f":::{classes[node]}" if node in classes else ""
-            lines.append(f"    {node}{shape}{style}")
-            if data.get("failed"):
-                lines.append(f"    style {node} stroke:#d00,stroke-width:3px")
-        lines += [f'    {source} -->|"{mermaid_text(self.flow_label(source, target))}"| {target}'
-                  for source, target in sorted(chosen.edges, key=lambda edge: tuple(map(_node_order, edge)))]
-        return "\n".join(lines) + "\n"
-
-    def to_dot(self) -> str:
-        lines = ["digraph dtypes {", "  rankdir=TB;"]
-        for node, data in self.nodes(data=True):
-            shape = "box" if data["kind"] == "op" else "ellipse"
-            lines.append(f"  {node} [shape={shape}, label={dot_string(self.label(node, DRAWING_NAME_WIDTH))}];")
-        lines += [f"  {source} -> {target} [label={dot_string(self.flow_label(source, target))}];"
-                  for source, target in self.edges]
-        lines.append("}")
-        return "\n".join(lines) + "\n"
-
-    def write(self, path: str | Path, *, sources: Sequence[str | Path] = ()) -> Path:
-        """Write the graph in the format named by the extension: .json, .graphml, .dot or .mmd, whole or
-        not at all, never on, in or around ``sources`` (checkpoints: ``dtypelint.paths.write_file``)."""
-        suffix = Path(path).suffix.lower()
-        text: str | bytes
-        if suffix == ".json":
-            text = json.dumps(self.to_node_link(), indent=1)
-        elif suffix == ".graphml":
-            document = io.BytesIO()
-            nx.write_graphml(_export_ready(self, xml_text), document)  # names kept, but for what XML forbids
-            text = document.getvalue()
-        elif suffix in (".dot", ".gv"):
-            text = self.to_dot()
-        elif suffix in (".mmd", ".mermaid"):
-            text = self.to_mermaid()
-        else:
-            raise unsupported_graph_suffix(suffix)
-        return write_file("the graph", path, text, sources)
-
-
-# Drawings keep names to about this many characters (tables and the JSON/GraphML ``label`` keep them whole).
-DRAWING_NAME_WIDTH = 60
-MERMAID_CLASSES = {
-    "conflict": "fill:#fde2e1,stroke:#c62828,stroke-width:3px",  # the op that fails or gets mixed dtypes
-    "culprit": "fill:#fff3cd,stroke:#e65100,stroke-width:3px",  # the odd-dtype operand and where it comes from
-}
-# Mermaid reads ``#code;`` as that character. Inside a quoted label only these need it: ``"`` ends the
-# label, ``#`` starts a code, ``&<>`` would be markup in HTML labels, a leading backtick a Markdown string.
-_MERMAID_ESCAPES = {ord(char): f"#{ord(char)};" for char in '"#&<>`'}
-
-
-def mermaid_text(text: str) -> str:
-    """``text`` safe inside a quoted Mermaid label: one line, quotes, codes and markup encoded."""
-    return " ".join(text.split()).translate(_MERMAID_ESCAPES)
-
-
-def dot_string(text: str) -> str:
-    """``text`` as a quoted DOT string: ``\\"`` is DOT's only escape, and a backslash stays a backslash
-    in a label only doubled (``\\n``, ``\\N`` are label escapes). Labels are printable: no newline."""
-    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    def to_graphml(self) -> bytes:
+        """GraphML of the whole graph: names kept, but for what XML forbids (``escape.xml_text``)."""
+        document = io.BytesIO()
+        nx.write_graphml(_export_ready(self, xml_text), document)
+        return document.getvalue()
 
 
 def ellipsize(text: str, width: int | None) -> str:
@@ -607,7 +539,8 @@ def _op_identity(func: Any) -> dict[str, Any]:
     )
 
 
-def _node_order(node: str) -> tuple[str, int]:
+def node_order(node: str) -> tuple[str, int]:
+    """Trace order: ``op2`` before ``op10``, ops before tensors."""
     return node[0], int(node.lstrip("opt"))
 
 

@@ -24,7 +24,7 @@ from dtypelint.paths import current_umask, parse_file, refuse_near_sources, reso
 if TYPE_CHECKING:
     import torch
 
-    from dtypelint.fixes import FixPlan
+    from dtypelint.plan import FixPlan
 
 PLAN_FILE = "dtypelint-fixes.json"
 SAVED_FILES = "saved_files"  # the plan's record of what the save wrote: relative path -> SHA-256

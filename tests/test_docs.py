@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from helpers import readme_blocks, run_readme_block
 
-from dtypelint.formats import render_rules
+from dtypelint.formats.catalog import render_rules
 from dtypelint.rules import all_rules
 
 README = Path(__file__).resolve().parents[1] / "README.md"

@@ -13,7 +13,8 @@ from torch import nn
 
 import dtypelint
 from dtypelint import FixPlan, LoadError, UsageError
-from dtypelint.fixes import Change
+from dtypelint.formats.fix import fix_text
+from dtypelint.plan import Change
 from dtypelint.rope import rope_error
 from dtypelint.save import PLAN_FILE
 
@@ -30,7 +31,8 @@ def test_safe_fix_casts_only_what_findings_name_and_keeps_identity(stray_fp32_la
         assert torch.equal(tensor, untouched[name])
     assert result.after.errors == [] and not result.rolled_back
     assert stray_fp32_layer(x).dtype == torch.float16
-    assert "head.weight" in result.render() and "float32 -> float16" in result.render()
+    text = fix_text(result)
+    assert "head.weight" in text and "float32 -> float16" in text and str(result) == result.summary_line()
 
 
 def test_unsafe_fixes_need_opting_in_and_dry_run_changes_nothing(tiny_llama_fp16, input_ids):
@@ -190,8 +192,8 @@ def test_a_cast_the_forward_never_reads_is_explained_next_to_its_zero_output_cha
     result = dtypelint.fix(model, inputs={"input_ids": input_ids}, backend="ipex-llm-xpu", unsafe=True)
     assert result.output_change["IPX101"] == (0.0, 0.0)
     assert result.unread == [f"model.layers.{i}.self_attn.rotary_emb.inv_freq" for i in range(2)]
-    text = result.render()
+    text = fix_text(result)
     assert "never read model.layers.0.self_attn.rotary_emb.inv_freq" in text
     assert "the cos/sin max error above is what it will see" in text
     read = dtypelint.fix(stray_fp32_layer, inputs=torch.randn(2, 16, dtype=torch.float16))
-    assert read.changed and read.unread == [] and "never read" not in read.render()
+    assert read.changed and read.unread == [] and "never read" not in fix_text(read)

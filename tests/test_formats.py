@@ -3,6 +3,7 @@ schema (``helpers.sarif_validator``)."""
 
 from __future__ import annotations
 
+import html
 import json
 import os
 import re
@@ -14,21 +15,17 @@ import jsonschema
 import pytest
 import torch
 from helpers import markdown_view, parse_github_command, sarif_validator
+from torch import nn
 
 from dtypelint import audit
 from dtypelint.diagnostics import FINDING_COLUMNS, Finding, Fix
+from dtypelint.drawing import MAX_PATH_NODES, error_drawings
 from dtypelint.errors import UsageError
-from dtypelint.formats import (
-    FORMATS,
-    MERMAID_MAX_NODES,
-    SARIF_SCHEMA_URI,
-    artifact_uri,
-    error_drawing_nodes,
-    escape_data,
-    escape_property,
-    render,
-)
-from dtypelint.graph import DtypeGraph
+from dtypelint.fixes import fix
+from dtypelint.formats import FORMATS, render
+from dtypelint.formats.github import escape_data, escape_property
+from dtypelint.formats.sarif import SARIF_SCHEMA_URI, artifact_uri
+from dtypelint.plan import FixResult
 from dtypelint.report import Report
 from dtypelint.rules import all_rules
 
@@ -290,33 +287,75 @@ def test_markdown_code_spans_hold_any_name(stray_report, name):
     assert view.code[-1] == name  # the drawing's heading, outside the table
 
 
-def star(inputs: int, fan_in: int) -> DtypeGraph:
-    """``op0`` with ``inputs`` input tensors, each made by an op with ``fan_in`` leaf inputs."""
-    graph = DtypeGraph()
-    graph.add_node("op0", kind="op", name="aten.add")
-    for i in range(inputs):
-        graph.add_edge(f"t{i}", "op0")
-        graph.add_edge(f"op{i + 1}", f"t{i}")
-        for j in range(fan_in):
-            graph.add_node(f"leaf{i}_{j}", name=f"w{i}_{j}")
-            graph.add_edge(f"leaf{i}_{j}", f"op{i + 1}")
-    return graph
+class SumOfManyWeights(nn.Module):
+    """A float16 input times a float32 vector summed from 60 parameters: the drawing of the matmul's odd
+    operand back to its roots is longer than a drawing may be."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.parts = nn.ParameterList([nn.Parameter(torch.ones(4)) for _ in range(60)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        total = self.parts[0]
+        for part in self.parts[1:]:
+            total = total + part
+        return x @ total.view(4, 1)
 
 
-def test_drawings_shrink_to_fit():
-    small = star(3, 2)
-    nodes, trimmed = error_drawing_nodes(small, "op0")
-    assert not trimmed and nodes == set(small.neighbourhood("op0", 2))
+def test_a_drawing_longer_than_the_cap_is_trimmed_and_says_so_in_every_format():
+    report = audit(SumOfManyWeights(), torch.randn(2, 4, dtype=torch.float16), dtype="float16")
+    (drawing,) = error_drawings(report).drawn
+    assert drawing.path.trimmed and len(drawing.path.nodes) == MAX_PATH_NODES
+    assert f"(trimmed to {MAX_PATH_NODES} nodes)" in render(report, "markdown").replace("\\", "")
+    assert f"(trimmed to {MAX_PATH_NODES} nodes)" in render(report, "html")
 
-    wide = star(10, 5)  # radius 2: 21 nodes; radius 3 would be 71
-    nodes, trimmed = error_drawing_nodes(wide, "op0", ["w3_4"])
-    assert not trimmed and nodes == set(wide.neighbourhood("op0", 2)) | {"leaf3_4"}
 
-    wider = star(15, 1)  # radius 2: 31 nodes, over a cap of 20; radius 1: 16
-    nodes, trimmed = error_drawing_nodes(wider, "op0", max_nodes=20)
-    assert not trimmed and nodes == set(wider.neighbourhood("op0", 1))
+def test_markdown_and_html_draw_the_same_selection(stray_report, tiny_llama_fp16, input_ids):
+    """One drawing selection (``drawing.error_drawings``): the comment and the page draw the same paths."""
+    page_blocks = [html.unescape(block) for block in
+                   re.findall(r'<pre class="mermaid">\n(.*?)</pre>', render(stray_report, "html"), re.DOTALL)]
+    assert page_blocks and [block.rstrip("\n") for block in page_blocks] == [
+        block.rstrip("\n") for block in mermaid_blocks(render(stray_report, "markdown"))]
 
-    widest = star(60, 1)  # even radius 1 is 61 nodes
-    nodes, trimmed = error_drawing_nodes(widest, "op0", ["w59_0"])
-    assert trimmed and len(nodes) == MERMAID_MAX_NODES
-    assert {"op0", "leaf59_0", "op60", "t59"} <= nodes
+
+# after --fix: every format shows the same before and after ------------------------------------------------
+
+
+@pytest.fixture
+def fixed(stray_fp32_layer) -> tuple[Report, FixResult]:
+    """A float16 model with a float32 head (its error found), fixed: the head cast, the re-audit clean."""
+    before = audit(stray_fp32_layer, torch.randn(2, 16, dtype=torch.float16))
+    result = fix(stray_fp32_layer, before)
+    assert result.changed and result.after is not None and result.after.errors == [] and before.errors
+    return result.after, result
+
+
+@pytest.mark.parametrize("format", sorted(FORMATS))
+def test_every_format_shows_the_audit_before_the_fix_and_what_the_fix_did(format, fixed, sarif_validator):
+    after, result = fixed
+    before = result.before
+    output = render(after, format, path=CHECKPOINT, fix=result)
+    cast = [change.tensor for change in result.changed]
+    if format == "json":
+        data = json.loads(output)
+        assert data["summary"] == before.counts() and len(data["findings"]) == len(before.findings)
+        assert data["fix"]["outcome"] == result.summary_line() and data["fix"]["applied"] is True
+        assert [change["tensor"] for change in data["fix"]["changes"]] == cast
+        assert data["fix"]["after"]["summary"] == after.counts()
+    elif format == "sarif":
+        log = json.loads(output)
+        sarif_validator.validate(log)
+        (run,) = log["runs"]
+        assert len(run["results"]) == len(before.findings) and run["properties"]["summary"] == before.counts()
+        assert run["properties"]["fix"]["outcome"] == result.summary_line()
+    else:
+        shown = html.unescape(output).replace("\\", "")  # markdown escapes punctuation, html markup
+        if format == "github":
+            *annotations, outcome = output.splitlines()
+            assert len(annotations) == len(before.findings)
+            assert parse_github_command(outcome)[0] == "notice"
+            assert "re-audit" in parse_github_command(outcome)[2]
+        else:
+            assert before.summary_line() in shown and result.summary_line() in shown
+            assert all(name in shown for name in cast)
+        assert after.summary_line() in shown  # the re-audit, inside the outcome

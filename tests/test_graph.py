@@ -11,6 +11,7 @@ import torch
 
 import dtypelint
 from dtypelint import UsageError
+from dtypelint.drawing import to_mermaid, write_graph
 
 
 @pytest.fixture
@@ -40,7 +41,7 @@ def test_conflicts_ancestry_and_neighbourhood(failing_graph):
 
 @pytest.mark.parametrize("suffix", [".json", ".graphml", ".dot", ".mmd"])
 def test_exports_round_trip_their_format(failing_graph, tmp_path, suffix):
-    path = failing_graph.write(tmp_path / f"graph{suffix}")
+    path = write_graph(failing_graph, tmp_path / f"graph{suffix}")
     text = path.read_text()
     if suffix == ".json":
         loaded = nx.node_link_graph(json.loads(text), edges="edges")
@@ -58,11 +59,11 @@ def test_exports_round_trip_their_format(failing_graph, tmp_path, suffix):
 
 def test_mermaid_of_a_subgraph_marks_the_failing_op(failing_graph):
     op = next(op for op in failing_graph.ops() if failing_graph.nodes[op]["failed"])
-    text = failing_graph.to_mermaid(failing_graph.neighbourhood(op, 1))
+    text = to_mermaid(failing_graph, failing_graph.neighbourhood(op, 1))
     assert f"style {op} stroke:#d00" in text
     assert text.count("-->") == failing_graph.neighbourhood(op, 1).number_of_edges()
 
 
 def test_unknown_export_format_is_a_usage_error(failing_graph, tmp_path):
     with pytest.raises(UsageError, match="use .json"):
-        failing_graph.write(tmp_path / "graph.png")
+        write_graph(failing_graph, tmp_path / "graph.png")

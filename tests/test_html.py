@@ -25,10 +25,10 @@ import torch
 
 from dtypelint import audit
 from dtypelint.cli import main
-from dtypelint.drawing import MAX_DRAWINGS, cause_path
+from dtypelint.drawing import MAX_DRAWINGS, MERMAID_CLASSES, cause_path, mermaid_text, to_dot, to_mermaid, write_graph
 from dtypelint.formats import render
-from dtypelint.graph import MERMAID_CLASSES, ellipsize, mermaid_text
-from dtypelint.html import mermaid_js
+from dtypelint.formats.html import mermaid_js
+from dtypelint.graph import ellipsize
 from dtypelint.report import Report
 
 MERMAID_SHA256 = "336df803d87a38b70a01e736e666c8f7601d2ce42f5e47c8fafe5d721074b9a3"  # vendor/README.md
@@ -213,17 +213,17 @@ def test_tensor_labels_name_the_leaf_its_view_or_its_producer(stray_report):
 def test_exports_carry_the_labels_and_dtypes_on_edges(stray_report, tmp_path):
     graph = stray_report.graph
     weight = graph.find_tensor("head.weight")
-    loaded = nx.read_graphml(graph.write(tmp_path / "graph.graphml"))
+    loaded = nx.read_graphml(write_graph(graph, tmp_path / "graph.graphml"))
     assert loaded.nodes[weight]["label"] == "head.weight float32[4, 16]"
-    dot = graph.to_dot()
+    dot = to_dot(graph)
     assert f'{weight} [shape=ellipse, label="head.weight float32[4, 16]"];' in dot
     assert '[label="float32"]' in dot and '[label="float16"]' in dot
-    assert '-->|"float32"|' in graph.to_mermaid()
+    assert '-->|"float32"|' in to_mermaid(graph)
 
 
 def test_rotary_buffers_are_named_in_the_drawing(tiny_llama_fp16, input_ids):
     report = audit(tiny_llama_fp16, {"input_ids": input_ids})
-    assert "(model.rotary_emb.inv_freq float32[" in report.graph.to_mermaid().replace('"', "")
+    assert "(model.rotary_emb.inv_freq float32[" in to_mermaid(report.graph).replace('"', "")
 
 
 def test_drawings_ellipsize_long_names_in_the_middle_and_tables_keep_them():

@@ -13,7 +13,7 @@ from helpers import assert_unchanged, snapshot
 import dtypelint
 from dtypelint import FixPlan
 from dtypelint.errors import DtypelintError
-from dtypelint.fixes import Change
+from dtypelint.plan import Change
 
 pytest_plugins = ["pytester"]
 

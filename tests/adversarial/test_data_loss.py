@@ -21,6 +21,7 @@ from torch import nn
 import dtypelint
 from dtypelint import FixPlan, UsageError
 from dtypelint.cli import main
+from dtypelint.drawing import write_graph
 from dtypelint.save import PLAN_FILE
 
 EMPTY_PLAN = FixPlan("LlamaForCausalLM", [])
@@ -192,7 +193,7 @@ def test_api_writers_take_the_same_guard(workspace, tiny_llama_fp16):
     before = tree(source)
     report = dtypelint.audit(tiny_llama_fp16, {"input_ids": torch.ones(1, 4, dtype=torch.long)})
     with pytest.raises(UsageError, match="inside its source checkpoint"):
-        report.graph.write(source / "config.json", sources=[source])
+        write_graph(report.graph, source / "config.json", sources=[source])
     with pytest.raises(UsageError, match="inside its source checkpoint"):
         EMPTY_PLAN.write(source / "model.safetensors", sources=[source])
     assert tree(source) == before

@@ -349,10 +349,12 @@ def test_a_terminal_that_cannot_show_a_name_gets_its_escape(entry, monkeypatch):
 
 @pytest.mark.parametrize("hostile", HOSTILE.values(), ids=HOSTILE)
 def test_print_of_a_report_and_of_its_fix_shows_the_name_escaped(entry, hostile):
-    """``print(report)`` and the pytest plugin's failure message (``Report.render``), ``print(fix(...))``."""
+    """``print(report)`` and the pytest plugin's failure message (``Report.render``), the fix as the text
+    format shows it, and ``print(fix(...))`` (its outcome line)."""
     model, inputs = built(entry, hostile.name)
     report = dtypelint.audit(model, inputs)
     result = dtypelint.fix(model, report)
     assert result.changed
-    for text in (str(report), str(result)):
+    for text in (str(report), dtypelint.render(result.after, fix=result)):
         assert all(line.isprintable() for line in text.splitlines()) and hostile.shown in text
+    assert str(result) == result.summary_line() and str(result).isprintable()

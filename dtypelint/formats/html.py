@@ -1,13 +1,14 @@
-"""``--format html``: the report as one self-contained page that opens without a network.
+"""``html``: the report as one self-contained page that opens without a network.
 
-The page holds the summary line, the findings table, the notes, and for each error (up to
+The page holds the summary line, the findings table, the notes, for each error (up to
 ``drawing.MAX_DRAWINGS``) a Mermaid drawing of the path from its root cause to the failing op, with the
-dtype on every edge and the op and the odd-dtype operand highlighted. Mermaid (vendored in
+dtype on every edge and the op and the odd-dtype operand highlighted (``dtypelint.drawing``, the drawings
+of the Markdown format), and after ``--fix`` the fix. Mermaid (vendored in
 ``dtypelint/vendor``, see its README) is inlined; a Content-Security-Policy forbids every fetch, so a
 page that renders here renders anywhere.
 
 Every text that comes from the model is printable (``formats`` renders a copy of the report made so) and
-HTML-escaped; Mermaid source is escaped for Mermaid first (``graph.mermaid_text``) and then for HTML, since
+HTML-escaped; Mermaid source is escaped for Mermaid first (``drawing.mermaid_text``) and then for HTML, since
 Mermaid reads it back from the page's text.
 """
 
@@ -20,11 +21,13 @@ from importlib.resources import files
 from typing import TYPE_CHECKING
 
 from dtypelint.diagnostics import CODE_COLUMNS, FINDING_COLUMNS, ROOT_LOCATION
-from dtypelint.drawing import MAX_DRAWINGS, CausePath, cause_path, error_sites, unplaced_errors
+from dtypelint.drawing import ErrorDrawing, error_drawings
+from dtypelint.formats.base import FormatContext, audited
+from dtypelint.formats.fix import FIX_COLUMNS, fix_notes, fix_outcome, fix_rows
 
 if TYPE_CHECKING:
     from dtypelint.diagnostics import Finding
-    from dtypelint.formats import FormatContext
+    from dtypelint.plan import FixResult
     from dtypelint.report import Report
 
 # Inline script and style only; nothing may be fetched, not even an image or a font.
@@ -64,16 +67,15 @@ mermaid.run({querySelector: "pre.mermaid"})
 
 
 def render_html(report: Report, context: FormatContext) -> str:
-    shown = context.fix.before if context.fix is not None and context.fix.before is not None else report
+    shown = audited(report, context)
     parts = [
         f"<h1>dtypelint</h1>\n<p class=\"summary\">{escape(shown.summary_line())}</p>",
         f"<p class=\"loaded\">{escape(shown.loaded_line())}</p>" if shown.loaded_line() else "",
         findings_table(shown.ordered()),
         notes_list(shown.notes),
-        *error_drawings(shown),
+        *drawing_sections(shown),
+        fix_section(context.fix) if context.fix is not None else "",
     ]
-    if context.fix is not None:
-        parts.append(f"<h2>Fix</h2>\n<pre class=\"fix\">{escape(context.fix.render())}</pre>")
     return page(f"dtypelint: {shown.summary_line()}", "\n".join(part for part in parts if part))
 
 
@@ -117,19 +119,15 @@ def notes_list(notes: list[str]) -> str:
     return "<ul class=\"notes\">\n" + "\n".join(f"<li>note: {escape(note)}</li>" for note in notes) + "\n</ul>"
 
 
-def error_drawings(report: Report) -> list[str]:
-    """One section per error site, up to ``MAX_DRAWINGS``, a line saying how many more there are, and the
-    errors with nothing to draw."""
-    sites = list(error_sites(report).items())
-    sections = [
-        error_section(report, number, node, findings)
-        for number, (node, findings) in enumerate(sites[:MAX_DRAWINGS], start=1)
-    ]
-    if len(sites) > MAX_DRAWINGS:
-        sections.append(f"<p class=\"more\">{len(sites) - MAX_DRAWINGS} more error sites not drawn.</p>")
-    unplaced = unplaced_errors(report)
-    if unplaced:
-        sections.append(unplaced_section(unplaced))
+def drawing_sections(report: Report) -> list[str]:
+    """One section per error site drawn, a line saying how many more there are, and the errors with
+    nothing to draw."""
+    drawings = error_drawings(report)
+    sections = [error_section(number, drawing) for number, drawing in enumerate(drawings.drawn, start=1)]
+    if drawings.more:
+        sections.append(f"<p class=\"more\">{drawings.more} more error sites not drawn.</p>")
+    if drawings.unplaced:
+        sections.append(unplaced_section(drawings.unplaced))
     return sections
 
 
@@ -148,28 +146,38 @@ def unplaced_section(findings: list[Finding]) -> str:
     ])
 
 
-def error_section(report: Report, number: int, node: str, findings: list[Finding]) -> str:
-    graph = report.graph
-    path = cause_path(graph, node, report.compute_dtype)
-    codes = ", ".join(dict.fromkeys(finding.code for finding in findings))
-    where = findings[0].location or ROOT_LOCATION
+def error_section(number: int, drawing: ErrorDrawing) -> str:
     return "\n".join([
         f"<section class=\"error-site\" id=\"error-{number}\">",
-        f"<h2>{escape(codes)} at {code(where)}: {escape(graph.label(node))}</h2>",
-        legend(report, path),
-        f"<pre class=\"mermaid\">\n{escape(graph.to_mermaid(path.nodes, classes=path.classes()))}</pre>",
+        f"<h2>{escape(drawing.codes)} at {code(drawing.location)}: {escape(drawing.site)}</h2>",
+        legend(drawing),
+        f"<pre class=\"mermaid\">\n{escape(drawing.mermaid)}</pre>",
         "</section>",
     ])
 
 
-def legend(report: Report, path: CausePath) -> str:
-    roots = ", ".join(report.graph.label(root) for root in path.roots) or "not reached"
+def legend(drawing: ErrorDrawing) -> str:
+    path = drawing.path
+    roots = ", ".join(drawing.roots) or "not reached"
     trimmed = f" (trimmed to {len(path.nodes)} nodes)" if path.trimmed else ""
     return (
         "<p class=\"legend\"><span class=\"conflict\">failing op</span>"
         "<span class=\"culprit\">odd dtype and where it comes from</span>"
         f"root cause: {code(roots)}{escape(trimmed)}</p>"
     )
+
+
+def fix_section(result: FixResult) -> str:
+    parts = ["<section class=\"fix\">", "<h2>Fix</h2>"]
+    if result.plan.changes:
+        header = "".join(f"<th>{column}</th>" for column in FIX_COLUMNS)
+        rows = ["<tr>" + "".join(f"<td>{code(cell) if column == 0 else escape(cell)}</td>"
+                                 for column, cell in enumerate(row)) + "</tr>" for row in fix_rows(result)]
+        parts += ["<table class=\"fix\">", f"<thead><tr>{header}</tr></thead>", "<tbody>", *rows, "</tbody>",
+                  "</table>"]
+    parts += [f"<p class=\"note\">note: {escape(note)}</p>" for note in fix_notes(result)]
+    parts += [f"<p class=\"outcome\">{escape(line)}</p>" for line in fix_outcome(result)]
+    return "\n".join([*parts, "</section>"])
 
 
 def code(text: str) -> str:

@@ -1,0 +1,69 @@
+"""What every format shares: the context a renderer gets, which report it shows after ``--fix``, and the
+printable copy that the formats people read render."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from dtypelint.escape import map_text, printable
+
+if TYPE_CHECKING:
+    from dtypelint.plan import FixResult
+    from dtypelint.report import Report
+    from dtypelint.rules.base import Rule
+
+
+@dataclass(frozen=True)
+class FormatContext:
+    """What a renderer may need besides the report. ``path``: the audited checkpoint directory or config
+    file. ``rules``: the rules that could have reported (default: ``dtypelint.rules.all_rules()``, the
+    generic rules and every shipped pack). ``fix``: what ``--fix`` did."""
+
+    path: str | Path | None = None
+    rules: Sequence[Rule] | None = None
+    fix: FixResult | None = None
+
+    def rule_list(self) -> list[Rule]:
+        from dtypelint.rules import all_rules
+
+        rules = list(self.rules) if self.rules is not None else all_rules()
+        unique: dict[str, Rule] = {}
+        for rule in rules:
+            unique.setdefault(rule.code, rule)
+        return list(unique.values())
+
+    def rule_names(self) -> dict[str, str]:
+        return {rule.code: rule.name for rule in self.rule_list()}
+
+
+Renderer = Callable[["Report", FormatContext], str]
+
+
+def audited(report: Report, context: FormatContext) -> Report:
+    """The report whose findings a format lists. After ``--fix`` that is the audit the fix started from,
+    in every format: the fix section (``dtypelint.formats.fix``) then says what was cast and what the
+    re-audit found. Without a fix, ``report``."""
+    if context.fix is not None and context.fix.before is not None:
+        return context.fix.before
+    return report
+
+
+def notes(report: Report) -> list[str]:
+    """The report's notes and what the loader built, as the text formats list them."""
+    loaded = report.loaded_line()
+    return [f"note: {note}" for note in report.notes] + ([loaded] if loaded else [])
+
+
+def for_people(renderer: Renderer) -> Renderer:
+    """A format people read: it renders a copy of the report, path and fix in which every text from the
+    model is printable (``dtypelint.escape.printable``), so that no name or message moves the terminal's
+    cursor, sets its title, reorders a line or breaks a table row. Data formats (json, sarif) keep the
+    texts, which their own escaping carries exactly."""
+
+    def render_printable(report: Report, context: FormatContext) -> str:
+        return renderer(map_text(report, printable), map_text(context, printable))
+
+    return render_printable
