@@ -18,7 +18,10 @@ order of ``dtypelint.model_class.TASK_FAMILIES``). For each:
    exactly for per-layer architectures holding a float32 ``inv_freq`` whose model_type is in the
    contract's ``model-types``; under hf-eager no error mentions ``inv_freq``.
 4. list the errors of the value audits: the plain float16 forward ran, so each is a false error unless
-   the model really holds what it says (cuda errors: with the default (sdpa) attention).
+   the model really holds what it says (cuda errors: with the default (sdpa) attention);
+5. check that each value audit recorded the ops a bare recording dispatch mode sees on the same model and
+   inputs (``tests/helpers.py``: ``dispatched_ops`` against ``recorded_ops``, the first call): the audit
+   judged the path the model runs outside it.
 
 Each unit runs in a forked child (imports are paid once) with a wall-clock limit, so a pathological model
 cannot hang the sweep.
@@ -43,6 +46,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+TESTS = Path(__file__).resolve().parents[1] / "tests"  # helpers.py: the bare recording mode
 SIZE_FIELDS = {
     "hidden_size": 64, "d_model": 64, "n_embd": 64,
     "num_hidden_layers": 2, "n_layer": 2, "num_layers": 2,
@@ -275,6 +279,7 @@ class Recorder:
 def check_architecture(unit: dict[str, str], rec: Recorder) -> None:
     import torch
     import transformers
+    from helpers import dispatched_ops, first_difference, recorded_ops
 
     import dtypelint
     from dtypelint.config import Settings
@@ -339,12 +344,13 @@ def check_architecture(unit: dict[str, str], rec: Recorder) -> None:
     row["ipx101_expected"] = bool(row["per_layer_fp32"] and row["ipx101_listed"])
 
     # 2. the six audits: value mode through the loader (the class the checkpoint records), meta mode
-    row["audits"], row["changed"], row["internal"], row["substituted"] = {}, {}, [], []
+    row["audits"], row["changed"], row["internal"], row["substituted"], row["ops_differ"] = {}, {}, [], [], {}
     del model
     loaded = load(Request(path=Path(checkpoint), mode="value", dtype=torch.float16, batch=1, seq_len=8))
     model = loaded.model
     with torch.no_grad():  # transformers 5 installs its output-capturing hooks at the first forward: not ours
         model(**loaded.inputs)
+    dispatched = timed("dispatched", lambda: dispatched_ops(model, loaded.inputs))
     if loaded.model_class != class_name or type(model).__name__ != class_name:
         row["substituted"].append(f"value: {loaded.model_class} / {type(model).__name__}")
     for mode in MODES:
@@ -361,6 +367,8 @@ def check_architecture(unit: dict[str, str], rec: Recorder) -> None:
                                                                       model_class=class_name, seq_len=8))
                 if report.model != class_name:
                     row["substituted"].append(f"{key}: {report.model}")
+                if mode == "value" and (difference := first_difference(dispatched, recorded_ops(report.graph))):
+                    row["ops_differ"][key] = difference
                 row["audits"][key] = summarize(report)
                 del report
             except Exception as error:  # noqa: BLE001 - an internal error of dtypelint
@@ -571,6 +579,8 @@ def main() -> int:
     import dtypelint  # noqa: F401
     import dtypelint.packs.schema  # noqa: F401 - imported before the children fork, so they share it
 
+    sys.path.insert(0, str(TESTS))
+
     tasks = {task.lower().replace("base", "") for task in _names(args.task) or ()} or None
     units, per_family = sweep_units(tasks, _names(args.family), _names(args.only), args.sample)
     print(f"transformers {transformers.__version__}, torch {torch.__version__}, python {sys.version.split()[0]}: "
@@ -649,6 +659,11 @@ def main() -> int:
         print(f"\ncuda errors on models that ran in float16 with sdpa ({len(flagged)}):")
         for arch, text in flagged:
             print(f"  {arch}: {text[:250]}")
+    ops_differ = [(r["arch"], k, v) for r in kept for k, v in (r.get("ops_differ") or {}).items()]
+    if ops_differ:
+        print(f"\nValue audits whose recorded ops differ from a bare dispatch mode's ({len(ops_differ)}):")
+        for arch, key, text in ops_differ:
+            print(f"  {arch} {key}: {text[:250]}")
     substituted = [(r["arch"], text) for r in kept for text in r.get("substituted", [])]
     if substituted:
         print(f"\nAudits of another class than the checkpoint's ({len(substituted)}):")
@@ -682,6 +697,8 @@ def main() -> int:
         "audit_config_mutated_config": len(mutated),
         "layout_violations": len(violations),
         "audits_of_another_class": len(substituted),
+        "value_ops_compared": sum("ops_differ" in r for r in kept),
+        "value_ops_differ": sorted({a for a, _, _ in ops_differ}),
         "architectures_with_value_errors_hf_eager": sorted({a for a, _ in value_errors}),
         "cuda_error_architectures": sorted(r["arch"] for r in kept if cuda_errors(r)),
         "per_layer": sum(r["layout"] == "per-layer" for r in kept),

@@ -125,7 +125,7 @@ class DtypeGraph(nx.DiGraph):
             ops_run=tracer.ops_run,
             ops_recorded=len(tracer.records),
             autocast=tracer.autocast,
-            autocast_policy=tracer.autocast_policy.device,
+            autocast_policy=tracer.autocast_device,
             failure_module=tracer.failure_module,
             torch_log=tuple(dict.fromkeys(result.torch_log)),
             step_starts=tuple(result.step_starts),

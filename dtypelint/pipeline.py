@@ -11,7 +11,7 @@ from typing import Any, Unpack
 
 import torch
 
-from dtypelint.autocast import POLICIES
+from dtypelint.autocast import POLICIES, AutocastPolicy
 from dtypelint.config import SettingOverrides, Settings
 from dtypelint.diagnostics import Finding
 from dtypelint.dtypes import dtype_name, parse_dtype
@@ -25,7 +25,7 @@ from dtypelint.report import Report, Rerun
 from dtypelint.rules import run_rules
 from dtypelint.rules.base import Options, RuleContext
 from dtypelint.state import refuse_uninitialised_lazy
-from dtypelint.tracer import Tracer, TraceResult, needs_values
+from dtypelint.tracer import Tracer, TraceResult, function_mode_dependent, needs_values
 from dtypelint.vocabulary import LEAF_ORIGINS, OriginKind
 
 
@@ -85,13 +85,38 @@ def _run(model: torch.nn.Module, inputs: Any, options: TraceOptions, notes: list
     """Trace one forward (``dtypelint.forward.run_forward``: the model and process are left as they were,
     the inputs copied, a flash attention run on its stand-in). Exceptions of the forward are kept in the
     result, never raised. Meta mode runs on fake stand-ins of the weights and inputs: shapes and dtypes,
-    no data."""
+    no data. A forward traced without function-level recording that turns out to need it (a call raised
+    before dispatch, autocast turned on inside, a fast path fake tensors cannot run) is traced again with it,
+    which is kept if it recorded more or ran through."""
+    result = _traced(model, inputs, options, notes)
+    reason = result.tracer.wants_function_level or _fakes_stopped_at_a_fast_path(result)
+    if reason is None:
+        return result
+    again = _traced(model, inputs, options, notes, function_level=reason)
+    ran_through = result.error is not None and again.error is None
+    return again if again.tracer.function_level_recorded or ran_through else result
+
+
+def _fakes_stopped_at_a_fast_path(result: TraceResult) -> str | None:
+    """Fake tensors cannot run every fast path (not the nested tensor ``nn.TransformerEncoder`` makes of a
+    padded batch): a meta-mode forward of a model with one that raised is traced again on the general path,
+    which a function mode makes it take."""
+    tracer = result.tracer
+    if result.fake and result.error is not None and tracer.function_level is None and function_mode_dependent(tracer.model):
+        return "to take the general path, as fake tensors cannot run every fast path"
+    return None
+
+
+def _traced(model: torch.nn.Module, inputs: Any, options: TraceOptions, notes: list[str],
+            function_level: str | None = None) -> TraceResult:
+    notes = list(notes)
     tracers: list[Tracer] = []
     step_starts: list[int] = []  # the index of each decode step's first op
 
     def tracer_for(call: Call) -> Tracer:
         tracer = Tracer(model, stats=options.stats and options.mode == "value", state=call.state, on_module=on_module,
-                        max_ops=options.max_ops, autocast_policy=POLICIES[options.autocast])
+                        max_ops=options.max_ops, autocast_device=options.autocast,
+                        function_level=function_level)
         tracer.add_inputs(call.args, call.kwargs, call.names)
         tracers.append(tracer)
         return tracer
@@ -103,8 +128,21 @@ def _run(model: torch.nn.Module, inputs: Any, options: TraceOptions, notes: list
                           steps=options.steps, on_step=lambda _: step_starts.append(len(tracers[0].records)))
     (tracer,) = tracers
     notes += _written_note(tracer.written_parameters | set(ran.written_parameters))
+    path_note = tracer.function_level_note()
+    if path_note is not None:
+        notes.append(path_note)
+    if tracer.autocast_casts:
+        notes.append(_autocast_note(POLICIES[options.autocast]))
     return TraceResult(tracer, ran.error, fake=options.mode == "meta", notes=notes, torch_log=ran.torch_log,
                        step_starts=step_starts)
+
+
+def _autocast_note(policy: AutocastPolicy) -> str:
+    """Whose autocast policy the trace applied: the installed torch's own registrations."""
+    named = ", ".join(sorted(policy.float32_ops & {"layer_norm", "rms_norm", "group_norm", "softmax"}))
+    return (f"autocast as {policy.device} runs it, read from torch {policy.torch_version}'s own registrations: "
+            f"{len(policy.lower_ops)} ops in the autocast dtype, {len(policy.float32_ops)} in float32"
+            + (f" ({named} among them)" if named else ""))
 
 
 def _graph(result: TraceResult) -> DtypeGraph:

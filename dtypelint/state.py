@@ -438,8 +438,17 @@ def refuse_uninitialised_lazy(model: torch.nn.Module) -> None:
 def fresh_copies(value: Any) -> Any:
     """``value`` with every tensor that holds data (in tuples, lists and dicts, however nested) replaced
     by a copy: a forward that writes its inputs in place leaves the caller's alone, and each forward
-    dtypelint runs starts from the same values. Fake and meta tensors, having none, are kept."""
-    return tree_map_only(torch.Tensor, _fresh_copy, value)
+    dtypelint runs starts from the same values. Fake and meta tensors, having none, are kept. A tensor
+    passed twice is copied once: code that checks identity (``nn.MultiheadAttention``'s fast path wants
+    ``query is key is value``) takes the path it takes on the caller's tensors."""
+    copies: dict[int, torch.Tensor] = {}  # by id: the tensors stay alive in ``value`` meanwhile
+
+    def copy_once(tensor: torch.Tensor) -> torch.Tensor:
+        if id(tensor) not in copies:
+            copies[id(tensor)] = _fresh_copy(tensor)
+        return copies[id(tensor)]
+
+    return tree_map_only(torch.Tensor, copy_once, value)
 
 
 def _fresh_copy(tensor: torch.Tensor) -> torch.Tensor:

@@ -2,9 +2,13 @@
 
 The recorder is a ``TorchDispatchMode``: it sees ops *after* autocast and decomposition, so the dtypes it
 records are the ones the kernels receive. Global module forward hooks keep a stack of module paths, so
-each op is attributed to the module that ran it (the shape of ``torch.utils.module_tracker``). A small
-function mode applies the deployment's autocast policy, marking its casts, and records the composite calls
-that raise before dispatch; a dtype error the model's own Python raises is recorded from its traceback.
+each op is attributed to the module that ran it (the shape of ``torch.utils.module_tracker``). By default
+nothing else is entered, so the forward takes the path it takes outside the audit: a ``TorchFunctionMode``
+changes paths by its mere presence (``has_torch_function`` turns off ``nn.TransformerEncoderLayer``'s and
+``nn.MultiheadAttention``'s fast paths). Only where the function level is needed (``function_level``: an
+autocast policy to apply, attention calls to see before dispatch, a call that raised before dispatch) does
+a small function mode apply the deployment's autocast policy, marking its casts, and record the composite
+calls that raise before dispatch; a dtype error the model's own Python raises is recorded from its traceback.
 
 The hot path only appends references; names, dtypes, shapes and the graph are derived afterwards
 (``dtypelint.graph``), because formatting inside the mode multiplies its cost.
@@ -13,11 +17,12 @@ The hot path only appends references; names, dtypes, shapes and the graph are de
 from __future__ import annotations
 
 import functools
+import inspect
 import re
 import sys
 import weakref
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -52,11 +57,20 @@ class TensorRecord:
 
     def __init__(self, tensor: torch.Tensor, origin: Origin | None) -> None:
         self.dtype = tensor.dtype
-        self.shape = tensor.shape
+        try:
+            self.shape = tensor.shape
+        except RuntimeError:  # a nested tensor (TransformerEncoder's fast path with a padding mask) has none
+            self.shape = _padded_shape(tensor)
         self.device = tensor.device
         self.origin = origin
         self.stats: tuple[float, float] | None = None
         self.stored_as: Origin | None = None  # the buffer or attribute the forward assigned this tensor to
+
+
+def _padded_shape(nested: torch.Tensor) -> torch.Size:
+    """The shape of a nested tensor padded to its largest component (``to_padded_tensor``'s)."""
+    sizes = nested._nested_tensor_size()
+    return torch.Size([sizes.shape[0], *sizes.amax(0).tolist()])
 
 
 class OpRecord:
@@ -168,7 +182,11 @@ def value_extremes(tensor: torch.Tensor, *, any_width: bool = False) -> tuple[to
     activation again would double the cost of an audit."""
     if not tensor.is_floating_point() or (tensor.dtype.itemsize > 2 and not any_width) or tensor.numel() == 0:
         return None
-    return torch.aminmax(tensor.detach()) if has_values(tensor) else None
+    if not has_values(tensor):
+        return None
+    if tensor.is_nested:  # aminmax has no nested kernel: the components, all at once
+        tensor = torch.cat([component.reshape(-1) for component in tensor.unbind()])
+    return torch.aminmax(tensor.detach())
 
 
 def needs_values(error: BaseException | None) -> bool:
@@ -248,6 +266,12 @@ class Tracer(TorchDispatchMode):
     only counted (``ops_run``), so a huge forward cannot exhaust memory.
     In-place writes to the model's parameter storage (``w.data.add_``) are noted in
     ``written_parameters``.
+
+    Function-level recording is entered only where it is needed (``function_level`` says why: CPU autocast
+    is on, whose policy it applies, or attention calls are recorded before dispatch), or where the caller
+    asks (``function_level=REASON``). A trace without it that shows it was needed says so in
+    ``wants_function_level`` (a call raised before dispatch, autocast was turned on inside the forward):
+    ``dtypelint.pipeline`` then traces the forward again with it.
     """
 
     def __init__(
@@ -258,10 +282,13 @@ class Tracer(TorchDispatchMode):
         state: Mapping[str, torch.Tensor] | None = None,
         on_module: Callable[[], object] | None = None,
         max_ops: int | None = None,
-        autocast_policy: AutocastPolicy | None = None,
+        autocast_device: str = "cpu",
+        function_level: str | None = None,
     ) -> None:
         super().__init__()
         self.model = model
+        self.function_level = function_level
+        self.wants_function_level: str | None = None
         self.stats = stats
         self.max_ops = sys.maxsize if max_ops is None else max_ops
         self.ops_run = 0
@@ -275,17 +302,19 @@ class Tracer(TorchDispatchMode):
         self._keepalive: list[torch.Tensor] = []
         self._live: dict[int, tuple[int, weakref.ref]] = {}
         self._extremes: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # measured, not yet read back
-        self.modules = ModuleTracker(model, on_module)
+        self._on_module = on_module
+        self.modules = ModuleTracker(model, self._module_started)
         self._saved_modes: GlobalModes | None = None
         self.attention = AttentionRecorder(lambda: (self.modules.current, len(self.records)))
         self.autocast: str | None = None  # the autocast dtype the forward started under, if any
-        self._function_mode: AbstractContextManager[Any] = nullcontext()
+        self._function_modes = ExitStack()
         self.failure_module: str | None = None  # where the forward's exception unwound from, if it raised
         self.returned: set[int] = set()  # indices of the tensors the forward returned
-        self.autocast_policy = autocast_policy or POLICIES["cpu"]
+        self.autocast_device = autocast_device  # whose autocast policy applies (read when first needed)
         # The ops that are casts autocast made (the dtype the code passed -> the one the kernel received).
         self.autocast_casts: list[range] = []
         self._function_calls = _FunctionCalls(self)
+        self.failed_before_dispatch = False  # the function mode recorded a composite call that raised
         # Storage of the real parameters, to catch writes through ``.data`` (which no version counter sees).
         self._parameter_storages = {} if state is not None else _parameter_storages(model)
         self._register_model_origins(state)
@@ -373,6 +402,37 @@ class Tracer(TorchDispatchMode):
         if self.ops_run > self.max_ops or (len(self.records) > recorded_before and not self.records[-1].completed):
             return
         self.records.append(OpRecord(op, self.modules.current, self._inputs(args, kwargs)))
+        self.failed_before_dispatch = True
+
+    @property
+    def autocast_policy(self) -> AutocastPolicy:
+        return POLICIES[self.autocast_device]
+
+    @property
+    def function_level_recorded(self) -> bool:
+        """Whether the function mode recorded what the dispatch level cannot: autocast casts, or a composite
+        call that raised before dispatch."""
+        return bool(self.autocast_casts) or self.failed_before_dispatch
+
+    def _module_started(self) -> None:
+        if self.function_level is None and self.wants_function_level is None and autocast_dtype("cpu"):
+            self.wants_function_level = "to apply the autocast policy to the autocast the forward turns on"
+        if self._on_module is not None:
+            self._on_module()
+
+    def function_level_note(self) -> str | None:
+        """What the report says where function-level recording was on in a model with modules whose path
+        depends on it."""
+        if self.function_level is None:
+            return None
+        checking = function_mode_dependent(self.model)
+        if not checking:
+            return None
+        shown = ", ".join(f"{name or '<model>'} ({kind})" for name, kind in checking[:3])
+        more = f" and {len(checking) - 3} more" if len(checking) > 3 else ""
+        return (f"function-level recording was on ({self.function_level}); modules whose forward checks for it "
+                "(torch.overrides.has_torch_function) may have left the fast path they take outside the audit: "
+                f"{shown}{more}")
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
         kwargs = kwargs or {}
@@ -417,13 +477,23 @@ class Tracer(TorchDispatchMode):
     def __enter__(self) -> Tracer:
         self._saved_modes = None if settings_guarded() else GlobalModes.capture()  # once per forward
         self.autocast = autocast_dtype("cuda") or autocast_dtype("cpu")
+        self.function_level = self.function_level or self._function_level_needed()
         self.modules.__enter__()
-        # A function mode entered later sees a call first: the attention recorder sees what the code hands
-        # over (flash-attn ignores autocast), the tracer's own mode what autocast makes of it.
-        self._function_calls.__enter__()
-        self._function_mode = self.attention.function_mode()
-        self._function_mode.__enter__()
+        self._function_modes = ExitStack()
+        if self.function_level is not None:
+            # A function mode entered later sees a call first: the attention recorder sees what the code hands
+            # over (flash-attn ignores autocast), the tracer's own mode what autocast makes of it.
+            self._function_modes.enter_context(self._function_calls)
+            self._function_modes.enter_context(self.attention.function_mode())
         return super().__enter__()
+
+    def _function_level_needed(self) -> str | None:
+        """Why the forward needs function-level recording from the start, if it does."""
+        if autocast_dtype("cpu"):
+            return f"to apply the {self.autocast_device} autocast policy"
+        if self.attention.at_function_level:
+            return "to record attention calls as the code hands them over"
+        return None
 
     def __exit__(self, exc_type, exc, traceback) -> None:  # noqa: ANN001
         try:
@@ -434,8 +504,7 @@ class Tracer(TorchDispatchMode):
             if exc is not None:
                 self._note_failure(exc)
         finally:
-            self._function_mode.__exit__(exc_type, exc, traceback)
-            self._function_calls.__exit__(exc_type, exc, traceback)
+            self._function_modes.__exit__(exc_type, exc, traceback)
             self.modules.__exit__(exc_type, exc, traceback)
             if self._saved_modes is not None:
                 self._saved_modes.restore()
@@ -475,6 +544,8 @@ class Tracer(TorchDispatchMode):
             return  # an op raised: it is recorded with the dtypes its kernel got
         if not _DTYPE_ERROR.search(str(error)):
             return
+        if self.function_level is None:
+            self.wants_function_level = "to record the call that raised before dispatch"
         for frame in reversed(frames):
             tensors = _frame_tensors(frame)
             if tensors:
@@ -491,11 +562,11 @@ class Tracer(TorchDispatchMode):
 
 
 class _FunctionCalls(TorchFunctionMode):
-    """The tracer's view of function calls. It applies the deployment's autocast policy
-    (``dtypelint.autocast``) and marks the casts it makes; and it catches the composite calls that raise
-    before the dispatch mode sees any op (``_CHECKED_BEFORE_DISPATCH``), so that DT001 and DT101 see the
-    failing call with the operands its kernel got. Every other call costs two set lookups and records
-    nothing: the graph stays the dispatched ops."""
+    """The tracer's view of function calls, where it needs one (``Tracer.function_level``). It applies the
+    deployment's autocast policy (``dtypelint.autocast``) and marks the casts it makes; and it catches the
+    composite calls that raise before the dispatch mode sees any op (``_CHECKED_BEFORE_DISPATCH``), so that
+    DT001 and DT101 see the failing call with the operands its kernel got. Every other call costs two set
+    lookups and records nothing: the graph stays the dispatched ops."""
 
     def __init__(self, tracer: Tracer) -> None:
         super().__init__()
@@ -505,7 +576,8 @@ class _FunctionCalls(TorchFunctionMode):
         kwargs = kwargs or {}
         tracer = self.tracer
         first = len(tracer.records)
-        args, kwargs = autocast_operands(tracer.autocast_policy, func, args, kwargs)
+        if torch.is_autocast_enabled("cpu"):  # the policy is read from torch only when an audit needs it
+            args, kwargs = autocast_operands(tracer.autocast_policy, func, args, kwargs)
         recorded_before = len(tracer.records)
         if recorded_before > first:
             tracer.autocast_casts.append(range(first, recorded_before))
@@ -517,6 +589,20 @@ class _FunctionCalls(TorchFunctionMode):
         except Exception:
             tracer.failed_call(op, args, kwargs, recorded_before)
             raise
+
+
+def function_mode_dependent(model: torch.nn.Module) -> list[tuple[str, str]]:
+    """(path, class) of the modules whose forward asks whether torch function handling is active
+    (``nn.TransformerEncoderLayer``'s and ``nn.MultiheadAttention``'s fast paths): a function mode sends them
+    down another path than the deployment's."""
+    return [(name, type(module).__name__) for name, module in model.named_modules()
+            if _asks_for_torch_function(type(module))]
+
+
+@functools.cache
+def _asks_for_torch_function(module_class: type) -> bool:
+    code = getattr(inspect.unwrap(module_class.forward), "__code__", None)
+    return code is not None and any(name.startswith("has_torch_function") for name in code.co_names)
 
 
 def _model_frames(error: BaseException) -> list[FrameType]:

@@ -10,9 +10,11 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 TINY_LLAMA = EXAMPLES / "tiny-llama"
@@ -70,6 +72,48 @@ class StrayFp32Layer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.body(x))
+
+
+class DispatchedOps(TorchDispatchMode):
+    """A bare recording dispatch mode: the overload of every op it sees, in order. What the forward runs
+    outside dtypelint, and so what dtypelint's graph must hold."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def dispatched_ops(model: nn.Module, inputs: Any) -> list[str]:
+    """The ops of one forward of ``model`` on (a copy of) ``inputs`` (a tensor, a tuple of positional
+    arguments or a dict of keyword arguments), under ``no_grad`` and a bare recording mode alone."""
+    inputs = copy.deepcopy(inputs)  # keeps aliasing: a tensor passed as query, key and value stays one
+    args, kwargs = ((inputs,), {}) if isinstance(inputs, torch.Tensor) else \
+        ((), inputs) if isinstance(inputs, dict) else (tuple(inputs), {})
+    with torch.no_grad(), DispatchedOps() as recorder:
+        model(*args, **kwargs)
+    return recorder.ops
+
+
+def recorded_ops(graph: Any) -> list[str]:
+    """The dispatched ops dtypelint's graph holds for the forward's first call, in order: less the casts it
+    made to apply an autocast policy and the Python calls that stand for a failing check (no op ran)."""
+    from torch._ops import OpOverloadPacket
+
+    return [data["target"] for data in map(graph.op, graph.ops())
+            if data["step"] == 0 and not data["autocast"] and isinstance(data["packet"], OpOverloadPacket)]
+
+
+def first_difference(expected: list[str], got: list[str]) -> str | None:
+    """Where two op sequences part, readable in a failure message; None where they are equal."""
+    if expected == got:
+        return None
+    at = next((i for i, (a, b) in enumerate(zip(expected, got, strict=False)) if a != b), min(len(expected), len(got)))
+    return (f"op {at} of {len(expected)} dispatched / {len(got)} recorded: dispatched {expected[at:at + 3]}, "
+            f"recorded {got[at:at + 3]}")
 
 
 README = Path(__file__).resolve().parents[1] / "README.md"

@@ -4,6 +4,7 @@ casts autocast made (the dtype the code passed -> the one the kernel received); 
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -72,7 +73,68 @@ def test_policies_know_the_python_spellings_of_their_ops():
     cuda = POLICIES["cuda"]
     assert {F.linear, torch.Tensor.__matmul__, torch.matmul} <= cuda.lower
     assert {F.layer_norm, torch.softmax, torch.Tensor.softmax, torch.Tensor.__pow__} <= cuda.float32
-    assert not POLICIES["cpu"].float32
+    assert torch.linalg.vector_norm in cuda.float32  # aten's linalg_vector_norm
+    assert not {F.layer_norm, torch.softmax} & POLICIES["cpu"].float32  # CPU keeps norms in the autocast dtype
+
+
+def test_the_policies_are_the_installed_torchs_own_registrations():
+    """Read from the Autocast<DEVICE> kernels themselves, as measured on an H100's torch
+    (../shared/reference/cuda-dtype-facts.md): every op the reading sorts has a kernel for the key, and
+    the float32 list has rms_norm where this torch registers it (2.12 and newer), not mean."""
+    for device, key in (("cuda", "AutocastCUDA"), ("cpu", "AutocastCPU")):
+        policy = POLICIES[device]
+        assert policy.torch_version == torch.__version__ and policy.lower_ops and not policy.lower_ops & policy.float32_ops
+        registered = {name.removeprefix("aten::").partition(".")[0] for name in torch._C._dispatch_get_all_op_names()
+                      if name.startswith("aten::") and torch._C._dispatch_has_kernel_for_dispatch_key(name, key)}
+        assert policy.lower_ops | policy.float32_ops <= registered
+    cuda = POLICIES["cuda"]
+    assert {"layer_norm", "group_norm", "softmax", "exp", "pow", "sum", "cumsum"} <= cuda.float32_ops
+    assert {"linear", "matmul", "mm", "scaled_dot_product_attention", "conv2d"} <= cuda.lower_ops
+    assert "mean" not in cuda.float32_ops | cuda.lower_ops
+    registers_rms_norm = torch._C._dispatch_has_kernel_for_dispatch_key("aten::rms_norm", "AutocastCUDA")
+    assert ("rms_norm" in cuda.float32_ops) == registers_rms_norm and (F.rms_norm in cuda.float32) == registers_rms_norm
+
+
+@torch.library.custom_op("dtypelint_test::attend", mutates_args=())
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """A kernel outside autocast's lists (as flash-attn's): it takes one dtype and says so."""
+    if not q.dtype == k.dtype == v.dtype:
+        raise RuntimeError(f"attend: expected q, k and v of one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    return torch.softmax(q @ k.transpose(-1, -2), -1) @ v
+
+
+@attend.register_fake
+def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    if not q.dtype == k.dtype == v.dtype:
+        raise RuntimeError(f"attend: expected q, k and v of one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    return torch.empty_like(v)
+
+
+class RMSNormedQueryKey(nn.Module):
+    """q and k through torch's RMSNorm (diffusers' attention processors, fused-norm swaps), v not, into a
+    kernel autocast does not know."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.k, self.v = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8)
+        self.q_norm, self.k_norm = nn.RMSNorm(8), nn.RMSNorm(8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return attend(self.q_norm(self.q(x)), self.k_norm(self.k(x)), self.v(x))
+
+
+@pytest.mark.filterwarnings("ignore:Mismatch dtype between input and weight")  # torch's unfused RMSNorm path
+def test_rms_normed_query_and_key_under_cuda_autocast_meet_a_bfloat16_value_where_torch_registers_it():
+    if not torch._C._dispatch_has_kernel_for_dispatch_key("aten::rms_norm", "AutocastCUDA"):
+        pytest.skip("this torch keeps rms_norm off CUDA's float32 list (before 2.12)")
+    model, x = RMSNormedQueryKey().eval(), torch.randn(2, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        on_cuda = dtypelint.audit(model, x, backend="cuda")
+        on_cpu = dtypelint.audit(model, x)
+    (error,) = on_cuda.by_code("DT001")
+    assert error.dtypes == ["float32", "float32", "bfloat16"] and "attend" in error.message
+    assert any(f"torch {torch.__version__}'s own registrations" in note and "rms_norm" in note for note in on_cuda.notes)
+    assert on_cpu.errors == [] and on_cpu.judged["DT001"] > 0  # CPU autocast leaves RMSNorm in bfloat16
 
 
 class HalfModelFloatNorm(nn.Module):
