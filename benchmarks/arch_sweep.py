@@ -393,7 +393,7 @@ def child(unit: dict[str, str], out: Path, log: Path) -> None:
     import torch
 
     torch.set_num_threads(1)
-    rec = Recorder(out, unit["class"])
+    rec = Recorder(out, unit["key"])
     try:
         check_architecture(unit, rec)
     except BaseException as error:  # noqa: BLE001 - the sweep itself must report, not die
@@ -411,7 +411,7 @@ def run_all(units: list[dict[str, str]], jobs: int, timeout: float, workdir: Pat
     while pending or running:
         while pending and len(running) < jobs:
             unit = pending.pop(0)
-            model_type = unit["class"]
+            model_type = unit["key"]
             out, log = workdir / f"{model_type}.json", workdir / f"{model_type}.log"
             if resume and out.exists():
                 row = json.loads(out.read_text())
@@ -440,7 +440,7 @@ def run_all(units: list[dict[str, str]], jobs: int, timeout: float, workdir: Pat
                 os.kill(pid, signal.SIGKILL)
                 os.waitpid(pid, 0)
             row = json.loads(out.read_text()) if out.exists() else {"arch": model_type, "stage": "start",
-                                                                     **next(u for u in units if u["class"] == model_type)}
+                                                                     **next(u for u in units if u["key"] == model_type)}
             if not done:
                 row["timeout"] = f"killed after {timeout:.0f} s in stage {row.get('stage')}"
             elif os.WIFSIGNALED(status):
@@ -453,7 +453,7 @@ def run_all(units: list[dict[str, str]], jobs: int, timeout: float, workdir: Pat
             shutil.rmtree(workdir / f"{model_type}.scratch", ignore_errors=True)
             status_text = row.get("skip") or row.get("timeout") or row.get("crash") or "audited"
             print(f"[{len(rows):3d}/{len(units)}] {model_type:<44} {elapsed:5.1f}s  {status_text[:110]}", flush=True)
-    return [rows[unit["class"]] for unit in units]
+    return [rows[unit["key"]] for unit in units]
 
 
 def classify(row: dict[str, Any], mode: str) -> str:
@@ -522,31 +522,56 @@ def compact(counts: dict[str, int]) -> str:
 
 def sweep_units(tasks: set[str] | None = None, families: set[str] | None = None, only: set[str] | None = None,
                 sample: int | None = None) -> tuple[list[dict[str, str]], Counter]:
-    """The classes to sweep, each under the first task mapping that lists it, filtered by task, family or
-    model_type; with ``sample``, at most that many per task, spread evenly over the mapping. Also the number
-    of classes per family before sampling."""
+    """The (model_type, class) pairs to sweep, each under the first task mapping that lists it, filtered by
+    task, family or model_type; with ``sample``, at most that many per task, spread evenly over the mapping.
+    A class that transformers builds for several model types (``LlamaForCausalLM`` for ``llama`` and
+    ``exaone``) is swept for each, keyed ``CLASS@model_type`` but for its own model type. Also the number of units per
+    family before sampling."""
     from dtypelint.model_class import task_family, task_mappings
 
-    seen: set[str] = set()
+    seen: set[tuple[str, str]] = set()
     units: list[dict[str, str]] = []
     per_family: Counter = Counter()
     for task, mapping in task_mappings().items():
         family = task_family(task)
+        own = _own_model_types(mapping)
         candidates = []
         for model_type, name in mapping.items():
             name = name[0] if isinstance(name, (list, tuple)) and name else name
-            if not isinstance(name, str) or name in seen:
+            if not isinstance(name, str) or (model_type, name) in seen:
                 continue
-            seen.add(name)
+            seen.add((model_type, name))
+            key = name if own[name] == model_type else f"{name}@{model_type}"
             if (tasks and task.lower() not in tasks) or (families and family not in families) \
                     or (only and model_type not in only):
                 continue
             per_family[family] += 1
-            candidates.append({"class": name, "model_type": model_type, "task": task or "BASE", "family": family})
+            candidates.append({"class": name, "key": key, "model_type": model_type, "task": task or "BASE",
+                               "family": family})
         if sample and len(candidates) > sample:
             candidates = [candidates[index * len(candidates) // sample] for index in range(sample)]
         units += candidates
     return units, per_family
+
+
+def _own_model_types(mapping: dict[str, Any]) -> dict[str, str]:
+    """Each class of a task mapping -> its own model type: one whose config class is named as the class is
+    (``LlamaConfig``, ``LlamaForCausalLM``), the one that also bears the model type's name first (``gpt2``
+    before ``gpt-sw3``, both ``GPT2Config``), else the first that maps to it."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    def rank(model_type: str, name: str) -> int:
+        stem = CONFIG_MAPPING_NAMES.get(model_type, "").removesuffix("Config")
+        if not stem or not name.startswith(stem):
+            return 2
+        return 0 if stem.lower() == model_type.replace("-", "").replace("_", "") else 1
+
+    own: dict[str, tuple[int, str]] = {}
+    for model_type, name in mapping.items():
+        name = name[0] if isinstance(name, (list, tuple)) and name else name
+        if isinstance(name, str) and (name not in own or rank(model_type, name) < own[name][0]):
+            own[name] = (rank(model_type, name), model_type)
+    return {name: model_type for name, (_, model_type) in own.items()}
 
 
 def _names(text: str | None) -> set[str] | None:
