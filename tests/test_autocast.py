@@ -156,3 +156,27 @@ def test_a_cuda_contract_is_judged_on_what_the_kernel_receives_under_autocast():
         autocast = dtypelint.audit(model, x, backend="cuda")
     assert {f.code for f in plain.errors} == {"CUDA101"}  # weight and bias
     assert autocast.errors == []
+
+
+def test_a_transformers_model_with_torchs_rmsnorm_is_upcast_under_cuda_autocast_only():
+    """DiffLlama normalizes its attention output with ``nn.RMSNorm``: under CUDA's policy (torch >= 2.12)
+    its input is upcast to float32, under CPU's it stays bfloat16; each report names the policy it read."""
+    transformers = pytest.importorskip("transformers")
+    if "diffllama" not in transformers.models.auto.configuration_auto.CONFIG_MAPPING_NAMES:
+        pytest.skip("this transformers has no DiffLlama")
+    if not torch._C._dispatch_has_kernel_for_dispatch_key("aten::rms_norm", "AutocastCUDA"):
+        pytest.skip("this torch keeps rms_norm off CUDA's float32 list (before 2.12)")
+    config = transformers.AutoConfig.for_model("diffllama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                               num_attention_heads=4, num_key_value_heads=2, vocab_size=128)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    inputs = {"input_ids": torch.randint(0, 128, (1, 8))}
+    norms = {}
+    for device, backend in (("cuda", "cuda"), ("cpu", "hf-eager")):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            report = dtypelint.audit(model, inputs, backend=backend)
+        norms[device] = {cast for cast in autocast_casts(report.graph) if cast[0].endswith("self_attn.groupnorm")}
+        assert any(note.startswith(f"autocast as {device} runs it, read from torch {torch.__version__}")
+                   for note in report.notes)
+    assert norms["cuda"] == {(f"model.layers.{i}.self_attn.groupnorm", "bfloat16", "float32") for i in range(2)}
+    assert norms["cpu"] == set()
