@@ -100,13 +100,25 @@ def registered_policy(device: str) -> AutocastPolicy:
 
 
 def _read_policy(device: str) -> AutocastPolicy:
+    """The probes, in the worker thread: its autocast state is its own, so it is set once and left."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    torch.set_autocast_enabled(device, True)
+    torch.set_autocast_dtype(device, torch.bfloat16)
+    key = getattr(torch._C.DispatchKey, f"Autocast{device.upper()}")
+    fake_log = logging.getLogger("torch._subclasses.fake_tensor")  # it logs every probe a meta kernel refuses
+    level = fake_log.level
+    fake_log.setLevel(logging.CRITICAL)
     lower, float32 = set(), set()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # a probe of a deprecated op (torch.chain_matmul) warns
-        for op in _registered_ops(device):
-            kind = _probe(op, device)
-            if kind is not None:
-                (float32 if kind == "float32" else lower).add(op.overloadpacket.__name__)
+    try:
+        with FakeTensorMode(), torch._C._IncludeDispatchKeyGuard(key), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a probe of a deprecated op (torch.chain_matmul) warns
+            for op in _registered_ops(device):
+                kind = _probe(op, device)
+                if kind is not None:
+                    (float32 if kind == "float32" else lower).add(op.overloadpacket.__name__)
+    finally:
+        fake_log.setLevel(level)
     return AutocastPolicy(device, _callables(lower), _callables(float32), torch.__version__,
                           frozenset(lower), frozenset(float32))
 
@@ -157,31 +169,15 @@ def _probe(op: torch._ops.OpOverload, device: str) -> str | None:
 
 
 def _output_dtype(op: torch._ops.OpOverload, device: str, rank: int, dtype: torch.dtype) -> torch.dtype | None:
-    """The dtype of ``op``'s first floating output under ``device`` autocast to bfloat16, called on fake
-    tensors of ``dtype`` built from its schema; None where such a call raises."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    mode = FakeTensorMode()
-    with mode:
-        args = _probe_arguments(op._schema, torch.empty((4,) * rank, device=device, dtype=dtype))
+    """The dtype of ``op``'s first floating output, called (under ``_read_policy``'s fake mode and autocast)
+    on tensors of ``dtype`` built from its schema; None where such a call raises."""
+    args = _probe_arguments(op._schema, torch.empty((4,) * rank, device=device, dtype=dtype))
     if args is None:
         return None
-    enabled, autocast_dtype = torch.is_autocast_enabled(device), torch.get_autocast_dtype(device)
-    torch.set_autocast_enabled(device, True)
-    torch.set_autocast_dtype(device, torch.bfloat16)
-    key = getattr(torch._C.DispatchKey, f"Autocast{device.upper()}")
-    fake_log = logging.getLogger("torch._subclasses.fake_tensor")  # it logs every probe a meta kernel refuses
-    level = fake_log.level
-    fake_log.setLevel(logging.CRITICAL)
     try:
-        with mode, torch._C._IncludeDispatchKeyGuard(key):
-            output = op(*args)
+        output = op(*args)
     except Exception:  # noqa: BLE001 - a probe the op's own checks refuse says nothing
         return None
-    finally:
-        fake_log.setLevel(level)
-        torch.set_autocast_enabled(device, enabled)
-        torch.set_autocast_dtype(device, autocast_dtype)
     outputs = output if isinstance(output, (tuple, list)) else (output,)
     return next((out.dtype for out in outputs if isinstance(out, torch.Tensor) and out.is_floating_point()), None)
 
@@ -223,7 +219,7 @@ class _Policies(Mapping[str, AutocastPolicy]):
     _DEVICES = ("cpu", "cuda")
 
     def __getitem__(self, device: str) -> AutocastPolicy:
-        if device not in self._DEVICES:
+        if device not in self:
             raise KeyError(device)
         return registered_policy(device)
 
