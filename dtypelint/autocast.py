@@ -245,12 +245,15 @@ def _eligible(value: Any, target: torch.dtype) -> bool:
     return target != torch.float32 or value.dtype.itemsize < 4
 
 
-def autocast_operands(policy: AutocastPolicy, func: Callable[..., Any], args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-    """``func``'s arguments as ``policy`` casts them while CPU autocast (the deployment's stand-in) is on:
-    the casts run here, before the call, so a dispatch mode records them as ``aten._to_copy`` ops."""
-    to_float32 = policy.to_float32.get(func)
+def autocast_operands(device: str, func: Callable[..., Any], args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """``func``'s arguments as ``device``'s policy casts them while CPU autocast (the deployment's stand-in)
+    is on: the casts run here, before the call, so a dispatch mode records them as ``aten._to_copy`` ops.
+    The policy is read from torch only once an audit runs under autocast."""
+    if not torch.is_autocast_enabled("cpu"):
+        return args, kwargs
+    to_float32 = POLICIES[device].to_float32.get(func)
     # An explicit dtype= is what the op computes in.
-    if to_float32 is None or not torch.is_autocast_enabled("cpu") or kwargs.get("dtype") is not None:
+    if to_float32 is None or kwargs.get("dtype") is not None:
         return args, kwargs
     target = torch.float32 if to_float32 else torch.get_autocast_dtype("cpu")
     return tree_map(lambda value: value.to(target) if _eligible(value, target) else value, (args, kwargs))

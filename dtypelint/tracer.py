@@ -36,7 +36,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import keystr, tree_flatten_with_path, tree_leaves
 
 from dtypelint.attention import AttentionRecorder, autocast_dtype
-from dtypelint.autocast import POLICIES, AutocastPolicy, autocast_operands
+from dtypelint.autocast import autocast_operands
 from dtypelint.model_info import ModelInfo, qualified_name
 from dtypelint.state import GlobalModes, has_values, settings_guarded
 from dtypelint.vocabulary import OpKind, OriginKind, packets
@@ -405,10 +405,6 @@ class Tracer(TorchDispatchMode):
         self.failed_before_dispatch = True
 
     @property
-    def autocast_policy(self) -> AutocastPolicy:
-        return POLICIES[self.autocast_device]
-
-    @property
     def function_level_recorded(self) -> bool:
         """Whether the function mode recorded what the dispatch level cannot: autocast casts, or a composite
         call that raised before dispatch."""
@@ -576,8 +572,7 @@ class _FunctionCalls(TorchFunctionMode):
         kwargs = kwargs or {}
         tracer = self.tracer
         first = len(tracer.records)
-        if torch.is_autocast_enabled("cpu"):  # the policy is read from torch only when an audit needs it
-            args, kwargs = autocast_operands(tracer.autocast_policy, func, args, kwargs)
+        args, kwargs = autocast_operands(tracer.autocast_device, func, args, kwargs)
         recorded_before = len(tracer.records)
         if recorded_before > first:
             tracer.autocast_casts.append(range(first, recorded_before))
