@@ -101,9 +101,14 @@ def page(title: str, body: str) -> str:
 def findings_table(findings: list[Finding]) -> str:
     if not findings:
         return "<p>No findings.</p>"
-    header = "".join(f"<th>{column}</th>" for column in FINDING_COLUMNS)
     rows = [f"<tr class=\"{escape(finding.severity)}\">{findings_cells(finding)}</tr>" for finding in findings]
-    return "\n".join(["<table class=\"findings\">", f"<thead><tr>{header}</tr></thead>", "<tbody>", *rows, "</tbody>",
+    return table("findings", FINDING_COLUMNS, rows)
+
+
+def table(kind: str, columns: tuple[str, ...], rows: list[str]) -> str:
+    """A table of class ``kind``: its header, and rows already made (``<tr>`` of escaped cells)."""
+    header = "".join(f"<th>{column}</th>" for column in columns)
+    return "\n".join([f"<table class=\"{kind}\">", f"<thead><tr>{header}</tr></thead>", "<tbody>", *rows, "</tbody>",
                       "</table>"])
 
 
@@ -170,11 +175,9 @@ def legend(drawing: ErrorDrawing) -> str:
 def fix_section(result: FixResult) -> str:
     parts = ["<section class=\"fix\">", "<h2>Fix</h2>"]
     if result.plan.changes:
-        header = "".join(f"<th>{column}</th>" for column in FIX_COLUMNS)
         rows = ["<tr>" + "".join(f"<td>{code(cell) if column == 0 else escape(cell)}</td>"
                                  for column, cell in enumerate(row)) + "</tr>" for row in fix_rows(result)]
-        parts += ["<table class=\"fix\">", f"<thead><tr>{header}</tr></thead>", "<tbody>", *rows, "</tbody>",
-                  "</table>"]
+        parts.append(table("fix", FIX_COLUMNS, rows))
     parts += [f"<p class=\"note\">note: {escape(note)}</p>" for note in fix_notes(result)]
     parts += [f"<p class=\"outcome\">{escape(line)}</p>" for line in fix_outcome(result)]
     return "\n".join([*parts, "</section>"])
