@@ -62,6 +62,18 @@ def per_layer_rotary(model: nn.Module) -> nn.Module:
     return model
 
 
+class NormThenLinear(nn.Module):
+    """A linear then a LayerNorm: what CPU and CUDA autocast treat differently (CUDA upcasts the norm)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(8, 8)
+        self.norm = nn.LayerNorm(8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.proj(x))
+
+
 class StrayFp32Layer(nn.Module):
     """An fp16 MLP whose head was (re)created after ``.half()``: float32."""
 

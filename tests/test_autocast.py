@@ -7,20 +7,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import NormThenLinear
 from torch import nn
 
 import dtypelint
 from dtypelint.autocast import POLICIES
-
-
-class NormThenLinear(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.proj = nn.Linear(8, 8)
-        self.norm = nn.LayerNorm(8)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(self.proj(x))
 
 
 def autocast_casts(graph: dtypelint.DtypeGraph) -> list[tuple[str, str, str]]:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import dispatched_ops, first_difference, recorded_ops
+from helpers import NormThenLinear, dispatched_ops, first_difference, recorded_ops
 from torch import nn
 
 import dtypelint
@@ -142,17 +142,12 @@ def test_a_call_that_raises_before_dispatch_is_recorded_by_a_second_trace_that_s
     assert "raised before dispatch" in note and "encoder.layers.0 (TransformerEncoderLayer)" in note
 
 
-class InnerAutocast(nn.Module):
+class InnerAutocast(NormThenLinear):
     """A forward that turns CPU autocast on itself, around a linear and a norm."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.proj = nn.Linear(8, 8)
-        self.norm = nn.LayerNorm(8)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            return self.norm(self.proj(x))
+            return super().forward(x)
 
 
 def test_autocast_turned_on_inside_the_forward_gets_the_deployments_policy():
