@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import sys
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -95,7 +96,7 @@ def run_forward(
     runs on its CPU stand-in and says so in ``notes``. ``recorder(call)`` is made before the call, outside
     fake mode, and entered right around it. ``steps``: a generative model (one that returns a cache and
     logits for ``input_ids``) runs ``steps - 1`` decode steps after the first call, each fed the token it
-    predicted and the cache it returned, as ``generate`` does (``decode_call``); ``on_step(n)`` is called
+    predicted and the cache it returned, as ``generate`` does (``Decoding``); ``on_step(n)`` is called
     before decode step ``n`` (1, 2, ...)."""
     if mode not in MODES:
         raise UsageError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
@@ -117,9 +118,8 @@ def run_forward(
         flash = requested_flash(model, attn_implementation)
         if flash is not None:
             stack.enter_context(flash_standin(model, flash))
-            if notes is not None:
-                notes.append(f"attention traced with a CPU stand-in for {flash} (SDPA numerics); every attention "
-                             "call is checked as a flash-attention call")
+            _note(notes, f"attention traced with a CPU stand-in for {flash} (SDPA numerics); every attention "
+                         "call is checked as a flash-attention call")
         if mode == "meta":
             stack.enter_context(fake_attributes(model, fake_mode))
             ran.torch_log = stack.enter_context(captured_log(FAKE_TENSOR_LOGGER))
@@ -130,10 +130,16 @@ def run_forward(
         try:
             with recording:
                 step: Call | None = call
+                decoding = Decoding(model, call)
                 for number in range(steps):
                     if number:
                         with _unrecorded():
-                            step = decode_call(step, ran.output, _cache_keyword(model))
+                            try:
+                                step = decoding.next_call(ran.output)
+                            except Exception as exception:  # noqa: BLE001 - the model's own preparation
+                                _note(notes, f"decode step {number} not run: preparing it as generate does "
+                                             f"raised {type(exception).__name__}: {exception}")
+                                break
                         if step is None:
                             break
                         if on_step is not None:
@@ -168,14 +174,6 @@ class _Collect(logging.Handler):
         self.messages.append(record.getMessage().split("\n", 1)[0])
 
 
-def _cache_keyword(model: torch.nn.Module) -> str:
-    try:
-        parameters = inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return "past_key_values"
-    return "cache" if "cache" in parameters else "past_key_values"
-
-
 def _call(model: torch.nn.Module, call: Call) -> Any:
     if call.state is None:
         return model(*call.args, **call.kwargs)
@@ -190,20 +188,60 @@ def _unrecorded() -> Iterator[None]:
         yield
 
 
-def decode_call(call: Call, output: Any, cache_keyword: str = "past_key_values") -> Call | None:
-    """The decode step after ``call``, as ``generate`` makes it: the token the logits predict for the last
-    position, the cache the call returned, the attention mask and positions one longer; the prompt's other
-    inputs (``pixel_values``) are not given again; ``cache_keyword``: how the forward takes the cache
-    (``cache`` in transformers >= 5.24, ``past_key_values`` before). None where the output has no cache or
-    no logits, or the call had no ``input_ids`` keyword (nothing to decode)."""
-    cache = getattr(output, "cache", None)
-    if cache is None:
-        cache = getattr(output, "past_key_values", None)
-    logits = getattr(output, "logits", None)
-    ids = call.kwargs.get("input_ids")
-    if cache is None or logits is None or not isinstance(ids, torch.Tensor) or ids.dim() != 2 or call.args:
-        return None
-    kwargs = {"input_ids": logits[:, -1:].argmax(-1).to(ids.dtype), cache_keyword: cache, "use_cache": True}
+class Decoding:
+    """What ``generate`` carries from one forward to the next: the sequence so far and the keyword arguments
+    (cache, attention mask, positions). A transformers model advances them with its own
+    ``_update_model_kwargs_for_generation`` and makes the next forward's arguments with its own
+    ``prepare_inputs_for_generation``, as greedy ``generate`` does; another module that returns a cache and
+    logits is fed the predicted token, its cache and a mask one longer. ``next_call`` is None where the
+    output has no cache or no logits, or the call had no 2-d ``input_ids`` keyword (nothing to decode)."""
+
+    def __init__(self, model: torch.nn.Module, call: Call) -> None:
+        self.model, self.call = model, call
+        ids = call.kwargs.get("input_ids")
+        self.ids = ids if isinstance(ids, torch.Tensor) and ids.dim() == 2 and not call.args else None
+        self.kwargs = {name: value for name, value in call.kwargs.items() if name != "input_ids"}
+        self.mixin = _generation_mixin(model)
+
+    def next_call(self, output: Any) -> Call | None:
+        cache = getattr(output, "cache", None)
+        if cache is None:
+            cache = getattr(output, "past_key_values", None)
+        logits = getattr(output, "logits", None)
+        if self.ids is None or cache is None or not isinstance(logits, torch.Tensor):
+            return None
+        token = logits[:, -1:].argmax(-1).to(self.ids.dtype)
+        if self.mixin is None:
+            self.call = _next_plain_call(self.call, token, cache, _cache_keyword(self.model))
+            return self.call
+        if "cache_position" not in self.kwargs and hasattr(self.model, "_get_initial_cache_position"):
+            # transformers 4.38 to 5.23 carry the positions between steps, starting from the prompt's
+            self.kwargs["cache_position"] = torch.arange(self.ids.shape[1], device=self.ids.device)
+        self.kwargs = self.model._update_model_kwargs_for_generation(output, {**self.kwargs, "use_cache": True})
+        self.ids = torch.cat([self.ids, token], dim=-1)
+        sliced = inspect.signature(self.mixin.prepare_inputs_for_generation).parameters
+        length = {"next_sequence_length": 1} if "next_sequence_length" in sliced else {}  # transformers >= 5.24
+        kwargs = self.model.prepare_inputs_for_generation(self.ids, **length, **self.kwargs)
+        return Call((), dict(kwargs), self.call.names, self.call.state)
+
+
+def _generation_mixin(model: torch.nn.Module) -> type | None:
+    """transformers' GenerationMixin where ``model`` is one (None otherwise): a model can be one only once
+    transformers has imported it, so nothing is imported here."""
+    mixin = getattr(sys.modules.get("transformers.generation.utils"), "GenerationMixin", None)
+    return mixin if mixin is not None and isinstance(model, mixin) else None
+
+
+def _cache_keyword(model: torch.nn.Module) -> str:
+    try:
+        parameters = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return "past_key_values"
+    return "cache" if "cache" in parameters else "past_key_values"
+
+
+def _next_plain_call(call: Call, token: torch.Tensor, cache: Any, cache_keyword: str) -> Call:
+    kwargs = {"input_ids": token, cache_keyword: cache, "use_cache": True}
     mask = call.kwargs.get("attention_mask")
     if isinstance(mask, torch.Tensor) and mask.dim() == 2:
         kwargs["attention_mask"] = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=-1)
@@ -212,6 +250,11 @@ def decode_call(call: Call, output: Any, cache_keyword: str = "past_key_values")
         if isinstance(positions, torch.Tensor):
             kwargs[name] = positions[..., -1:] + 1
     return Call((), kwargs, call.names, call.state)
+
+
+def _note(notes: list[str] | None, note: str) -> None:
+    if notes is not None:
+        notes.append(note)
 
 
 def refuse_deferred(model: torch.nn.Module) -> None:

@@ -199,6 +199,12 @@ def needs_values(error: BaseException | None) -> bool:
         fake_tensor.UnsupportedOperatorException,
     )
     return isinstance(error, limits) or "data-dependent" in str(error) or "meta tensor" in str(error)
+
+
+def is_dtype_error(error: BaseException) -> bool:
+    """True for an exception whose message is about dtypes (a kernel refusing a dtype or a mix of them)."""
+    return bool(_DTYPE_ERROR.search(str(error)))
+
 @functools.cache
 def _written_arguments(func: Any) -> tuple[tuple[int, str], ...]:
     """(position, name) of the arguments an op writes (``Tensor(a!)``: in-place and ``out=``)."""
@@ -538,7 +544,7 @@ class Tracer(TorchDispatchMode):
              if self.modules.name_of(frame.f_locals.get("self")) is not None), None)
         if (self.records and not self.records[-1].completed) or self.ops_run > self.max_ops:
             return  # an op raised: it is recorded with the dtypes its kernel got
-        if not _DTYPE_ERROR.search(str(error)):
+        if not is_dtype_error(error):
             return
         if self.function_level is None:
             self.wants_function_level = "to record the call that raised before dispatch"

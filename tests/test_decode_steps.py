@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+import transformers
 from helpers import per_layer_rotary
 from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
@@ -89,3 +90,42 @@ def test_steps_on_the_command_line(tiny_llama_path, capsys):
 def test_a_model_without_a_cache_is_traced_once(model):
     report = dtypelint.audit(model.eval(), torch.randn(2, 4))
     assert {report.graph.op(op)["step"] for op in report.graph.ops()} == {0} and report.steps == 1
+
+
+def test_a_decode_step_is_prepared_by_the_models_own_generation_code():
+    """CpmAnt's forward slices the cached prefix off ``input_ids`` itself, so generate feeds it the whole
+    sequence: a step of the last token alone raised a size mismatch that generate never meets."""
+    config = transformers.CpmAntConfig(vocab_size=256, hidden_size=64, num_attention_heads=4, dim_head=16,
+                                       dim_ff=128, num_hidden_layers=2, prompt_length=4)
+    model = transformers.CpmAntForCausalLM(config).half().eval()
+    for mode in ("value", "meta"):
+        report = dtypelint.audit(model, PROMPT, mode=mode, options={"steps": 3})
+        assert report.steps == 3 and not report.by_code("DT001") and not report.by_code("DT002")
+        assert {report.graph.op(op)["step"] for op in report.graph.ops()} == {0, 1, 2}
+
+
+class ShortCacheDecoder(TinyDecoder):
+    """A forward that refuses a cache longer than its window, as some models' cache code does: the error is
+    about shapes, and dtypelint's decode step, not the model's dtypes, is what it refuses."""
+
+    def forward(self, input_ids, past_key_values=None, use_cache=True, attention_mask=None):
+        if past_key_values is not None:
+            # the cached keys in float32 meet the float16 new ones in a shape error, not a dtype error
+            torch.add(past_key_values[0].float(), self.embed(input_ids).expand(-1, 3, -1))
+        return super().forward(input_ids, past_key_values, use_cache, attention_mask)
+
+
+def test_a_decode_step_refused_for_shapes_is_a_trace_limit_not_a_defect():
+    report = dtypelint.audit(ShortCacheDecoder().half().eval(), PROMPT)
+    assert report.errors == []  # not DT001, and not DT101 for the float32/float16 add that raised
+    (limit,) = report.by_code("DT002")
+    assert "which is not a dtype error" in limit.message and limit.message.endswith("(in decode step 1)")
+    assert "the prompt was checked" in limit.message and report.steps == 2
+    assert report.judged["DT101"] > 0  # the prompt's ops were judged
+
+
+def test_a_prompt_that_raises_for_shapes_is_still_a_forward_error_but_not_a_dtype_mix():
+    model = nn.Sequential(nn.Linear(4, 4)).half().eval()
+    model.register_forward_hook(lambda _, args, out: torch.add(out.float(), args[0][:, :3]))
+    report = dtypelint.audit(model, torch.randn(2, 4, dtype=torch.float16))
+    assert [error.code for error in report.errors] == ["DT001"]

@@ -17,7 +17,7 @@ from dtypelint.diagnostics import Finding, Fix, Severity
 from dtypelint.errors import UsageError
 from dtypelint.inputs import MAX_INPUT_ELEMENTS
 from dtypelint.load import MAX_LAYERS
-from dtypelint.tracer import needs_values
+from dtypelint.tracer import is_dtype_error, needs_values
 from dtypelint.vocabulary import OpKind
 
 if TYPE_CHECKING:
@@ -87,6 +87,18 @@ class RuleContext:
         failed = self.graph.failed_op()
         meta = self.graph.graph["mode"] == "meta"
         return meta and failed is not None and self.graph.op_is(failed, OpKind.NARROWER_IN_META)
+
+    @cached_property
+    def decode_step_refused(self) -> int | None:
+        """The decode step the forward raised on with an error that is not about dtypes (a cache or mask
+        length its code does not expect), or None. dtypelint builds that step as ``generate`` does, but
+        ``generate`` may prepare it otherwise for this model, so the error says nothing certain of the
+        deployment: DT002 reports it, DT001 and DT101 leave it alone."""
+        if self.error is None or is_dtype_error(self.error):
+            return None
+        failed = self.graph.failed_op()
+        step = self.graph.op(failed)["step"] if failed is not None else len(self.graph.graph.get("step_starts", ()))
+        return step or None
 
     @cached_property
     def sites(self) -> ModelSites:

@@ -37,7 +37,7 @@ class ForwardError(Rule):
     def check(self, context: RuleContext) -> Iterator[Finding]:
         error = context.error
         self.looked(context)  # the forward
-        if error is None or context.stopped_at_trace_limit:
+        if error is None or context.stopped_at_trace_limit or context.decode_step_refused:
             return
         graph = context.graph
         failed = graph.failed_op()

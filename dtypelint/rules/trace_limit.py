@@ -16,7 +16,9 @@ class TraceLimit(Rule):
     mixture-of-experts routing) that a tensor without data cannot give, or because torch's meta function
     of an op accepts less than its kernels (`aten._grouped_mm` takes only bfloat16 there). Also reports
     a forward longer than `max-ops` (default 200000): the trace stopped recording there and the rest
-    of the forward ran unrecorded.
+    of the forward ran unrecorded. And reports a decode step the forward refused with an error that is not
+    about dtypes (a cache or mask length its code does not expect): dtypelint builds the step with the
+    model's own `prepare_inputs_for_generation`, but `generate` may prepare it otherwise for this model.
 
     ## Why is this bad?
     It is not a defect of the model: it means the ops after that point were not checked. Everything
@@ -38,12 +40,25 @@ class TraceLimit(Rule):
     def check(self, context: RuleContext) -> Iterator[Finding]:
         self.looked(context)  # the forward
         yield from self._op_cap(context)
-        if context.error is None or not context.stopped_at_trace_limit:
+        if context.error is None:
             return
         graph = context.graph
         failed = graph.failed_op()
         location = graph.op(failed)["module"] if failed else ""
         op = graph.op(failed)["name"] if failed else None
+        if step := context.decode_step_refused:
+            checked = "the prompt was" if step == 1 else f"the prompt and decode steps 1-{step - 1} were"
+            yield self.finding(
+                location=location,
+                op=op,
+                message=f"forward raised {type(context.error).__name__}: {first_line(context.error)}, which is not "
+                f"a dtype error: the model's forward does not take the decode step as dtypelint prepared it; "
+                f"{checked} checked, the rest was not (--steps {step} stops before it)",
+                node=failed,
+            )
+            return
+        if not context.stopped_at_trace_limit:
+            return
         traced = sum(1 for _ in graph.ops())
         logged = "".join(f"; torch logged: {line}" for line in graph.graph.get("torch_log", ()))
         yield self.finding(
