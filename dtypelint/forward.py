@@ -214,22 +214,21 @@ class Decoding:
         if self.mixin is None:
             self.call = _next_plain_call(self.call, token, cache, _cache_keyword(self.model))
             return self.call
-        if "cache_position" not in self.kwargs and hasattr(self.model, "_get_initial_cache_position"):
-            # transformers 4.38 to 5.23 carry the positions between steps, starting from the prompt's
-            self.kwargs["cache_position"] = torch.arange(self.ids.shape[1], device=self.ids.device)
         self.kwargs = self.model._update_model_kwargs_for_generation(output, {**self.kwargs, "use_cache": True})
         self.ids = torch.cat([self.ids, token], dim=-1)
-        sliced = inspect.signature(self.mixin.prepare_inputs_for_generation).parameters
-        length = {"next_sequence_length": 1} if "next_sequence_length" in sliced else {}  # transformers >= 5.24
-        kwargs = self.model.prepare_inputs_for_generation(self.ids, **length, **self.kwargs)
+        kwargs = self.model.prepare_inputs_for_generation(self.ids, next_sequence_length=1, **self.kwargs)
         return Call((), dict(kwargs), self.call.names, self.call.state)
 
 
 def _generation_mixin(model: torch.nn.Module) -> type | None:
-    """transformers' GenerationMixin where ``model`` is one (None otherwise): a model can be one only once
-    transformers has imported it, so nothing is imported here."""
+    """transformers' GenerationMixin where ``model`` is one and its preparation slices the step itself
+    (``next_sequence_length``, transformers >= 5.24), None otherwise (the plain step). A model can be one
+    only once transformers has imported it, so nothing is imported here."""
     mixin = getattr(sys.modules.get("transformers.generation.utils"), "GenerationMixin", None)
-    return mixin if mixin is not None and isinstance(model, mixin) else None
+    if mixin is None or not isinstance(model, mixin):
+        return None
+    sliced = "next_sequence_length" in inspect.signature(mixin.prepare_inputs_for_generation).parameters
+    return mixin if sliced else None
 
 
 def _cache_keyword(model: torch.nn.Module) -> str:
