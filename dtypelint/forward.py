@@ -201,7 +201,7 @@ class Decoding:
         ids = call.kwargs.get("input_ids")
         self.ids = ids if isinstance(ids, torch.Tensor) and ids.dim() == 2 and not call.args else None
         self.kwargs = {name: value for name, value in call.kwargs.items() if name != "input_ids"}
-        self.mixin = _generation_mixin(model)
+        self.prepared_by_model = _prepares_its_own_steps(model)
 
     def next_call(self, output: Any) -> Call | None:
         cache = getattr(output, "cache", None)
@@ -211,7 +211,7 @@ class Decoding:
         if self.ids is None or cache is None or not isinstance(logits, torch.Tensor):
             return None
         token = logits[:, -1:].argmax(-1).to(self.ids.dtype)
-        if self.mixin is None:
+        if not self.prepared_by_model:
             self.call = _next_plain_call(self.call, token, cache, _cache_keyword(self.model))
             return self.call
         self.kwargs = self.model._update_model_kwargs_for_generation(output, {**self.kwargs, "use_cache": True})
@@ -220,15 +220,14 @@ class Decoding:
         return Call((), dict(kwargs), self.call.names, self.call.state)
 
 
-def _generation_mixin(model: torch.nn.Module) -> type | None:
-    """transformers' GenerationMixin where ``model`` is one and its preparation slices the step itself
-    (``next_sequence_length``, transformers >= 5.24), None otherwise (the plain step). A model can be one
-    only once transformers has imported it, so nothing is imported here."""
+def _prepares_its_own_steps(model: torch.nn.Module) -> bool:
+    """True for a transformers GenerationMixin whose preparation slices the step itself
+    (``next_sequence_length``, transformers >= 5.24); False: the plain step. A model can be one only once
+    transformers has imported it, so nothing is imported here."""
     mixin = getattr(sys.modules.get("transformers.generation.utils"), "GenerationMixin", None)
     if mixin is None or not isinstance(model, mixin):
-        return None
-    sliced = "next_sequence_length" in inspect.signature(mixin.prepare_inputs_for_generation).parameters
-    return mixin if sliced else None
+        return False
+    return "next_sequence_length" in inspect.signature(mixin.prepare_inputs_for_generation).parameters
 
 
 def _cache_keyword(model: torch.nn.Module) -> str:

@@ -205,6 +205,7 @@ def is_dtype_error(error: BaseException) -> bool:
     """True for an exception whose message is about dtypes (a kernel refusing a dtype or a mix of them)."""
     return bool(_DTYPE_ERROR.search(str(error)))
 
+
 @functools.cache
 def _written_arguments(func: Any) -> tuple[tuple[int, str], ...]:
     """(position, name) of the arguments an op writes (``Tensor(a!)``: in-place and ``out=``)."""

@@ -89,12 +89,17 @@ class RuleContext:
         return meta and failed is not None and self.graph.op_is(failed, OpKind.NARROWER_IN_META)
 
     @cached_property
+    def dtype_error(self) -> bool:
+        """True when the forward raised an error about dtypes."""
+        return self.error is not None and is_dtype_error(self.error)
+
+    @cached_property
     def decode_step_refused(self) -> int | None:
         """The decode step the forward raised on with an error that is not about dtypes (a cache or mask
         length its code does not expect), or None. dtypelint builds that step as ``generate`` does, but
         ``generate`` may prepare it otherwise for this model, so the error says nothing certain of the
         deployment: DT002 reports it, DT001 and DT101 leave it alone."""
-        if self.error is None or is_dtype_error(self.error):
+        if self.error is None or self.dtype_error:
             return None
         failed = self.graph.failed_op()
         step = self.graph.op(failed)["step"] if failed is not None else len(self.graph.graph.get("step_starts", ()))

@@ -9,7 +9,6 @@ from dtypelint.diagnostics import Applicability, Finding, Fix, Severity
 from dtypelint.dtypes import dtype_name
 from dtypelint.graph import DtypeGraph
 from dtypelint.rules.base import Rule, RuleContext
-from dtypelint.tracer import is_dtype_error
 from dtypelint.vocabulary import CASTABLE_ORIGINS, OpKind, OriginKind
 
 
@@ -72,8 +71,7 @@ class MixedInput(Rule):
         self.looked(context, sum(1 for op in graph.ops() if graph.op_is(op, OpKind.ONE_DTYPE)))
         for op in graph.dtype_conflicts():
             data = graph.op(op)
-            refused_for_dtypes = data["failed"] and context.error is not None and is_dtype_error(context.error)
-            if not graph.op_is(op, OpKind.ONE_DTYPE) and not refused_for_dtypes:
+            if not graph.op_is(op, OpKind.ONE_DTYPE) and not (data["failed"] and context.dtype_error):
                 continue
             inputs = _operands(graph, op)
             present = {graph.tensor(node)["dtype"] for node in inputs}
