@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 from dtypelint.errors import DtypelintError, LoadError, UsageError, WriteError, first_line
 from dtypelint.escape import printable
-from dtypelint.formats import FORMATS
+from dtypelint.formats import FORMATS, PRECISION_FORMATS
 from dtypelint.paths import (
     GRAPH_SUFFIXES,
     check_output_file,
@@ -62,41 +62,18 @@ def _parser() -> argparse.ArgumentParser:
     check = commands.add_parser("check", help="audit a checkpoint directory or a config",
                                 description="Audit a checkpoint directory, a config (meta mode) or an --entry "
                                             "function's (model, inputs), and report or fix the dtype conflicts.")
-    check.add_argument("path", nargs="?", help="checkpoint directory, or a config.json / directory without weights")
-    check.add_argument("--entry", metavar="MODULE:FUNCTION",
-                       help="a function returning (model, inputs), imported as `python -m` would (from here)")
+    _model_arguments(check, path_help="checkpoint directory, or a config.json / directory without weights")
     check.add_argument("--static", action="store_true",
                        help="no forward: the stored dtype census from safetensors headers against config.json")
     check.add_argument("--graph", metavar="FILE", help="write the dtype graph (.json, .graphml, .dot, .mmd)")
-    check.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     check.add_argument("--dtype", help="float16|bfloat16|float32|auto (default: the config's)")
-    check.add_argument("--backend", action="append", metavar="PACK",
-                       help="rule pack name or path, repeatable or comma-separated for a device and a quantization "
-                            f"pack (shipped: {', '.join(available_packs())}; default: hf-eager)")
     check.add_argument("--pack", action="append", dest="packs", metavar="PACK",
                        help="an extra rule pack whose contracts join the backend's (repeatable)")
-    check.add_argument("--model-class", metavar="NAME",
-                       help="the transformers class to build (default: the one config.architectures names, "
-                            "else the first task mapping with one for the model_type)")
-    check.add_argument("--inputs-dtype", metavar="DTYPE",
-                       help="dtype of the synthesized float inputs (default: the compute dtype, as a pipeline casts "
-                            "them; float32 audits a pipeline that forgets the cast)")
-    check.add_argument("--attn-implementation", metavar="NAME",
-                       help="the attention the deployment runs (flash_attention_2: checked with a CPU stand-in)")
-    check.add_argument("--config", help="pyproject.toml to read [tool.dtypelint] from (default: the nearest)")
     check.add_argument("--mode", choices=("value", "meta"), help="value (real weights) or meta (config only)")
-    check.add_argument("--batch", type=_positive_int, default=1, help="sample batch size (default: 1)")
-    check.add_argument("--seq-len", type=_positive_int, default=16,
-                       help="sample length (default: 16; at most the config's max_position_embeddings)")
     check.add_argument("--max-ops", type=_positive_int, metavar="N", help="ops recorded per forward (default: 200000)")
     check.add_argument("--steps", type=_positive_int, metavar="N",
                        help="calls traced of a generative model: the prompt, then N-1 decode steps fed the cache "
                             "it returned (default: 2; 1: the prompt only)")
-    check.add_argument("--max-input-elements", type=_positive_int, metavar="N",
-                       help="elements each input synthesized from the config may have, in value mode "
-                            "(default: 33554432)")
-    check.add_argument("--max-layers", type=_positive_int, metavar="N",
-                       help="layers per stack, or experts per layer, a config may ask for (default: 1024)")
     check.add_argument("--format", choices=tuple(FORMATS), default="text", help="output format (default: text)")
     check.add_argument("--fail-on", choices=("info", "warning", "error"),
                        help="lowest severity that makes the exit code 1 (default: error)")
@@ -104,8 +81,6 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--select", type=_codes, help="comma-separated codes, prefixes or names")
     check.add_argument("--ignore", type=_codes, help="comma-separated codes, prefixes or names to leave out")
     check.add_argument("--extend-select", type=_codes, help="codes, prefixes or names to add to the selection")
-    check.add_argument("--trust-remote-code", action="store_true",
-                       help="run the checkpoint's own modeling code (auto_map); only for code you trust")
     fixes = check.add_argument_group("fixes (value mode)")
     fixes.add_argument("--fix", action="store_true", help="apply the safe fixes in memory, verified by a re-audit")
     fixes.add_argument("--unsafe-fixes", action="store_true", help="also the fixes that may cost precision")
@@ -113,6 +88,22 @@ def _parser() -> argparse.ArgumentParser:
     fixes.add_argument("--write-plan", metavar="FILE", help="write the fix plan (JSON) for dtypelint.apply_plan")
     fixes.add_argument("--save-fixed", metavar="DIR", help="save_pretrained the fixed model into a new directory")
     fixes.add_argument("--force", action="store_true", help="let --save-fixed replace a non-empty directory")
+
+    precision = commands.add_parser(
+        "precision", help="which modules must stay float32 for a float16/bfloat16 deployment",
+        description="Find the fewest modules to keep in float32 (islands) for the model to run in --dtype within "
+                    "the tolerance of a float32 run, verified; or the dtype that works. Exit 0: the dtype is fine "
+                    "as is; 1: a plan or another dtype is needed; 2: usage or load error.")
+    _model_arguments(precision, path_help="checkpoint directory (real weights)")
+    precision.add_argument("--dtype", default="float16", help="float16|bfloat16 to deploy in (default: float16)")
+    precision.add_argument("--tolerance", type=_positive_float, metavar="X",
+                           help="output error accepted, max |output - reference| / max |reference| (default: per "
+                                "output kind: logits and hidden states 1e-2 in float16, 6e-2 in bfloat16)")
+    precision.add_argument("--reference", default="float32", help="float32|float64 reference (default: float32)")
+    precision.add_argument("--max-keep", type=_positive_int, metavar="N",
+                           help="most modules a plan may keep in float32; past it another dtype is recommended")
+    precision.add_argument("--format", choices=PRECISION_FORMATS, default="text", help="output format (default: text)")
+    precision.add_argument("--write-plan", metavar="FILE", help="write the plan (JSON) for dtypelint.apply_plan")
 
     rules = commands.add_parser("rules", help="list the rules: code, name, pack, severity, fix, enabled")
     rules.add_argument("--backend", action="append", metavar="PACK",
@@ -123,6 +114,36 @@ def _parser() -> argparse.ArgumentParser:
     explain = commands.add_parser("explain", help="print a rule's documentation")
     explain.add_argument("code", help="a rule code (DT101) or name (mixed-input)")
     return parser
+
+
+def _model_arguments(command: argparse.ArgumentParser, *, path_help: str) -> None:
+    """What the commands that load a model share: where it comes from, how it is built and fed, the backend."""
+    command.add_argument("path", nargs="?", help=path_help)
+    command.add_argument("--entry", metavar="MODULE:FUNCTION",
+                         help="a function returning (model, inputs), imported as `python -m` would (from here)")
+    command.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    command.add_argument("--backend", action="append", metavar="PACK",
+                         help="rule pack name or path, repeatable or comma-separated for a device and a quantization "
+                              f"pack (shipped: {', '.join(available_packs())}; default: hf-eager)")
+    command.add_argument("--model-class", metavar="NAME",
+                         help="the transformers class to build (default: the one config.architectures names, "
+                              "else the first task mapping with one for the model_type)")
+    command.add_argument("--inputs-dtype", metavar="DTYPE",
+                         help="dtype of the synthesized float inputs (default: the compute dtype, as a pipeline casts "
+                              "them; float32 audits a pipeline that forgets the cast)")
+    command.add_argument("--attn-implementation", metavar="NAME",
+                         help="the attention the deployment runs (flash_attention_2: checked with a CPU stand-in)")
+    command.add_argument("--config", help="pyproject.toml to read [tool.dtypelint] from (default: the nearest)")
+    command.add_argument("--batch", type=_positive_int, default=1, help="sample batch size (default: 1)")
+    command.add_argument("--seq-len", type=_positive_int, default=16,
+                         help="sample length (default: 16; at most the config's max_position_embeddings)")
+    command.add_argument("--max-input-elements", type=_positive_int, metavar="N",
+                         help="elements each input synthesized from the config may have, in value mode "
+                              "(default: 33554432)")
+    command.add_argument("--max-layers", type=_positive_int, metavar="N",
+                         help="layers per stack, or experts per layer, a config may ask for (default: 1024)")
+    command.add_argument("--trust-remote-code", action="store_true",
+                         help="run the checkpoint's own modeling code (auto_map); only for code you trust")
 
 
 def _version() -> str:
@@ -141,6 +162,16 @@ def _positive_int(text: str) -> int:
         value = 0
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, not {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number, not {text!r}")
     return value
 
 
@@ -220,27 +251,39 @@ def _preflight(options: argparse.Namespace) -> Path | None:
     well under a second. Returns the checkpoint or config path (None for --entry)."""
     from dtypelint.dtypes import dtype_attribute
 
-    if options.entry and options.path is not None:
-        raise UsageError("give a PATH or --entry MODULE:FUNCTION, not both")
     if options.static and options.entry:
         raise UsageError("--static reads a checkpoint's safetensors headers; an --entry function has none")
     if options.save_fixed and not options.fix:
         raise UsageError("--save-fixed needs --fix")
     if options.dtype and options.dtype.strip().lower() != "auto":
         dtype_attribute(options.dtype)
+    _check_model_options(options, packs=options.packs or [])
+    _check_outputs(options)
+    return _model_path(options)
+
+
+def _check_model_options(options: argparse.Namespace, *, packs: Sequence[str] = ()) -> None:
+    """The checks of ``_model_arguments`` that need no torch."""
+    from dtypelint.dtypes import dtype_attribute
+
+    if options.entry and options.path is not None:
+        raise UsageError("give a PATH or --entry MODULE:FUNCTION, not both")
     if options.inputs_dtype:
         dtype_attribute(options.inputs_dtype)
     if options.entry and (options.model_class or options.inputs_dtype):
         raise UsageError("--model-class and --inputs-dtype choose how a checkpoint or config is built and fed; "
                          "an --entry function returns its own model and inputs")
-    for name in _codes(",".join(options.backend or [])) + (options.packs or []):
+    for name in _codes(",".join(options.backend or [])) + list(packs):
         if not is_pack_path(name):
             shipped_pack(name)
-    _check_outputs(options)
+
+
+def _model_path(options: argparse.Namespace) -> Path | None:
+    """The checkpoint or config directory the command reads (None for --entry), checked to exist."""
     if options.entry:
         return None
     if options.path is None:
-        raise UsageError("check needs a PATH (or --entry MODULE:FUNCTION)")
+        raise UsageError(f"{options.command} needs a PATH (or --entry MODULE:FUNCTION)")
     path = local_path(options.path)
     refuse_weights_file(path)
     if path.is_dir():
@@ -314,6 +357,58 @@ def _run_check(options: argparse.Namespace, path: Path | None, progress: bool) -
     return report, settings.fail_on, None
 
 
+def _precision(options: argparse.Namespace) -> int:
+    """``dtypelint precision``: exit 0 when the dtype is fine as is, 1 when a plan or another dtype is needed."""
+    from dtypelint.dtypes import dtype_attribute
+
+    dtype_attribute(options.dtype)
+    dtype_attribute(options.reference)
+    _check_model_options(options)
+    if options.write_plan:
+        check_output_file("--write-plan", options.write_plan, _sources(options))
+    path = _model_path(options)
+    progress = not options.quiet and sys.stderr.isatty()
+    with _library_noise(quiet=options.quiet, progress=progress), _stdout_to_stderr():
+        plan = _run_precision(options, path, progress)
+    if options.write_plan:
+        plan.write(options.write_plan, sources=_sources(options))
+    from dtypelint.formats.precision import render_precision
+
+    _write_stdout(render_precision(plan, options.format))
+    return EXIT_CLEAN if plan.fine_as_is else EXIT_FINDINGS
+
+
+def _run_precision(options: argparse.Namespace, path: Path | None, progress: bool) -> Any:
+    from dtypelint.config import load_settings
+    from dtypelint.dtypes import parse_dtype
+    from dtypelint.load import Request, find_loader, has_weights
+    from dtypelint.precision import precision
+    from dtypelint.progress import progress_bar
+
+    if path is not None and not has_weights(path):
+        raise UsageError(f"{shown(path)} holds no weights (*.safetensors, pytorch_model*.bin): precision measures "
+                         "real outputs")
+    settings = load_settings(options.config).layered({
+        "backend": options.backend, "attn_implementation": options.attn_implementation,
+        "options": {name: getattr(options, name) for name in ("max_input_elements", "max_layers")
+                    if getattr(options, name)} or None,
+    })
+    reference = parse_dtype(options.reference)
+    request = Request(path=path, entry=options.entry, mode="value", dtype=reference, batch=options.batch,
+                      seq_len=options.seq_len, trust_remote_code=options.trust_remote_code,
+                      model_class=options.model_class, max_input_elements=settings.options.max_input_elements,
+                      max_layers=settings.options.max_layers)
+    loader = find_loader(request)
+    with progress_bar(progress, f"loading ({loader.name})"):
+        loaded = loader.load(request)
+    with progress_bar(progress, "planning"):
+        return precision(loaded.model, loaded.inputs, options.dtype, reference=reference,
+                         tolerance=options.tolerance or settings.options.precision_tolerance,
+                         backend=list(settings.backend), max_keep=options.max_keep,
+                         attn_implementation=settings.attn_implementation,
+                         inputs_dtype=parse_dtype(options.inputs_dtype))
+
+
 def _check_outputs(options: argparse.Namespace) -> None:
     """The one place where output paths are checked, before anything is loaded rather than after a long
     audit."""
@@ -376,7 +471,13 @@ def _print(options: argparse.Namespace, report: Report, fail_on: str, fixed: Fix
     """Every output goes through the renderers of ``dtypelint.formats``: the audit's, the fix's, --static's."""
     from dtypelint.formats import render
 
-    output = render(report, options.format, path=options.path, fix=fixed)
+    _write_stdout(render(report, options.format, path=options.path, fix=fixed))
+    failing = report.at_or_above(fail_on)
+    return EXIT_FINDINGS if failing and not options.exit_zero else EXIT_CLEAN
+
+
+def _write_stdout(output: str) -> None:
+    """The command's output on stdout, or a WriteError saying why it cannot be written."""
     if output:
         try:
             encoding = sys.stdout.encoding or "utf-8"  # a terminal that cannot show a character gets its escape
@@ -388,8 +489,6 @@ def _print(options: argparse.Namespace, report: Report, fail_on: str, fixed: Fix
             _discard_stdout()
             problem = reason(error) if isinstance(error, OSError) else first_line(error)
             raise WriteError(f"cannot write the report to stdout: {problem}") from None
-    failing = report.at_or_above(fail_on)
-    return EXIT_FINDINGS if failing and not options.exit_zero else EXIT_CLEAN
 
 
 def _rules(options: argparse.Namespace) -> int:
@@ -423,6 +522,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _check(options)
         if options.command == "rules":
             return _rules(options)
+        if options.command == "precision":
+            return _precision(options)
         return _explain(options.code)
     except BrokenPipeError:  # `dtypelint check ... | head`: the reader left; say nothing more
         _discard_stdout()

@@ -15,6 +15,7 @@
     max-input-elements = 33554432     # per input synthesized from a config (value mode)
     max-layers = 1024                 # layers per stack, or experts per layer, a config may ask for
     steps = 2                         # calls traced of a generative model: the prompt, then decode steps
+    precision-tolerance = 0.01        # `dtypelint precision`: the output error accepted (default: per output kind)
 
     [tool.dtypelint.per-location-ignores]
     "model.layers.*.mlp" = ["DT104"]
@@ -45,7 +46,8 @@ from dtypelint.rules.base import Options, Rule, option_problem
 
 _LIST_KEYS = {"select": "select", "extend-select": "extend_select", "ignore": "ignore", "packs": "packs"}
 _OPTION_KEYS = {"overflow-fraction": "overflow_fraction", "large-reduction": "large_reduction", "max-ops": "max_ops",
-                "max-input-elements": "max_input_elements", "max-layers": "max_layers", "steps": "steps"}
+                "max-input-elements": "max_input_elements", "max-layers": "max_layers", "steps": "steps",
+                "precision-tolerance": "precision_tolerance"}
 
 
 class SettingOverrides(TypedDict, total=False):

@@ -8,19 +8,23 @@ What it planned and did are the records of ``dtypelint.plan``.
 from __future__ import annotations
 
 import functools
+import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, overload
 
 import torch
 
 from dtypelint.diagnostics import Applicability, Severity
 from dtypelint.dtypes import dtype_name, parse_dtype
 from dtypelint.errors import UsageError
-from dtypelint.paths import shown
+from dtypelint.paths import local_path, parse_file, shown
 from dtypelint.plan import Change, FixPlan, FixResult
 from dtypelint.report import Report
 from dtypelint.rope import rope_error
 from dtypelint.vocabulary import OriginKind
+
+if TYPE_CHECKING:
+    from dtypelint.precision import Islands, PrecisionPlan
 
 
 def plan_fixes(report: Report, *, unsafe: bool = False) -> FixPlan:
@@ -94,10 +98,25 @@ def _check_plan(model: torch.nn.Module, plan: FixPlan) -> None:
             raise UsageError(f"{change.tensor} is {current}, the plan expects {change.from_dtype}")
 
 
-def apply_plan(model: torch.nn.Module, plan: FixPlan | str | Path) -> list[Change]:
-    """Apply a fix plan (object or JSON path) to a model, all or nothing; returns the changes made."""
-    if not isinstance(plan, FixPlan):
-        plan = FixPlan.read(plan)
+@overload
+def apply_plan(model: torch.nn.Module, plan: FixPlan) -> list[Change]: ...
+@overload
+def apply_plan(model: torch.nn.Module, plan: PrecisionPlan) -> Islands: ...
+@overload
+def apply_plan(model: torch.nn.Module, plan: str | Path) -> list[Change] | Islands: ...
+
+
+def apply_plan(model: torch.nn.Module, plan: FixPlan | PrecisionPlan | str | Path) -> list[Change] | Islands:
+    """Apply a plan (object or JSON path) to a model, all or nothing. A fix plan returns the casts made; a
+    precision plan (``dtypelint.precision``) casts the model to its recommended dtype with its kept modules
+    as float32 islands and returns the handle whose ``remove()`` undoes that."""
+    from dtypelint.precision import PrecisionPlan, apply_precision, is_precision_plan
+
+    if isinstance(plan, (str, Path)):
+        plan = PrecisionPlan.read(plan) if is_precision_plan(parse_file(local_path(plan), json.loads, "JSON")) \
+            else FixPlan.read(plan)
+    if isinstance(plan, PrecisionPlan):
+        return apply_precision(model, plan)
     _check_plan(model, plan)
     transaction = _Transaction()
     try:
@@ -109,24 +128,13 @@ def apply_plan(model: torch.nn.Module, plan: FixPlan | str | Path) -> list[Chang
     return plan.changes
 
 
-def _first_tensor(output: Any) -> torch.Tensor | None:
-    if isinstance(output, torch.Tensor):
-        return output
-    logits = getattr(output, "logits", None)
-    if isinstance(logits, torch.Tensor):
-        return logits
-    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
-        return output[0]
-    return None
-
-
 def _outputs(model: torch.nn.Module, inputs: Any) -> torch.Tensor | None:
     """The forward's first output as float32, on fresh copies of the inputs (so a forward that writes them
     in place sees the same values each time), with the model and global state restored afterwards."""
-    from dtypelint.forward import run_forward
+    from dtypelint.forward import first_tensor, run_forward
 
     ran = run_forward(model, inputs)  # an unfixed model may not run: its change is then unmeasurable
-    output = None if ran.error is not None else _first_tensor(ran.output)
+    output = None if ran.error is not None else first_tensor(ran.output)
     return None if output is None else output.detach().float().clone()
 
 

@@ -152,6 +152,35 @@ def run_forward(
     return ran
 
 
+# The output fields a model's main result is in, by kind: transformers' ModelOutput and diffusers' outputs.
+OUTPUT_FIELDS = (("logits", "logits"), ("sample", "image"), ("images", "image"), ("pixel_values", "image"),
+                 ("reconstruction", "image"), ("last_hidden_state", "hidden states"))
+
+
+def first_tensor(output: Any) -> torch.Tensor | None:
+    """A forward's main result: its logits, image or hidden states, the tensor it returned, or the first of
+    a returned tuple."""
+    if isinstance(output, torch.Tensor):
+        return output
+    for name, _ in OUTPUT_FIELDS:
+        candidate = getattr(output, name, None)
+        if isinstance(candidate, torch.Tensor):
+            return candidate
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    return None
+
+
+def output_kind(output: Any) -> str:
+    """What ``first_tensor(output)`` holds: "logits", "image" or "hidden states" (a bare tensor of four
+    dimensions is an image)."""
+    for name, kind in OUTPUT_FIELDS:
+        if isinstance(getattr(output, name, None), torch.Tensor):
+            return kind
+    main = first_tensor(output)
+    return "image" if main is not None and main.dim() == 4 else "hidden states"
+
+
 @contextmanager
 def captured_log(name: str) -> Iterator[list[str]]:
     """The first line of each message the logger ``name`` emits in the body, kept from its handlers."""

@@ -57,6 +57,9 @@ def _format(module: str, function: str, *, people_read_it: bool = True) -> Rende
     return render_format
 
 
+# ``dtypelint precision``'s formats (``formats.precision``).
+PRECISION_FORMATS = ("text", "json", "markdown", "html")
+
 FORMATS: dict[str, Renderer] = {
     "text": _format("text", "render_text"),
     "concise": _format("text", "render_concise"),

@@ -38,6 +38,7 @@ class Options:
     max_input_elements: int = MAX_INPUT_ELEMENTS  # per input synthesized from a config, in value mode
     max_layers: int = MAX_LAYERS  # layers per stack, or experts per layer, a config may ask for
     steps: int = 2  # calls traced of a generative model: the prompt, then decode steps fed the cache it returned
+    precision_tolerance: float | None = None  # ``dtypelint precision``'s output error bound (None: per output kind)
 
     def __post_init__(self) -> None:
         for option in fields(self):
@@ -55,6 +56,9 @@ def option_problem(name: str, value: object) -> str | None:
     if name == "overflow_fraction":
         valid = number and math.isfinite(value) and 0 < value <= 1
         return None if valid else "must be a positive number, at most 1"
+    if name == "precision_tolerance":
+        valid = value is None or (number and math.isfinite(value) and value > 0)
+        return None if valid else "must be a positive number"
     valid = number and isinstance(value, int) and value > 0
     return None if valid else "must be a positive integer"
 
