@@ -3,7 +3,7 @@
 Pipeline: ``load`` -> ``tracer`` -> ``graph`` -> ``rules`` -> ``report`` | ``fixes``; ``pipeline`` runs it
 (``audit``, ``audit_config``, ``trace``); ``formats`` renders a report (``render``) and ``drawing`` draws
 its graph (``write_graph``).
-``precision`` plans which modules must stay float32 for a float16/bfloat16 deployment.
+``advisor`` plans which modules must stay float32 for a float16/bfloat16 deployment (``precision``).
 
 The public names are imported on first use: ``import dtypelint`` (which pytest does for the plugin at
 every start) must not cost the seconds that importing torch takes.
@@ -15,6 +15,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from dtypelint.advisor import PrecisionPlan, keep_in_float32, precision
     from dtypelint.diagnostics import Finding, Fix
     from dtypelint.drawing import write_graph
     from dtypelint.errors import DtypelintError, LoadError, UsageError
@@ -23,7 +24,6 @@ if TYPE_CHECKING:
     from dtypelint.graph import DtypeGraph
     from dtypelint.pipeline import audit, audit_config, trace
     from dtypelint.plan import FixPlan, FixResult
-    from dtypelint.precision import PrecisionPlan, keep_in_float32, precision
     from dtypelint.report import Report
     from dtypelint.rules import CATEGORIES
     from dtypelint.save import save_fixed
@@ -38,9 +38,9 @@ _PUBLIC = {
     "UsageError": "dtypelint.errors",
     "FixPlan": "dtypelint.plan",
     "FixResult": "dtypelint.plan",
-    "precision": "dtypelint.precision",
-    "PrecisionPlan": "dtypelint.precision",
-    "keep_in_float32": "dtypelint.precision",
+    "precision": "dtypelint.advisor",
+    "PrecisionPlan": "dtypelint.advisor",
+    "keep_in_float32": "dtypelint.advisor",
     "apply_plan": "dtypelint.fixes",
     "fix": "dtypelint.fixes",
     "plan_fixes": "dtypelint.fixes",

@@ -379,10 +379,10 @@ def _precision(options: argparse.Namespace) -> int:
 
 
 def _run_precision(options: argparse.Namespace, path: Path | None, progress: bool) -> Any:
+    from dtypelint.advisor import precision
     from dtypelint.config import load_settings
     from dtypelint.dtypes import parse_dtype
     from dtypelint.load import Request, find_loader, has_weights
-    from dtypelint.precision import precision
     from dtypelint.progress import progress_bar
 
     if path is not None and not has_weights(path):

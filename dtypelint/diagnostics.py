@@ -42,7 +42,8 @@ CODE_COLUMNS = frozenset({"code", "location", "tensor"})  # names: set as code w
 
 @dataclass(frozen=True)
 class Fix:
-    """A proposed change: cast parameters or buffers to one dtype."""
+    """A proposed change: cast parameters or buffers to one dtype (none named: the fix finds them when it
+    is applied, as DT103's precision plan does)."""
 
     tensors: tuple[str, ...]
     to_dtype: str
@@ -53,7 +54,10 @@ class Fix:
         object.__setattr__(self, "safety", Applicability(self.safety))
 
     def short(self) -> str:
-        """``cast to float16 (unsafe)``: for a table cell or a one-line finding."""
+        """``cast to float16 (unsafe)``: for a table cell or a one-line finding; a fix that names no tensor
+        (DT103's precision plan, found when it is applied) by its description."""
+        if not self.tensors:
+            return f"{self.description} ({self.safety})"
         what = "" if len(self.tensors) == 1 else f" {len(self.tensors)} tensors"
         return f"cast{what} to {self.to_dtype} ({self.safety})"
 

@@ -18,14 +18,15 @@ from dtypelint.diagnostics import Applicability, Severity
 from dtypelint.dtypes import dtype_name, parse_dtype
 from dtypelint.errors import UsageError
 from dtypelint.paths import local_path, parse_file, shown
-from dtypelint.plan import Change, FixPlan, FixResult
+from dtypelint.plan import Change, FixPlan, FixResult, IslandPlan
 from dtypelint.report import Report
 from dtypelint.rope import rope_error
 from dtypelint.vocabulary import OriginKind
 
 if TYPE_CHECKING:
-    from dtypelint.precision import Islands, PrecisionPlan
+    from dtypelint.advisor import Islands, PrecisionPlan
 
+ISLAND_CODE = "DT103"  # the rule whose fix is a precision plan
 
 def plan_fixes(report: Report, *, unsafe: bool = False) -> FixPlan:
     """The casts the report's findings propose: safe ones, and unsafe ones too when ``unsafe``."""
@@ -79,9 +80,44 @@ class _Transaction:
             module._buffers[attribute] = original.to(dtype)
             self._undo.append(lambda: module._buffers.__setitem__(attribute, original))
 
+    def islands(self, model: torch.nn.Module, islands: IslandPlan) -> None:
+        from dtypelint.advisor import apply_islands
+
+        self._undo.append(apply_islands(model, islands.modules, dtype=parse_dtype(islands.dtype)).remove)
+
     def rollback(self) -> None:
         while self._undo:
             self._undo.pop()()
+
+
+def _plan_islands(model: torch.nn.Module, inputs: Any, report: Report, result: FixResult) -> None:
+    """DT103's unsafe fix: the modules ``dtypelint.advisor`` finds must stay float32 for the report's
+    compute dtype, verified there, as islands (their tensors cast to float32: the plan's changes)."""
+    from dtypelint.advisor import LOW_DTYPES, precision
+
+    low = parse_dtype(report.compute_dtype)
+    if low not in LOW_DTYPES or not any(finding.code == ISLAND_CODE for finding in report.findings):
+        return
+    found = result.precision = precision(model, inputs, low)
+    if not found.keep or found.recommend != found.dtype:
+        result.remarks.append(f"{ISLAND_CODE}: no float32 modules make {found.dtype} work; deploy in {found.recommend} "
+                              f"(`dtypelint precision` shows why)")
+        return
+    reason = (f"kept in float32 by the verified precision plan (output error {found.error['all']:.3g} all in "
+              f"{found.dtype}, {found.error['plan']:.3g} with it)")
+    named = {}
+    for module_name in found.keep:
+        for name, tensor in [*model.get_submodule(module_name).named_parameters(),
+                             *model.get_submodule(module_name).named_buffers()]:
+            if tensor.is_floating_point() and tensor.dtype != torch.float32:
+                named.setdefault(f"{module_name}.{name}", Change(f"{module_name}.{name}", dtype_name(tensor.dtype),
+                                                                  "float32", ISLAND_CODE, reason, "unsafe"))
+    result.plan.changes += [change for name, change in named.items()
+                            if name not in {existing.tensor for existing in result.plan.changes}]
+    result.plan.islands = IslandPlan(found.dtype, list(found.keep))
+    result.remarks.append(f"{ISLAND_CODE}: {', '.join(found.keep)} run as float32 islands (inputs cast to float32, "
+                          f"outputs back to {found.dtype}); after every load, apply the plan (dtypelint.apply_plan): it casts "
+                          f"the islands to float32, the rest to {found.dtype}, and adds the casts around them")
 
 
 def _check_plan(model: torch.nn.Module, plan: FixPlan) -> None:
@@ -108,9 +144,9 @@ def apply_plan(model: torch.nn.Module, plan: str | Path) -> list[Change] | Islan
 
 def apply_plan(model: torch.nn.Module, plan: FixPlan | PrecisionPlan | str | Path) -> list[Change] | Islands:
     """Apply a plan (object or JSON path) to a model, all or nothing. A fix plan returns the casts made; a
-    precision plan (``dtypelint.precision``) casts the model to its recommended dtype with its kept modules
+    precision plan (``dtypelint.advisor``) casts the model to its recommended dtype with its kept modules
     as float32 islands and returns the handle whose ``remove()`` undoes that."""
-    from dtypelint.precision import PrecisionPlan, apply_precision, is_precision_plan
+    from dtypelint.advisor import PrecisionPlan, apply_precision, is_precision_plan
 
     if isinstance(plan, (str, Path)):
         plan = PrecisionPlan.read(plan) if is_precision_plan(parse_file(local_path(plan), json.loads, "JSON")) \
@@ -122,6 +158,8 @@ def apply_plan(model: torch.nn.Module, plan: FixPlan | PrecisionPlan | str | Pat
     try:
         for change in plan.changes:
             transaction.cast(model, change)
+        if plan.islands is not None:
+            transaction.islands(model, plan.islands)
     except BaseException:
         transaction.rollback()
         raise
@@ -179,6 +217,8 @@ def fix(
     audit_again = before.rerun.audit if before.rerun is not None else functools.partial(audit, dtype=before.compute_dtype)
     plan = plan_fixes(before, unsafe=unsafe)
     result = FixResult(plan=plan, applied=False, before=before)
+    if unsafe:
+        _plan_islands(model, inputs, before, result)
     if dry_run or not plan.changes:
         return result
     _check_plan(model, plan)
@@ -196,6 +236,8 @@ def fix(
             for change in plan.changes:
                 if change.code == code:
                     transaction.cast(model, change)
+            if code == ISLAND_CODE and plan.islands is not None:
+                transaction.islands(model, plan.islands)
             result.output_change[code] = _difference(reference, _outputs(model, inputs))
         result.applied = True
         result.after = audit_again(model, inputs, **audit_options)
@@ -203,7 +245,8 @@ def fix(
         transaction.rollback()
         raise
     fixed = {(change.code, change.tensor) for change in plan.changes}
-    remaining = [f for f in result.after.findings if (f.code, f.tensor) in fixed]
+    remaining = [f for f in result.after.findings if (f.code, f.tensor) in fixed
+                 or (plan.islands is not None and f.code == ISLAND_CODE)]
     errors_before = {(f.code, f.location, f.tensor) for f in before.findings if f.severity == Severity.ERROR}
     new_errors = [f for f in result.after.findings if _is_new_error(f, errors_before)]
     if remaining or new_errors:

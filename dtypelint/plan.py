@@ -19,6 +19,7 @@ from dtypelint.errors import LoadError, UsageError, first_line
 from dtypelint.paths import local_path, parse_file, shown, write_file
 
 if TYPE_CHECKING:
+    from dtypelint.advisor import PrecisionPlan
     from dtypelint.report import Report
 
 PLAN_VERSION = 1
@@ -36,13 +37,25 @@ class Change:
     safety: str
 
 
+@dataclass(frozen=True)
+class IslandPlan:
+    """Modules run as float32 islands in a ``dtype`` model (DT103's fix, from ``dtypelint.advisor``):
+    applying it casts every other floating tensor to ``dtype``, the islands' to float32, and hooks cast the
+    islands' floating inputs to float32 and their outputs back."""
+
+    dtype: str
+    modules: list[str]
+
+
 @dataclass
 class FixPlan:
     model: str
     changes: list[Change]
+    islands: IslandPlan | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"version": PLAN_VERSION, "model": self.model, "changes": [asdict(c) for c in self.changes]}
+        return {"version": PLAN_VERSION, "model": self.model, "changes": [asdict(c) for c in self.changes],
+                "islands": None if self.islands is None else asdict(self.islands)}
 
     def write(self, path: str | Path, *, sources: Sequence[str | Path] = ()) -> Path:
         """Write the plan as JSON, whole or not at all, never on, in or around ``sources`` (checkpoints)."""
@@ -57,7 +70,13 @@ class FixPlan:
                                  f"expected {PLAN_VERSION}")
             if not isinstance(data.get("changes"), list):
                 raise ValueError("'changes' must be a list")
-            plan = cls(str(data.get("model", "")), [Change(**entry) for entry in data["changes"]])
+            islands = data.get("islands")
+            if islands is not None:
+                if not isinstance(islands, dict) or not isinstance(islands.get("modules"), list) or not all(
+                        isinstance(name, str) for name in islands["modules"]) or not isinstance(islands.get("dtype"), str):
+                    raise ValueError("'islands' must hold a dtype and a list of module names")
+                islands = IslandPlan(islands["dtype"], list(islands["modules"]))
+            plan = cls(str(data.get("model", "")), [Change(**entry) for entry in data["changes"]], islands)
             plan.validate()
         except (ValueError, TypeError) as error:
             raise LoadError(f"fix plan {shown(path)} is malformed: {first_line(error)}") from None
@@ -76,6 +95,8 @@ class FixPlan:
             if targets.setdefault(change.tensor, change.to_dtype) != change.to_dtype:
                 raise UsageError(f"{shown(change.tensor)} is cast twice, to {targets[change.tensor]} and to "
                                  f"{change.to_dtype}")
+        if self.islands is not None:
+            parse_dtype(self.islands.dtype)
 
 
 @dataclass
@@ -96,6 +117,7 @@ class FixResult:
     saved: Path | None = None  # where the fixed model was saved, by whoever saved it
     remarks: list[str] = field(default_factory=list)  # what the caller adds (the command line: --entry advice)
     not_saved: str | None = None  # a save that was asked for while nothing was fixed
+    precision: PrecisionPlan | None = None  # DT103's verified precision plan, where one was searched for
 
     @property
     def changed(self) -> list[Change]:

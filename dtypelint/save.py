@@ -24,6 +24,7 @@ from dtypelint.paths import current_umask, parse_file, refuse_near_sources, reso
 if TYPE_CHECKING:
     import torch
 
+    from dtypelint.advisor import PrecisionPlan
     from dtypelint.plan import FixPlan
 
 PLAN_FILE = "dtypelint-fixes.json"
@@ -160,11 +161,12 @@ def _move_into_place(staging: Path, target: Path) -> None:
 
 
 def save_fixed(
-    model: torch.nn.Module, target: str | Path, plan: FixPlan, *, source: str | Path | None = None,
+    model: torch.nn.Module, target: str | Path, plan: FixPlan | PrecisionPlan, *, source: str | Path | None = None,
     force: bool = False,
 ) -> Path:
     """Save the fixed model into a new directory with the fix plan beside it (``inv_freq`` is a
-    non-persistent buffer: no checkpoint stores it, so the plan must be re-applied after every load).
+    non-persistent buffer: no checkpoint stores it, so the plan must be re-applied after every load). A
+    precision plan (``dtypelint.advisor``) is stored the same way: ``apply_plan`` reads either.
 
     ``source`` (and the directory the model was loaded from) is protected: see ``check_save_target``.
     Staging directories left by killed saves are removed, with a warning that says so.
@@ -183,8 +185,10 @@ def save_fixed(
     try:
         staging.chmod(0o777 & ~current_umask())  # as save_pretrained creates a directory, not mkdtemp's 0700
         _write_checkpoint(model, staging)
-        record = {**plan.to_dict(), SAVED_FILES: _manifest(staging)}
-        (staging / PLAN_FILE).write_text(json.dumps(record, indent=2) + "\n")
+        from dtypelint.advisor import json_safe
+
+        record = {**json_safe(plan.to_dict()), SAVED_FILES: _manifest(staging)}
+        (staging / PLAN_FILE).write_text(json.dumps(record, indent=2, allow_nan=False) + "\n")
         _move_into_place(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

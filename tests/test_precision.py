@@ -14,9 +14,9 @@ import transformers
 from helpers import assert_unchanged, snapshot
 
 import dtypelint
+from dtypelint.advisor import PrecisionPlan, keep_in_float32, precision
 from dtypelint.cli import main
 from dtypelint.errors import UsageError
-from dtypelint.precision import PrecisionPlan, keep_in_float32, precision
 
 SCALE = 3e5  # an MLP's first projection times this, its last one divided: float32 outputs unchanged
 
@@ -84,8 +84,9 @@ def planted_t5() -> tuple[torch.nn.Module, dict, str]:
     return model, inputs, "decoder.block.1.layer.2"
 
 
-# The test's own island semantics, written without dtypelint's code: float32 parameters, floating inputs
-# cast to float32, floating outputs cast back to the low dtype.
+# The test's own island semantics, written without dtypelint's code: the model in the low dtype as a
+# checkpoint loaded in it is (non-persistent buffers as built), kept modules with float32 parameters,
+# floating inputs cast to float32, floating outputs cast back to the low dtype.
 def _cast(value, dtype):
     if isinstance(value, torch.Tensor):
         return value.to(dtype) if value.is_floating_point() else value
@@ -107,6 +108,9 @@ def island_error(model: torch.nn.Module, inputs: dict, keep: list[str], dtype: t
     with torch.no_grad():
         reference = _main_output(model(**inputs)).float()
         low = copy.deepcopy(model).to(dtype)
+        for name, module in low.named_modules():  # as from_pretrained(dtype=...) leaves them: not cast
+            for buffer in module._non_persistent_buffers_set:
+                module._buffers[buffer] = model.get_submodule(name)._buffers[buffer].clone()
         for name in keep:
             island = low.get_submodule(name).float()
             island.load_state_dict(model.get_submodule(name).state_dict())  # float32 weights, not a half round trip
@@ -296,3 +300,66 @@ def test_cli_refuses_a_plan_inside_the_checkpoint_and_a_config_without_weights(c
     (config_only / "config.json").write_text((checkpoints / "clean" / "config.json").read_text())
     assert main(["precision", str(config_only), "-q"]) == 2
     assert "holds no weights" in capsys.readouterr().err
+
+
+def test_check_unsafe_fix_runs_the_plan_as_islands_and_saves_it(checkpoints, capsys, tmp_path):
+    saved = tmp_path / "fixed"
+    assert main(["check", str(checkpoints / "planted"), "--dtype", "float16", "-q", "--format", "json"]) == 1
+    before = json.loads(capsys.readouterr().out)
+    assert [finding["code"] for finding in before["findings"]] == ["DT103"]
+    assert before["findings"][0]["fix"]["safety"] == "unsafe"
+    assert main(["check", str(checkpoints / "planted"), "--dtype", "float16", "-q", "--format", "json", "--fix",
+                 "--unsafe-fixes", "--save-fixed", str(saved)]) == 0
+    fixed = json.loads(capsys.readouterr().out)["fix"]
+    assert fixed["applied"] and not fixed["after"]["summary"]["error"]
+    assert {change["code"] for change in fixed["changes"]} == {"DT103"}
+    assert all(change["tensor"].startswith("model.layers.2.mlp.") for change in fixed["changes"])
+    plan = json.loads((saved / "dtypelint-fixes.json").read_text())
+    assert plan["islands"] == {"dtype": "float16", "modules": ["model.layers.2.mlp"]}
+    # Loaded in float32, the plan makes the rest float16 and the islands float32.
+    model = transformers.AutoModelForCausalLM.from_pretrained(saved, dtype=torch.float32).eval()
+    dtypelint.apply_plan(model, saved / "dtypelint-fixes.json")
+    assert model.lm_head.weight.dtype == torch.float16 and model.model.rotary_emb.inv_freq.dtype == torch.float32
+    assert model.model.layers[2].mlp.down_proj.weight.dtype == torch.float32
+    # check --dtype float16 loaded the weights in float16: the fix is verified against those, in float32.
+    reference = planted_llama()[0].half().float()
+    with torch.no_grad():
+        logits, expected = model(**_tokens()).logits.float(), reference(**_tokens()).logits
+    assert float((logits - expected).abs().max() / expected.abs().max()) < 1e-2
+
+
+def test_without_unsafe_fixes_dt103_searches_nothing(checkpoints):
+    model = transformers.AutoModelForCausalLM.from_pretrained(checkpoints / "planted", dtype=torch.float16).eval()
+    result = dtypelint.fix(model, inputs=_tokens(), dtype="float16")
+    assert result.precision is None and not result.plan.changes
+    unsafe = dtypelint.fix(model, inputs=_tokens(), dtype="float16", unsafe=True, dry_run=True)
+    assert unsafe.precision.keep == ["model.layers.2.mlp"] and unsafe.plan.islands.modules == unsafe.precision.keep
+    assert model.model.layers[2].mlp.up_proj.weight.dtype == torch.float16  # a dry run changes nothing
+
+
+def test_save_fixed_stores_a_precision_plan_that_apply_plan_reads(tmp_path):
+    model, inputs, _ = planted_llama()
+    plan = precision(model, inputs, torch.float16)
+    saved = dtypelint.save_fixed(model, tmp_path / "saved", plan)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(saved, dtype=torch.float32).eval()
+    handle = dtypelint.apply_plan(loaded, saved / "dtypelint-fixes.json")
+    assert loaded.model.layers[2].mlp.up_proj.weight.dtype == torch.float32
+    assert loaded.model.layers[1].mlp.up_proj.weight.dtype == torch.float16
+    handle.remove()
+    assert loaded.model.layers[1].mlp.up_proj.weight.dtype == torch.float32
+
+
+def test_the_public_name_is_the_function_after_any_import():
+    import dtypelint.fixes  # noqa: F401 - imports the advisor's module
+
+    assert callable(dtypelint.precision) and dtypelint.precision is precision
+
+
+def test_a_plan_a_backend_kernel_refuses_is_replaced_by_the_dtype_that_works():
+    model = _llama()
+    _plant(model.model.layers[2].self_attn.v_proj, model.model.layers[2].self_attn.o_proj)
+    assert precision(model, _tokens(), torch.float16, backend="cuda").keep == ["model.layers.2.self_attn"]
+    # flash-attn takes float16/bfloat16 only: a float32 attention island crashes it on the GPU.
+    flash = precision(model, _tokens(), torch.float16, backend="cuda", attn_implementation="flash_attention_2")
+    assert flash.keep == [] and flash.recommend == "bfloat16" and flash.error["bfloat16"] <= 6e-2
+    assert any("CUDA102" in note and "model.layers.2.self_attn" in note for note in flash.notes)

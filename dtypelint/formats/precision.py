@@ -10,10 +10,10 @@ from typing import Any
 
 from tabulate import tabulate
 
+from dtypelint.advisor import PrecisionPlan, json_safe
 from dtypelint.escape import printable
 from dtypelint.formats.markdown import md_code, md_literal
 from dtypelint.formats.markdown import table as md_table
-from dtypelint.precision import PrecisionPlan, json_safe
 
 MODULE_COLUMNS = ("module", "error", "growth", "max |reference|", "")
 SHOWN_MODULES = 12  # rows of the per-module table: the largest errors and growths, in execution order

@@ -176,7 +176,8 @@ def _one_safety_per_cast(findings: list[Finding]) -> list[Finding]:
     agreed = []
     for finding in findings:
         fix = finding.fix
-        if fix and fix.safety == Applicability.UNSAFE and all((name, fix.to_dtype) in safe for name in fix.tensors):
+        if fix and fix.tensors and fix.safety == Applicability.UNSAFE and all((name, fix.to_dtype) in safe
+                                                                             for name in fix.tensors):
             proof = safe[fix.tensors[0], fix.to_dtype]
             fix = replace(fix, safety=Applicability.SAFE, description=f"{fix.description} (safe: {proof} shows the op cannot "
                                                          f"run without it)")

@@ -102,8 +102,9 @@ class RuleContext:
         """The decode step the forward raised on with an error that is not about dtypes (a cache or mask
         length its code does not expect), or None. dtypelint builds that step as ``generate`` does, but
         ``generate`` may prepare it otherwise for this model, so the error says nothing certain of the
-        deployment: DT002 reports it, DT001 and DT101 leave it alone."""
-        if self.error is None or self.dtype_error:
+        deployment: DT002 reports it, DT001 and DT101 leave it alone. A limit of meta mode (a data-dependent
+        op) is not a refusal: DT002 says which op meta mode cannot run."""
+        if self.error is None or self.dtype_error or self.stopped_at_trace_limit:
             return None
         failed = self.graph.failed_op()
         step = self.graph.op(failed)["step"] if failed is not None else len(self.graph.graph.get("step_starts", ()))

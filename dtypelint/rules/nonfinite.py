@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from dtypelint.diagnostics import Finding, Severity
+from dtypelint.diagnostics import Applicability, Finding, Fix, Severity
 from dtypelint.graph import DtypeGraph, finite, format_range
 from dtypelint.rules.base import Rule, RuleContext
 from dtypelint.vocabulary import OriginKind
@@ -34,11 +34,15 @@ class Nonfinite(Rule):
     ## Example
     A float16 MLP whose up projection produces 7e4 for a long prompt: `aten.mm` returns inf.
 
-    Use instead: keep that layer (`_keep_in_fp32_modules`) or the whole model in bfloat16/float32, or
-    rescale the weights.
+    Use instead: `dtypelint precision PATH --dtype float16` names the fewest modules to keep in float32
+    (islands: float32 weights, inputs cast to float32, outputs cast back), verified against a float32 run,
+    or the dtype that works when no such modules do (a residual stream past 65504: bfloat16).
 
     ## Fix safety
-    No automatic fix.
+    Unsafe (`--fix --unsafe-fixes`): the verified precision plan's modules run as float32 islands. It
+    changes the model's numerics on purpose (closer to float32) and its speed and memory (those modules
+    compute in float32). Where no island set works, there is no fix: the finding's report says which
+    dtype does.
 
     ## Known problems
     Needs value statistics (`audit(..., stats=True)`, the default); meta mode has no values. float32
@@ -50,6 +54,7 @@ class Nonfinite(Rule):
     code = "DT103"
     name = "nonfinite"
     severity = Severity.ERROR
+    fix_availability = "sometimes"
     uses_value_statistics = True
 
     def check(self, context: RuleContext) -> Iterator[Finding]:
@@ -91,6 +96,7 @@ class Nonfinite(Rule):
             f"{described}",
             node=op,
             severity=Severity.WARNING if likely else None,
+            fix=Fix((), "float32", Applicability.UNSAFE, "keep the modules `dtypelint precision` finds in float32"),
         )
 
 

@@ -88,13 +88,6 @@ class PrecisionPlan:
         matches against every module path (``wo`` keeps every ``...wo``)."""
         return list(dict.fromkeys(name.rsplit(".", 1)[-1] for name in self.keep))
 
-    def snippet(self) -> str:
-        """Code that runs a loaded model with the plan."""
-        return (f"import dtypelint, torch\n"
-                f"model = model.to(torch.{self.recommend})\n"
-                f"dtypelint.apply_plan(model, \"precision-plan.json\")  # or: with dtypelint.keep_in_float32(model, "
-                f"{self.keep!r}):")
-
     def to_dict(self) -> dict[str, Any]:
         return {
             "kind": PLAN_KIND, "version": PLAN_VERSION, "model": self.model, "dtype": self.dtype,
@@ -120,7 +113,8 @@ class PrecisionPlan:
         if low not in (*LOW_DTYPES, *REFERENCE_DTYPES):
             raise ValueError(f"'recommend' must be a floating dtype, not {data.get('recommend')!r}")
         fields = {name: data[name] for name in cls.__dataclass_fields__ if name in data}
-        return cls(**{**fields, "keep": list(keep)})
+        error = {key: None if value is None else float(value) for key, value in dict(data.get("error") or {}).items()}
+        return cls(**{**fields, "keep": list(keep), "error": error})
 
     @classmethod
     def read(cls, path: str | Path) -> PrecisionPlan:
@@ -222,8 +216,9 @@ class Islands:
 
 def apply_islands(model: nn.Module, keep: Iterable[str] | PrecisionPlan, *, dtype: torch.dtype | None = None) -> Islands:
     """Make the modules ``keep`` float32 islands of ``model`` in place (see ``keep_in_float32``), after
-    casting every other floating tensor to ``dtype`` (default: leave them); ``.remove()`` on the result
-    undoes both."""
+    casting the other floating parameters and persistent buffers to ``dtype`` (default: leave them; a
+    non-persistent buffer such as ``inv_freq`` keeps its dtype, as ``from_pretrained(dtype=...)`` leaves
+    it); ``.remove()`` on the result undoes both."""
     names = list(keep.keep if isinstance(keep, PrecisionPlan) else keep)
     missing = [name for name in names if not _has_submodule(model, name)]
     if missing:
@@ -231,7 +226,9 @@ def apply_islands(model: nn.Module, keep: Iterable[str] | PrecisionPlan, *, dtyp
     islands = Islands()
     try:
         if dtype is not None:
-            for tensor in {id(tensor): tensor for tensor in _named_tensors(model).values()}.values():
+            kept_as_built = _non_persistent(model)
+            cast = {id(tensor): tensor for name, tensor in _named_tensors(model).items() if name not in kept_as_built}
+            for tensor in cast.values():
                 if tensor.dtype != dtype:
                     islands.tensors.append((tensor, tensor.data))
                     tensor.data = tensor.data.to(dtype)
@@ -299,11 +296,13 @@ class _Search:
         self._make_low_data(low)
 
     def _make_low_data(self, dtype: torch.dtype) -> None:
-        """The model's floating tensors in ``dtype``, each made once (a tied weight too)."""
+        """The model's floating tensors in ``dtype``, each made once (a tied weight too); non-persistent
+        buffers keep their dtype, as a checkpoint loaded in ``dtype`` has them."""
         made: dict[int, torch.Tensor] = {}
-        for tensor in self.tensors.values():
+        as_built = _non_persistent(self.source)
+        for name, tensor in self.tensors.items():
             if id(tensor) not in made:
-                made[id(tensor)] = tensor.detach().to(dtype, copy=True)
+                made[id(tensor)] = tensor.detach().clone() if name in as_built else tensor.detach().to(dtype, copy=True)
         self.low_data = {name: made[id(tensor)] for name, tensor in self.tensors.items()}
 
     # Trials ------------------------------------------------------------------------------------------
@@ -320,8 +319,11 @@ class _Search:
                              backend=_backend_name(backend), forecast=self._forecast(peaks), modules=modules)
         if not self._passes(all_low):
             self._plan(plan, max_keep)
-        if plan.keep and backend is not None:
-            self._audit_on_backend(plan, backend)
+        if plan.keep and backend is not None and (refused := self._refused_on_backend(plan.keep, backend)):
+            plan.notes += [f"on {plan.backend}, the plan meets {finding.code} at {finding.location}: {finding.message}"
+                           for finding in refused]
+            plan.keep, plan.error["plan"] = [], None
+            plan.recommend = self._another_dtype(plan, f"the float32 islands break a kernel contract of {plan.backend}")
         plan.forwards = self.forwards
         return plan
 
@@ -337,7 +339,9 @@ class _Search:
         plan.error["plan"] = None
         if keep is not None:
             plan.notes.append(f"a plan needs {len(keep)} modules in float32, past max_keep={max_keep}")
-        plan.recommend = self._another_dtype(plan, islands_fail=keep is None)
+        plan.recommend = self._another_dtype(
+            plan, f"no set of float32 modules makes {dtype_name(self.low)} work: the stream between them is past "
+                  f"its range" if keep is None else "the plan is too large for max_keep")
 
     def _passes(self, error: float | None) -> bool:
         return error is not None and error <= self.tolerance
@@ -395,15 +399,21 @@ class _Search:
     def _error(self, keep: Sequence[str]) -> float | None:
         key = tuple(sorted(keep))
         if key not in self.errors:
-            self._cast(keep, self.low)
-            hooks = [hook for name in _outermost(list(keep))
-                     for hook in _island_hooks(self.work.get_submodule(name), self.high, back=self.low)]
-            try:
+            with self._planned(keep):
                 self.errors[key] = self._compare(self._forward(self.low))
-            finally:
-                for hook in hooks:
-                    hook.remove()
         return self.errors[key]
+
+    @contextmanager
+    def _planned(self, keep: Sequence[str]) -> Iterator[None]:
+        """The working copy in the low dtype with ``keep`` as float32 islands."""
+        self._cast(keep, self.low)
+        hooks = [hook for name in _outermost(list(keep))
+                 for hook in _island_hooks(self.work.get_submodule(name), self.high, back=self.low)]
+        try:
+            yield
+        finally:
+            for hook in hooks:
+                hook.remove()
 
     def _forward(self, dtype: torch.dtype) -> Any:
         self.forwards += 1
@@ -477,17 +487,15 @@ class _Search:
                 refined = [other for other in refined if other != name] + self._refined(inner, others)
         return self._in_order(refined)
 
-    def _another_dtype(self, plan: PrecisionPlan, *, islands_fail: bool) -> str:
-        """No plan works in the asked dtype: the other half dtype if a verified run shows it works, else
-        the reference dtype."""
+    def _another_dtype(self, plan: PrecisionPlan, why: str) -> str:
+        """No plan works in the asked dtype (``why``): the other half dtype if a verified run shows it works,
+        else the reference dtype."""
         other = torch.bfloat16 if self.low == torch.float16 else torch.float16
         self._make_low_data(other)
         self._cast((), other)
         error = self._compare(self._forward(other))
         plan.error[dtype_name(other)] = error
         tolerance = self.tolerance if self.tolerance_given else DEFAULT_TOLERANCE[self.kind][other]
-        why = (f"no set of float32 modules makes {dtype_name(self.low)} work: the stream between them is past "
-               f"its range" if islands_fail else "the plan is too large for max_keep")
         if error is not None and error <= tolerance:
             plan.notes.append(f"{why}; {dtype_name(other)} works, verified (error {error:.3g}, tolerance {tolerance:g})")
             return dtype_name(other)
@@ -495,26 +503,19 @@ class _Search:
                           f"deploy in {dtype_name(self.high)}")
         return dtype_name(self.high)
 
-    def _audit_on_backend(self, plan: PrecisionPlan, backend: str | Sequence[str]) -> None:
-        """The planned working copy audited against ``backend``: an island that a kernel of the deployment
-        refuses (a float32 input to a half-only kernel) is an error finding there."""
+    def _refused_on_backend(self, keep: Sequence[str], backend: str | Sequence[str]) -> list[Any]:
+        """The error findings inside the islands of an audit of the planned working copy against
+        ``backend``: a kernel of the deployment that refuses what an island hands it (a float32 input to a
+        half-only kernel)."""
         from dtypelint.diagnostics import Severity
         from dtypelint.pipeline import audit
 
-        self._cast(plan.keep, self.low)
-        hooks = [hook for name in _outermost(plan.keep)
-                 for hook in _island_hooks(self.work.get_submodule(name), self.high, back=self.low)]
-        try:
+        with self._planned(keep):
             self.forwards += 1
             report = audit(self.work, self._inputs(self.low), backend=backend, dtype=self.low,
                            attn_implementation=self.attn_implementation)
-        finally:
-            for hook in hooks:
-                hook.remove()
-        for finding in report.findings:
-            if finding.severity == Severity.ERROR:
-                plan.notes.append(f"on {plan.backend}, the plan meets {finding.code} at "
-                                  f"{finding.location or '<model>'}: {finding.message}")
+        return [finding for finding in report.findings if finding.severity == Severity.ERROR and any(
+            finding.location == name or finding.location.startswith(f"{name}.") for name in keep)]
 
     def _forecast(self, peaks: dict[str, float]) -> list[dict[str, Any]]:
         """Modules whose float32 outputs, and tensors whose stored values, are past the target dtype's safe
@@ -582,6 +583,13 @@ def _named_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     found = dict(model.named_parameters(remove_duplicate=False))
     found.update(model.named_buffers(remove_duplicate=False))
     return {name: tensor for name, tensor in found.items() if tensor.is_floating_point()}
+
+
+def _non_persistent(model: nn.Module) -> set[str]:
+    """The names of the non-persistent buffers (``inv_freq``): a checkpoint loaded in a dtype does not cast
+    them (the module makes them at build), so a deployment in that dtype keeps their dtype too."""
+    return {f"{name}.{buffer}" if name else buffer for name, module in model.named_modules(remove_duplicate=False)
+            for buffer in module._non_persistent_buffers_set}
 
 
 def _is_container(module: nn.Module) -> bool:
