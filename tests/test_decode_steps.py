@@ -129,3 +129,19 @@ def test_a_prompt_that_raises_for_shapes_is_still_a_forward_error_but_not_a_dtyp
     model.register_forward_hook(lambda _, args, out: torch.add(out.float(), args[0][:, :3]))
     report = dtypelint.audit(model, torch.randn(2, 4, dtype=torch.float16))
     assert [error.code for error in report.errors] == ["DT001"]
+
+
+class DataDependentStepDecoder(TinyDecoder):
+    """A decode step that reads a tensor's value (``.item()``), as ProphetNet's does: meta mode cannot."""
+
+    def forward(self, input_ids, past_key_values=None, use_cache=True, attention_mask=None):
+        if past_key_values is not None and int(past_key_values[0].shape[1] * past_key_values[0].sum().ne(0).item()) < 0:
+            raise AssertionError("unreachable")
+        return super().forward(input_ids, past_key_values, use_cache, attention_mask)
+
+
+def test_a_data_dependent_op_of_a_decode_step_in_meta_mode_is_meta_modes_limit():
+    report = dtypelint.audit(DataDependentStepDecoder().half().eval(), PROMPT, mode="meta")
+    (limit,) = report.by_code("DT002")
+    assert limit.message.startswith("meta mode cannot run aten._local_scalar_dense")
+    assert "not a dtype error" not in limit.message and report.errors == []
