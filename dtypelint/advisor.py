@@ -160,8 +160,8 @@ def precision(
     per output kind and dtype, ``DEFAULT_TOLERANCE``). ``backend``: a rule pack (or packs) the planned model
     is audited against. ``max_keep``: the most modules a plan may keep (default: no bound); past it,
     another dtype is recommended. ``attn_implementation``: the attention the deployment runs (as ``audit``
-takes it). ``inputs_dtype``: the dtype of the floating inputs of the low-dtype runs (default: that dtype,
-as a pipeline casts them). The model is left exactly as it was."""
+    takes it). ``inputs_dtype``: the dtype of the floating inputs of the low-dtype runs (default: that
+    dtype, as a pipeline casts them). The model is left exactly as it was."""
     low = parse_dtype(dtype)
     if low not in LOW_DTYPES:
         raise UsageError(f"precision plans a float16 or bfloat16 deployment, not {dtype_name(low)}")
@@ -223,21 +223,21 @@ def apply_islands(model: nn.Module, keep: Iterable[str] | PrecisionPlan, *, dtyp
     missing = [name for name in names if not _has_submodule(model, name)]
     if missing:
         raise UsageError(f"the plan keeps {len(missing)} module(s) the model lacks: {', '.join(map(shown, missing[:3]))}")
+    outermost = [model.get_submodule(name) for name in _outermost(names)]
+    targets = {id(tensor): (tensor, torch.float32) for module in outermost
+               for tensor in [*module.parameters(), *module.buffers()] if tensor.is_floating_point()}
+    if dtype is not None:  # the rest; an island's tensors go to float32 from what they are, not via dtype
+        as_built = _non_persistent(model)
+        for name, tensor in _named_tensors(model).items():
+            if name not in as_built:
+                targets.setdefault(id(tensor), (tensor, dtype))
     islands = Islands()
     try:
-        if dtype is not None:
-            kept_as_built = _non_persistent(model)
-            cast = {id(tensor): tensor for name, tensor in _named_tensors(model).items() if name not in kept_as_built}
-            for tensor in cast.values():
-                if tensor.dtype != dtype:
-                    islands.tensors.append((tensor, tensor.data))
-                    tensor.data = tensor.data.to(dtype)
-        for name in _outermost(names):
-            module = model.get_submodule(name)
-            for tensor in [*module.parameters(), *module.buffers()]:
-                if tensor.is_floating_point() and tensor.dtype != torch.float32:
-                    islands.tensors.append((tensor, tensor.data))
-                    tensor.data = tensor.data.float()
+        for tensor, target in targets.values():
+            if tensor.dtype != target:
+                islands.tensors.append((tensor, tensor.data))
+                tensor.data = tensor.data.to(target)
+        for module in outermost:
             islands.hooks += _island_hooks(module, torch.float32)
     except BaseException:
         islands.remove()
@@ -351,6 +351,7 @@ class _Search:
         output (for the attribution) and each module's largest float activation (the forecast)."""
         self._cast((), self.high)
         peaks: dict[str, float] = {}
+        blocks = set(self._block_names())
         self.block_outputs: dict[str, torch.Tensor] = {}
 
         def record(name: str, output: Any) -> None:
@@ -358,7 +359,7 @@ class _Search:
             if tensors:
                 peaks[name] = max(peaks.get(name, 0.0), *(float(tensor.detach().abs().max()) for tensor in tensors))
             first = first_tensor(output)
-            if first is not None and first.is_floating_point() and name not in self.block_outputs:
+            if name in blocks and first is not None and first.is_floating_point() and name not in self.block_outputs:
                 self.block_outputs[name] = first.detach().float().clone()
 
         with self._observed(record, started=lambda name: self.order.append(name) if name not in self.order else None):
@@ -438,6 +439,9 @@ class _Search:
     def _blocks(self) -> list[str]:
         """The modules the search starts from, in execution order: the model's repeated blocks and the
         modules beside them (``model.embed_tokens``, ``model.layers.0``, ..., ``model.norm``, ``lm_head``)."""
+        return self._in_order(self._block_names())
+
+    def _block_names(self) -> list[str]:
         found: list[str] = []
 
         def expand(name: str, module: nn.Module) -> None:
@@ -449,7 +453,7 @@ class _Search:
                 found.append(name)
 
         expand("", self.work)
-        return self._in_order(found)
+        return found
 
     def _in_order(self, names: Iterable[str]) -> list[str]:
         rank = {name: index for index, name in enumerate(self.order)}
