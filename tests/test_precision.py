@@ -364,3 +364,26 @@ def test_a_plan_a_backend_kernel_refuses_is_replaced_by_the_dtype_that_works():
     flash = precision(model, _tokens(), torch.float16, backend="cuda", attn_implementation="flash_attention_2")
     assert flash.keep == [] and flash.recommend == "bfloat16" and flash.error["bfloat16"] <= 6e-2
     assert any("CUDA102" in note and "model.layers.2.self_attn" in note for note in flash.notes)
+
+
+def test_cli_entry_and_inputs_dtype(tmp_path, monkeypatch, capsys):
+    (tmp_path / "precision_entries.py").write_text(
+        "import torch\n"
+        "class Block(torch.nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.up, self.down = torch.nn.Linear(16, 64), torch.nn.Linear(64, 16)\n"
+        "    def forward(self, x):\n"
+        "        return x + self.down(torch.relu(self.up(x)))\n"
+        "def planted():\n"
+        "    torch.manual_seed(0)\n"
+        "    model = torch.nn.Sequential(Block(), Block(), torch.nn.Linear(16, 4)).eval()\n"
+        "    with torch.no_grad():\n"
+        "        model[1].up.weight.mul_(3e5); model[1].up.bias.mul_(3e5); model[1].down.weight.div_(3e5)\n"
+        "    return model, torch.randn(2, 16)\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    assert main(["precision", "--entry", "precision_entries:planted", "-q", "--format", "json"]) == 1
+    assert json.loads(capsys.readouterr().out)["keep"] == ["1"]
+    assert main(["precision", "--entry", "precision_entries:planted", "-q", "--inputs-dtype", "float32"]) == 2
+    assert "--inputs-dtype" in capsys.readouterr().err  # an entry feeds its own inputs, as for check
