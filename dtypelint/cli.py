@@ -66,7 +66,8 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--static", action="store_true",
                        help="no forward: the stored dtype census from safetensors headers against config.json")
     check.add_argument("--graph", metavar="FILE", help="write the dtype graph (.json, .graphml, .dot, .mmd)")
-    check.add_argument("--dtype", help="float16|bfloat16|float32|auto (default: the config's)")
+    check.add_argument("--dtype", help="float16|bfloat16|float32|auto (default: the config's); a diffusers pipeline's "
+                                       "per-component dtypes as text_encoder=float32,default=float16")
     check.add_argument("--pack", action="append", dest="packs", metavar="PACK",
                        help="an extra rule pack whose contracts join the backend's (repeatable)")
     check.add_argument("--mode", choices=("value", "meta"), help="value (real weights) or meta (config only)")
@@ -185,11 +186,19 @@ def _settings(options: argparse.Namespace) -> Settings:
 
     return load_settings(options.config).layered({
         "backend": options.backend, "packs": options.packs, "select": options.select, "ignore": options.ignore,
-        "extend_select": options.extend_select, "fail_on": options.fail_on, "dtype": options.dtype,
+        "extend_select": options.extend_select, "fail_on": options.fail_on, "dtype": _default_dtype(options.dtype),
         "attn_implementation": options.attn_implementation,
         "options": {name: getattr(options, name) for name in ("max_ops", "max_input_elements", "max_layers", "steps")
                     if getattr(options, name)} or None,
     })
+
+
+def _default_dtype(value: str | None) -> str | None:
+    """``--dtype``'s dtype for everything: the value, or the ``default=`` part of per-component dtypes."""
+    if value is None or "=" not in value:
+        return value
+    parts = dict(part.split("=", 1) for part in value.split(",") if "=" in part)
+    return parts.get("default")
 
 
 def _check(options: argparse.Namespace) -> int:
@@ -256,7 +265,8 @@ def _preflight(options: argparse.Namespace) -> Path | None:
     if options.save_fixed and not options.fix:
         raise UsageError("--save-fixed needs --fix")
     if options.dtype and options.dtype.strip().lower() != "auto":
-        dtype_attribute(options.dtype)
+        for part in options.dtype.split(","):
+            dtype_attribute(part.partition("=")[2] if "=" in part else part)
     _check_model_options(options, packs=options.packs or [])
     _check_outputs(options)
     return _model_path(options)
@@ -335,7 +345,8 @@ def _run_check(options: argparse.Namespace, path: Path | None, progress: bool) -
     request = Request(path=path, entry=options.entry, mode=options.mode, dtype=parse_dtype(settings.dtype),
                       batch=options.batch, seq_len=options.seq_len, trust_remote_code=options.trust_remote_code,
                       model_class=options.model_class, inputs_dtype=parse_dtype(options.inputs_dtype),
-                      max_input_elements=settings.options.max_input_elements, max_layers=settings.options.max_layers)
+                      max_input_elements=settings.options.max_input_elements, max_layers=settings.options.max_layers,
+                      component_dtypes=_component_dtypes(options.dtype))
     loader = find_loader(request)
     if _fixing(options) and loader.mode == "meta":
         raise UsageError("fixes need real weights: --fix, --diff, --write-plan and --save-fixed work in value mode")
@@ -407,6 +418,13 @@ def _run_precision(options: argparse.Namespace, path: Path | None, progress: boo
                          backend=list(settings.backend), max_keep=options.max_keep,
                          attn_implementation=settings.attn_implementation,
                          inputs_dtype=parse_dtype(options.inputs_dtype))
+
+
+def _component_dtypes(value: str | None) -> dict[str, Any] | None:
+    """``--dtype text_encoder=float32,default=float16``: a diffusers pipeline's per-component dtypes."""
+    from dtypelint.diffusion import parse_component_dtypes
+
+    return parse_component_dtypes(value) if value and "=" in value else None
 
 
 def _check_outputs(options: argparse.Namespace) -> None:

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from dtypelint.diffusion import PIPELINE_FILE, is_pipeline
 from dtypelint.dtypes import parse_dtype
 from dtypelint.errors import LoadError, UsageError, first_line
 from dtypelint.inputs import (
@@ -656,6 +657,8 @@ class Request:
     inputs_dtype: torch.dtype | None = None
     max_input_elements: int = MAX_INPUT_ELEMENTS  # per synthesized real input (``dtypelint.inputs``)
     max_layers: int = MAX_LAYERS  # per stack of layers (``check_model_size``), modules per layer in a build
+    # A diffusers pipeline's per-component dtypes ({"text_encoder": float32, "default": float16}).
+    component_dtypes: Mapping[str, torch.dtype] | None = None
 
 
 @dataclass
@@ -674,6 +677,7 @@ class Loaded:
     # Tensor name -> the dtype its safetensors file stores (value loads of a checkpoint): ``from_pretrained``
     # casts on load, so these may differ from what the audit ran.
     stored_dtypes: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # what the loader did that the report should say
 
 
 @dataclass(frozen=True)
@@ -778,6 +782,54 @@ def _preprocessor(path: Path | None) -> dict[str, Any]:
 def _load_entry(request: Request) -> Loaded:
     model, inputs = load_entry(request.entry)  # type: ignore[arg-type]
     return Loaded(model, inputs, "value", request.dtype, getattr(model, "config", None))
+
+
+def _diffusers_component(request: Request) -> bool:
+    from dtypelint.diffusion import component_class_name
+
+    return request.path is not None and component_class_name(request.path) is not None
+
+
+@register("diffusers pipeline", "value", lambda request: is_pipeline(request.path))
+def _load_pipeline(request: Request) -> Loaded:
+    from dtypelint.diffusion import describe_call, load_pipeline, modules_of, pipeline_call
+
+    if request.mode == "meta":
+        raise UsageError(f"{shown(request.path)} is a diffusers pipeline, which runs in value mode; audit one of "
+                         f"its component folders in meta mode")
+    dtypes = request.component_dtypes
+    pipeline = load_pipeline(request.path, dict(dtypes) if dtypes else request.dtype)  # type: ignore[arg-type]
+    call = pipeline_call(pipeline)
+    dtype = (dtypes or {}).get("default", request.dtype) if dtypes else request.dtype
+    return Loaded(modules_of(pipeline), call, "value", dtype, None, model_class=type(pipeline).__name__,
+                  model_source=PIPELINE_FILE, notes=[describe_call(pipeline, call)])
+
+
+@register("diffusers component", "value", lambda request: _diffusers_component(request) and _wants_value(request))
+def _load_component(request: Request) -> Loaded:
+    from dtypelint.diffusion import component_inputs, load_component
+
+    model = load_component(request.path, request.dtype)  # type: ignore[arg-type]
+    dtype = request.dtype or next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    inputs = component_inputs(model, batch=request.batch, dtype=request.inputs_dtype or dtype)
+    return Loaded(model, inputs, "value", dtype, model.config, model_class=type(model).__name__,
+                  model_source="config.json _class_name", made_inputs=describe_inputs(inputs),
+                  stored_dtypes=_stored(request.path))
+
+
+@register("diffusers component config", "meta", lambda request: _diffusers_component(request) and request.mode != "value")
+def _load_component_config(request: Request) -> Loaded:
+    from dtypelint.diffusion import build_meta_component, component_inputs
+    from dtypelint.fake import new_fake_mode
+
+    dtype = request.dtype or torch.float32
+    model = build_meta_component(request.path, dtype)  # type: ignore[arg-type]
+    fake_mode = new_fake_mode()
+    with fake_mode:
+        inputs = component_inputs(model, batch=request.batch, dtype=request.inputs_dtype or dtype)
+    return Loaded(model, inputs, "meta", dtype, model.config, fake_mode, model_class=type(model).__name__,
+                  model_source="config.json _class_name", made_inputs=describe_inputs(inputs),
+                  stored_dtypes=_stored(request.path))
 
 
 @register("ipex-llm low-bit", "value", lambda request: _wants_value(request) and is_low_bit(request.path))

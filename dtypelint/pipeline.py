@@ -14,12 +14,14 @@ import torch
 from dtypelint.autocast import POLICIES, AutocastPolicy
 from dtypelint.config import SettingOverrides, Settings
 from dtypelint.diagnostics import Finding
+from dtypelint.diffusion import component_class_name
 from dtypelint.dtypes import dtype_name, parse_dtype
 from dtypelint.errors import UsageError
 from dtypelint.forward import Call, run_forward
 from dtypelint.graph import DtypeGraph
 from dtypelint.load import Loaded, Request, config_dtype, load, load_config, stored_dtypes
 from dtypelint.model_info import ModelInfo, TensorInfo, config_value
+from dtypelint.paths import local_path
 from dtypelint.progress import progress_bar
 from dtypelint.report import Report, Rerun
 from dtypelint.rules import run_rules
@@ -374,6 +376,7 @@ def _with_load(loaded: Loaded, report: Report, inputs: Any) -> Report:
     (those the forward was given: meta mode may have dropped the mask)."""
     report.model_source = loaded.model_source
     report.made_inputs = [made for made in loaded.made_inputs if made.name in inputs]
+    report.notes += [*loaded.notes, *getattr(loaded.model, "run_notes", ())]
     return report
 
 
@@ -385,14 +388,15 @@ def audit_static(path: str | Path, *, settings: Settings | None = None, **overri
     """Without a forward: the dtypes a checkpoint stores (its safetensors headers, no weights read) against
     the compute dtype (``dtype``, else the one config.json declares), judged by the param-dtype rule."""
     resolved = (settings or Settings()).layered(overrides)
-    config = load_config(path)
-    compute = parse_dtype(resolved.dtype) or config_dtype(config)
+    component = component_class_name(local_path(path))  # a diffusers component: its config declares no dtype
+    config = None if component else load_config(path)
+    compute = parse_dtype(resolved.dtype) or (config_dtype(config) if config is not None else None)
     stored = stored_dtypes(path)
     notes = ["stored dtypes: " + ", ".join(f"{count} {name}" for name, count in sorted(Counter(stored.values()).items()))]
     tensors = {name: TensorInfo(OriginKind.PARAMETER, _STORED_FLOATS[dtype], (), "disk")
                for name, dtype in stored.items() if dtype in _STORED_FLOATS}
-    name = (config_value(config, "architectures") or [type(config).__name__])[0]
-    model = ModelInfo(name, {}, tensors, {}, [], config_value(config, "model_type"))
+    name = component or (config_value(config, "architectures") or [type(config).__name__])[0]
+    model = ModelInfo(name, {}, tensors, {}, [], None if component else config_value(config, "model_type"))
     findings, judged = [], {}
     if compute is None:
         notes.append("config.json declares no dtype and none was given (--dtype): nothing to compare with")

@@ -1,0 +1,351 @@
+"""diffusers checkpoints, as diffusers loads and runs them: a component folder (``config.json`` naming its
+``_class_name``), built with the class's own ``from_pretrained(torch_dtype=...)`` (value mode) or
+``from_config`` on the meta device (meta mode), fed inputs made from its forward's signature and its config;
+and a pipeline folder (``model_index.json``), loaded with ``DiffusionPipeline.from_pretrained`` and its
+per-component dtypes, run as a pipeline runs (one inference step, the smallest sizes its components allow)
+with every component a child of one module, so each op is attributed to the component that ran it.
+
+diffusers is an optional extra (``dtypelint[diffusers]``): without it, a diffusers folder is a usage error
+that says what to install.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import json
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dtypelint.dtypes import parse_dtype
+from dtypelint.errors import LoadError, UsageError, first_line
+from dtypelint.paths import parse_file, shown
+
+PIPELINE_FILE = "model_index.json"
+INSTALL = "pip install 'dtypelint[diffusers]'"
+# Spatial side of the latents or images made for a component (capped: sizes only need to pass every block).
+MAX_SIDE = 32
+TEXT_TOKENS = 8  # encoder_hidden_states' sequence length
+
+
+def component_class_name(path: Path) -> str | None:
+    """The diffusers class a component folder's config.json names (``_class_name``), or None."""
+    file = path / "config.json" if path.is_dir() else path
+    if file.name != "config.json" or not file.is_file():
+        return None
+    data = parse_file(file, json.loads, "JSON")
+    name = data.get("_class_name") if isinstance(data, dict) else None
+    return name if isinstance(name, str) and "model_type" not in data else None
+
+
+def is_pipeline(path: Path | None) -> bool:
+    return path is not None and path.is_dir() and (path / PIPELINE_FILE).is_file()
+
+
+def require_diffusers(what: str) -> Any:
+    try:
+        import diffusers
+    except ImportError:
+        raise UsageError(f"{what} is a diffusers checkpoint; install diffusers to audit it: {INSTALL}") from None
+    return diffusers
+
+
+def component_class(path: Path, name: str) -> type[torch.nn.Module]:
+    diffusers = require_diffusers(shown(path))
+    cls = getattr(diffusers, name, None)
+    if not (isinstance(cls, type) and issubclass(cls, torch.nn.Module)):
+        raise LoadError(f"{shown(path)}: config.json names {name!r}, which diffusers "
+                        f"{diffusers.__version__} has no model class for")
+    return cls
+
+
+def load_component(path: Path, dtype: torch.dtype | None) -> torch.nn.Module:
+    """The component as diffusers loads it: the class's own ``from_pretrained``, local files only."""
+    cls = component_class(path, component_class_name(path) or "")
+    try:
+        return cls.from_pretrained(path, torch_dtype=dtype, local_files_only=True).eval()
+    except Exception as error:  # noqa: BLE001 - diffusers validates configs and weights in its own ways
+        raise LoadError(f"{shown(path)}: diffusers cannot load {cls.__name__}: {first_line(error)}") from None
+
+
+def build_meta_component(path: Path, dtype: torch.dtype) -> torch.nn.Module:
+    """The component's class from its config alone, on the meta device: no weight memory."""
+    cls = component_class(path, component_class_name(path) or "")
+    try:
+        config = cls.load_config(path, local_files_only=True)
+        with torch.device("meta"):
+            return cls.from_config(config).to(dtype).eval()
+    except Exception as error:  # noqa: BLE001
+        raise LoadError(f"{shown(path)}: diffusers cannot build {cls.__name__}: {first_line(error)}") from None
+
+
+def component_inputs(model: torch.nn.Module, *, batch: int, dtype: torch.dtype, seed: int = 0) -> dict[str, Any]:
+    """A forward's required arguments, and the optional ones its config says the model uses (class labels,
+    SDXL's added conditions, Flux's guidance), made from the config as a pipeline makes them. A required
+    argument nothing here knows how to make is a LoadError naming it (use --entry)."""
+    config = dict(getattr(model, "config", {}) or {})
+    generator = torch.Generator().manual_seed(seed)
+    made: dict[str, Any] = {}
+    parameters = inspect.signature(model.forward).parameters
+    for name, parameter in parameters.items():
+        if parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
+            continue
+        maker = _MAKERS.get(name)
+        value = maker(config, made, parameters, batch, dtype, generator) if maker is not None else None
+        if value is not None:
+            made[name] = value
+        elif parameter.default is inspect.Parameter.empty:
+            raise LoadError(f"{type(model).__name__}.forward needs {name!r}, which dtypelint cannot make from the "
+                            f"config; audit it with --entry MODULE:FUNCTION returning (model, inputs)")
+    if "return_dict" in parameters:
+        made["return_dict"] = True
+    return made
+
+
+def _first(value: Any) -> Any:
+    return value[0] if isinstance(value, (list, tuple)) and value else value
+
+
+def _side(config: Mapping[str, Any]) -> int:
+    """The latents' side: the config's sample size capped, a multiple of every down-sampling step."""
+    factor = 2 ** max(len(config.get("block_out_channels") or ()) - 1, 0) * int(config.get("patch_size") or 1)
+    side = min(int(_first(config.get("sample_size")) or MAX_SIDE), MAX_SIDE)
+    return max(factor, side // factor * factor)
+
+
+def _packed(parameters: Mapping[str, inspect.Parameter]) -> bool:
+    """Flux-style transformers take latents as a sequence of patches with positions (``img_ids``)."""
+    return "img_ids" in parameters
+
+
+def _sample(config: Mapping[str, Any], made: dict, parameters: Mapping[str, inspect.Parameter], batch: int,
+            dtype: torch.dtype, generator: torch.Generator) -> torch.Tensor | None:
+    channels = config.get("in_channels")
+    if not isinstance(channels, int):
+        return None
+    side = _side(config)
+    if _packed(parameters):
+        return torch.randn(batch, (side // 2) ** 2, channels, generator=generator).to(dtype)
+    return torch.randn(batch, channels, side, side, generator=generator).to(dtype)
+
+
+def _timestep(config: Mapping[str, Any], made: dict, parameters: Mapping[str, inspect.Parameter], batch: int,
+              dtype: torch.dtype, generator: torch.Generator) -> torch.Tensor:
+    """Flow-matching transformers (SD3, Flux) get the float timestep in the latents' dtype their pipelines
+    pass; UNets and DiT the scheduler's integer step."""
+    if "pooled_projections" in parameters:
+        return torch.full((batch,), 0.5 if _packed(parameters) else 500.0, dtype=dtype)
+    return torch.full((batch,), 10, dtype=torch.long)
+
+
+def _text_width(config: Mapping[str, Any]) -> int | None:
+    for key in ("caption_channels", "joint_attention_dim", "encoder_hid_dim", "cross_attention_dim"):
+        if isinstance(width := _first(config.get(key)), int):
+            return width
+    return None
+
+
+def _encoder_hidden_states(config: Mapping[str, Any], made: dict, parameters: Mapping[str, inspect.Parameter],
+                           batch: int, dtype: torch.dtype, generator: torch.Generator) -> torch.Tensor | None:
+    width = _text_width(config)
+    return None if width is None else torch.randn(batch, TEXT_TOKENS, width, generator=generator).to(dtype)
+
+
+def _pooled(config: Mapping[str, Any], made: dict, parameters: Mapping[str, inspect.Parameter], batch: int,
+            dtype: torch.dtype, generator: torch.Generator) -> torch.Tensor | None:
+    width = config.get("pooled_projection_dim")
+    return torch.randn(batch, width, generator=generator).to(dtype) if isinstance(width, int) else None
+
+
+def _ids(count: Callable[[dict], int]) -> Callable[..., torch.Tensor | None]:
+    def make(config: Mapping[str, Any], made: dict, parameters: Mapping[str, inspect.Parameter], batch: int,
+             dtype: torch.dtype, generator: torch.Generator) -> torch.Tensor | None:
+        return torch.zeros(count(made), 3, dtype=dtype)
+    return make
+
+
+def _guidance(config: Mapping[str, Any], made: dict, parameters: Mapping[str, inspect.Parameter], batch: int,
+              dtype: torch.dtype, generator: torch.Generator) -> torch.Tensor | None:
+    return torch.full((batch,), 3.5, dtype=dtype) if config.get("guidance_embeds") else None
+
+
+def _class_labels(config: Mapping[str, Any], made: dict, parameters: Mapping[str, inspect.Parameter], batch: int,
+                  dtype: torch.dtype, generator: torch.Generator) -> torch.Tensor | None:
+    """A class index for class-conditional models (``num_class_embeds``, DiT's ``num_embeds_ada_norm``), the
+    timestep for a UNet whose class embedding is one."""
+    if config.get("class_embed_type") == "timestep":
+        return torch.full((batch,), 10, dtype=torch.long)
+    if config.get("num_class_embeds") or config.get("num_embeds_ada_norm"):
+        return torch.zeros(batch, dtype=torch.long)
+    return None
+
+
+def _added_cond_kwargs(config: Mapping[str, Any], made: dict, parameters: Mapping[str, inspect.Parameter],
+                       batch: int, dtype: torch.dtype, generator: torch.Generator) -> dict | None:
+    """SDXL's pooled text embeddings and size conditions; PixArt's resolution and aspect ratio."""
+    if config.get("addition_embed_type") == "text_time":
+        time_ids = 6
+        text = config["projection_class_embeddings_input_dim"] - time_ids * config["addition_time_embed_dim"]
+        return {"text_embeds": torch.randn(batch, text, generator=generator).to(dtype),
+                "time_ids": torch.full((batch, time_ids), 32.0, dtype=dtype)}
+    if "use_additional_conditions" in config or config.get("caption_channels"):
+        side = float(_side(config) * 8)
+        return {"resolution": torch.full((batch, 2), side, dtype=dtype),
+                "aspect_ratio": torch.ones(batch, 1, dtype=dtype)}
+    return None
+
+
+def _controlnet_cond(config: Mapping[str, Any], made: dict, parameters: Mapping[str, inspect.Parameter],
+                     batch: int, dtype: torch.dtype, generator: torch.Generator) -> torch.Tensor | None:
+    """The conditioning image, at the pixel size of the latents (the conditioning embedding downsamples by 8)."""
+    channels = config.get("conditioning_channels", 3)
+    side = _side(config) * 2 ** (len(config.get("conditioning_embedding_out_channels") or (16, 32, 96, 256)) - 1)
+    return torch.randn(batch, channels, side, side, generator=generator).to(dtype)
+
+
+_MAKERS: dict[str, Callable[..., Any]] = {
+    "sample": _sample,
+    "hidden_states": _sample,
+    "timestep": _timestep,
+    "encoder_hidden_states": _encoder_hidden_states,
+    "pooled_projections": _pooled,
+    "img_ids": _ids(lambda made: made["hidden_states"].shape[1]),
+    "txt_ids": _ids(lambda made: made["encoder_hidden_states"].shape[1]),
+    "guidance": _guidance,
+    "class_labels": _class_labels,
+    "added_cond_kwargs": _added_cond_kwargs,
+    "controlnet_cond": _controlnet_cond,
+}
+
+
+# Pipelines ----------------------------------------------------------------------------------------------
+
+def parse_component_dtypes(value: str) -> dict[str, torch.dtype] | None:
+    """``text_encoder=float32,default=float16`` as diffusers' ``torch_dtype`` mapping; None for one dtype."""
+    if "=" not in value:
+        return None
+    dtypes: dict[str, torch.dtype] = {}
+    for part in value.split(","):
+        name, _, dtype = part.partition("=")
+        if not name.strip() or not dtype.strip():
+            raise UsageError(f"--dtype {value!r}: each part is COMPONENT=DTYPE (default=DTYPE for the rest)")
+        dtypes[name.strip()] = parse_dtype(dtype)  # type: ignore[assignment]
+    return dtypes
+
+
+class PipelineModules(torch.nn.Module):
+    """A pipeline's model components as the children of one module, whose forward runs the pipeline: the
+    tracer attributes each op to the component (``unet.down_blocks.0...``), and ``state.preserved`` puts
+    every component back. The scheduler's state is put back too. ``run_notes`` says, after a run, which
+    components ran, and each component called with floating inputs off its own dtype (and which
+    component made them, where the pipeline passed the tensor on as it was)."""
+
+    def __init__(self, pipeline: Any) -> None:
+        super().__init__()
+        for name, component in pipeline.components.items():
+            if isinstance(component, torch.nn.Module):
+                self.add_module(name, component)
+        self.__dict__["pipeline"] = pipeline  # not a child: it holds the same components
+        self.run_notes: list[str] = []
+
+    def forward(self, **call: Any) -> Any:
+        scheduler = getattr(self.pipeline, "scheduler", None)
+        saved = copy.deepcopy(scheduler.__dict__) if scheduler is not None else None
+        made: dict[int, str] = {}  # id of a component's output tensor -> the component
+        seen: dict[str, None] = {}  # the components called, in order
+        handles = []
+        for name, component in self.named_children():
+            entered = self._entered(name, made, seen)
+            # its children too: a pipeline may call a method (vae.decode) rather than the forward
+            for module in (component, *component.children()):
+                handles.append(module.register_forward_pre_hook(entered, with_kwargs=True))
+            handles.append(component.register_forward_hook(self._left(name, made)))
+        try:
+            with torch.no_grad():
+                return self.pipeline(**call)
+        finally:
+            for handle in handles:
+                handle.remove()
+            self.run_notes.insert(0, f"components run: {', '.join(seen) or 'none'}")
+            if scheduler is not None:
+                scheduler.__dict__.clear()
+                scheduler.__dict__.update(saved)
+
+    def _entered(self, name: str, made: dict[int, str], seen: dict[str, None]) -> Callable[..., None]:
+        component = getattr(self, name)
+
+        def check(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+            own = next((p.dtype for p in component.parameters() if p.is_floating_point()), None)
+            if name in seen:
+                return
+            seen[name] = None
+            if own is None:
+                return
+            positional = list(inspect.signature(module.forward).parameters)
+            named = [*((positional[index] if index < len(positional) else f"argument {index}", value)
+                       for index, value in enumerate(args)), *kwargs.items()]
+            off = [f"{key} {str(value.dtype).removeprefix('torch.')}"
+                   + (f" (the output of {made[id(value)]})" if id(value) in made else "")
+                   for key, value in named
+                   if isinstance(value, torch.Tensor) and value.is_floating_point() and value.dtype != own]
+            if off:
+                called = name if module is component else f"{name} ({type(module).__name__} {_name_in(component, module)})"
+                self.run_notes.append(f"the pipeline calls {called} ({str(own).removeprefix('torch.')}) with "
+                                       f"{', '.join(off)}")
+        return check
+
+    @staticmethod
+    def _left(name: str, made: dict[int, str]) -> Callable[..., None]:
+        def record(_: torch.nn.Module, args: tuple, output: Any) -> None:
+            values = output.values() if isinstance(output, Mapping) else output if isinstance(output, (tuple, list)) \
+                else [output]
+            for value in values:
+                if isinstance(value, torch.Tensor):
+                    made[id(value)] = name
+        return record
+
+
+def _name_in(parent: torch.nn.Module, child: torch.nn.Module) -> str:
+    return next((name for name, module in parent.named_children() if module is child), "?")
+
+
+def modules_of(pipeline: Any) -> PipelineModules:
+    """``PipelineModules`` of ``pipeline``, under the pipeline's class name (the name reports show)."""
+    named = type(type(pipeline).__name__, (PipelineModules,), {"__module__": __name__})
+    return named(pipeline)
+
+
+def load_pipeline(path: Path, dtype: torch.dtype | Mapping[str, torch.dtype] | None) -> Any:
+    diffusers = require_diffusers(shown(path))
+    try:
+        pipeline = diffusers.DiffusionPipeline.from_pretrained(path, torch_dtype=dtype if dtype is not None else
+                                                               torch.float32, local_files_only=True)
+    except Exception as error:  # noqa: BLE001
+        raise LoadError(f"{shown(path)}: diffusers cannot load the pipeline: {first_line(error)}") from None
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def describe_call(pipeline: Any, call: Mapping[str, Any]) -> str:
+    shown_call = ", ".join(f"{key}={value!r}" for key, value in call.items() if key != "generator")
+    return f"ran {type(pipeline).__name__}({shown_call}) once, every component traced"
+
+
+def pipeline_call(pipeline: Any) -> dict[str, Any]:
+    """The smallest call the pipeline runs: one step, a short prompt, the smallest latents its UNet or
+    transformer takes, a tensor output (the VAE still decodes)."""
+    parameters = inspect.signature(pipeline.__call__).parameters
+    call: dict[str, Any] = {"num_inference_steps": 1, "output_type": "pt"}
+    if "prompt" in parameters:
+        call["prompt"] = "a photo of a cat"
+    denoiser = getattr(pipeline, "unet", None) or getattr(pipeline, "transformer", None)
+    vae_scale = getattr(pipeline, "vae_scale_factor", 8)
+    if denoiser is not None and "height" in parameters:
+        side = _side(dict(denoiser.config)) * vae_scale
+        call.update(height=side, width=side)
+    if "generator" in parameters:
+        call["generator"] = torch.Generator().manual_seed(0)
+    return call

@@ -1,0 +1,170 @@
+"""diffusers from the command line, as diffusers runs it: component folders (value, meta, static) fed inputs
+made from their forward and config, and pipeline folders run as the pipeline runs, with per-component
+dtypes; every model is built locally and tiny."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import assert_unchanged, snapshot
+
+from dtypelint.cli import main
+
+diffusers = pytest.importorskip("diffusers")
+transformers = pytest.importorskip("transformers")
+
+UNET = {"block_out_channels": (32, 64), "layers_per_block": 1, "sample_size": 16, "in_channels": 4, "out_channels": 4,
+        "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"), "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D"),
+        "cross_attention_dim": 32, "attention_head_dim": 8, "norm_num_groups": 8}
+VAE = {"block_out_channels": (32, 64), "in_channels": 3, "out_channels": 3, "latent_channels": 4, "norm_num_groups": 8,
+       "down_block_types": ("DownEncoderBlock2D",) * 2, "up_block_types": ("UpDecoderBlock2D",) * 2, "sample_size": 32}
+
+COMPONENTS = {
+    "UNet2DConditionModel": lambda: diffusers.UNet2DConditionModel(**UNET),
+    "UNet2DConditionModel-sdxl": lambda: diffusers.UNet2DConditionModel(
+        **UNET, addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=80),
+    "UNet2DModel": lambda: diffusers.UNet2DModel(
+        block_out_channels=(32, 64), layers_per_block=1, sample_size=16, in_channels=3, out_channels=3,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"), norm_num_groups=8),
+    "AutoencoderKL": lambda: diffusers.AutoencoderKL(**VAE),
+    "ControlNetModel": lambda: diffusers.ControlNetModel(
+        block_out_channels=(32, 64), layers_per_block=1, in_channels=4, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8, conditioning_embedding_out_channels=(16, 32)),
+    "SD3Transformer2DModel": lambda: diffusers.SD3Transformer2DModel(
+        sample_size=16, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=32, caption_projection_dim=16, pooled_projection_dim=16, out_channels=4),
+    "FluxTransformer2DModel": lambda: diffusers.FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=32, pooled_projection_dim=16, axes_dims_rope=(4, 6, 6)),
+    "PixArtTransformer2DModel": lambda: diffusers.PixArtTransformer2DModel(
+        sample_size=8, num_layers=1, patch_size=2, attention_head_dim=8, num_attention_heads=2, caption_channels=32,
+        in_channels=4, cross_attention_dim=16, out_channels=8, norm_num_groups=8),
+    "DiTTransformer2DModel": lambda: diffusers.DiTTransformer2DModel(
+        sample_size=8, num_layers=1, patch_size=2, attention_head_dim=8, num_attention_heads=2, in_channels=4,
+        out_channels=8, num_embeds_ada_norm=10, norm_num_groups=8),
+    "AutoencoderTiny": lambda: diffusers.AutoencoderTiny(
+        encoder_block_out_channels=(16, 16), decoder_block_out_channels=(16, 16), num_encoder_blocks=(1, 1),
+        num_decoder_blocks=(1, 1), latent_channels=4),
+}
+
+
+@pytest.fixture(scope="module")
+def components(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("components")
+    for name, build in COMPONENTS.items():
+        torch.manual_seed(0)
+        build().save_pretrained(root / name)
+    return root
+
+
+def _json(capsys) -> dict:
+    return json.loads(capsys.readouterr().out)
+
+
+@pytest.mark.parametrize("mode", ["value", "meta"])
+@pytest.mark.parametrize("name", [name for name in COMPONENTS if name != "AutoencoderTiny"])
+def test_a_component_folder_is_built_and_fed_as_diffusers_runs_it(components, capsys, name, mode):
+    assert main(["check", str(components / name), "--dtype", "float16", "--mode", mode, "-q", "--format", "json"]) == 0
+    report = _json(capsys)
+    assert report["model"] == name.split("-")[0] and report["mode"] == mode
+    assert not [finding for finding in report["findings"] if finding["severity"] == "error"]
+    assert report["inputs"], "the report says which inputs were made"
+
+
+def test_autoencoder_tiny_forward_crashes_in_float16(components, capsys):
+    # Its forward rounds the latents to uint8 and divides by 255.0: the decoder gets float32 (a real defect).
+    assert main(["check", str(components / "AutoencoderTiny"), "--dtype", "float16", "-q", "--format", "json"]) == 1
+    codes = {finding["code"]: finding for finding in _json(capsys)["findings"] if finding["severity"] == "error"}
+    assert {"DT001", "DT101"} <= set(codes) and codes["DT101"]["location"].startswith("decoder.")
+
+
+def test_inputs_dtype_audits_a_pipeline_that_forgets_the_cast(components, capsys):
+    assert main(["check", str(components / "UNet2DModel"), "--dtype", "float16", "--inputs-dtype", "float32", "-q",
+                 "--format", "json"]) == 1
+    report = _json(capsys)
+    assert {"DT001", "DT101"} & {finding["code"] for finding in report["findings"]}
+    assert any(made["dtype"] == "float32" for made in report["inputs"])
+
+
+def test_static_reads_a_component_folder(components, capsys):
+    assert main(["check", str(components / "UNet2DModel"), "--static", "-q", "--format", "json"]) == 0
+    assert _json(capsys)["model"] == "UNet2DModel"
+
+
+def test_without_diffusers_a_diffusers_folder_says_what_to_install(components, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "diffusers", None)
+    assert main(["check", str(components / "UNet2DModel"), "-q"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert "dtypelint[diffusers]" in error and len(error.splitlines()) == 1
+
+
+def _tiny_tokenizer(directory: Path) -> transformers.CLIPTokenizer:
+    """A CLIP tokenizer over a local vocabulary of letters: no hub access."""
+    directory.mkdir(parents=True, exist_ok=True)
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for letter in map(chr, range(97, 123)):
+        vocab[letter] = len(vocab)
+        vocab[f"{letter}</w>"] = len(vocab)
+    (directory / "vocab.json").write_text(json.dumps(vocab))
+    (directory / "merges.txt").write_text("#version: 0.2\n")
+    return transformers.CLIPTokenizer(str(directory / "vocab.json"), str(directory / "merges.txt"), model_max_length=16)
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("pipeline")
+    torch.manual_seed(0)
+    text = transformers.CLIPTextModel(transformers.CLIPTextConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=64,
+        max_position_embeddings=16, projection_dim=32, bos_token_id=0, eos_token_id=1, pad_token_id=1))
+    pipe = diffusers.StableDiffusionPipeline(
+        unet=diffusers.UNet2DConditionModel(**UNET), vae=diffusers.AutoencoderKL(**VAE), text_encoder=text,
+        tokenizer=_tiny_tokenizer(root / "vocabulary"), scheduler=diffusers.DDIMScheduler(), safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(root / "sd")
+    return root / "sd"
+
+
+def _tree(directory: Path) -> dict[str, int]:
+    return {str(path.relative_to(directory)): path.stat().st_mtime_ns for path in directory.rglob("*")}
+
+
+def test_a_pipeline_in_float16_runs_clean_with_its_components_named(pipeline, capsys):
+    before = _tree(pipeline)
+    assert main(["check", str(pipeline), "--dtype", "float16", "-q", "--format", "json"]) == 0
+    report = _json(capsys)
+    assert report["model"] == "StableDiffusionPipeline" and report["findings"] == []
+    assert any("ran StableDiffusionPipeline(" in note for note in report["notes"])
+    assert "components run: text_encoder, unet, vae" in report["notes"]
+    assert _tree(pipeline) == before  # nothing written into the pipeline folder
+
+
+def test_a_float32_text_encoder_in_a_float16_pipeline_is_an_error_in_the_unet(pipeline, capsys):
+    assert main(["check", str(pipeline), "--dtype", "text_encoder=float32,default=float16", "-q", "--format",
+                 "json"]) == 1
+    report = _json(capsys)
+    errors = [finding for finding in report["findings"] if finding["severity"] == "error"]
+    assert errors and all(error["location"].startswith("unet.") for error in errors)
+    assert any(error["code"] == "DT101" and "float32" in error["message"] for error in errors)
+    # The boundary: the pipeline made the UNet's inputs in the text encoder's dtype.
+    assert any(note.startswith("the pipeline calls unet (float16) with sample float32") and
+               "encoder_hidden_states float32" in note for note in report["notes"])
+
+
+def test_the_audit_leaves_the_components_and_the_scheduler_as_they_were(pipeline):
+    import dtypelint
+    from dtypelint.diffusion import modules_of, pipeline_call
+
+    pipe = diffusers.DiffusionPipeline.from_pretrained(pipeline, torch_dtype=torch.float16)
+    modules = modules_of(pipe)
+    before, scheduler = snapshot(modules), dict(pipe.scheduler.__dict__)
+    report = dtypelint.audit(modules, pipeline_call(pipe), dtype="float16")
+    assert_unchanged(modules, before)
+    ran = {report.graph.op(op)["module"].split(".")[0] for op in report.graph.ops()}
+    assert {"text_encoder", "unet", "vae"} <= ran  # every op attributed to the component that ran it
+    assert pipe.scheduler.num_inference_steps == scheduler["num_inference_steps"]
+    assert set(pipe.scheduler.__dict__) == set(scheduler)
