@@ -168,3 +168,35 @@ def test_the_audit_leaves_the_components_and_the_scheduler_as_they_were(pipeline
     assert {"text_encoder", "unet", "vae"} <= ran  # every op attributed to the component that ran it
     assert pipe.scheduler.num_inference_steps == scheduler["num_inference_steps"]
     assert set(pipe.scheduler.__dict__) == set(scheduler)
+
+
+def _overflowing_vae() -> torch.nn.Module:
+    """A decoder block whose activations pass float16's range, as the SDXL VAE's do."""
+    torch.manual_seed(0)
+    vae = diffusers.AutoencoderKL(**VAE).eval()
+    conv = vae.decoder.up_blocks[0].resnets[0].conv1
+    with torch.no_grad():
+        conv.weight.mul_(4e5)
+        conv.bias.mul_(4e5)
+    return vae
+
+
+def test_a_vae_decoder_past_float16_gets_dt103_with_its_ways_out():
+    import copy
+
+    import dtypelint
+
+    sample = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    report = dtypelint.audit(copy.deepcopy(_overflowing_vae()).half(), {"sample": sample.half()})
+    (error,) = report.errors
+    assert error.code == "DT103" and error.location == "decoder.up_blocks.0.resnets.0.conv1"
+    assert "force_upcast" in error.message and "bfloat16" in error.message
+
+
+def test_the_precision_advisor_plans_a_component():
+    import dtypelint
+
+    sample = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    plan = dtypelint.precision(_overflowing_vae(), {"sample": sample}, torch.float16)
+    assert plan.output == "image" and plan.error["all"] == float("inf")
+    assert plan.keep == ["decoder.up_blocks.0.resnets.0"] and plan.error["plan"] <= plan.tolerance

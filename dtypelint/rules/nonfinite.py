@@ -34,6 +34,9 @@ class Nonfinite(Rule):
     ## Example
     A float16 MLP whose up projection produces 7e4 for a long prompt: `aten.mm` returns inf.
 
+    A diffusers VAE decoder is the classic case (SDXL's, float16 black images): the message names its ways
+    out (bfloat16 or float32, `force_upcast`, a VAE fine-tuned for float16).
+
     Use instead: `dtypelint precision PATH --dtype float16` names the fewest modules to keep in float32
     (islands: float32 weights, inputs cast to float32, outputs cast back), verified against a float32 run,
     or the dtype that works when no such modules do (a residual stream past 65504: bfloat16).
@@ -76,10 +79,11 @@ class Nonfinite(Rule):
                 continue  # the measured values before the unmeasured inputs were already non-finite
             if not _reaches_end(graph, produced, harmless):
                 continue  # masked or clamped later: the output never sees it
-            yield self._finding(graph, op, inputs, ranges, produced[0], likely=bool(blind))
+            yield self._finding(graph, op, inputs, ranges, produced[0], likely=bool(blind),
+                                in_vae=_in_vae(context.model.class_name, graph.op(op)["module"]))
 
     def _finding(self, graph: DtypeGraph, op: str, inputs: list[str], ranges: list, produced: str,
-                 likely: bool) -> Finding:
+                 likely: bool, in_vae: bool) -> Finding:
         data, output = graph.op(op), graph.tensor(produced)
         described = "; ".join(
             f"{graph.describe(tensor)} {graph.tensor(tensor)['dtype']} {format_range(bounds)}"
@@ -93,11 +97,21 @@ class Nonfinite(Rule):
             dtypes=sorted({output["dtype"], *(graph.tensor(t)["dtype"] for t in inputs)}),
             message=f"{data['name']} produced non-finite values ({output['dtype']} range "
             f"{format_range(graph.value_range(produced))}) from {where}, and they reach the end of the forward: "
-            f"{described}",
+            f"{described}" + (VAE_WAYS_OUT if in_vae else ""),
             node=op,
             severity=Severity.WARNING if likely else None,
             fix=Fix((), "float32", Applicability.UNSAFE, "keep the modules `dtypelint precision` finds in float32"),
         )
+
+
+# What diffusers users do about a VAE that overflows float16 (the SDXL VAE's black images).
+VAE_WAYS_OUT = ("; a diffusers VAE past float16's range: run it in bfloat16 or float32 (pipelines upcast a VAE whose "
+                "config says force_upcast=True), or use a VAE fine-tuned for float16 (madebyollin/sdxl-vae-fp16-fix)")
+
+
+def _in_vae(class_name: str, module: str) -> bool:
+    """A diffusers autoencoder audited alone, or a pipeline's ``vae`` component."""
+    return class_name.startswith("Autoencoder") or module == "vae" or module.startswith("vae.")
 
 
 def _carries(graph: DtypeGraph, tensor: str) -> bool:
