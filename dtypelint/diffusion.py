@@ -239,9 +239,12 @@ def parse_component_dtypes(value: str) -> dict[str, torch.dtype] | None:
 class PipelineModules(torch.nn.Module):
     """A pipeline's model components as the children of one module, whose forward runs the pipeline: the
     tracer attributes each op to the component (``unet.down_blocks.0...``), and ``state.preserved`` puts
-    every component back. The scheduler's state is put back too. ``run_notes`` says, after a run, which
+    every component back. The scheduler's state is put back too. ``call_notes`` says, per call, which
     components ran, and each component called with floating inputs off its own dtype (and which
-    component made them, where the pipeline passed the tensor on as it was)."""
+    component made them, where the pipeline passed the tensor on as it was). ``calls_again``: a second call
+    (``--steps``, default 2) runs the same call on the state the first left (a VAE left upcast)."""
+
+    calls_again = True
 
     def __init__(self, pipeline: Any) -> None:
         super().__init__()
@@ -249,16 +252,18 @@ class PipelineModules(torch.nn.Module):
             if isinstance(component, torch.nn.Module):
                 self.add_module(name, component)
         self.__dict__["pipeline"] = pipeline  # not a child: it holds the same components
-        self.run_notes: list[str] = []
+        self.call_notes: list[list[str]] = []
 
     def forward(self, **call: Any) -> Any:
         scheduler = getattr(self.pipeline, "scheduler", None)
         saved = copy.deepcopy(scheduler.__dict__) if scheduler is not None else None
         made: dict[int, str] = {}  # id of a component's output tensor -> the component
         seen: dict[str, None] = {}  # the components called, in order
+        notes: list[str] = []
+        self.call_notes.append(notes)
         handles = []
         for name, component in self.named_children():
-            entered = self._entered(name, made, seen)
+            entered = self._entered(name, made, seen, notes)
             # its children too: a pipeline may call a method (vae.decode) rather than the forward
             for module in (component, *component.children()):
                 handles.append(module.register_forward_pre_hook(entered, with_kwargs=True))
@@ -269,12 +274,12 @@ class PipelineModules(torch.nn.Module):
         finally:
             for handle in handles:
                 handle.remove()
-            self.run_notes.insert(0, f"components run: {', '.join(seen) or 'none'}")
+            notes.insert(0, f"components run: {', '.join(seen) or 'none'}")
             if scheduler is not None:
                 scheduler.__dict__.clear()
                 scheduler.__dict__.update(saved)
 
-    def _entered(self, name: str, made: dict[int, str], seen: dict[str, None]) -> Callable[..., None]:
+    def _entered(self, name: str, made: dict[int, str], seen: dict[str, None], notes: list[str]) -> Callable[..., None]:
         component = getattr(self, name)
 
         def check(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
@@ -290,11 +295,11 @@ class PipelineModules(torch.nn.Module):
             off = [f"{key} {str(value.dtype).removeprefix('torch.')}"
                    + (f" (the output of {made[id(value)]})" if id(value) in made else "")
                    for key, value in named
-                   if isinstance(value, torch.Tensor) and value.is_floating_point() and value.dtype != own]
+                   if isinstance(value, torch.Tensor) and value.is_floating_point() and value.dim() > 1
+                   and value.dtype != own]  # a timestep is cast where it is embedded
             if off:
                 called = name if module is component else f"{name} ({type(module).__name__} {_name_in(component, module)})"
-                self.run_notes.append(f"the pipeline calls {called} ({str(own).removeprefix('torch.')}) with "
-                                       f"{', '.join(off)}")
+                notes.append(f"the pipeline calls {called} ({str(own).removeprefix('torch.')}) with {', '.join(off)}")
         return check
 
     @staticmethod
@@ -331,7 +336,7 @@ def load_pipeline(path: Path, dtype: torch.dtype | Mapping[str, torch.dtype] | N
 
 def describe_call(pipeline: Any, call: Mapping[str, Any]) -> str:
     shown_call = ", ".join(f"{key}={value!r}" for key, value in call.items() if key != "generator")
-    return f"ran {type(pipeline).__name__}({shown_call}) once, every component traced"
+    return f"ran {type(pipeline).__name__}({shown_call}), every component traced"
 
 
 def pipeline_call(pipeline: Any) -> dict[str, Any]:

@@ -233,6 +233,8 @@ class Decoding:
         self.prepared_by_model = _prepares_its_own_steps(model)
 
     def next_call(self, output: Any) -> Call | None:
+        if getattr(self.model, "calls_again", False):  # a pipeline: the same call again, on what the first left
+            return self.call
         cache = getattr(output, "cache", None)
         if cache is None:
             cache = getattr(output, "past_key_values", None)

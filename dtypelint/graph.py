@@ -129,6 +129,7 @@ class DtypeGraph(nx.DiGraph):
             failure_module=tracer.failure_module,
             torch_log=tuple(dict.fromkeys(result.torch_log)),
             step_starts=tuple(result.step_starts),
+            step_name=result.step_name,
             returns_known=bool(tracer.returned),
             attention_calls=tuple(tracer.attention.calls),  # dtypelint.attention.AttentionCall; not exported
         )

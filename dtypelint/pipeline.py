@@ -136,7 +136,7 @@ def _traced(model: torch.nn.Module, inputs: Any, options: TraceOptions, notes: l
     if tracer.autocast_casts:
         notes.append(_autocast_note(POLICIES[options.autocast]))
     return TraceResult(tracer, ran.error, fake=options.mode == "meta", notes=notes, torch_log=ran.torch_log,
-                       step_starts=step_starts)
+                       step_starts=step_starts, step_name="call" if getattr(model, "calls_again", False) else "decode step")
 
 
 def _autocast_note(policy: AutocastPolicy) -> str:
@@ -202,8 +202,15 @@ def _first_step_of_each(findings: list[Finding], graph: DtypeGraph) -> list[Find
             continue
         seen.add(key)
         identical.add(whole)
-        kept.append(replace(finding, message=f"{finding.message} (in decode step {step})") if step else finding)
+        kept.append(replace(finding, message=f"{finding.message} ({_step_shown(graph, step)})") if step else finding)
     return kept
+
+
+def _step_shown(graph: DtypeGraph, step: int) -> str:
+    """"in decode step 1", or "in call 2" for a model called again as it was (a pipeline's second call)."""
+    if graph.graph.get("step_name") == "call":
+        return f"in call {step + 1}: state the first call left"
+    return f"in decode step {step}"
 
 
 def _step(graph: DtypeGraph, node: str | None) -> int:
@@ -376,8 +383,20 @@ def _with_load(loaded: Loaded, report: Report, inputs: Any) -> Report:
     (those the forward was given: meta mode may have dropped the mask)."""
     report.model_source = loaded.model_source
     report.made_inputs = [made for made in loaded.made_inputs if made.name in inputs]
-    report.notes += [*loaded.notes, *getattr(loaded.model, "run_notes", ())]
+    report.notes += [*loaded.notes, *_call_notes(loaded.model)]
     return report
+
+
+def _call_notes(model: torch.nn.Module) -> list[str]:
+    """What a model that runs a pipeline noted per call (``diffusion.PipelineModules``): the first call's
+    notes, and a later call's where they differ ("call 2: ...")."""
+    calls, notes = getattr(model, "call_notes", None) or [], []
+    for number, noted in enumerate(calls, 1):
+        notes += [note if number == 1 else f"call {number}: {note}" for note in noted if note not in calls[0]
+                  or number == 1]
+    if calls:
+        calls.clear()
+    return notes
 
 
 _STORED_FLOATS = {"float64": torch.float64, "float32": torch.float32, "float16": torch.float16,

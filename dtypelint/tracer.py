@@ -354,9 +354,13 @@ class Tracer(TorchDispatchMode):
                     self._add_origin(leaf, Origin(OriginKind.INPUT, name + keystr(path)))
 
     def _recorded(self, tensor: object) -> int | None:
-        """The index of the tensor record this object currently stands for, if the trace has one."""
+        """The index of the tensor record this object currently stands for, if the trace has one: not one of
+        another dtype (a parameter whose ``.data`` the forward replaced: ``vae.to(torch.float32)`` in a
+        pipeline's call is the same Parameter with new data)."""
         entry = self._live.get(id(tensor))
-        return entry[0] if entry is not None and entry[1]() is tensor else None
+        if entry is None or entry[1]() is not tensor or self.tensors[entry[0]].dtype != tensor.dtype:
+            return None
+        return entry[0]
 
     def _index(self, tensor: torch.Tensor) -> int:
         """The index of the tensor record this object currently stands for, creating a leaf if new."""
@@ -649,3 +653,4 @@ class TraceResult:
     notes: list[str] = field(default_factory=list)
     torch_log: list[str] = field(default_factory=list)  # what torch logged while the forward ran (fake kernels)
     step_starts: list[int] = field(default_factory=list)  # the first op of each decode step after the first call
+    step_name: str = "decode step"  # what a later call is: "call" for a model called again as it was (a pipeline)

@@ -200,3 +200,31 @@ def test_the_precision_advisor_plans_a_component():
     plan = dtypelint.precision(_overflowing_vae(), {"sample": sample}, torch.float16)
     assert plan.output == "image" and plan.error["all"] == float("inf")
     assert plan.keep == ["decoder.up_blocks.0.resnets.0"] and plan.error["plan"] <= plan.tolerance
+
+
+@pytest.fixture(scope="module")
+def sdxl(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("sdxl")
+    torch.manual_seed(0)
+    text = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "vocab_size": 64, "max_position_embeddings": 16, "projection_dim": 16, "bos_token_id": 0,
+            "eos_token_id": 1, "pad_token_id": 1}
+    tokenizer = _tiny_tokenizer(root / "vocabulary")
+    pipe = diffusers.StableDiffusionXLPipeline(
+        vae=diffusers.AutoencoderKL(**VAE, force_upcast=True),
+        text_encoder=transformers.CLIPTextModel(transformers.CLIPTextConfig(**text)),
+        text_encoder_2=transformers.CLIPTextModelWithProjection(transformers.CLIPTextConfig(**text)),
+        tokenizer=tokenizer, tokenizer_2=tokenizer, scheduler=diffusers.EulerDiscreteScheduler(),
+        unet=diffusers.UNet2DConditionModel(**{**UNET, "cross_attention_dim": 64}, addition_embed_type="text_time",
+                                            addition_time_embed_dim=8, projection_class_embeddings_input_dim=64))
+    pipe.save_pretrained(root / "sdxl")
+    return root / "sdxl"
+
+
+def test_sdxl_upcasts_its_vae_inside_each_call_and_both_calls_are_clean(sdxl, capsys):
+    # force_upcast: the pipeline casts the VAE to float32 for the decode and back, in each call; the trace
+    # sees the parameters' new dtype (not the one they had when first recorded) and judges the second call.
+    assert main(["check", str(sdxl), "--dtype", "float16", "-q", "--format", "json"]) == 0
+    report = _json(capsys)
+    assert report["steps"] == 2 and report["findings"] == []
+    assert "components run: text_encoder, text_encoder_2, unet, vae" in report["notes"]
