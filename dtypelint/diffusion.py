@@ -14,12 +14,14 @@ from __future__ import annotations
 import copy
 import inspect
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from dtypelint.attention import flash_deployment
 from dtypelint.dtypes import parse_dtype
 from dtypelint.errors import LoadError, UsageError, first_line
 from dtypelint.paths import parse_file, shown
@@ -219,6 +221,50 @@ _MAKERS: dict[str, Callable[..., Any]] = {
     "added_cond_kwargs": _added_cond_kwargs,
     "controlnet_cond": _controlnet_cond,
 }
+
+
+# Attention backends -------------------------------------------------------------------------------------
+
+# transformers' flash implementation names -> diffusers' attention-dispatcher backends.
+FLASH_BACKENDS = {"flash_attention_2": "flash", "flash_attention_3": "_flash_3", "flash": "flash",
+                  "flash_varlen": "flash_varlen"}
+
+
+def is_diffusers_model(model: torch.nn.Module) -> bool:
+    """A diffusers model, or a module holding one (a pipeline's components)."""
+    return any(type(module).__module__.startswith("diffusers.") for module in (model, *model.children()))
+
+
+@contextmanager
+def attention_backend_standin(implementation: str) -> Iterator[None]:
+    """diffusers' dispatcher set to the flash backend ``implementation`` names, its kernel replaced by a CPU
+    stand-in (SDPA's numerics) for the block: every dispatched attention runs, and is recorded, as a flash
+    call (``attention.flash_deployment``), with q, k and v exactly as the dispatcher hands them over."""
+    from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
+
+    if implementation not in FLASH_BACKENDS:
+        raise UsageError(f"diffusers has no flash backend for {implementation!r}; known: {', '.join(FLASH_BACKENDS)}")
+    backend = AttentionBackendName(FLASH_BACKENDS[implementation])
+    registry = _AttentionBackendRegistry
+    saved = registry._active_backend, registry._backends.get(backend)
+    registry._backends[backend] = _sdpa_in_diffusers_layout
+    registry._active_backend = backend
+    try:
+        with flash_deployment("flash_attention_2" if implementation in ("flash", "flash_varlen") else implementation):
+            yield
+    finally:
+        registry._active_backend = saved[0]
+        registry._backends[backend] = saved[1]
+
+
+def _sdpa_in_diffusers_layout(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, dropout_p: float = 0.0,
+                              is_causal: bool = False, scale: float | None = None, **_: Any) -> torch.Tensor:
+    """A flash kernel's CPU stand-in: diffusers hands backends (batch, sequence, heads, head_dim); flash takes
+    no mask."""
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), dropout_p=dropout_p, is_causal=is_causal,
+        scale=scale)
+    return out.transpose(1, 2)
 
 
 # Pipelines ----------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch.utils._python_dispatch import _disable_current_modes
 
+from dtypelint.diffusion import attention_backend_standin, is_diffusers_model
 from dtypelint.errors import UsageError
 from dtypelint.fake import fake_attributes, fake_call, new_fake_mode
 from dtypelint.flash_standin import flash_standin, requested_flash
@@ -117,7 +118,8 @@ def run_forward(
         kept = stack.enter_context(preserved(model))
         flash = requested_flash(model, attn_implementation)
         if flash is not None:
-            stack.enter_context(flash_standin(model, flash))
+            stack.enter_context(attention_backend_standin(flash) if is_diffusers_model(model)
+                                else flash_standin(model, flash))
             _note(notes, f"attention traced with a CPU stand-in for {flash} (SDPA numerics); every attention "
                          "call is checked as a flash-attention call")
         if mode == "meta":

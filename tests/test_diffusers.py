@@ -228,3 +228,17 @@ def test_sdxl_upcasts_its_vae_inside_each_call_and_both_calls_are_clean(sdxl, ca
     report = _json(capsys)
     assert report["steps"] == 2 and report["findings"] == []
     assert "components run: text_encoder, text_encoder_2, unet, vae" in report["notes"]
+
+
+@pytest.mark.parametrize("name", ["SD3Transformer2DModel", "FluxTransformer2DModel"])
+def test_flash_attention_through_diffusers_dispatcher_is_judged_on_what_the_kernel_gets(components, capsys, name):
+    from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+
+    before = _AttentionBackendRegistry._active_backend, dict(_AttentionBackendRegistry._backends)
+    arguments = ["check", str(components / name), "-q", "--format", "json", "--attn-implementation", "flash_attention_2"]
+    assert main([*arguments, "--dtype", "float16"]) == 0
+    assert _json(capsys)["backend"] == "hf-eager+cuda"
+    assert main([*arguments, "--dtype", "float32"]) == 1  # flash-attn takes float16/bfloat16 only
+    errors = [finding for finding in _json(capsys)["findings"] if finding["severity"] == "error"]
+    assert errors and {error["code"] for error in errors} == {"CUDA102"}
+    assert (_AttentionBackendRegistry._active_backend, dict(_AttentionBackendRegistry._backends)) == before
