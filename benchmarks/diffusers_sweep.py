@@ -1,9 +1,10 @@
-"""Every diffusers model class, built from its default config on the meta device and audited in meta mode
-with the inputs ``dtypelint.diffusion.component_inputs`` makes for it: which classes build, which get
-inputs, which trace to the end, and the internal errors and changed models (both must be 0).
+"""Every diffusers model class, audited in float16 with the inputs ``dtypelint.diffusion.component_inputs``
+makes for it: in meta mode from its default config (full size, on the meta device), and in value mode from a
+tiny config (its default shrunk: one layer per stack, two heads, 32 channels, 32-wide conditioning). What
+happened to each: which build, which get inputs, which trace to the end, whether value and meta mode agree
+on the tiny config, and the internal errors and changed models (weights, buffers, dtypes, config: all 0).
 
-Each class runs in its own process with a timeout. Value mode is covered by the tiny checkpoints of
-``tests/test_diffusers.py``: default configs are full size.
+Each class runs in its own process with a timeout.
 
     python benchmarks/diffusers_sweep.py [--jobs 2] [--timeout 120] [--json FILE] [--only NAME,...]
 """
@@ -37,9 +38,60 @@ def model_classes() -> list[str]:
     return sorted(names)
 
 
-def audit_one(name: str) -> dict:
-    """One class: build (default config, meta device, float16), inputs, meta audit; what happened."""
-    import diffusers
+#: Config keys shrunk for the value sweep, and how: stacks to one layer, heads to two, widths to 32.
+ONE_LAYER = ("num_layers", "num_single_layers", "layers_per_block", "transformer_layers_per_block",
+             "num_refiner_layers", "num_noise_refiner_layers", "num_context_refiner_layers", "depth")
+NARROW = ("cross_attention_dim", "joint_attention_dim", "pooled_projection_dim", "caption_channels",
+          "text_embed_dim", "encoder_hid_dim", "text_dim", "context_dim")
+TINY_PARAMETERS = 50_000_000
+
+
+def tiny_config(model_class: type) -> dict:
+    """The class's default config shrunk; a key keeps its default where shrinking does not apply, and a width
+    that equals the attention's inner width (heads x head width) follows it."""
+    import inspect
+
+    defaults = {key: parameter.default for key, parameter in inspect.signature(model_class.__init__).parameters.items()
+                if parameter.default is not inspect.Parameter.empty and not isinstance(parameter.default, bool)}
+    heads, head_width = defaults.get("num_attention_heads"), defaults.get("attention_head_dim")
+    inner = heads * head_width if isinstance(heads, int) and isinstance(head_width, int) and heads > 2 else None
+    shrunk: dict = {}
+    for key, value in defaults.items():
+        if inner is not None and value == inner and isinstance(value, int):
+            shrunk[key] = 2 * head_width
+        elif key in ONE_LAYER and isinstance(value, int) and value > 1:
+            shrunk[key] = 1
+        elif key in ONE_LAYER and isinstance(value, (tuple, list)) and all(isinstance(v, int) for v in value):
+            shrunk[key] = type(value)(min(v, 1) for v in value)
+        elif key == "num_attention_heads" and isinstance(value, int) and value > 2:
+            shrunk[key] = 2
+        elif key == "block_out_channels" and isinstance(value, (tuple, list)):
+            shrunk[key] = type(value)(32 for _ in value)
+        elif key in NARROW and isinstance(value, int) and value > 32:
+            shrunk[key] = 32
+        elif key == "sample_size" and isinstance(value, int) and value > 32:
+            shrunk[key] = 32
+    if "block_out_channels" in shrunk and isinstance(head_width, int) and head_width > 8:
+        shrunk["attention_head_dim"] = 8  # a UNet's heads split its 32 channels
+    return shrunk
+
+
+def _fingerprint(model) -> str:
+    """Everything an audit must leave alone: each tensor's name, dtype, device, values; the config."""
+    import hashlib
+
+    import torch
+
+    digest = hashlib.sha256(json.dumps(dict(model.config), sort_keys=True, default=str).encode())
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        digest.update(f"{name} {tensor.dtype} {tensor.device}".encode())
+        if tensor.device.type != "meta":
+            digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _audited(model, mode: str) -> dict:
+    """A meta or value audit of ``model`` in float16: its findings, or the stage where it stopped."""
     import torch
 
     import dtypelint
@@ -47,36 +99,63 @@ def audit_one(name: str) -> dict:
     from dtypelint.errors import DtypelintError
     from dtypelint.fake import new_fake_mode
 
-    row: dict = {"class": name}
+    before = _fingerprint(model)
     try:
-        with torch.device("meta"):
-            model = getattr(diffusers, name)().to(torch.float16).eval()
-    except Exception as error:  # noqa: BLE001 - a class whose defaults do not build is not ours to judge
-        row["stage"] = "build"
-        row["why"] = f"{type(error).__name__}: {str(error).splitlines()[0][:160] if str(error) else ''}"
-        return row
-    config_before = json.dumps(dict(model.config), sort_keys=True, default=str)
-    try:
-        with new_fake_mode():
+        if mode == "meta":
+            with new_fake_mode():
+                inputs = component_inputs(model, batch=1, dtype=torch.float16)
+        else:
             inputs = component_inputs(model, batch=1, dtype=torch.float16)
     except DtypelintError as error:
-        row["stage"] = "inputs"
-        row["why"] = str(error)[:200]
-        return row
+        return {"stage": "inputs", "why": str(error)[:200]}
     try:
-        report = dtypelint.audit(model, inputs, mode="meta", dtype="float16")
+        report = dtypelint.audit(model, inputs, mode=mode, dtype="float16")
     except DtypelintError as error:
-        row["stage"] = "usage"
-        row["why"] = str(error)[:200]
-        return row
+        return {"stage": "usage", "why": str(error)[:200]}
     except Exception as error:  # noqa: BLE001 - an internal error of dtypelint: what the sweep counts
-        row["stage"] = "internal"
-        row["why"] = f"{type(error).__name__}: {error}"[:300]
+        return {"stage": "internal", "why": f"{type(error).__name__}: {error}"[:300]}
+    return {"stage": "audited", "changed": _fingerprint(model) != before,
+            "complete": not report.by_code("DT002") and not report.by_code("DT001"),
+            "findings": sorted(f"{finding.code} {finding.severity} {finding.location}"
+                               for finding in report.findings)}
+
+
+def _built(name: str, config: dict, device: str):
+    import diffusers
+    import torch
+
+    with torch.device(device):
+        return getattr(diffusers, name)(**config).to(torch.float16).eval()
+
+
+def _build_failed(error: Exception) -> dict:
+    first = str(error).splitlines()[0][:160] if str(error) else ""
+    return {"stage": "build", "why": f"{type(error).__name__}: {first}"}
+
+
+def audit_one(name: str) -> dict:
+    """One class: a meta audit from the default config; value and meta audits from the tiny one."""
+    import diffusers
+
+    row: dict = {"class": name}
+    try:
+        row["meta"] = _audited(_built(name, {}, "meta"), "meta")
+    except Exception as error:  # noqa: BLE001 - a class whose config does not build is not ours to judge
+        row["meta"] = _build_failed(error)
+    config = tiny_config(getattr(diffusers, name))
+    try:
+        parameters = sum(parameter.numel() for parameter in _built(name, config, "meta").parameters())
+        if parameters > TINY_PARAMETERS:
+            row["value"] = {"stage": "too big", "why": f"{parameters / 1e6:.0f}M parameters"}
+            return row
+        model = _built(name, config, "cpu")
+    except Exception as error:  # noqa: BLE001 - as above
+        row["value"] = _build_failed(error)
         return row
-    row["stage"] = "audited"
-    row["findings"] = sorted(f"{finding.code} {finding.severity} {finding.location}" for finding in report.findings)
-    row["complete"] = not report.by_code("DT002") and not report.by_code("DT001")
-    row["changed_config"] = json.dumps(dict(model.config), sort_keys=True, default=str) != config_before
+    row["value"] = _audited(model, "value")
+    row["tiny_meta"] = _audited(model, "meta")
+    if row["value"]["stage"] == row["tiny_meta"]["stage"] == "audited":
+        row["modes_agree"] = row["value"]["findings"] == row["tiny_meta"]["findings"]
     return row
 
 
@@ -108,12 +187,21 @@ def main() -> int:
     with ThreadPoolExecutor(options.jobs) as pool:
         rows = list(pool.map(lambda name: run(name, options.timeout), names))
     for row in rows:
-        detail = row.get("why") or ", ".join(f for f in row.get("findings", []) if " info " not in f)[:160]
-        print(f"{row['class']:<44} {row['stage']:<9} {row['seconds']:>6}s  {detail}")
-    stages = Counter(row["stage"] for row in rows)
-    totals = {"classes": len(rows), **stages, "complete": sum(bool(row.get("complete")) for row in rows),
-              "internal_errors": stages.get("internal", 0) + stages.get("crashed", 0),
-              "changed_config": sum(bool(row.get("changed_config")) for row in rows)}
+        for mode in ("meta", "value"):
+            result = row.get(mode) or {"stage": row.get("stage", "-"), "why": row.get("why", "")}
+            detail = result.get("why") or ", ".join(f for f in result.get("findings", []) if " info " not in f)
+            print(f"{row['class']:<44} {mode:<5} {result['stage']:<9} {row['seconds']:>6}s  {detail[:140]}")
+    totals: dict = {"classes": len(rows)}
+    for mode in ("meta", "value", "tiny_meta"):
+        results = [row.get(mode) or {"stage": row.get("stage", "-")} for row in rows]
+        totals[mode] = {**Counter(result["stage"] for result in results),
+                        "complete": sum(bool(result.get("complete")) for result in results),
+                        "changed": sum(bool(result.get("changed")) for result in results)}
+    totals["internal_errors"] = sum(row.get("stage") == "crashed" or any(
+        (row.get(mode) or {}).get("stage") == "internal" for mode in ("meta", "value", "tiny_meta")) for row in rows)
+    totals["timeouts"] = [row["class"] for row in rows if row.get("stage") == "timeout"]
+    totals["modes_agree"] = sum(row.get("modes_agree") is True for row in rows)
+    totals["modes_differ"] = [row["class"] for row in rows if row.get("modes_agree") is False]
     print(json.dumps(totals))
     if options.json:
         options.json.write_text(json.dumps({"totals": totals, "rows": rows}, indent=1))

@@ -8,6 +8,8 @@ flash deployment, at ``F.scaled_dot_product_attention`` itself (before autocast,
 A deployment that runs attention through flash-attn is declared with ``flash_deployment(name)``: while it
 is active every attention call is recorded as a call of that implementation, the transformers attention
 interface (through ``dtypelint.flash_standin``) and direct SDPA calls (diffusers-style processors) alike.
+A diffusers dispatcher backend (``diffusers:sage``) is declared the same way, and its stand-in says, with
+``backend_verdict``, whether the backend's own checks refuse the call being recorded.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ from dtypelint.errors import UsageError
 
 SDPA = "sdpa"
 _implementation: ContextVar[str] = ContextVar("dtypelint_attention_implementation", default=SDPA)
+_refusal: ContextVar[str | None] = ContextVar("dtypelint_attention_refusal", default=None)
+DIFFUSERS_BACKEND = "diffusers:"  # implementation prefix of a diffusers dispatcher backend
 # torch.backends.cuda's switches, which ``torch.nn.attention.sdpa_kernel`` sets (also on a CPU machine).
 _BACKEND_SWITCHES = {
     "flash": torch.backends.cuda.flash_sdp_enabled,
@@ -51,12 +55,40 @@ def known_attention_implementations() -> list[str]:
     return list(dict.fromkeys(["eager", *ALL_ATTENTION_FUNCTIONS.valid_keys()]))
 
 
+def diffusers_attention_backends() -> list[str]:
+    """The backends of diffusers' attention dispatcher (``native``, ``flash``, ``sage``, ...); none without
+    diffusers."""
+    try:
+        from diffusers.models.attention_dispatch import AttentionBackendName
+    except ImportError:
+        return []
+    return [backend.value for backend in AttentionBackendName]
+
+
+# Dispatcher backends that are SDPA on any device, or another device's kernels: they bring no CUDA pack.
+_OFF_CUDA_BACKENDS = ("native", "_native_math", "_native_npu", "_native_xla")
+
+
+def runs_cuda_kernels(implementation: str) -> bool:
+    """An attention implementation whose kernels run on CUDA only: flash-attn, or a diffusers dispatcher
+    backend such as sage or xformers."""
+    if is_flash(implementation):
+        return True
+    return implementation not in _OFF_CUDA_BACKENDS and implementation in diffusers_attention_backends()
+
+
 def check_attention_implementation(name: str) -> None:
-    """A UsageError for a value transformers would not run (``flash_attention2``): it would check nothing."""
+    """A UsageError for a value neither transformers nor diffusers' dispatcher would run (``flash_attention2``):
+    it would check nothing."""
     known = known_attention_implementations()
-    if not isinstance(name, str) or (name not in known and "/" not in name):
-        raise UsageError(f"unknown attn_implementation {name!r}; this transformers knows {', '.join(known)} "
-                         f"(or a hub kernel, org/name)")
+    if isinstance(name, str) and (name in known or "/" in name):
+        return
+    backends = diffusers_attention_backends()
+    if name in backends:
+        return
+    also = f"; diffusers' dispatcher knows {', '.join(backends)}" if backends else ""
+    raise UsageError(f"unknown attn_implementation {name!r}; this transformers knows {', '.join(known)} "
+                     f"(or a hub kernel, org/name){also}")
 
 
 @contextmanager
@@ -69,8 +101,18 @@ def flash_deployment(implementation: str) -> Iterator[None]:
         _implementation.reset(token)
 
 
+@contextmanager
+def backend_verdict(refusal: str | None) -> Iterator[None]:
+    """Attention calls recorded inside the block are refused by their backend's own checks with ``refusal``."""
+    token = _refusal.set(refusal)
+    try:
+        yield
+    finally:
+        _refusal.reset(token)
+
+
 def is_flash(implementation: str) -> bool:
-    return "flash" in implementation
+    return "flash" in implementation and not implementation.startswith(DIFFUSERS_BACKEND)
 
 
 @dataclass(frozen=True)
@@ -87,6 +129,7 @@ class AttentionCall:
     head_dim: int
     enabled_backends: tuple[str, ...]  # the SDPA backends left enabled (all four unless forced)
     autocast: str | None  # the autocast dtype active for the query's device, if any
+    refused: str | None = None  # the backend's own check that refuses the call (a diffusers backend's)
 
     @property
     def forced(self) -> bool:
@@ -155,6 +198,7 @@ class AttentionRecorder:
             head_dim=query.shape[-1],
             enabled_backends=_enabled_backends(),
             autocast=autocast,
+            refused=_refusal.get(),
         ))
 
 

@@ -35,7 +35,7 @@ from typing import Any, TypedDict
 
 import torch
 
-from dtypelint.attention import check_attention_implementation, is_flash
+from dtypelint.attention import check_attention_implementation, runs_cuda_kernels
 from dtypelint.diagnostics import SEVERITIES
 from dtypelint.dtypes import dtype_name, parse_dtype
 from dtypelint.errors import DtypelintError, LoadError, UsageError
@@ -129,16 +129,16 @@ class Settings:
     @cached_property
     def brought_packs(self) -> tuple[str, ...]:
         """Shipped packs a flag brings, since it names their deployment: a flash attention implementation
-        runs flash-attn's CUDA kernels, so its contracts come with it (a UsageError beside another
+        (or a diffusers backend such as sage) runs CUDA kernels, so the CUDA contracts come with it (a UsageError beside another
         device's pack)."""
-        if self.attn_implementation is None or not is_flash(self.attn_implementation):
+        if self.attn_implementation is None or not runs_cuda_kernels(self.attn_implementation):
             return ()
         devices = {pack.device: pack.name for name in (*self.backend, *self.packs) if (pack := load_pack(name)).device}
         if "cuda" in devices:
             return ()
         if devices:
             device, name = next(iter(devices.items()))
-            raise UsageError(f"attn_implementation {self.attn_implementation!r} runs flash-attn's CUDA kernels; "
+            raise UsageError(f"attn_implementation {self.attn_implementation!r} runs CUDA kernels; "
                              f"backend {name} deploys on {device}")
         return ("cuda",)
 

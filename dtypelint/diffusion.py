@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from dtypelint.attention import flash_deployment
+from dtypelint.attention import DIFFUSERS_BACKEND, backend_verdict, diffusers_attention_backends, flash_deployment
 from dtypelint.dtypes import parse_dtype
 from dtypelint.errors import LoadError, UsageError, first_line
 from dtypelint.paths import parse_file, shown
@@ -88,7 +88,7 @@ def component_inputs(model: torch.nn.Module, *, batch: int, dtype: torch.dtype, 
     """A forward's required arguments, and the optional ones its config says the model uses (class labels,
     SDXL's added conditions, Flux's guidance), made from the config as a pipeline makes them. A required
     argument nothing here knows how to make is a LoadError naming it (use --entry)."""
-    config = dict(getattr(model, "config", {}) or {})
+    config = {"_class_name": type(model).__name__, **dict(getattr(model, "config", {}) or {})}
     generator = torch.Generator().manual_seed(seed)
     made: dict[str, Any] = {}
     parameters = inspect.signature(model.forward).parameters
@@ -111,9 +111,19 @@ def _first(value: Any) -> Any:
     return value[0] if isinstance(value, (list, tuple)) and value else value
 
 
+def _patch(config: Mapping[str, Any]) -> tuple[int, int]:
+    """The patch's (frames, side): video transformers patch time too (Wan's ``(1, 2, 2)``, ``patch_size_t``);
+    0 frames for an image model."""
+    size = config.get("patch_size") or 1
+    if isinstance(size, (list, tuple)):
+        return (int(size[0]) if len(size) == 3 else 0), int(size[-1])
+    frames = config.get("patch_size_t")
+    return (int(frames) if isinstance(frames, int) else 0), int(size)
+
+
 def _side(config: Mapping[str, Any]) -> int:
     """The latents' side: the config's sample size capped, a multiple of every down-sampling step."""
-    factor = 2 ** max(len(config.get("block_out_channels") or ()) - 1, 0) * int(config.get("patch_size") or 1)
+    factor = 2 ** max(len(config.get("block_out_channels") or ()) - 1, 0) * _patch(config)[1]
     side = min(int(_first(config.get("sample_size")) or MAX_SIDE), MAX_SIDE)
     return max(factor, side // factor * factor)
 
@@ -131,6 +141,8 @@ def _sample(config: Mapping[str, Any], made: dict, parameters: Mapping[str, insp
     side = _side(config)
     if _packed(parameters):
         return torch.randn(batch, (side // 2) ** 2, channels, generator=generator).to(dtype)
+    if frames := _patch(config)[0] or (2 if "3D" in str(config.get("_class_name")) else 0):
+        return torch.randn(batch, channels, frames, side, side, generator=generator).to(dtype)
     return torch.randn(batch, channels, side, side, generator=generator).to(dtype)
 
 
@@ -144,7 +156,8 @@ def _timestep(config: Mapping[str, Any], made: dict, parameters: Mapping[str, in
 
 
 def _text_width(config: Mapping[str, Any]) -> int | None:
-    for key in ("caption_channels", "joint_attention_dim", "encoder_hid_dim", "cross_attention_dim"):
+    for key in ("caption_channels", "joint_attention_dim", "encoder_hid_dim", "cross_attention_dim", "text_dim",
+                "text_embed_dim"):
         if isinstance(width := _first(config.get(key)), int):
             return width
     return None
@@ -154,6 +167,15 @@ def _encoder_hidden_states(config: Mapping[str, Any], made: dict, parameters: Ma
                            batch: int, dtype: torch.dtype, generator: torch.Generator) -> torch.Tensor | None:
     width = _text_width(config)
     return None if width is None else torch.randn(batch, TEXT_TOKENS, width, generator=generator).to(dtype)
+
+
+def _text_mask(config: Mapping[str, Any], made: dict, parameters: Mapping[str, inspect.Parameter], batch: int,
+               dtype: torch.dtype, generator: torch.Generator) -> torch.Tensor | None:
+    """The tokenizer's attention mask over the text tokens where the forward requires one, in the model's dtype
+    as the pipelines that require it pass it (HunyuanVideo's)."""
+    if parameters["encoder_attention_mask"].default is not inspect.Parameter.empty or "encoder_hidden_states" not in made:
+        return None
+    return torch.ones(batch, made["encoder_hidden_states"].shape[1], dtype=dtype)
 
 
 def _pooled(config: Mapping[str, Any], made: dict, parameters: Mapping[str, inspect.Parameter], batch: int,
@@ -216,6 +238,7 @@ _MAKERS: dict[str, Callable[..., Any]] = {
     "pooled_projections": _pooled,
     "img_ids": _ids(lambda made: made["hidden_states"].shape[1]),
     "txt_ids": _ids(lambda made: made["encoder_hidden_states"].shape[1]),
+    "encoder_attention_mask": _text_mask,
     "guidance": _guidance,
     "class_labels": _class_labels,
     "added_cond_kwargs": _added_cond_kwargs,
@@ -226,8 +249,7 @@ _MAKERS: dict[str, Callable[..., Any]] = {
 # Attention backends -------------------------------------------------------------------------------------
 
 # transformers' flash implementation names -> diffusers' attention-dispatcher backends.
-FLASH_BACKENDS = {"flash_attention_2": "flash", "flash_attention_3": "_flash_3", "flash": "flash",
-                  "flash_varlen": "flash_varlen"}
+TRANSFORMERS_FLASH = {"flash_attention_2": "flash", "flash_attention_3": "_flash_3"}
 
 
 def is_diffusers_model(model: torch.nn.Module) -> bool:
@@ -235,36 +257,82 @@ def is_diffusers_model(model: torch.nn.Module) -> bool:
     return any(type(module).__module__.startswith("diffusers.") for module in (model, *model.children()))
 
 
+def dispatcher_backend(implementation: str) -> str:
+    """The dispatcher backend a deployment names: its own name (``sage``), or transformers' flash name."""
+    name = TRANSFORMERS_FLASH.get(implementation, implementation)
+    backends = diffusers_attention_backends()
+    if name not in backends:
+        raise UsageError(f"diffusers' attention dispatcher has no backend {implementation!r}; it knows "
+                         f"{', '.join(backends)}")
+    return name
+
+
+def runs_flash_attn(backend: str) -> bool:
+    """A dispatcher backend that calls flash-attn's kernels (``flash``, ``_flash_3_hub``), not SDPA's."""
+    return "flash" in backend and not backend.startswith("_native")
+
+
 @contextmanager
 def attention_backend_standin(implementation: str) -> Iterator[None]:
-    """diffusers' dispatcher set to the flash backend ``implementation`` names, its kernel replaced by a CPU
-    stand-in (SDPA's numerics) for the block: every dispatched attention runs, and is recorded, as a flash
-    call (``attention.flash_deployment``), with q, k and v exactly as the dispatcher hands them over."""
+    """diffusers' dispatcher set to the backend ``implementation`` names, its kernel replaced for the block by
+    a CPU stand-in with SDPA's numerics: every dispatched attention runs and is recorded as a call of that
+    backend, with q, k and v exactly as the dispatcher hands them over. A flash-attn backend is declared a
+    flash deployment (its contract judges the calls); any other runs the backend's own checks (diffusers'
+    registered constraints, less the part that wants a CUDA device) and records their verdict."""
     from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
 
-    if implementation not in FLASH_BACKENDS:
-        raise UsageError(f"diffusers has no flash backend for {implementation!r}; known: {', '.join(FLASH_BACKENDS)}")
-    backend = AttentionBackendName(FLASH_BACKENDS[implementation])
+    backend = AttentionBackendName(dispatcher_backend(implementation))
     registry = _AttentionBackendRegistry
     saved = registry._active_backend, registry._backends.get(backend)
-    registry._backends[backend] = _sdpa_in_diffusers_layout
+    if runs_flash_attn(backend.value):
+        declared = "flash_attention_3" if "3" in backend.value else "flash_attention_2"
+        registry._backends[backend] = _flash_in_diffusers_layout
+    else:
+        declared = DIFFUSERS_BACKEND + backend.value
+        registry._backends[backend] = _checked_standin(registry._constraints.get(backend, []))
     registry._active_backend = backend
     try:
-        with flash_deployment("flash_attention_2" if implementation in ("flash", "flash_varlen") else implementation):
+        with flash_deployment(declared):
             yield
     finally:
         registry._active_backend = saved[0]
         registry._backends[backend] = saved[1]
 
 
-def _sdpa_in_diffusers_layout(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, dropout_p: float = 0.0,
-                              is_causal: bool = False, scale: float | None = None, **_: Any) -> torch.Tensor:
-    """A flash kernel's CPU stand-in: diffusers hands backends (batch, sequence, heads, head_dim); flash takes
-    no mask."""
+def _flash_in_diffusers_layout(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, dropout_p: float = 0.0,
+                               is_causal: bool = False, scale: float | None = None, **_: Any) -> torch.Tensor:
+    """A flash kernel's CPU stand-in: flash takes no mask."""
+    return _sdpa_in_diffusers_layout(query, key, value, dropout_p=dropout_p, is_causal=is_causal, scale=scale)
+
+
+def _sdpa_in_diffusers_layout(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, **options: Any) -> torch.Tensor:
+    """SDPA on diffusers' backend layout, (batch, sequence, heads, head_dim)."""
     out = torch.nn.functional.scaled_dot_product_attention(
-        query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), dropout_p=dropout_p, is_causal=is_causal,
-        scale=scale)
+        query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), **options)
     return out.transpose(1, 2)
+
+
+def _checked_standin(constraints: list[Callable[..., None]]) -> Callable[..., torch.Tensor]:
+    """A backend's stand-in: its checks' first refusal (a ValueError) recorded with the call, then SDPA."""
+    from diffusers.models.attention_dispatch import _check_device
+
+    # A check that wants a CUDA device (and a compute capability) keeps only its same-device-and-dtype part.
+    checks = [_check_device if "device_cuda" in check.__name__ else check for check in constraints]
+
+    def standin(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None = None,
+                dropout_p: float = 0.0, is_causal: bool = False, scale: float | None = None,
+                enable_gqa: bool = False, **_: Any) -> torch.Tensor:
+        refusal = None
+        for check in checks:
+            try:
+                check(query=query, key=key, value=value, attn_mask=attn_mask, is_causal=is_causal)
+            except ValueError as error:
+                refusal = str(error)
+                break
+        with backend_verdict(refusal):
+            return _sdpa_in_diffusers_layout(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
+                                             is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
+    return standin
 
 
 # Pipelines ----------------------------------------------------------------------------------------------

@@ -21,7 +21,8 @@ from typing import Any
 import torch
 from torch.utils._python_dispatch import _disable_current_modes
 
-from dtypelint.diffusion import attention_backend_standin, is_diffusers_model
+from dtypelint.attention import diffusers_attention_backends, known_attention_implementations
+from dtypelint.diffusion import attention_backend_standin, dispatcher_backend, is_diffusers_model, runs_flash_attn
 from dtypelint.errors import UsageError
 from dtypelint.fake import fake_attributes, fake_call, new_fake_mode
 from dtypelint.flash_standin import flash_standin, requested_flash
@@ -79,6 +80,27 @@ def prepare_call(model: torch.nn.Module, inputs: Any) -> Call:
     return Call(args, kwargs, names)
 
 
+def _attention_standin(model: torch.nn.Module, requested: str | None,
+                       notes: list[str] | None) -> AbstractContextManager[None]:
+    """The CPU stand-in for the attention kernel the deployment runs, where that is not SDPA."""
+    if is_diffusers_model(model) and requested not in (None, "sdpa", "eager", "native"):
+        backend = dispatcher_backend(requested)
+        checked = ("as a flash-attention call" if runs_flash_attn(backend)
+                   else f"against the {backend} backend's own checks (diffusers' constraints)")
+        _note(notes, f"attention traced with a CPU stand-in for diffusers' {backend} backend (SDPA numerics); "
+                     f"every attention call is checked {checked}")
+        return attention_backend_standin(backend)
+    if requested in diffusers_attention_backends() and requested not in known_attention_implementations():
+        raise UsageError(f"attn_implementation {requested!r} is a backend of diffusers' attention dispatcher; "
+                         f"{type(model).__name__} is not a diffusers model")
+    flash = requested_flash(model, requested)
+    if flash is None:
+        return nullcontext()
+    _note(notes, f"attention traced with a CPU stand-in for {flash} (SDPA numerics); every attention "
+                 "call is checked as a flash-attention call")
+    return flash_standin(model, flash)
+
+
 def run_forward(
     model: torch.nn.Module,
     inputs: Any,
@@ -116,12 +138,7 @@ def run_forward(
     ran = Ran()
     with ExitStack() as stack:
         kept = stack.enter_context(preserved(model))
-        flash = requested_flash(model, attn_implementation)
-        if flash is not None:
-            stack.enter_context(attention_backend_standin(flash) if is_diffusers_model(model)
-                                else flash_standin(model, flash))
-            _note(notes, f"attention traced with a CPU stand-in for {flash} (SDPA numerics); every attention "
-                         "call is checked as a flash-attention call")
+        stack.enter_context(_attention_standin(model, attn_implementation, notes))
         if mode == "meta":
             stack.enter_context(fake_attributes(model, fake_mode))
             ran.torch_log = stack.enter_context(captured_log(FAKE_TENSOR_LOGGER))

@@ -225,7 +225,7 @@ def _step(graph: DtypeGraph, node: str | None) -> int:
 
 
 def _brought_notes(settings: Settings) -> list[str]:
-    return [f"attn_implementation {settings.attn_implementation!r} brings the {name} pack along (flash-attn's kernels "
+    return [f"attn_implementation {settings.attn_implementation!r} brings the {name} pack along (its kernels "
             f"run on CUDA)"
             for name in settings.brought_packs]
 

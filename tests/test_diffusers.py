@@ -242,3 +242,53 @@ def test_flash_attention_through_diffusers_dispatcher_is_judged_on_what_the_kern
     errors = [finding for finding in _json(capsys)["findings"] if finding["severity"] == "error"]
     assert errors and {error["code"] for error in errors} == {"CUDA102"}
     assert (_AttentionBackendRegistry._active_backend, dict(_AttentionBackendRegistry._backends)) == before
+
+
+def test_a_dispatcher_backend_is_judged_by_its_own_registered_checks(components, capsys):
+    """sage takes float16/bfloat16 only; xformers takes float32 too: the alarm and the silence, from diffusers'
+    own constraints."""
+    from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+
+    before = _AttentionBackendRegistry._active_backend, dict(_AttentionBackendRegistry._backends)
+    folder = str(components / "FluxTransformer2DModel")
+    arguments = ["check", folder, "-q", "--format", "json", "--attn-implementation"]
+    assert main([*arguments, "sage", "--dtype", "float16"]) == 0
+    report = _json(capsys)
+    assert report["backend"] == "hf-eager+cuda"
+    assert any("diffusers' sage backend" in note and "own checks" in note for note in report["notes"])
+    assert main([*arguments, "sage", "--dtype", "float32"]) == 1
+    errors = [finding for finding in _json(capsys)["findings"] if finding["severity"] == "error"]
+    assert {error["code"] for error in errors} == {"CUDA106"} and len(errors) == 2  # the joint and the single block
+    assert "must be either bfloat16 or float16" in errors[0]["message"]
+    assert main([*arguments, "xformers", "--dtype", "float32"]) == 0
+    assert (_AttentionBackendRegistry._active_backend, dict(_AttentionBackendRegistry._backends)) == before
+
+
+def test_autocasts_float32_query_and_key_reach_sage_beside_a_bfloat16_value(components):
+    """diffusers#14104: under CUDA autocast the RMSNorm before q and k runs in float32, v stays bfloat16."""
+    if not torch._C._dispatch_has_kernel_for_dispatch_key("aten::rms_norm", "AutocastCUDA"):
+        pytest.skip("this torch keeps rms_norm off CUDA's float32 list (before 2.12)")
+    import dtypelint
+    from dtypelint.diffusion import component_inputs
+
+    model = diffusers.FluxTransformer2DModel.from_pretrained(components / "FluxTransformer2DModel",
+                                                             torch_dtype=torch.bfloat16).eval()
+    inputs = component_inputs(model, batch=1, dtype=torch.bfloat16)
+    assert dtypelint.audit(model, inputs, attn_implementation="sage").errors == []
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        errors = dtypelint.audit(model, inputs, attn_implementation="sage").errors
+    assert errors and {error.code for error in errors} == {"CUDA106"}
+    assert "(q float32, k float32, v bfloat16" in errors[0].message and "same dtype" in errors[0].message
+
+
+def test_an_unknown_backend_and_a_dispatcher_backend_on_a_transformers_model_are_one_line_usage_errors(
+        components, capsys, tmp_path):
+    assert main(["check", str(components / "FluxTransformer2DModel"), "-q", "--attn-implementation", "sage2"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and "diffusers' dispatcher knows" in error and "sage" in error
+    llama = tmp_path / "llama"
+    transformers.LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                             num_key_value_heads=2, vocab_size=64).save_pretrained(llama)
+    assert main(["check", str(llama), "--mode", "meta", "-q", "--attn-implementation", "sage"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and "not a diffusers model" in error

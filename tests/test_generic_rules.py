@@ -567,3 +567,37 @@ def test_a_constant_the_forward_stores_as_a_buffer_is_named_by_that_buffer_in_dt
     [finding] = dtypelint.audit(RebuiltTable().half().eval(), fp16(8, 16)).by_code("DT102")
     assert (finding.location, finding.tensor) == ("", "table")
     assert finding.message.startswith("buffer table (assigned in forward")
+
+
+# DT101 with an integer operand --------------------------------------------------------------------------
+
+
+class TimestepEmbedding(nn.Module):
+    """A float16 linear over a timestep the caller left int64: CPU and CUDA raise, fake tensors do not."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(4, 8).half()
+
+    def forward(self, timestep: torch.Tensor) -> torch.Tensor:
+        return self.linear(timestep[:, None].expand(-1, 4))
+
+
+@pytest.mark.parametrize("mode", ["value", "meta"])
+def test_an_integer_operand_at_a_one_dtype_kernel_is_a_mixed_input_in_both_modes(mode):
+    model = TimestepEmbedding().eval()
+    (error,) = dtypelint.audit(model, torch.tensor([10, 20]), mode=mode).by_code("DT101")
+    assert error.dtypes == ["float16", "int64"] and "input timestep int64" in error.message
+    floated = dtypelint.audit(model, torch.tensor([10.0, 20.0]).half(), mode=mode)
+    assert judged_silently(floated, "DT101")
+
+
+def test_an_integer_operand_elsewhere_is_no_mixed_input():
+    """``x * step`` with an int64 step promotes to the float dtype: nothing needs one dtype there."""
+
+    class Scaled(nn.Module):
+        def forward(self, x: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+            return torch.relu(x * step)
+
+    report = dtypelint.audit(Scaled(), {"x": fp16(2, 4), "step": torch.tensor(3)}, mode="meta")
+    assert report.by_code("DT101") == []

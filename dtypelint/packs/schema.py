@@ -56,7 +56,7 @@ class Contract:
     hint: str = ""  # appended to every message: what to change
     site: str = "module"  # module | op | attention: what one check looks at
     ops: tuple[str, ...] = ()  # op sites: the aten ops (``native_layer_norm``)
-    calls: str = "any"  # attention sites: flash | sdpa | any
+    calls: str = "any"  # attention sites: flash | sdpa | diffusers | any
     max_head_dim: int | None = None
     dispatch: str | None = None  # attention sites: raises | falls-back, from CUDA's SDPA dispatch model
     pack: str = ""  # the name of the pack that declares it (set on load; kept when packs are combined)
@@ -165,7 +165,9 @@ def _contract(entry: _Entry) -> Contract:
         raise entry.error("name", "must be kebab-case")
     site = entry.choice("site", ("module", "op", "attention"), "module")
     dispatch = entry.choice("dispatch", ("raises", "falls-back", "none"), "none")
-    selectors = [*entry.strings("tensors", required=site == "module" or dispatch == "none")]
+    calls = entry.choice("calls", ("flash", "sdpa", "diffusers", "any"), "any")
+    # A diffusers backend's contract is its own registered checks: no selector needed.
+    selectors = [*entry.strings("tensors", required=site == "module" or (dispatch == "none" and calls != "diffusers"))]
     must_match = entry.string("must-match", None)
     for selector in [*selectors, *([must_match] if must_match else [])]:
         if not valid_selector(selector, site):
@@ -199,7 +201,7 @@ def _contract(entry: _Entry) -> Contract:
         hint=entry.string("hint", ""),
         site=site,
         ops=ops,
-        calls=entry.choice("calls", ("flash", "sdpa", "any"), "any"),
+        calls=calls,
         max_head_dim=entry.integer("max-head-dim"),
         dispatch=None if dispatch == "none" else dispatch,
     )

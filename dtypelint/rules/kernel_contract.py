@@ -6,7 +6,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 
-from dtypelint.attention import AttentionCall, is_flash
+from dtypelint.attention import DIFFUSERS_BACKEND, AttentionCall, is_flash
 from dtypelint.diagnostics import Finding, Fix
 from dtypelint.packs.operands import Operand, attention_operands, parent
 from dtypelint.packs.schema import Contract
@@ -116,11 +116,19 @@ class ContractRule(Rule):
         return not patterns or any(fnmatchcase(class_name, pattern) for pattern in patterns)
 
     def _takes(self, call: AttentionCall) -> bool:
-        wanted = self.contract.calls
-        return wanted == "any" or (wanted == "flash") == is_flash(call.implementation)
+        wanted, implementation = self.contract.calls, call.implementation
+        kind = ("flash" if is_flash(implementation) else
+                "diffusers" if implementation.startswith(DIFFUSERS_BACKEND) else "sdpa")
+        return wanted in ("any", kind)
 
     def _check_call(self, call: AttentionCall) -> Iterator[Finding]:
         contract, where = self.contract, call.module
+        if contract.calls == "diffusers" and call.refused:
+            backend = call.implementation.removeprefix(DIFFUSERS_BACKEND)
+            yield self.finding(location=where, op=contract.kernel, dtypes=sorted({call.query, call.key, call.value}),
+                               message=f"diffusers' {backend} backend refuses the attention of {where or '<model>'} "
+                               f"(q {call.query}, k {call.key}, v {call.value}, head_dim {call.head_dim}): "
+                               f"{call.refused.rstrip('.')}")
         if contract.max_head_dim and call.head_dim > contract.max_head_dim:
             yield self.finding(location=where, op=contract.kernel, dtypes=[call.query],
                                message=f"{contract.kernel} supports head_dim up to {contract.max_head_dim}; "

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterator
 
+import torch
+
 from dtypelint.diagnostics import Applicability, Finding, Fix, Severity
 from dtypelint.dtypes import dtype_name
 from dtypelint.graph import DtypeGraph
@@ -13,9 +15,13 @@ from dtypelint.vocabulary import CASTABLE_ORIGINS, OpKind, OriginKind
 
 
 def _operands(graph: DtypeGraph, op: str) -> list[str]:
-    """The inputs that must share a dtype. Scaled-dot-product attention also takes a bool or float32
-    mask with any query dtype ("Expected attn_mask dtype to be bool or float or to match query dtype")."""
-    inputs = graph.floating_inputs(op)
+    """The inputs that must share a dtype: the floating ones, and at a one-dtype kernel the integer ones too
+    (``mat1 and mat2 must have the same dtype, but got Long and Half``, which fake tensors do not raise).
+    Scaled-dot-product attention also takes a bool or float32 mask with any query dtype ("Expected
+    attn_mask dtype to be bool or float or to match query dtype")."""
+    if not graph.op_is(op, OpKind.ONE_DTYPE):
+        return graph.floating_inputs(op)
+    inputs = [node for node, _ in graph.inputs(op) if graph.dtype(node) != torch.bool]
     if not graph.op_is(op, OpKind.ATTENTION):
         return inputs
     by_argument = {argument: node for node, argument in graph.inputs(op)}
@@ -31,8 +37,8 @@ class MixedInput(Rule):
     """
     ## What it does
     Flags an op whose floating tensor inputs have different dtypes where the op needs one dtype: the
-    matmul family, convolutions and scaled-dot-product attention, and any op at which the forward
-    raised.
+    matmul family, convolutions and scaled-dot-product attention (an integer operand among floating
+    ones too: a timestep left int64 into a linear), and any op at which the forward raised.
 
     ## Why is this bad?
     These kernels do not promote. `F.linear` with a float16 activation and a float32 weight raises
@@ -69,9 +75,10 @@ class MixedInput(Rule):
     def check(self, context: RuleContext) -> Iterator[Finding]:
         graph = context.graph
         self.looked(context, sum(1 for op in graph.ops() if graph.op_is(op, OpKind.ONE_DTYPE)))
-        for op in graph.dtype_conflicts():
+        conflicts = set(graph.dtype_conflicts())
+        for op in graph.ops():
             data = graph.op(op)
-            if not graph.op_is(op, OpKind.ONE_DTYPE) and not (data["failed"] and context.dtype_error):
+            if not graph.op_is(op, OpKind.ONE_DTYPE) and not (op in conflicts and data["failed"] and context.dtype_error):
                 continue
             inputs = _operands(graph, op)
             present = {graph.tensor(node)["dtype"] for node in inputs}
