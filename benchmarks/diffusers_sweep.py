@@ -159,6 +159,36 @@ def audit_one(name: str) -> dict:
     return row
 
 
+FAMILIES = (("ControlNets and adapters", ("ControlNet", "Adapter")),
+            ("autoencoders and vocoders", ("Autoencoder", "VAE", "VQModel", "Vocoder", "Tokenizer", "Decoder")),
+            ("UNets", ("UNet",)), ("video transformers", ("3D", "Video")),
+            ("image and audio transformers", ("Transformer", "DiT", "Model")))
+
+
+def family(name: str) -> str:
+    return next((label for label, marks in FAMILIES if any(mark in name for mark in marks)), "other")
+
+
+def family_table(rows: list[dict]) -> str:
+    """A markdown row per family: classes; meta mode audited / traced to the end; value mode likewise; the
+    classes whose value and meta findings agree on the tiny config."""
+    lines = ["| family | classes | meta: audited / complete | tiny value: audited / complete | modes agree |",
+             "|---|---|---|---|---|"]
+    labels = [label for label, _ in FAMILIES] + ["other"]
+    for label in labels:
+        members = [row for row in rows if family(row["class"]) == label]
+        if not members:
+            continue
+
+        def counted(mode: str, members: list[dict] = members) -> str:
+            results = [row.get(mode) or {} for row in members]
+            return (f"{sum(result.get('stage') == 'audited' for result in results)} / "
+                    f"{sum(bool(result.get('complete')) for result in results)}")
+        agree = sum(row.get("modes_agree") is True for row in members)
+        lines.append(f"| {label} | {len(members)} | {counted('meta')} | {counted('value')} | {agree} |")
+    return "\n".join(lines)
+
+
 def run(name: str, timeout: float) -> dict:
     started = time.perf_counter()
     try:
@@ -203,6 +233,7 @@ def main() -> int:
     totals["modes_agree"] = sum(row.get("modes_agree") is True for row in rows)
     totals["modes_differ"] = [row["class"] for row in rows if row.get("modes_agree") is False]
     print(json.dumps(totals))
+    print(family_table(rows))
     if options.json:
         options.json.write_text(json.dumps({"totals": totals, "rows": rows}, indent=1))
     return 0
