@@ -79,9 +79,28 @@ def build_meta_component(path: Path, dtype: torch.dtype) -> torch.nn.Module:
     try:
         config = cls.load_config(path, local_files_only=True)
         with torch.device("meta"):
-            return cls.from_config(config).to(dtype).eval()
+            model = cls.from_config(config)
     except Exception as error:  # noqa: BLE001
         raise LoadError(f"{shown(path)}: diffusers cannot build {cls.__name__}: {first_line(error)}") from None
+    return as_loaded(model, dtype).eval()
+
+
+def as_loaded(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """``model`` in the dtypes ``from_pretrained(torch_dtype=dtype)`` gives it: the checkpoint's floating
+    tensors in ``dtype``, the ``_keep_in_fp32_modules`` in float32, and the non-persistent buffers
+    (PatchEmbed's ``pos_embed``) as the class built them, since no checkpoint loads them."""
+    kept = tuple(getattr(model, "_keep_in_fp32_modules", None) or ())
+    stored = set(model.state_dict())
+    for module_name, module in model.named_modules():
+        wide = any(part in kept for part in module_name.split("."))
+        for table in (module._parameters, module._buffers):
+            for name, tensor in table.items():
+                qualified = f"{module_name}.{name}" if module_name else name
+                if tensor is None or not tensor.is_floating_point() or qualified not in stored:
+                    continue
+                cast = tensor.to(torch.float32 if wide else dtype)
+                table[name] = torch.nn.Parameter(cast, tensor.requires_grad) if name in module._parameters else cast
+    return model
 
 
 def component_inputs(model: torch.nn.Module, *, batch: int, dtype: torch.dtype, seed: int = 0) -> dict[str, Any]:

@@ -292,3 +292,17 @@ def test_an_unknown_backend_and_a_dispatcher_backend_on_a_transformers_model_are
     assert main(["check", str(llama), "--mode", "meta", "-q", "--attn-implementation", "sage"]) == 2
     error = capsys.readouterr().err.strip()
     assert len(error.splitlines()) == 1 and "not a diffusers model" in error
+
+
+@pytest.mark.parametrize("name", ["DiTTransformer2DModel", "PixArtTransformer2DModel"])
+def test_patch_embeds_float32_positions_cast_straight_back_are_infos_alike_in_value_and_meta_mode(
+        components, capsys, name):
+    """PatchEmbed's non-persistent float32 ``pos_embed`` stays float32 under from_pretrained(torch_dtype=float16)
+    and meets the latents in ``(latent + pos_embed).to(latent.dtype)``: intended, in both modes."""
+    found = {}
+    for mode in ("value", "meta"):
+        assert main(["check", str(components / name), "--dtype", "float16", "--mode", mode, "-q",
+                     "--format", "json"]) == 0
+        found[mode] = sorted((f["code"], f["severity"], f["location"]) for f in _json(capsys)["findings"])
+    assert found["value"] == found["meta"]
+    assert ("DT102", "info", "pos_embed") in found["value"] and all(severity == "info" for _, severity, _ in found["value"])

@@ -9,6 +9,7 @@ from dtypelint.diagnostics import Applicability, Finding, Fix, Severity
 from dtypelint.dtypes import dtype_name
 from dtypelint.packs.operands import parent
 from dtypelint.rules.base import Rule, RuleContext
+from dtypelint.rules.promotion import widened_ops
 from dtypelint.vocabulary import OriginKind
 
 
@@ -81,6 +82,16 @@ def _uses(context: RuleContext, names: tuple[str, ...], meeting: str | None) -> 
     return "the forward never reads it"
 
 def _uncast_meeting(context: RuleContext, name: str) -> str | None:
-    """Where the tensor first computes next to another dtype without an explicit cast, if anywhere."""
+    """Where the tensor first computes next to another dtype without an explicit cast, if anywhere; a
+    meeting whose result the model casts straight back (``(latent + pos_embed).to(latent.dtype)``) is the
+    model computing one step wide on purpose."""
     graph = context.graph
-    return next(filter(None, (graph.uncast_meeting(node) for node in graph.leaf_nodes(name))), None)
+    for node in graph.leaf_nodes(name):
+        meeting = graph.uncast_meeting(node)
+        if meeting is None:
+            continue
+        wide = graph.tensor(graph.outputs(meeting)[0])["dtype"] if graph.outputs(meeting) else None
+        after, cast_back, _ = widened_ops(graph, meeting, wide) if wide else (1, False, False)
+        if not (cast_back and after == 0):
+            return meeting
+    return None

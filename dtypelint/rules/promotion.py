@@ -162,8 +162,10 @@ class Promotion(Rule):
         what = f"{graph.describe(leaf)} ({leaf_data['dtype']})" if direct else graph.describe_derived(tensor)
         # A table the backend keeps in float32 by design (RoPE's cos/sin from inv_freq), used in float32 for a
         # few ops and cast back: the model computes that step in float32 on purpose (Olmo's rotary).
-        intended = (name is not None and context.pack.keeps_fp32(name) and cast_back
-                    and after <= INTENDED_WIDE_OPS)
+        # So is a promotion the model's code casts straight back (diffusers' PatchEmbed:
+        # ``(latent + pos_embed).to(latent.dtype)``): one op in float32, nothing leaves the stream.
+        intended = cast_back and ((name is not None and context.pack.keeps_fp32(name) and after <= INTENDED_WIDE_OPS)
+                                  or after == 0)
         ending = "; then cast back: an intended float32 step" if intended else ""
         return self.finding(
             location=data["module"],
