@@ -266,7 +266,7 @@ def _preflight(options: argparse.Namespace) -> Path | None:
         raise UsageError("--save-fixed needs --fix")
     if options.dtype and options.dtype.strip().lower() != "auto":
         for part in options.dtype.split(","):
-            dtype_attribute(part.partition("=")[2] if "=" in part else part)
+            dtype_attribute(part.partition("=")[2] if "=" in part else part, also=("auto",))
     _check_model_options(options, packs=options.packs or [])
     _check_outputs(options)
     return _model_path(options)

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
 
 from dtypelint.attention import DIFFUSERS_BACKEND, backend_verdict, diffusers_attention_backends, flash_deployment
 from dtypelint.dtypes import parse_dtype
@@ -379,13 +380,17 @@ class PipelineModules(torch.nn.Module):
 
     calls_again = True
 
-    def __init__(self, pipeline: Any) -> None:
+    def __init__(self, pipeline: Any, dtypes: Mapping[str, torch.dtype] | None = None) -> None:
         super().__init__()
         for name, component in pipeline.components.items():
             if isinstance(component, torch.nn.Module):
                 self.add_module(name, component)
+        # The components asked in a dtype of their own (``--dtype text_encoder=float32,default=float16``).
+        self.component_dtypes = {name: dtype for name, dtype in (dtypes or {}).items() if name in self._modules}
         self.__dict__["pipeline"] = pipeline  # not a child: it holds the same components
         self.call_notes: list[list[str]] = []
+        # component -> how the pipeline first called it off its dtype: the cause of the errors inside it
+        self.boundaries: dict[str, str] = {}
 
     def forward(self, **call: Any) -> Any:
         scheduler = getattr(self.pipeline, "scheduler", None)
@@ -426,13 +431,15 @@ class PipelineModules(torch.nn.Module):
             named = [*((positional[index] if index < len(positional) else f"argument {index}", value)
                        for index, value in enumerate(args)), *kwargs.items()]
             off = [f"{key} {str(value.dtype).removeprefix('torch.')}"
-                   + (f" (the output of {made[id(value)]})" if id(value) in made else "")
+                   + (f" (the output of {maker})" if (maker := _maker(value, made)) else "")
                    for key, value in named
                    if isinstance(value, torch.Tensor) and value.is_floating_point() and value.dim() > 1
                    and value.dtype != own]  # a timestep is cast where it is embedded
             if off:
                 called = name if module is component else f"{name} ({type(module).__name__} {_name_in(component, module)})"
-                notes.append(f"the pipeline calls {called} ({str(own).removeprefix('torch.')}) with {', '.join(off)}")
+                boundary = f"the pipeline calls {called} ({str(own).removeprefix('torch.')}) with {', '.join(off)}"
+                notes.append(boundary)
+                self.boundaries.setdefault(name, boundary)
         return check
 
     @staticmethod
@@ -446,14 +453,26 @@ class PipelineModules(torch.nn.Module):
         return record
 
 
+def _maker(tensor: torch.Tensor, made: dict[int, str]) -> str | None:
+    """The component whose output ``tensor`` is, or was computed from by the pipeline's own code."""
+    if id(tensor) in made:
+        return made[id(tensor)]
+    tracer = next((mode for mode in reversed(_get_current_dispatch_mode_stack()) if hasattr(mode, "upstream_modules")),
+                  None)
+    components = set(made.values())
+    upstream = tracer.upstream_modules(tensor) if tracer is not None else []
+    return next((module.split(".")[0] for module in upstream if module.split(".")[0] in components), None)
+
+
 def _name_in(parent: torch.nn.Module, child: torch.nn.Module) -> str:
     return next((name for name, module in parent.named_children() if module is child), "?")
 
 
-def modules_of(pipeline: Any) -> PipelineModules:
-    """``PipelineModules`` of ``pipeline``, under the pipeline's class name (the name reports show)."""
+def modules_of(pipeline: Any, dtypes: Mapping[str, torch.dtype] | None = None) -> PipelineModules:
+    """``PipelineModules`` of ``pipeline``, under the pipeline's class name (the name reports show);
+    ``dtypes``: the per-component dtypes it was loaded with."""
     named = type(type(pipeline).__name__, (PipelineModules,), {"__module__": __name__})
-    return named(pipeline)
+    return named(pipeline, dtypes)
 
 
 def load_pipeline(path: Path, dtype: torch.dtype | Mapping[str, torch.dtype] | None) -> Any:

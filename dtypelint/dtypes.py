@@ -27,11 +27,12 @@ _ALIASES: dict[str, str] = {
 }
 
 
-def dtype_attribute(value: str) -> str:
-    """The torch attribute a user-facing dtype name (``"fp16"``, ``"torch.bfloat16"``) stands for."""
+def dtype_attribute(value: str, *, also: tuple[str, ...] = ()) -> str:
+    """The torch attribute a user-facing dtype name (``"fp16"``, ``"torch.bfloat16"``) stands for; ``also``:
+    the other words the caller takes (the command line's ``auto``), named in the error."""
     key = str(value).strip().lower().removeprefix("torch.")
     if key not in _ALIASES:
-        known = ", ".join(sorted(_ALIASES))
+        known = ", ".join(sorted(_ALIASES) + list(also))
         raise UsageError(f"unknown dtype {value!r}; expected one of: {known}")
     return _ALIASES[key]
 

@@ -801,7 +801,7 @@ def _load_pipeline(request: Request) -> Loaded:
     pipeline = load_pipeline(request.path, dict(dtypes) if dtypes else request.dtype)  # type: ignore[arg-type]
     call = pipeline_call(pipeline)
     dtype = (dtypes or {}).get("default", request.dtype) if dtypes else request.dtype
-    return Loaded(modules_of(pipeline), call, "value", dtype, None, model_class=type(pipeline).__name__,
+    return Loaded(modules_of(pipeline, dtypes), call, "value", dtype, None, model_class=type(pipeline).__name__,
                   model_source=PIPELINE_FILE, notes=[describe_call(pipeline, call)])
 
 

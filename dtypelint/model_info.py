@@ -38,6 +38,13 @@ class ModelInfo:
     max_positions: int | None = None  # config.max_position_embeddings: where RoPE's precision is judged
     # Modules' torch.dtype attributes (bitsandbytes' ``compute_dtype``), by qualified name.
     dtype_attributes: dict[str, torch.dtype] = field(default_factory=dict)
+    # Submodules deployed in a dtype of their own on purpose (a pipeline's float32 text encoder), by name.
+    module_dtypes: dict[str, torch.dtype] = field(default_factory=dict)
+
+    def intended_dtype(self, tensor: str, compute: torch.dtype) -> torch.dtype:
+        """The dtype ``tensor`` is meant to be in: its submodule's own, where it has one, else ``compute``."""
+        return next((dtype for prefix, dtype in self.module_dtypes.items() if tensor.startswith(prefix + ".")),
+                    compute)
 
     @classmethod
     def of(cls, model: torch.nn.Module) -> ModelInfo:
@@ -69,7 +76,8 @@ class ModelInfo:
                 elif isinstance(value, torch.dtype):
                     dtype_attributes[name] = value
         config = getattr(model, "config", None)
-        keep = getattr(model, "_keep_in_fp32_modules", None) or []
+        # A pipeline's or wrapper's components bring their own (T5's ``wo`` inside a diffusers pipeline).
+        keep = {kept for module in model.modules() for kept in getattr(module, "_keep_in_fp32_modules", None) or ()}
         return cls(
             class_name=type(model).__name__,
             modules={name: type(module).__name__ for name, module in model.named_modules()},
@@ -81,6 +89,7 @@ class ModelInfo:
             head_dim=_head_dim(config),
             max_positions=config_value(config, "max_position_embeddings"),
             dtype_attributes=dtype_attributes,
+            module_dtypes=dict(getattr(model, "component_dtypes", None) or {}),
         )
 
 

@@ -56,7 +56,8 @@ def local_path(path: str | Path) -> Path:
             raise LoadError(f"{shown(path)} is a symlink to {shown(path.readlink())}, which does not exist") from None
         if _HUB_ID.fullmatch(str(path)) and not path.is_absolute():
             raise LoadError(f"{path} does not exist here; dtypelint downloads nothing, so pass a local directory "
-                            f"(for a hub model: huggingface-cli download {path} --local-dir DIR)") from None
+                            f"(for a hub model: hf download {path} --local-dir DIR; meta mode needs only "
+                            f"--include config.json)") from None
         raise LoadError(f"{shown(path)} does not exist") from None
     return path
 

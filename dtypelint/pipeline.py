@@ -13,7 +13,7 @@ import torch
 
 from dtypelint.autocast import POLICIES, AutocastPolicy
 from dtypelint.config import SettingOverrides, Settings
-from dtypelint.diagnostics import Finding
+from dtypelint.diagnostics import Finding, Severity
 from dtypelint.diffusion import component_class_name
 from dtypelint.dtypes import dtype_name, parse_dtype
 from dtypelint.errors import UsageError
@@ -384,7 +384,20 @@ def _with_load(loaded: Loaded, report: Report, inputs: Any) -> Report:
     report.model_source = loaded.model_source
     report.made_inputs = [made for made in loaded.made_inputs if made.name in inputs]
     report.notes += [*loaded.notes, *_call_notes(loaded.model)]
+    _name_boundaries(loaded.model, report.findings)
     return report
+
+
+def _name_boundaries(model: torch.nn.Module, findings: list[Finding]) -> None:
+    """An error inside a component the pipeline called with inputs off its dtype ends with that call: its
+    cause is on the other side of the boundary (a float32 text encoder's output into a float16 UNet)."""
+    boundaries = getattr(model, "boundaries", None) or {}
+    for finding in findings:
+        component = finding.location.split(".")[0]
+        if finding.severity == Severity.ERROR and component in boundaries:
+            finding.message += f"; {boundaries[component]}"
+    if boundaries:
+        boundaries.clear()
 
 
 def _call_notes(model: torch.nn.Module) -> list[str]:

@@ -21,6 +21,7 @@ import inspect
 import re
 import sys
 import weakref
+from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -560,6 +561,26 @@ class Tracer(TorchDispatchMode):
                 module = self.failure_module if self.failure_module is not None else self.modules.current
                 self.records.append(OpRecord(PythonCall(frame.f_code.co_name), module, inputs))
                 return
+
+    def upstream_modules(self, tensor: torch.Tensor) -> list[str]:
+        """The modules of the ops ``tensor`` was computed from, nearest first (a pipeline names the component
+        whose output it passed on through its own ``repeat``/``view``/``cat``)."""
+        index = self._recorded(tensor)
+        if index is None:
+            return []
+        producers = {output: record for record in self.records for output in record.outputs or ()}
+        seen, queue, modules = {index}, deque([index]), []
+        while queue:
+            record = producers.get(queue.popleft())
+            if record is None:
+                continue
+            if record.module:
+                modules.append(record.module)
+            for _, source in record.inputs:
+                if source not in seen:
+                    seen.add(source)
+                    queue.append(source)
+        return modules
 
     def release(self) -> None:
         """Drop the references the trace holds to the model's tensors (call once the graph is built)."""

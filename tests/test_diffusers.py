@@ -150,9 +150,24 @@ def test_a_float32_text_encoder_in_a_float16_pipeline_is_an_error_in_the_unet(pi
     errors = [finding for finding in report["findings"] if finding["severity"] == "error"]
     assert errors and all(error["location"].startswith("unet.") for error in errors)
     assert any(error["code"] == "DT101" and "float32" in error["message"] for error in errors)
+    # Each error names both sides of the boundary it comes from.
+    assert all(error["message"].endswith("; the pipeline calls unet (float16) with sample float32, "
+                                         "encoder_hidden_states float32 (the output of text_encoder)")
+               for error in errors)
     # The boundary: the pipeline made the UNet's inputs in the text encoder's dtype.
     assert any(note.startswith("the pipeline calls unet (float16) with sample float32") and
-               "encoder_hidden_states float32" in note for note in report["notes"])
+               "encoder_hidden_states float32 (the output of text_encoder)" in note for note in report["notes"])
+    # The text encoder was asked in float32: its float32 weights are intended, not DT105.
+    assert not [finding for finding in report["findings"] if finding["location"].startswith("text_encoder")]
+
+
+def test_a_components_keep_in_fp32_modules_hold_inside_a_pipeline():
+    from dtypelint.model_info import ModelInfo
+
+    t5 = transformers.T5EncoderModel(transformers.T5Config(
+        vocab_size=32, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=2))
+    assert "wo" in t5._keep_in_fp32_modules
+    assert "wo" in ModelInfo.of(torch.nn.ModuleDict({"text_encoder_2": t5})).keep_in_fp32_modules
 
 
 def test_the_audit_leaves_the_components_and_the_scheduler_as_they_were(pipeline):

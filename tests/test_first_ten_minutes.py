@@ -26,6 +26,8 @@ def run_command(*arguments: str, cwd: Path = ROOT) -> subprocess.CompletedProces
         (["check"], "check needs a PATH"),
         (["check", "/no/such/dir"], "does not exist"),
         (["check", "examples/tiny-llama", "--dtype", "fp17"], "unknown dtype 'fp17'"),
+        (["check", "examples/tiny-llama", "--dtype", "fp17"], "fp16, fp32, fp64, half, auto"),
+        (["check", "gpt2"], "hf download gpt2 --local-dir DIR; meta mode needs only --include config.json"),
         (["check", "examples/tiny-llama", "--backend", "cudaa"], "unknown backend 'cudaa'"),
         (["check", "examples/tiny-llama", "--format", "yaml"], "invalid choice: 'yaml'"),
         (["check", "examples/tiny-llama", "--graph", "out.png"], "cannot write a graph as '.png'"),

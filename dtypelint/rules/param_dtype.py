@@ -51,7 +51,7 @@ class ParamDtype(Rule):
             if info.kind == OriginKind.ATTRIBUTE or not info.dtype.is_floating_point:
                 continue
             self.looked(context)
-            if dtype_name(info.dtype) == compute:
+            if dtype_name(info.dtype) in (compute, dtype_name(model.intended_dtype(name, context.compute_dtype))):
                 continue
             if context.pack.keeps_fp32(name) or keep & set(name.split(".")):
                 continue
