@@ -10,6 +10,8 @@ from dataclasses import asdict, dataclass
 from enum import StrEnum
 from typing import Any
 
+ISLAND_CODE = "DT103"  # the rule whose fix is a precision plan (``dtypelint.advisor``)
+
 
 class Severity(StrEnum):
     """How bad a finding is, in rank order. A ``StrEnum``: it is its name in JSON, TOML and on the command

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, overload
 
 import torch
 
-from dtypelint.diagnostics import Applicability, Severity
+from dtypelint.diagnostics import ISLAND_CODE, Applicability, Severity
 from dtypelint.dtypes import dtype_name, parse_dtype
 from dtypelint.errors import UsageError
 from dtypelint.paths import local_path, parse_file, shown
@@ -26,7 +26,6 @@ from dtypelint.vocabulary import OriginKind
 if TYPE_CHECKING:
     from dtypelint.advisor import Islands, PrecisionPlan
 
-ISLAND_CODE = "DT103"  # the rule whose fix is a precision plan
 
 def plan_fixes(report: Report, *, unsafe: bool = False) -> FixPlan:
     """The casts the report's findings propose: safe ones, and unsafe ones too when ``unsafe``."""

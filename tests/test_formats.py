@@ -359,3 +359,12 @@ def test_every_format_shows_the_audit_before_the_fix_and_what_the_fix_did(format
             assert before.summary_line() in shown and result.summary_line() in shown
             assert all(name in shown for name in cast)
         assert after.summary_line() in shown  # the re-audit, inside the outcome
+
+
+@pytest.mark.parametrize(("mode", "why"), [("meta", "meta mode has no weights to patch"),
+                                           ("static", "--static runs no forward to verify with")])
+def test_a_mode_that_cannot_fix_hints_value_mode_not_a_flag_it_refuses(stray_report, monkeypatch, mode, why):
+    monkeypatch.setenv("COLUMNS", "60")
+    lines = render(replace(stray_report, mode=mode), "text").splitlines()
+    assert not any("--fix" in line for line in lines)
+    assert f"1 error, 1 warning fixable in value mode (`--mode value` on a checkpoint with its weights; {why})" in lines

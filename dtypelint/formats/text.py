@@ -13,7 +13,7 @@ import shutil
 from collections import Counter
 from typing import TYPE_CHECKING
 
-from dtypelint.diagnostics import ROOT_LOCATION, Applicability
+from dtypelint.diagnostics import ISLAND_CODE, ROOT_LOCATION, Applicability
 from dtypelint.formats.base import FormatContext, audited, notes
 from dtypelint.formats.fix import fix_text
 
@@ -84,14 +84,25 @@ def _next_steps(report: Report) -> list[str]:
     safe = [finding for finding in report.findings if finding.fix and finding.fix.safety == Applicability.SAFE]
     unsafe = [finding for finding in report.findings if finding.fix and finding.fix.safety == Applicability.UNSAFE]
     steps = []
-    if safe:
-        steps.append(f"{_count(safe)} fixable with `--fix`")
-    if unsafe:
-        steps.append(f"{_count(unsafe)} fixable with `--fix --unsafe-fixes` (it may cost precision; "
-                     f"`--diff` lists the casts first)")
+    if report.mode != "value" and (safe or unsafe):
+        # Fixes patch real weights and are verified by a forward: only value mode has both.
+        steps.append(f"{_count(safe + unsafe)} fixable in value mode (`--mode value` on a checkpoint with its "
+                     f"weights; {_WHY_NOT_FIXED.get(report.mode, report.mode + ' mode cannot fix')})")
+    else:
+        if safe:
+            steps.append(f"{_count(safe)} fixable with `--fix`")
+        if unsafe:
+            steps.append(f"{_count(unsafe)} fixable with `--fix --unsafe-fixes` (it may cost precision; "
+                         f"`--diff` lists the casts first)")
+    if report.mode != "value" and any(finding.code == ISLAND_CODE for finding in report.findings):
+        steps.append(f"`dtypelint precision PATH --dtype {report.compute_dtype}` (with the weights) finds the "
+                     "fewest modules to keep in float32, verified by a forward")
     example = next((finding for finding in report.ordered() if finding.fix), report.ordered()[0])
     steps.append(f"`dtypelint explain {example.code}` explains a rule and how to fix it by hand")
     return steps
+
+
+_WHY_NOT_FIXED = {"meta": "meta mode has no weights to patch", "static": "--static runs no forward to verify with"}
 
 
 def _count(findings: list[Finding]) -> str:
