@@ -382,7 +382,7 @@ def _precision(options: argparse.Namespace) -> int:
     with _library_noise(quiet=options.quiet, progress=progress), _stdout_to_stderr():
         plan = _run_precision(options, path, progress)
     if options.write_plan:
-        plan.write(options.write_plan, sources=_sources(options))
+        _write_plan(plan, options, "the precision plan")
     from dtypelint.formats.precision import render_precision
 
     _write_stdout(render_precision(plan, options.format))
@@ -462,13 +462,21 @@ def _static(options: argparse.Namespace, path: Path, settings: Settings) -> Repo
     return audit_static(path, settings=settings)
 
 
+def _write_plan(plan: Any, options: argparse.Namespace, what: str) -> None:
+    """Write ``--write-plan`` and say so: a file written silently is a file nobody finds."""
+    from dtypelint.paths import shown
+
+    plan.write(options.write_plan, sources=_sources(options))
+    print(f"dtypelint: wrote {what} to {shown(Path(options.write_plan))}", file=sys.stderr)
+
+
 def _fix(options: argparse.Namespace, model: Any, report: Report) -> FixResult:
     from dtypelint.fixes import fix
     from dtypelint.save import save_fixed
 
     result = fix(model, report, unsafe=options.unsafe_fixes, dry_run=not options.fix)
     if options.write_plan:
-        result.plan.write(options.write_plan, sources=_sources(options))
+        _write_plan(result.plan, options, "the fix plan")
     if options.save_fixed and result.changed:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")

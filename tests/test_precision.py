@@ -259,8 +259,10 @@ def test_cli_exit_codes_and_json(checkpoints, capsys, tmp_path):
     plan_file = tmp_path / "plan.json"
     assert main(["precision", str(checkpoints / "planted"), "-q", "--format", "json",
                  "--write-plan", str(plan_file)]) == 1
-    data = json.loads(capsys.readouterr().out)
+    captured = capsys.readouterr()
+    data = json.loads(captured.out)
     assert data["keep"] == ["model.layers.2.mlp"] and data["error"]["all"] == "inf"
+    assert f"dtypelint: wrote the precision plan to {plan_file}" in captured.err.splitlines()
     assert json.loads(plan_file.read_text())["keep"] == data["keep"]
     assert main(["precision", str(checkpoints / "planted"), "-q", "--dtype", "float32"]) == 2
     assert "float16 or bfloat16" in capsys.readouterr().err
