@@ -98,11 +98,22 @@ def test_each_family_is_audited_as_the_class_its_checkpoint_records(family, mode
     assert report["mode"] == mode
 
 
-def test_the_text_report_says_what_was_built_and_fed(checkpoints, capsys):
+def test_the_text_report_says_what_was_built_and_fed(checkpoints, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")
     assert main(["check", str(checkpoints["whisper"]), "--dtype", "float16", "-q"]) == 0
     out = capsys.readouterr().out
     assert ("built WhisperForConditionalGeneration (config.architectures) on input_features float16[1, 16, 32], "
-            "decoder_input_ids int64[1, 16]") in out
+            "decoder_input_ids int64[1, 16]") in out.splitlines()
+
+
+def test_the_status_line_fits_the_terminal_between_names_and_shapes(checkpoints, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "60")
+    assert main(["check", str(checkpoints["whisper"]), "--dtype", "float16", "-q"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    start = next(index for index, line in enumerate(lines) if line.startswith("built "))
+    status = lines[start:start + 3]
+    assert all(len(line) <= 60 for line in status) and status[1].startswith("  ")
+    assert "float16[1, 16, 32]," in " ".join(status) and "int64[1, 16]" in " ".join(status)
 
 
 def test_a_t5_whose_ffn_overflows_in_float16_gets_the_nonfinite_error(checkpoints, capsys):

@@ -3,6 +3,8 @@ printable copy that the formats people read render."""
 
 from __future__ import annotations
 
+import re
+import textwrap
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,9 +53,15 @@ def audited(report: Report, context: FormatContext) -> Report:
     return report
 
 
-def notes(report: Report) -> list[str]:
-    """The report's notes and what the loader built, as the text formats list them."""
+def notes(report: Report, width: int | None = None) -> list[str]:
+    """The report's notes and what the loader built, as the text formats list them; with ``width``, the
+    status line wraps to fit it (between names, never inside one)."""
     loaded = report.loaded_line()
+    if loaded and width:
+        # A shape (``int64[1, 16]``) is one word: non-breaking spaces inside brackets while wrapping.
+        kept = re.sub(r"\[[^\]]*\]", lambda shape: shape.group().replace(" ", "\xa0"), loaded)
+        loaded = textwrap.fill(kept, width, subsequent_indent="  ", break_long_words=False,
+                               break_on_hyphens=False).replace("\xa0", " ")
     return [f"note: {note}" for note in report.notes] + ([loaded] if loaded else [])
 
 

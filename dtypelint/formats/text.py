@@ -75,7 +75,7 @@ def _text(report: Report, context: FormatContext, findings: str) -> str:
         closing = [report.summary_line(), fix_text(context.fix)]
     else:
         closing = [*_next_steps(report), report.summary_line()]
-    return "\n".join(part for part in (findings, *notes(report), *closing) if part)
+    return "\n".join(part for part in (findings, *notes(report, terminal_width()), *closing) if part)
 
 
 def _next_steps(report: Report) -> list[str]:
