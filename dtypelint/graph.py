@@ -6,7 +6,8 @@ the argument position or keyword), an edge ``op -> tensor`` an output. An in-pla
 version of the tensor it mutates, so the graph stays acyclic.
 
 Op node attributes: ``kind="op"``, ``index``, ``target`` (``aten.mm.default``), ``name`` (``aten.mm``),
-``module`` (state-dict path of the module that ran it, ``""`` for the root), ``inplace``, ``failed``,
+``module`` (state-dict path of the module that ran it, ``""`` for the root), ``inplace``, ``failed`` (it
+raised, or refused its dtypes and the trace went past it: ``Tracer.go_past``),
 ``autocast`` (a cast autocast made), ``step`` (0: the first call; n: decode step n). A ``python.NAME`` op is a function of the model's code that raised a
 dtype error before any op ran, with the tensors its frame held.
 Tensor node attributes: ``kind="tensor"``, ``dtype`` (``"float16"``), ``shape`` (tuple), ``device``,
@@ -152,7 +153,7 @@ class DtypeGraph(nx.DiGraph):
                 kind="op",
                 index=index,
                 module=record.module,
-                failed=not record.completed,
+                failed=record.refused or not record.completed,
                 autocast=index in autocast_casts,
                 step=bisect.bisect_right(result.step_starts, index),  # 0: the first call; n: decode step n
             )

@@ -16,7 +16,7 @@ from dtypelint.config import SettingOverrides, Settings
 from dtypelint.diagnostics import Finding, Severity
 from dtypelint.diffusion import component_class_name
 from dtypelint.dtypes import dtype_name, parse_dtype
-from dtypelint.errors import UsageError
+from dtypelint.errors import UsageError, first_line
 from dtypelint.forward import Call, run_forward
 from dtypelint.graph import DtypeGraph
 from dtypelint.load import Loaded, Request, config_dtype, load, load_config, stored_dtypes
@@ -76,6 +76,8 @@ class TraceOptions:
     attn_implementation: str | None = None
     autocast: str = "cpu"
     steps: int = 1
+    go_past: int = 64  # kernels refusing a mix of dtypes the trace goes past, to find the errors behind the first
+    compute_dtype: torch.dtype | None = None  # what the operands of a refused kernel are cast to (None: inferred)
 
     @classmethod
     def from_settings(cls, settings: Settings, **chosen: Any) -> TraceOptions:
@@ -118,7 +120,8 @@ def _traced(model: torch.nn.Module, inputs: Any, options: TraceOptions, notes: l
     def tracer_for(call: Call) -> Tracer:
         tracer = Tracer(model, stats=options.stats and options.mode == "value", state=call.state, on_module=on_module,
                         max_ops=options.max_ops, autocast_device=options.autocast,
-                        function_level=function_level)
+                        function_level=function_level, go_past=options.go_past,
+                        compute_dtype=options.compute_dtype)
         tracer.add_inputs(call.args, call.kwargs, call.names)
         tracers.append(tracer)
         return tracer
@@ -135,8 +138,21 @@ def _traced(model: torch.nn.Module, inputs: Any, options: TraceOptions, notes: l
         notes.append(path_note)
     if tracer.autocast_casts:
         notes.append(_autocast_note(POLICIES[options.autocast]))
-    return TraceResult(tracer, ran.error, fake=options.mode == "meta", notes=notes, torch_log=ran.torch_log,
+    error = ran.error
+    if tracer.refusals:
+        notes.append(_went_past_note(tracer, ran.error))
+        error = tracer.refusals[0]  # where the deployment stops
+    return TraceResult(tracer, error, fake=options.mode == "meta", notes=notes, torch_log=ran.torch_log,
                        step_starts=step_starts, step_name="call" if getattr(model, "calls_again", False) else "decode step")
+
+
+def _went_past_note(tracer: Tracer, error: Exception | None) -> str:
+    count = len(tracer.refusals)
+    went = (f"the trace went on past {'the kernel' if count == 1 else f'{count} kernels'} that refused a mix of "
+            "dtypes, each run on its operands cast to its module's dtype, to find the errors behind the first")
+    if error is not None:
+        went += f"; then the forward raised {type(error).__name__}: {first_line(error)}"
+    return went
 
 
 def _autocast_note(policy: AutocastPolicy) -> str:
@@ -155,7 +171,8 @@ def _graph(result: TraceResult) -> DtypeGraph:
 
 def trace(model: torch.nn.Module, inputs: Any, *, mode: str = "value", stats: bool = False) -> DtypeGraph:
     """Run ``model`` on ``inputs`` under the tracer and return the dtype graph (never raises for a
-    forward that fails: the graph holds the ops up to the failing one, marked ``failed``)."""
+    forward that fails: the graph holds the ops up to the failing one, marked ``failed``; a kernel that
+    refused a mix of dtypes is marked ``failed`` too, and the trace went on past it: ``Tracer.go_past``)."""
     notes: list[str] = []
     model = _unwrap(model, notes)
     return _graph(_run(model, inputs, TraceOptions(mode=mode, stats=stats, max_ops=Options().max_ops), notes))
@@ -314,7 +331,8 @@ def _audit(model: torch.nn.Module, inputs: Any, chosen: TraceOptions, settings: 
     notes: list[str] = []
     model = _unwrap(model, notes)
     compute_dtype = parse_dtype(settings.dtype) or infer_compute_dtype(model)
-    options = TraceOptions.from_settings(settings, mode=chosen.mode, stats=chosen.stats, progress=chosen.progress)
+    options = TraceOptions.from_settings(settings, mode=chosen.mode, stats=chosen.stats, progress=chosen.progress,
+                                         compute_dtype=compute_dtype)
     result = _run(model, inputs, options, notes)
     value = chosen.mode == "value"
     rerun = Rerun(inputs, functools.partial(_audit_again, settings, dtype_name(compute_dtype))) if value else None
@@ -360,7 +378,8 @@ def audit_loaded(loaded: Loaded, *, settings: Settings, progress: bool = False) 
                         stored=loaded.stored_dtypes)
         return _with_load(loaded, report, loaded.inputs)
 
-    options = TraceOptions.from_settings(settings, mode="meta", progress=progress, fake_mode=loaded.fake_mode)
+    options = TraceOptions.from_settings(settings, mode="meta", progress=progress, fake_mode=loaded.fake_mode,
+                                         compute_dtype=loaded.dtype)
     inputs = loaded.inputs
     result = _run(loaded.model, inputs, options, [])
     if needs_values(result.error) and "attention_mask" in inputs:

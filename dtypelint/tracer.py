@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 import re
 import sys
 import weakref
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -34,7 +35,7 @@ import torch.nn.functional as F
 from torch._ops import OpOverload
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import keystr, tree_flatten_with_path, tree_leaves
+from torch.utils._pytree import keystr, tree_flatten_with_path, tree_leaves, tree_map
 
 from dtypelint.attention import AttentionRecorder, autocast_dtype
 from dtypelint.autocast import autocast_operands
@@ -76,15 +77,17 @@ def _padded_shape(nested: torch.Tensor) -> torch.Size:
 
 class OpRecord:
     """One dispatched op: its inputs as ``(argument, tensor index)`` pairs, recorded before it runs, and
-    its output tensor indices, which stay ``None`` when the op raised."""
+    its output tensor indices, which stay ``None`` when the op raised. ``refused``: the kernel refused the
+    dtypes it was given, and the trace went past it on operands cast to one dtype (``Tracer.go_past``)."""
 
-    __slots__ = ("func", "module", "inputs", "outputs")
+    __slots__ = ("func", "module", "inputs", "outputs", "refused")
 
     def __init__(self, func: Any, module: str, inputs: list[tuple[str, int]]) -> None:
         self.func = func
         self.module = module
         self.inputs = inputs
         self.outputs: list[int] | None = None
+        self.refused = False
 
     @property
     def completed(self) -> bool:
@@ -280,6 +283,12 @@ class Tracer(TorchDispatchMode):
     asks (``function_level=REASON``). A trace without it that shows it was needed says so in
     ``wants_function_level`` (a call raised before dispatch, autocast was turned on inside the forward):
     ``dtypelint.pipeline`` then traces the forward again with it.
+
+    ``go_past``: how many kernels that refuse a mix of dtypes the trace goes past, so that one run finds the
+    errors behind the first. A refused op is recorded as it was called, marked ``refused``, and run again on
+    its floating operands cast to the dtype its module is meant to compute in (``compute_dtype`` or the
+    component's own; default: the dtype of most parameter elements); ``refusals`` keeps each exception, the
+    first is the one the deployment raises.
     """
 
     def __init__(
@@ -292,9 +301,15 @@ class Tracer(TorchDispatchMode):
         max_ops: int | None = None,
         autocast_device: str = "cpu",
         function_level: str | None = None,
+        go_past: int = 0,
+        compute_dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         self.model = model
+        self.go_past = go_past
+        self._asked_dtype = compute_dtype
+        self.refusals: list[Exception] = []
+        self._paused = False  # running a refused op again on cast operands: recorded as the refused one
         self.function_level = function_level
         self.wants_function_level: str | None = None
         self.stats = stats
@@ -408,13 +423,17 @@ class Tracer(TorchDispatchMode):
             inputs += [(name + suffix, self._index(tensor)) for suffix, tensor in iter_tensors(value)]
         return inputs
 
-    def failed_call(self, op: OpOverload, args: tuple, kwargs: Mapping[str, Any], recorded_before: int) -> None:
-        """A composite call (``F.conv2d``) raised: record it as a failed ``op``, unless one of the aten ops it
-        dispatched is the one that failed (it was recorded with the dtypes the kernel got)."""
+    def failed_call(self, op: OpOverload, args: tuple, kwargs: Mapping[str, Any],
+                    recorded_before: int) -> OpRecord | None:
+        """A composite call (``F.conv2d``) raised: record it as a failed ``op`` and return the record, unless
+        one of the aten ops it dispatched is the one that failed (it was recorded with the dtypes the kernel
+        got)."""
         if self.ops_run > self.max_ops or (len(self.records) > recorded_before and not self.records[-1].completed):
-            return
-        self.records.append(OpRecord(op, self.modules.current, self._inputs(args, kwargs)))
+            return None
+        record = OpRecord(op, self.modules.current, self._inputs(args, kwargs))
+        self.records.append(record)
         self.failed_before_dispatch = True
+        return record
 
     @property
     def function_level_recorded(self) -> bool:
@@ -445,7 +464,7 @@ class Tracer(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
         kwargs = kwargs or {}
         traits = _TRAITS.get(id(func)) or _traits(func)
-        if traits.metadata:
+        if traits.metadata or self._paused:
             return func(*args, **kwargs)
         self.ops_run += 1
         if self.ops_run > self.max_ops:
@@ -456,7 +475,10 @@ class Tracer(TorchDispatchMode):
             self.attention.dispatched(args, kwargs)
         record = OpRecord(func, self.modules.current, self._inputs(args, kwargs))
         self.records.append(record)
-        outputs = func(*args, **kwargs)
+        try:
+            outputs = func(*args, **kwargs)
+        except RuntimeError as error:
+            outputs = self.run_past(func, args, kwargs, record, error)
         measure = self.stats and traits.makes_values
         if isinstance(outputs, torch.Tensor):
             index = self._new(outputs, None)
@@ -472,6 +494,42 @@ class Tracer(TorchDispatchMode):
             produced.append(index)
         record.outputs = produced
         return outputs
+
+    def run_past(self, func: Any, args: tuple, kwargs: Mapping[str, Any], record: OpRecord,
+                 error: Exception) -> Any:
+        """The outputs of ``func``, which refused the dtypes ``record`` holds, on its floating operands cast
+        to the dtype its module is meant to compute in, run unrecorded; or ``error`` raised again where the
+        trace does not go past it: past the budget, an error not about dtypes, an op that writes, or
+        operands none of which has that dtype."""
+        floating = {tensor.dtype for _, tensor in iter_tensors([*args, *kwargs.values()]) if tensor.is_floating_point()}
+        target = self.model_info.intended_dtype(record.module + ".", self._compute_dtype)
+        writes = isinstance(func, OpOverload) and _traits(func).writes
+        if (len(self.refusals) >= self.go_past or writes or not is_dtype_error(error) or len(floating) < 2
+                or target not in floating):
+            raise error
+
+        def cast(value: Any) -> Any:
+            return value.to(target) if isinstance(value, torch.Tensor) and value.is_floating_point() else value
+
+        self._paused = True
+        try:
+            outputs = func(*tree_map(cast, args), **tree_map(cast, kwargs))
+        finally:
+            self._paused = False
+        self.refusals.append(error)
+        record.refused = True
+        return outputs
+
+    @functools.cached_property
+    def _compute_dtype(self) -> torch.dtype:
+        """The dtype asked, else the floating dtype holding most parameter elements."""
+        if self._asked_dtype is not None:
+            return self._asked_dtype
+        sizes: Counter[torch.dtype] = Counter()
+        for info in self.model_info.tensors.values():
+            if info.kind == OriginKind.PARAMETER and info.dtype.is_floating_point:
+                sizes[info.dtype] += math.prod(info.shape)
+        return sizes.most_common(1)[0][0] if sizes else torch.float32
 
     def _note_parameter_writes(self, func: Any, args: tuple, kwargs: Mapping[str, Any]) -> None:
         for position, name in _written_arguments(func):
@@ -613,9 +671,13 @@ class _FunctionCalls(TorchFunctionMode):
             return func(*args, **kwargs)
         try:
             return func(*args, **kwargs)
-        except Exception:
-            tracer.failed_call(op, args, kwargs, recorded_before)
-            raise
+        except Exception as error:
+            record = tracer.failed_call(op, args, kwargs, recorded_before)
+            if record is None:
+                raise
+            outputs = tracer.run_past(func, args, kwargs, record, error)
+            record.outputs = [tracer._new(tensor, None) for _, tensor in iter_tensors(outputs)]
+            return outputs
 
 
 def function_mode_dependent(model: torch.nn.Module) -> list[tuple[str, str]]:

@@ -148,15 +148,21 @@ def test_a_float32_text_encoder_in_a_float16_pipeline_is_an_error_in_the_unet(pi
                  "json"]) == 1
     report = _json(capsys)
     errors = [finding for finding in report["findings"] if finding["severity"] == "error"]
-    assert errors and all(error["location"].startswith("unet.") for error in errors)
-    assert any(error["code"] == "DT101" and "float32" in error["message"] for error in errors)
-    # Each error names both sides of the boundary it comes from.
-    assert all(error["message"].endswith("; the pipeline calls unet (float16) with sample float32, "
-                                         "encoder_hidden_states float32 (the output of text_encoder)")
-               for error in errors)
+    unet = "; the pipeline calls unet (float16) with sample float32, encoder_hidden_states float32 (the output of text_encoder)"
+    # The GPU raises first at the time embedding (the latents are made in the prompt embeddings' dtype); the
+    # trace goes on past it, to the cross-attention, where the text encoder's output meets the key projection.
+    assert errors[0]["code"] == "DT001" and errors[0]["location"] == "unet.time_embedding.linear_1"
+    cross = [error for error in errors if error["location"].endswith(".attn2.to_k")]
+    assert cross and all(error["code"] == "DT101" and "float32 from parameter text_encoder." in error["message"]
+                         for error in cross)
+    # Each error names both sides of the boundary it comes from: the UNet's inputs, then the VAE's.
+    assert all(error["message"].endswith(unet) for error in errors if error["location"].startswith("unet."))
+    assert {error["location"].split(".")[0] for error in errors} == {"unet", "vae"}
+    assert all("the pipeline calls vae" in error["message"] for error in errors if error["location"].startswith("vae."))
     # The boundary: the pipeline made the UNet's inputs in the text encoder's dtype.
     assert any(note.startswith("the pipeline calls unet (float16) with sample float32") and
                "encoder_hidden_states float32 (the output of text_encoder)" in note for note in report["notes"])
+    assert any(note.startswith("the trace went on past") for note in report["notes"])
     # The text encoder was asked in float32: its float32 weights are intended, not DT105.
     assert not [finding for finding in report["findings"] if finding["location"].startswith("text_encoder")]
 

@@ -133,7 +133,8 @@ def test_failing_forward_keeps_trace_and_records_the_failing_op(stray_fp32_layer
     assert len(failed) == 1
     op = failed[0]
     assert graph.nodes[op]["module"] == "head"
-    assert op == list(graph.ops())[-1] and graph.outputs(op) == []
+    # The trace went past the refusal on the operands cast to the model's dtype (float16 holds most elements).
+    assert op == list(graph.ops())[-1] and [graph.nodes[t]["dtype"] for t in graph.outputs(op)] == ["float16"]
     assert {graph.nodes[t]["dtype"] for t in graph.floating_inputs(op)} == {"float16", "float32"}
     assert "head.weight" in {graph.nodes[t]["name"] for t in graph.leaves(graph.inputs(op)[-1][0])}
     assert "same dtype" in graph.graph["error"]
@@ -333,3 +334,48 @@ def test_a_buffer_assigned_in_forward_is_named_as_the_culprit() -> None:
     assert (mixed.location, mixed.tensor) == ("proj", "table")
     assert "buffer table (assigned in forward" in mixed.message
     assert [node for node, data in report.graph.nodes(data=True) if data.get("stored_name") == "table"]
+
+
+class TwoStrayLayers(torch.nn.Module):
+    """A float16 residual MLP with two layers re-created in float32: each refuses its float16 input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = torch.nn.ModuleList(torch.nn.Linear(16, 16) for _ in range(4)).half()
+        self.layers[1], self.layers[3] = torch.nn.Linear(16, 16), torch.nn.Linear(16, 16)
+        self.head = torch.nn.Linear(16, 4).half()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = x + layer(x)
+        return self.head(x)
+
+
+def test_the_trace_goes_past_a_refused_kernel_and_finds_the_error_behind_it():
+    torch.manual_seed(0)
+    model, x = TwoStrayLayers().eval(), torch.randn(2, 16, dtype=torch.float16)
+    before = snapshot(model)
+    report = dtypelint.audit(model, x, dtype="float16")
+    errors = [(finding.code, finding.location) for finding in report.errors]
+    # The forward raises at the first; the second is found on the way on, and nothing past them: the refused
+    # layers ran on operands cast to float16, so the residual stream stays float16.
+    assert errors == [("DT001", "layers.1"), ("DT101", "layers.1"), ("DT101", "layers.3")]
+    assert not [finding for finding in report.findings if finding.code == "DT102"]
+    assert "same dtype" in report.graph.graph["error"]
+    assert any(note.startswith("the trace went on past 2 kernels that refused a mix of dtypes") for note in report.notes)
+    assert_unchanged(model, before)
+
+
+def test_the_trace_stops_at_a_refused_kernel_past_its_budget():
+    from dtypelint.graph import DtypeGraph
+    from dtypelint.tracer import Tracer
+
+    torch.manual_seed(0)
+    model = TwoStrayLayers().eval()
+    tracer = Tracer(model, go_past=1)
+    with pytest.raises(RuntimeError, match="same dtype"), tracer:
+        model(torch.randn(2, 16, dtype=torch.float16))
+    assert len(tracer.refusals) == 1
+    graph = DtypeGraph.from_tracer(tracer)
+    failed = [graph.nodes[op]["module"] for op in graph.ops() if graph.nodes[op]["failed"]]
+    assert failed == ["layers.1", "layers.3"]  # the first gone past, the second where the forward stopped
