@@ -131,6 +131,17 @@ def test_whisper_fed_float32_features_gets_the_mixed_input_error_at_the_first_co
     assert code == 1 and [made["dtype"] for made in report["inputs"]] == ["float32", "int64"]
     assert mixed and mixed[0]["location"] == "model.encoder.conv1" and mixed[0]["tensor"] == "input_features"
     assert sorted(mixed[0]["dtypes"]) == ["float16", "float32"]
+    # The caller passes the input, so the error says which cast the caller makes; every error about it does.
+    advice = "; cast the input input_features to float16 before the call (input_features.to(torch.float16))"
+    about_it = [finding for finding in report["findings"] if finding["tensor"] == "input_features"]
+    assert about_it and all(finding["message"].endswith(advice) for finding in about_it)
+
+
+def test_an_operand_computed_from_weights_gets_no_input_cast_advice(stray_fp32_layer):
+    import dtypelint
+
+    report = dtypelint.audit(stray_fp32_layer, torch.randn(3, 16, dtype=torch.float16))
+    assert report.errors and not [finding for finding in report.findings if "cast the input" in finding.message]
 
 
 def test_a_float32_vision_tower_in_a_float16_model_is_one_audit_blamed_on_the_tower(checkpoints):

@@ -18,7 +18,7 @@ from dtypelint.errors import UsageError
 from dtypelint.inputs import MAX_INPUT_ELEMENTS
 from dtypelint.load import MAX_LAYERS
 from dtypelint.tracer import is_dtype_error, needs_values
-from dtypelint.vocabulary import OpKind
+from dtypelint.vocabulary import OpKind, OriginKind
 
 if TYPE_CHECKING:
     from dtypelint.graph import DtypeGraph
@@ -185,3 +185,12 @@ class Rule:
 
     def __repr__(self) -> str:
         return f"<rule {self.code} {self.name}>"
+
+
+def input_cast_advice(graph: DtypeGraph, operand: str, dtype: str) -> str:
+    """``; cast the input X to D before the call (...)`` where ``operand`` is one of the forward's inputs (or
+    a view or copy of one): the caller passes it, so no fix of the model's tensors can; else ``""``."""
+    source = graph.tensor(graph.source(operand, through_copies=True))
+    if source["origin"] != OriginKind.INPUT or not source["name"]:
+        return ""
+    return f"; cast the input {source['name']} to {dtype} before the call ({source['name']}.to(torch.{dtype}))"

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from dtypelint.diagnostics import Finding, Severity
 from dtypelint.dtypes import dtype_name
 from dtypelint.errors import first_line
-from dtypelint.rules.base import Rule, RuleContext
+from dtypelint.rules.base import Rule, RuleContext, input_cast_advice
 
 
 class ForwardError(Rule):
@@ -47,25 +47,26 @@ class ForwardError(Rule):
             return
         data = graph.op(failed)
         inputs = [node for node, _ in graph.inputs(failed)]
+        odd = _odd_operands(context, inputs)
+        compute = dtype_name(context.compute_dtype)
         yield self.finding(
             location=data["module"],
-            tensor=_odd_operand(context, inputs),
+            tensor=next(filter(None, map(graph.blamed_leaf, odd)), None),
             op=data["name"],
             dtypes=[graph.tensor(node)["dtype"] for node in inputs],
             message=f"{message} (at {data['name']} with inputs "
             + ", ".join(f"{graph.describe(node)} {graph.tensor(node)['dtype']}" for node in inputs)
-            + ")",
+            + ")" + (input_cast_advice(graph, odd[0], compute) if odd else ""),
             node=failed,
         )
 
 
-def _odd_operand(context: RuleContext, inputs: list[str]) -> str | None:
-    """The parameter, buffer or input behind the operand off the compute dtype when the op that raised got
-    several floating dtypes: the root cause the error row names (weights before biases)."""
+def _odd_operands(context: RuleContext, inputs: list[str]) -> list[str]:
+    """The operands off the compute dtype when the op that raised got several floating dtypes, weights
+    before biases: the parameter, buffer or input behind the first is the root cause the error row names."""
     graph, compute = context.graph, dtype_name(context.compute_dtype)
     floating = [node for node in inputs if graph.dtype(node).is_floating_point]
     if len({graph.tensor(node)["dtype"] for node in floating}) < 2:
-        return None
-    odd = sorted((node for node in floating if graph.tensor(node)["dtype"] != compute),
-                 key=lambda node: -len(graph.tensor(node)["shape"]))
-    return next(filter(None, map(graph.blamed_leaf, odd)), None)
+        return []
+    return sorted((node for node in floating if graph.tensor(node)["dtype"] != compute),
+                  key=lambda node: -len(graph.tensor(node)["shape"]))

@@ -10,7 +10,7 @@ import torch
 from dtypelint.diagnostics import Applicability, Finding, Fix, Severity
 from dtypelint.dtypes import dtype_name
 from dtypelint.graph import DtypeGraph
-from dtypelint.rules.base import Rule, RuleContext
+from dtypelint.rules.base import Rule, RuleContext, input_cast_advice
 from dtypelint.vocabulary import CASTABLE_ORIGINS, OpKind, OriginKind
 
 
@@ -100,7 +100,8 @@ class MixedInput(Rule):
                 f"{graph.tensor(node)['dtype']}"
                 for node in inputs
             )
-            message = f"{data['name']} needs one dtype but receives {described}"
+            message = f"{data['name']} needs one dtype but receives {described}" + input_cast_advice(
+                graph, odd_operands[0], expected)
             location, tensor = data["module"], graph.blamed_leaf(odd_operands[0])
             if leak := _leaked_cast(graph, odd[0]):
                 location, message = graph.op(leak)["module"], f"{_leak_story(graph, leak, op)}; {message}"
