@@ -3,6 +3,7 @@ and tensor attributes as they were when the trace started, and the config fields
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -113,3 +114,12 @@ def _head_dim(config: Any) -> int | None:
 def qualified_name(prefix: str, name: str) -> str:
     """``model.layers.0`` + ``weight`` -> ``model.layers.0.weight``; the root has no prefix."""
     return f"{prefix}.{name}" if prefix else name
+
+
+def infer_compute_dtype(model: torch.nn.Module) -> torch.dtype:
+    """The floating dtype holding most parameter elements (float32 for a model without any)."""
+    sizes: Counter[torch.dtype] = Counter()
+    for param in model.parameters():
+        if param.is_floating_point():
+            sizes[param.dtype] += param.numel()
+    return sizes.most_common(1)[0][0] if sizes else torch.float32

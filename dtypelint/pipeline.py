@@ -20,7 +20,7 @@ from dtypelint.errors import UsageError, first_line
 from dtypelint.forward import Call, run_forward
 from dtypelint.graph import DtypeGraph
 from dtypelint.load import Loaded, Request, config_dtype, load, load_config, stored_dtypes
-from dtypelint.model_info import ModelInfo, TensorInfo, config_value
+from dtypelint.model_info import ModelInfo, TensorInfo, config_value, infer_compute_dtype
 from dtypelint.paths import local_path
 from dtypelint.progress import progress_bar
 from dtypelint.report import Report, Rerun
@@ -29,15 +29,6 @@ from dtypelint.rules.base import Options, RuleContext
 from dtypelint.state import refuse_uninitialised_lazy
 from dtypelint.tracer import Tracer, TraceResult, function_mode_dependent, needs_values
 from dtypelint.vocabulary import LEAF_ORIGINS, OriginKind
-
-
-def infer_compute_dtype(model: torch.nn.Module) -> torch.dtype:
-    """The floating dtype holding most parameter elements (float32 for a model without any)."""
-    sizes: Counter[torch.dtype] = Counter()
-    for param in model.parameters():
-        if param.is_floating_point():
-            sizes[param.dtype] += param.numel()
-    return sizes.most_common(1)[0][0] if sizes else torch.float32
 
 
 def _unwrap(model: Any, notes: list[str]) -> torch.nn.Module:

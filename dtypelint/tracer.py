@@ -18,11 +18,10 @@ from __future__ import annotations
 
 import functools
 import inspect
-import math
 import re
 import sys
 import weakref
-from collections import Counter, deque
+from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -39,7 +38,7 @@ from torch.utils._pytree import keystr, tree_flatten_with_path, tree_leaves, tre
 
 from dtypelint.attention import AttentionRecorder, autocast_dtype
 from dtypelint.autocast import autocast_operands
-from dtypelint.model_info import ModelInfo, qualified_name
+from dtypelint.model_info import ModelInfo, infer_compute_dtype, qualified_name
 from dtypelint.state import GlobalModes, has_values, settings_guarded
 from dtypelint.vocabulary import OpKind, OriginKind, packets
 
@@ -478,7 +477,7 @@ class Tracer(TorchDispatchMode):
         try:
             outputs = func(*args, **kwargs)
         except RuntimeError as error:
-            outputs = self.run_past(func, args, kwargs, record, error)
+            outputs = self.run_past(func, args, kwargs, record, error, writes=traits.writes)
         measure = self.stats and traits.makes_values
         if isinstance(outputs, torch.Tensor):
             index = self._new(outputs, None)
@@ -496,14 +495,14 @@ class Tracer(TorchDispatchMode):
         return outputs
 
     def run_past(self, func: Any, args: tuple, kwargs: Mapping[str, Any], record: OpRecord,
-                 error: Exception) -> Any:
+                 error: Exception, *, writes: bool = False) -> Any:
         """The outputs of ``func``, which refused the dtypes ``record`` holds, on its floating operands cast
         to the dtype its module is meant to compute in, run unrecorded; or ``error`` raised again where the
-        trace does not go past it: past the budget, an error not about dtypes, an op that writes, or
+        trace does not go past it: past the budget, an error not about dtypes, an op that writes (``writes``), or
         operands none of which has that dtype."""
-        floating = {tensor.dtype for _, tensor in iter_tensors([*args, *kwargs.values()]) if tensor.is_floating_point()}
+        floating = {leaf.dtype for leaf in tree_leaves((args, kwargs))
+                    if isinstance(leaf, torch.Tensor) and leaf.is_floating_point()}
         target = self.model_info.intended_dtype(record.module + ".", self._compute_dtype)
-        writes = isinstance(func, OpOverload) and _traits(func).writes
         if (len(self.refusals) >= self.go_past or writes or not is_dtype_error(error) or len(floating) < 2
                 or target not in floating):
             raise error
@@ -522,14 +521,7 @@ class Tracer(TorchDispatchMode):
 
     @functools.cached_property
     def _compute_dtype(self) -> torch.dtype:
-        """The dtype asked, else the floating dtype holding most parameter elements."""
-        if self._asked_dtype is not None:
-            return self._asked_dtype
-        sizes: Counter[torch.dtype] = Counter()
-        for info in self.model_info.tensors.values():
-            if info.kind == OriginKind.PARAMETER and info.dtype.is_floating_point:
-                sizes[info.dtype] += math.prod(info.shape)
-        return sizes.most_common(1)[0][0] if sizes else torch.float32
+        return self._asked_dtype or infer_compute_dtype(self.model)
 
     def _note_parameter_writes(self, func: Any, args: tuple, kwargs: Mapping[str, Any]) -> None:
         for position, name in _written_arguments(func):
