@@ -65,6 +65,8 @@ def tiny_config(model_class: type) -> dict:
             shrunk[key] = type(value)(min(v, 1) for v in value)
         elif key == "num_attention_heads" and isinstance(value, int) and value > 2:
             shrunk[key] = 2
+        elif key == "num_attention_heads" and isinstance(value, (tuple, list)):
+            shrunk[key] = type(value)(2 for _ in value)
         elif key == "block_out_channels" and isinstance(value, (tuple, list)):
             shrunk[key] = type(value)(32 for _ in value)
         elif key in NARROW and isinstance(value, int) and value > 32:

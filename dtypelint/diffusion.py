@@ -12,14 +12,19 @@ that says what to install.
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 import json
+import re
+import warnings
+from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch._subclasses.fake_tensor import unset_fake_temporarily
 from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
 
 from dtypelint.attention import DIFFUSERS_BACKEND, backend_verdict, diffusers_attention_backends, flash_deployment
@@ -112,11 +117,15 @@ def component_inputs(model: torch.nn.Module, *, batch: int, dtype: torch.dtype, 
     generator = torch.Generator().manual_seed(seed)
     made: dict[str, Any] = {}
     parameters = inspect.signature(model.forward).parameters
+    documented = inspect.getdoc(model.forward) or ""
     for name, parameter in parameters.items():
         if parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
             continue
-        maker = _MAKERS.get(name)
-        value = maker(config, made, parameters, batch, dtype, generator) if maker is not None else None
+        value = None
+        if name in _DOCUMENTED_FIRST or (parameter.default is inspect.Parameter.empty and name not in _MAKERS):
+            value = _documented_input(documented, name, config, batch, dtype, generator)
+        if value is None and (maker := _MAKERS.get(name)) is not None:
+            value = maker(config, made, parameters, batch, dtype, generator)
         if value is not None:
             made[name] = value
         elif parameter.default is inspect.Parameter.empty:
@@ -125,6 +134,57 @@ def component_inputs(model: torch.nn.Module, *, batch: int, dtype: torch.dtype, 
     if "return_dict" in parameters:
         made["return_dict"] = True
     return made
+
+
+# A documented shape beats the image-latents default for these (audio, sequences, lengths shared with the text).
+_DOCUMENTED_FIRST = ("sample", "hidden_states", "encoder_hidden_states")
+_BATCH_WORDS = ("batch", "batch_size", "batch size", "b", "bs")
+_TEXT_WORDS = ("text", "ctx", "encoder", "token", "caption", "prompt", "context", "cond")
+_LENGTH_WORDS = ("length", "len", "seq", "height", "width", "time", "t", "h", "w", "l", "n")
+_WIDTH_WORDS = ("channel", "dim", "hidden_size", "features", "mels")
+_NOT_FLOATING = ("ids", "indices", "index", "mask", "tags", "position", "shapes", "lens", "tokens")
+
+
+def _shape_documented(documented: str, name: str) -> list[str] | None:
+    """The dimensions a forward's docstring gives an argument: ``name (`torch.Tensor` of shape `(batch,
+    in_channels, length)`)`` or a shape in backticks on the line that introduces it."""
+    introduced = re.search(rf"^\s*{re.escape(name)} \((?P<line>[^\n]*(?:\n[^\n]*)?)", documented, re.M)
+    shape = re.search(r"`\(([^`()]+)\)`", introduced["line"]) if introduced else None
+    return [word.strip() for word in shape[1].split(",") if word.strip()] if shape else None
+
+
+def _dimension(word: str, config: Mapping[str, Any], batch: int) -> int | None:
+    """A documented dimension's size: the batch, two frames, a width the config names, a few text tokens for a
+    text sequence, the latents' side for any other length; None for a width the config does not name."""
+    lowered = word.lower()
+    if lowered in _BATCH_WORDS:
+        return batch
+    if word.isdigit():
+        return int(word)
+    if "frame" in lowered:
+        return 2
+    if any(mark in lowered for mark in _WIDTH_WORDS):
+        value = config.get(word)
+        return value if isinstance(value, int) and not isinstance(value, bool) else None
+    if any(mark in lowered for mark in _TEXT_WORDS):
+        return TEXT_TOKENS
+    if any(lowered == mark or lowered.startswith(mark + "_") or lowered.endswith("_" + mark) or
+           (len(mark) > 2 and mark in lowered) for mark in _LENGTH_WORDS):
+        return _side(config)
+    return None
+
+
+def _documented_input(documented: str, name: str, config: Mapping[str, Any], batch: int, dtype: torch.dtype,
+                      generator: torch.Generator) -> torch.Tensor | None:
+    """A floating input in the shape the forward's docstring gives it, where every dimension resolves; never an
+    index, mask or id, whose values a random tensor would not stand for."""
+    if any(mark in name for mark in _NOT_FLOATING):
+        return None
+    words = _shape_documented(documented, name)
+    sizes = [_dimension(word, config, batch) for word in words or ()]
+    if not sizes or None in sizes:
+        return None
+    return torch.randn(*sizes, generator=generator).to(dtype)
 
 
 def _first(value: Any) -> Any:
@@ -143,7 +203,8 @@ def _patch(config: Mapping[str, Any]) -> tuple[int, int]:
 
 def _side(config: Mapping[str, Any]) -> int:
     """The latents' side: the config's sample size capped, a multiple of every down-sampling step."""
-    factor = 2 ** max(len(config.get("block_out_channels") or ()) - 1, 0) * _patch(config)[1]
+    widths = config.get("block_out_channels")
+    factor = 2 ** max(len(widths) - 1 if isinstance(widths, (list, tuple)) else 0, 0) * _patch(config)[1]
     side = min(int(_first(config.get("sample_size")) or MAX_SIDE), MAX_SIDE)
     return max(factor, side // factor * factor)
 
@@ -161,23 +222,109 @@ def _sample(config: Mapping[str, Any], made: dict, parameters: Mapping[str, insp
     side = _side(config)
     if _packed(parameters):
         return torch.randn(batch, (side // 2) ** 2, channels, generator=generator).to(dtype)
-    if frames := _patch(config)[0] or (2 if "3D" in str(config.get("_class_name")) else 0):
+    axis = _frame_axis(str(config.get("_class_name")))
+    if axis == 1:
+        return torch.randn(batch, 2, channels, side, side, generator=generator).to(dtype)
+    if frames := _patch(config)[0] or (2 if axis == 2 or "3D" in str(config.get("_class_name")) else 0):
         return torch.randn(batch, channels, frames, side, side, generator=generator).to(dtype)
     return torch.randn(batch, channels, side, side, generator=generator).to(dtype)
 
 
+def _forward_source(class_name: str) -> tuple[str, str]:
+    """The diffusers class's forward: its code and its docstring (empty for a class diffusers does not name)."""
+    import diffusers
+
+    forward = getattr(getattr(diffusers, class_name, None), "forward", None)
+    try:
+        return (inspect.getsource(forward) if forward is not None else ""), inspect.getdoc(forward) or ""
+    except (OSError, TypeError):
+        return "", ""
+
+
+def _frame_axis(class_name: str) -> int | None:
+    """The sample's axis the class's forward reads its frame count from: 1 for Stable Video Diffusion's UNet
+    (``batch_size, num_frames = sample.shape[:2]``), 2 for AnimateDiff's (``sample.shape[2]``). Its code, not
+    its docstring, which some classes copy unchanged."""
+    axis = re.search(r"num_frames\s*=\s*sample\.shape\[(:2|1|2)\]", _forward_source(class_name)[0])
+    return None if axis is None else 2 if axis[1] == "2" else 1
+
+
 def _timestep(config: Mapping[str, Any], made: dict, parameters: Mapping[str, inspect.Parameter], batch: int,
               dtype: torch.dtype, generator: torch.Generator) -> torch.Tensor:
-    """Flow-matching transformers (SD3, Flux) get the float timestep in the latents' dtype their pipelines
-    pass; UNets and DiT the scheduler's integer step."""
-    if "pooled_projections" in parameters:
-        return torch.full((batch,), 0.5 if _packed(parameters) else 500.0, dtype=dtype)
+    """The timestep as diffusers' own pipelines for the class pass it: a float in the latents' dtype where their
+    scheduler's timesteps are floating (flow matching), divided by 1000 where they divide it (Flux); the
+    scheduler's integer step otherwise. A class no pipeline names is flow matching where its forward's docstring
+    says so or it takes pooled projections (SD3, Flux)."""
+    name = str(config.get("_class_name"))
+    timing = pipeline_timestep(name)
+    if timing is None:
+        flow = "pooled_projections" in parameters or bool(_FLOW.search(_forward_source(name)[1]))
+        timing = (flow, flow and _packed(parameters))
+    floating, unit = timing
+    if floating:
+        return torch.full((batch,), 0.5 if unit else 500.0, dtype=dtype)
     return torch.full((batch,), 10, dtype=torch.long)
+
+
+_INIT = re.compile(r"def __init__\(\s*self,(?P<parameters>.*?)\)(?:\s*->\s*None)?:", re.S)
+_ANNOTATED = re.compile(r"(\w+)\s*:\s*([A-Za-z_]\w*)")
+_FLOW = re.compile(r"flow[- ]matching", re.I)
+_DIVIDED = re.compile(r"\b(?:t|timesteps?)\b[^\n]*/\s*1000\b")
+
+
+@functools.cache
+def _pipelines() -> dict[str, list[tuple[str, bool]]]:
+    """Each class a diffusers pipeline's ``__init__`` takes (by its annotation) -> (the scheduler class that
+    pipeline is annotated with, whether its source divides the timestep by 1000), for every pipeline. Read
+    from the installed sources, not imported: importing every pipeline costs seconds and optional packages."""
+    import diffusers
+
+    found: dict[str, list[tuple[str, bool]]] = {}
+    for source in sorted(Path(diffusers.__file__).parent.joinpath("pipelines").rglob("pipeline_*.py")):
+        if "deprecated" in source.parts:
+            continue
+        text = source.read_text(encoding="utf-8", errors="replace")
+        divided = bool(_DIVIDED.search(text))
+        for init in _INIT.finditer(text):
+            annotated = dict(_ANNOTATED.findall(init["parameters"]))
+            scheduler = annotated.pop("scheduler", None)
+            for component in set(annotated.values()) if scheduler else ():
+                found.setdefault(component, []).append((scheduler, divided))
+    return found
+
+
+@functools.cache
+def _floating_steps(scheduler_name: str) -> bool | None:
+    """Whether a scheduler class's timesteps are floating, from its own ``set_timesteps`` on its default
+    config; None for an annotation that is no scheduler class, or one that needs more to set its steps."""
+    import diffusers
+
+    scheduler_class = getattr(diffusers, scheduler_name, None)
+    if not isinstance(scheduler_class, type) or not hasattr(scheduler_class, "set_timesteps"):
+        return None
+    try:
+        # The probe's tensors are real even when the inputs are made fake; its numpy warnings are not the user's.
+        with unset_fake_temporarily(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            scheduler = scheduler_class()
+            scheduler.set_timesteps(2)
+    except Exception:  # noqa: BLE001 - its steps need what a pipeline passes; the class stays undecided
+        return None
+    return bool(torch.is_floating_point(scheduler.timesteps))
+
+
+def pipeline_timestep(class_name: str) -> tuple[bool, bool] | None:
+    """(floating, divided by 1000) as most of the pipelines that take ``class_name`` pass its timestep; None
+    where no pipeline whose scheduler decides it takes the class."""
+    votes = Counter((floating, floating and divided) for scheduler, divided in _pipelines().get(class_name, ())
+                    if (floating := _floating_steps(scheduler)) is not None)
+    return votes.most_common(1)[0][0] if votes else None
 
 
 def _text_width(config: Mapping[str, Any]) -> int | None:
     for key in ("caption_channels", "joint_attention_dim", "encoder_hid_dim", "cross_attention_dim", "text_dim",
-                "text_embed_dim"):
+                "text_embed_dim", "cap_feat_dim", "context_in_dim", "text_hidden_dim", "condition_dim",
+                "cond_token_dim", "dit_text_dim"):
         if isinstance(width := _first(config.get(key)), int):
             return width
     return None
@@ -242,6 +389,32 @@ def _added_cond_kwargs(config: Mapping[str, Any], made: dict, parameters: Mappin
     return None
 
 
+def _size_condition(fill: float | None) -> Callable[..., torch.Tensor]:
+    """CogView's micro-conditions, one (height, width) pair per sample in the prompt embeddings' dtype: the
+    original and target sizes are the image's pixel size, the crop's top-left corner is (0, 0)."""
+    def make(config: Mapping[str, Any], made: dict, parameters: Mapping[str, inspect.Parameter], batch: int,
+             dtype: torch.dtype, generator: torch.Generator) -> torch.Tensor:
+        return torch.full((batch, 2), float(_side(config) * 8) if fill is None else fill, dtype=dtype)
+    return make
+
+
+def _added_time_ids(config: Mapping[str, Any], made: dict, parameters: Mapping[str, inspect.Parameter],
+                    batch: int, dtype: torch.dtype, generator: torch.Generator) -> torch.Tensor | None:
+    """Stable Video Diffusion's (fps, motion bucket, noise augmentation), in the latents' dtype."""
+    return torch.tensor([[6.0, 127.0, 0.02]] * batch, dtype=dtype)
+
+
+def _image_shapes(config: Mapping[str, Any], made: dict, parameters: Mapping[str, inspect.Parameter], batch: int,
+                  dtype: torch.dtype, generator: torch.Generator) -> list | None:
+    """QwenImage's (frames, height, width) of the packed latents per sample, as its pipelines list them."""
+    latents = made.get("hidden_states")
+    if latents is None or latents.dim() != 3:
+        return None
+    tokens = latents.shape[1]
+    height = max(side for side in range(1, int(tokens ** 0.5) + 1) if tokens % side == 0)
+    return [[(1, height, tokens // height)]] * batch
+
+
 def _controlnet_cond(config: Mapping[str, Any], made: dict, parameters: Mapping[str, inspect.Parameter],
                      batch: int, dtype: torch.dtype, generator: torch.Generator) -> torch.Tensor | None:
     """The conditioning image, at the pixel size of the latents (the conditioning embedding downsamples by 8)."""
@@ -263,6 +436,11 @@ _MAKERS: dict[str, Callable[..., Any]] = {
     "class_labels": _class_labels,
     "added_cond_kwargs": _added_cond_kwargs,
     "controlnet_cond": _controlnet_cond,
+    "original_size": _size_condition(None),
+    "target_size": _size_condition(None),
+    "crop_coords": _size_condition(0.0),
+    "added_time_ids": _added_time_ids,
+    "img_shapes": _image_shapes,
 }
 
 

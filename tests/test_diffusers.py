@@ -327,3 +327,95 @@ def test_patch_embeds_float32_positions_cast_straight_back_are_infos_alike_in_va
         found[mode] = sorted((f["code"], f["severity"], f["location"]) for f in _json(capsys)["findings"])
     assert found["value"] == found["meta"]
     assert ("DT102", "info", "pos_embed") in found["value"] and all(severity == "info" for _, severity, _ in found["value"])
+
+
+# Inputs as diffusers' own code makes them -----------------------------------------------------------------
+
+MORE_COMPONENTS = {
+    "HunyuanImageTransformer2DModel": {"num_attention_heads": 2, "num_layers": 1, "num_single_layers": 1,
+                                       "num_refiner_layers": 1, "text_embed_dim": 256},
+    "MiniMaxMusic3Transformer1DModel": {"condition_dim": 128, "num_layers": 1, "num_attention_heads": 2},
+    "UNetSpatioTemporalConditionModel": {"block_out_channels": (32, 32, 32, 32), "layers_per_block": 1,
+                                         "cross_attention_dim": 32, "num_attention_heads": (2, 2, 2, 2)},
+    "CogView4Transformer2DModel": {"num_layers": 1, "num_attention_heads": 2, "text_embed_dim": 32, "sample_size": 32},
+    "QwenImageTransformer2DModel": {"num_layers": 1, "num_attention_heads": 2, "joint_attention_dim": 32},
+}
+
+
+def _made(name: str, *, meta: bool = False) -> tuple[torch.nn.Module, dict]:
+    """A tiny model of the class in float16 and the inputs dtypelint makes for it (fake ones on meta)."""
+    from dtypelint.diffusion import component_inputs
+    from dtypelint.fake import new_fake_mode
+
+    torch.manual_seed(0)
+    with torch.device("meta" if meta else "cpu"):
+        model = getattr(diffusers, name)(**MORE_COMPONENTS[name]).to(torch.float16).eval()
+    if not meta:
+        return model, component_inputs(model, batch=1, dtype=torch.float16)
+    with new_fake_mode():
+        return model, component_inputs(model, batch=1, dtype=torch.float16)
+
+
+def test_the_timestep_is_read_from_the_pipelines_that_take_the_class():
+    from dtypelint.diffusion import pipeline_timestep
+
+    # (floating, divided by 1000): Flux's pipelines pass t / 1000 in the latents' dtype, HunyuanImage's the
+    # flow-matching step itself, Stable Diffusion's the DDIM/PNDM integer step.
+    assert pipeline_timestep("FluxTransformer2DModel") == (True, True)
+    assert pipeline_timestep("HunyuanImageTransformer2DModel") == (True, False)
+    assert pipeline_timestep("UNet2DConditionModel") == (False, False)
+    assert pipeline_timestep("NoSuchModel") is None
+
+
+@pytest.mark.parametrize("mode", ["value", "meta"])
+def test_a_flow_matching_transformer_that_casts_to_the_timesteps_dtype_is_clean_on_its_pipelines_timestep(mode):
+    """HunyuanImage embeds the timestep in the timestep's own dtype: an int64 step (the UNet default) made
+    DT101 at its time embedder; its pipeline passes ``t.to(latents.dtype)``."""
+    import dtypelint
+
+    model, inputs = _made("HunyuanImageTransformer2DModel", meta=mode == "meta")
+    assert inputs["timestep"].dtype == torch.float16
+    report = dtypelint.audit(model, inputs, mode=mode, dtype="float16")
+    assert not report.errors and not report.by_code("DT001"), report.errors
+
+
+def test_an_audio_transformer_gets_the_shapes_its_forward_documents():
+    """MiniMaxMusic3's forward documents ``hidden_states (batch, in_channels, length)`` and
+    ``encoder_hidden_states (batch, length, condition_dim)``: one length for both, a 1D sequence, not image
+    latents; its docstring says flow matching, so the timestep is a float."""
+    import dtypelint
+
+    model, inputs = _made("MiniMaxMusic3Transformer1DModel")
+    config = model.config
+    assert inputs["hidden_states"].shape[:2] == (1, config.in_channels) and inputs["hidden_states"].dim() == 3
+    assert inputs["encoder_hidden_states"].shape == (1, inputs["hidden_states"].shape[2], config.condition_dim)
+    assert inputs["timestep"].is_floating_point()
+    before = snapshot(model)
+    report = dtypelint.audit(model, inputs, dtype="float16")
+    assert not report.errors and not report.by_code("DT001"), report.errors
+    assert_unchanged(model, before)
+
+
+def test_stable_video_diffusions_unet_gets_frames_first_and_its_added_time_ids():
+    """Its forward reads ``batch_size, num_frames = sample.shape[:2]``; the AlphaBlender's float32
+    ``torch.ones`` is reshaped and cast back to the stream's dtype: an intended step, not a warning."""
+    import dtypelint
+
+    model, inputs = _made("UNetSpatioTemporalConditionModel")
+    assert inputs["sample"].shape[1:3] == (2, model.config.in_channels)
+    assert inputs["added_time_ids"].shape == (1, 3) and inputs["added_time_ids"].dtype == torch.float16
+    report = dtypelint.audit(model, inputs, dtype="float16")
+    assert report.findings and not report.errors
+    mixers = [finding for finding in report.by_code("DT102") if finding.location.endswith("time_mixer")]
+    assert mixers and all(finding.severity.value == "info" for finding in mixers)
+
+
+@pytest.mark.parametrize(("name", "made"), [("CogView4Transformer2DModel", ("original_size", "target_size", "crop_coords")),
+                                            ("QwenImageTransformer2DModel", ("img_shapes",))])
+def test_size_conditions_and_image_shapes_are_made_as_the_pipelines_make_them(name, made):
+    import dtypelint
+
+    model, inputs = _made(name)
+    assert set(made) <= set(inputs)
+    report = dtypelint.audit(model, inputs, dtype="float16")
+    assert not report.errors and not report.by_code("DT001"), report.findings

@@ -163,9 +163,12 @@ class Promotion(Rule):
         # A table the backend keeps in float32 by design (RoPE's cos/sin from inv_freq), used in float32 for a
         # few ops and cast back: the model computes that step in float32 on purpose (Olmo's rotary).
         # So is a promotion the model's code casts straight back (diffusers' PatchEmbed:
-        # ``(latent + pos_embed).to(latent.dtype)``): one op in float32, nothing leaves the stream.
-        intended = cast_back and ((name is not None and context.pack.keeps_fp32(name) and after <= INTENDED_WIDE_OPS)
-                                  or after == 0)
+        # ``(latent + pos_embed).to(latent.dtype)``): one op in float32, nothing leaves the stream. And a
+        # constant the forward makes in the default dtype, cast back after a few ops (diffusers' AlphaBlender:
+        # ``torch.where(..., torch.ones(1, 1), ...)``, reshaped, then ``.to(x.dtype)``).
+        short = after <= INTENDED_WIDE_OPS
+        intended = cast_back and ((name is not None and context.pack.keeps_fp32(name) and short) or after == 0
+                                  or (leaf_data["origin"] == OriginKind.CONSTANT and short))
         ending = "; then cast back: an intended float32 step" if intended else ""
         return self.finding(
             location=data["module"],
