@@ -13,6 +13,7 @@ import io
 import logging
 import os
 import sys
+import tomllib
 import traceback
 import warnings
 from collections.abc import Iterator, Sequence
@@ -26,12 +27,14 @@ from dtypelint.formats import FORMATS, PRECISION_FORMATS
 from dtypelint.paths import (
     GRAPH_SUFFIXES,
     check_output_file,
+    find_pyproject,
     local_path,
     reason,
     refuse_weights_file,
     shown,
     unsupported_graph_suffix,
 )
+from dtypelint.rule_docs import find_rule_doc, shipped_rule_docs
 from dtypelint.shipped import available_packs, is_pack_path, shipped_pack
 
 if TYPE_CHECKING:
@@ -518,8 +521,13 @@ def _write_stdout(output: str) -> None:
 
 
 def _rules(options: argparse.Namespace) -> int:
-    from dtypelint.config import load_settings
     from dtypelint.formats.catalog import render_rules
+
+    if options.backend is None and options.config is None and not _configured(find_pyproject()):
+        # The shipped rules, every one enabled: the catalog, without importing torch.
+        print(render_rules(shipped_rule_docs(), options.format))
+        return EXIT_CLEAN
+    from dtypelint.config import load_settings
     from dtypelint.rules import all_rules
 
     settings = load_settings(options.config)
@@ -528,12 +536,20 @@ def _rules(options: argparse.Namespace) -> int:
     return EXIT_CLEAN
 
 
-def _explain(code: str) -> int:
-    from dtypelint.rules import find_rule
+def _configured(pyproject: Path | None) -> bool:
+    """Whether a pyproject.toml may change the rule list (a ``[tool.dtypelint]`` table, or one it cannot read:
+    the full path then says why)."""
+    try:
+        return pyproject is not None and "dtypelint" in tomllib.loads(pyproject.read_text("utf-8")).get("tool", {})
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError, AttributeError):
+        return True
 
-    rule = find_rule(code)
-    print(f"# {rule.name} ({rule.code})\n\ncategory: {rule.category}, default severity: {rule.severity}, "
-          f"fix: {rule.fix_availability}\n\n{rule.docs}")
+
+def _explain(code: str) -> int:
+    doc = find_rule_doc(code)  # the shipped rules: all that ``explain`` knows, as ``rules.find_rule``
+    if doc is None:
+        raise UsageError(f"unknown rule {code!r}; `dtypelint rules` lists them")
+    print(doc.explanation())
     return EXIT_CLEAN
 
 

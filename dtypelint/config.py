@@ -40,7 +40,7 @@ from dtypelint.diagnostics import SEVERITIES
 from dtypelint.dtypes import dtype_name, parse_dtype
 from dtypelint.errors import DtypelintError, LoadError, UsageError
 from dtypelint.packs.schema import BackendPack, combine, load_pack
-from dtypelint.paths import parse_file
+from dtypelint.paths import find_pyproject, parse_file
 from dtypelint.rules import Selection, all_rules
 from dtypelint.rules.base import Options, Rule, option_problem
 
@@ -172,15 +172,6 @@ def _changed_options(options: Options, changes: Mapping[str, Any]) -> Options:
     except TypeError:
         known = ", ".join(f.name for f in fields(Options))
         raise UsageError(f"options takes {known}, not {dict(changes)}") from None
-
-
-def find_pyproject(start: Path | None = None) -> Path | None:
-    """The nearest ``pyproject.toml`` at or above ``start`` (default: the working directory)."""
-    directory = (start or Path.cwd()).resolve()
-    for candidate in (directory, *directory.parents):
-        if (candidate / "pyproject.toml").is_file():
-            return candidate / "pyproject.toml"
-    return None
 
 
 def load_settings(path: Path | str | None = None) -> Settings:

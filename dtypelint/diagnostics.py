@@ -6,7 +6,8 @@ none of that is imported here.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import re
+from dataclasses import asdict, dataclass, replace
 from enum import StrEnum
 from typing import Any
 
@@ -91,3 +92,86 @@ class Finding:
         data = asdict(self)
         data.pop("node")
         return data
+
+
+# One cause in many layers ------------------------------------------------------------------------------------
+
+_DOTTED = re.compile(r"[A-Za-z_]\w*(?:\.\w+)+")  # module, parameter and buffer names: model.layers.0.self_attn
+_INDEX = re.compile(r"(?<=\.)\d+(?=\.|$)")  # a layer index inside one of them
+_SLOT = "\x00"
+
+
+def _indexed(text: str, numbers: list[int]) -> str:
+    """``text`` with each layer index inside a dotted name replaced by a slot; the indices go to ``numbers``."""
+    def slotted(name: re.Match[str]) -> str:
+        def slot(index: re.Match[str]) -> str:
+            numbers.append(int(index.group()))
+            return _SLOT
+        return _INDEX.sub(slot, name.group())
+    return _DOTTED.sub(slotted, text)
+
+
+def _indices(values: set[int]) -> str:
+    """``{0..79}``, ``{0,2,5}``, ``{0..3,7}``: the indices one slot takes across a group; one index bare."""
+    if len(values) == 1:
+        return str(next(iter(values)))
+    ordered, runs = sorted(values), []
+    start = previous = ordered[0]
+    for value in [*ordered[1:], None]:
+        if value is not None and value == previous + 1:
+            previous = value
+            continue
+        runs.append(str(start) if start == previous else f"{start},{previous}" if previous == start + 1
+                    else f"{start}..{previous}")
+        if value is not None:
+            start = previous = value
+    return "{" + ",".join(runs) + "}"
+
+
+@dataclass(frozen=True)
+class FindingGroup:
+    """Findings of one rule that differ only in the layer indices of the names they mention (the same fault in
+    each of 80 decoder layers): ``finding`` is the first, with each index that varies shown as the set it
+    takes (``model.layers.{0..79}.self_attn``); ``members`` are all of them, in report order."""
+
+    finding: Finding
+    members: tuple[Finding, ...]
+
+    @property
+    def count(self) -> int:
+        return len(self.members)
+
+
+def group_findings(findings: list[Finding]) -> list[FindingGroup]:
+    """``findings`` grouped by rule, severity, pack, op, dtypes and the texts they show with layer indices
+    taken out (location, tensor, message, fix), in order of each group's first member."""
+    groups: dict[tuple, list[tuple[Finding, list[int]]]] = {}
+    for finding in findings:
+        numbers: list[int] = []
+        shaped = tuple(_indexed(text or "", numbers) for text in (
+            finding.location, finding.tensor, finding.message, finding.fix.description if finding.fix else None))
+        key = (finding.code, finding.severity, finding.pack, finding.op, tuple(finding.dtypes), shaped,
+               (finding.fix.to_dtype, finding.fix.safety) if finding.fix else None)
+        groups.setdefault(key, []).append((finding, numbers))
+    return [_group(members) for members in groups.values()]
+
+
+def _group(members: list[tuple[Finding, list[int]]]) -> FindingGroup:
+    first, _ = members[0]
+    if len(members) == 1:
+        return FindingGroup(first, (first,))
+    slots = [{numbers[slot] for _, numbers in members} for slot in range(len(members[0][1]))]
+    shown = iter(_indices(values) for values in slots)
+
+    def patterned(text: str | None) -> str | None:
+        if text is None:
+            return None
+        return _DOTTED.sub(lambda name: _INDEX.sub(lambda _: next(shown), name.group()), text)
+
+    location, tensor, message = (patterned(text) for text in (first.location, first.tensor, first.message))
+    fix = first.fix
+    if fix is not None:
+        tensors = tuple(dict.fromkeys(name for finding, _ in members for name in finding.fix.tensors))
+        fix = Fix(tensors, fix.to_dtype, fix.safety, patterned(fix.description) or "")
+    return FindingGroup(replace(first, location=location or "", tensor=tensor, message=message, fix=fix),
+                        tuple(finding for finding, _ in members))

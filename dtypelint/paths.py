@@ -227,3 +227,12 @@ def write_file(option: str, name: str | Path, data: str | bytes, sources: Sequen
             raise WriteError(f"{option} {shown(name)}: cannot write: {reason(error)}") from None
         raise
     return target
+
+
+def find_pyproject(start: Path | None = None) -> Path | None:
+    """The nearest ``pyproject.toml`` at or above ``start`` (default: the working directory)."""
+    directory = (start or Path.cwd()).resolve()
+    for candidate in (directory, *directory.parents):
+        if (candidate / "pyproject.toml").is_file():
+            return candidate / "pyproject.toml"
+    return None

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from tabulate import tabulate
 
-from dtypelint.diagnostics import FINDING_COLUMNS, SEVERITIES, Finding, Severity
+from dtypelint.diagnostics import FINDING_COLUMNS, SEVERITIES, Finding, Severity, group_findings
 from dtypelint.escape import map_text, printable
 
 if TYPE_CHECKING:
@@ -88,6 +88,10 @@ class Report:
             "graph": {"ops": sum(1 for _ in self.graph.ops()), "tensors": sum(1 for _ in self.graph.tensors())},
             "notes": list(self.notes),
             "findings": [finding.to_dict() for finding in self.findings],
+            "groups": [{"code": group.finding.code, "location": group.finding.location, "count": group.count,
+                        "message": group.finding.message,
+                        "findings": [self.findings.index(member) for member in group.members]}
+                       for group in group_findings(self.findings) if group.count > 1],
         }
 
     def loaded_line(self) -> str | None:

@@ -136,3 +136,102 @@ def test_every_error_row_names_its_root_cause(stray_fp32_layer):
     report = dtypelint.audit(stray_fp32_layer, torch.randn(2, 16, dtype=torch.float16))
     assert {(finding.code, finding.tensor) for finding in report.errors} == {("DT001", "head.weight"),
                                                                               ("DT101", "head.weight")}
+
+
+@pytest.fixture(scope="module")
+def six_layer_flash_config(tmp_path_factory) -> Path:
+    """The 70B example's config with six decoder layers: the same cause (float32 into flash attention) in each."""
+    import json
+
+    config = json.loads((ROOT / "examples" / "configs" / "llama-3-70b" / "config.json").read_text())
+    folder = tmp_path_factory.mktemp("six-layers")
+    (folder / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 6}))
+    return folder
+
+
+def _flash_check(folder: Path, capsys, *options: str) -> tuple[int, str]:
+    from dtypelint.cli import main
+
+    code = main(["check", str(folder), "--mode", "meta", "--dtype", "float32", "--backend", "cuda",
+                 "--attn-implementation", "flash_attention_2", "-q", *options])
+    return code, capsys.readouterr().out
+
+
+@pytest.mark.parametrize("format_name", ["concise", "full", "markdown", "github"])
+def test_one_cause_in_every_layer_is_one_line_with_its_count(six_layer_flash_config, capsys, format_name):
+    code, out = _flash_check(six_layer_flash_config, capsys, "--format", format_name)
+    assert code == 1
+    # The finding's own row or line (not the `explain` hint, not markdown's list of findings not drawn).
+    rows = [line for line in out.splitlines() if "CUDA102" in line and "explain" not in line
+            and not line.startswith("- ")]
+    assert len(rows) == 1 and "model.layers.{0..5}.self_attn (6x)" in rows[0], out
+    assert not [index for index in range(6) if f"layers.{index}.self_attn" in out], out
+    if format_name != "github":  # workflow commands carry no summary
+        assert "6 errors" in out  # the counts keep every finding
+
+
+def test_json_and_sarif_keep_every_location_of_a_group(six_layer_flash_config, capsys):
+    import json
+
+    _, out = _flash_check(six_layer_flash_config, capsys, "--format", "json")
+    report = json.loads(out)
+    locations = [finding["location"] for finding in report["findings"] if finding["code"] == "CUDA102"]
+    assert locations == [f"model.layers.{index}.self_attn" for index in range(6)]
+    [group] = report["groups"]
+    assert group["location"] == "model.layers.{0..5}.self_attn" and group["count"] == 6
+    assert [report["findings"][index]["location"] for index in group["findings"]] == locations
+    _, out = _flash_check(six_layer_flash_config, capsys, "--format", "sarif")
+    results = json.loads(out)["runs"][0]["results"]
+    assert sum(result["ruleId"] == "CUDA102" for result in results) == 6
+
+
+def test_a_group_shows_the_indices_it_takes_and_keeps_other_causes_apart():
+    from dtypelint.diagnostics import Finding, Severity, group_findings
+
+    def finding(index: int, dtype: str = "float32") -> Finding:
+        return Finding("DT101", "mixed-input", Severity.ERROR, f"h.{index}.mlp", f"h.{index}.mlp.weight", "aten.mm",
+                       [dtype], f"h.{index}.mlp.weight is {dtype}")
+
+    groups = group_findings([finding(index) for index in (0, 1, 2, 5, 7, 8)] + [finding(3, "float64")])
+    assert [(group.finding.location, group.count) for group in groups] == [("h.{0..2,5,7,8}.mlp", 6), ("h.3.mlp", 1)]
+    assert groups[0].finding.message == "h.{0..2,5,7,8}.mlp.weight is float32"
+
+
+def test_the_shipped_rule_docs_are_the_rules_own():
+    """``rule_docs.json`` is what the rules say of themselves now (``python -m dtypelint.formats.catalog``
+    writes it): a rule changed without it fails here."""
+    from dtypelint.formats.catalog import current_rule_docs
+    from dtypelint.rule_docs import RULE_DOCS
+
+    assert RULE_DOCS.read_text(encoding="utf-8") == current_rule_docs(), "run python -m dtypelint.formats.catalog"
+
+
+@pytest.mark.parametrize("arguments", [["rules"], ["rules", "--format", "markdown"], ["explain", "DT101"],
+                                       ["explain", "rotary-inv-freq-dtype"], ["explain", "NOPE"]])
+def test_rules_and_explain_print_the_rules_own_text_without_importing_torch(arguments, tmp_path):
+    """The same text as the rules themselves give (``--config`` takes the path that loads them), and no
+    torch: the docs answer in a fraction of a second."""
+    probe = textwrap.dedent(f"""
+        import sys
+        from dtypelint.cli import main
+        code = main({arguments!r})
+        assert "torch" not in sys.modules, "torch was imported"
+        sys.exit(code)
+    """)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    fast = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, env=env,
+                          timeout=120)
+    assert "torch was imported" not in fast.stderr
+    (tmp_path / "pyproject.toml").write_text("[project]\nname = 'x'\n")
+    loaded = run_command(*arguments[:1], *(["--config", "pyproject.toml"] if arguments[0] == "rules" else []),
+                         *arguments[1:], cwd=tmp_path)
+    assert (fast.returncode, fast.stdout, fast.stderr) == (loaded.returncode, loaded.stdout, loaded.stderr)
+    assert fast.returncode == (2 if "NOPE" in arguments else 0) and (fast.stdout or fast.stderr)
+
+
+def test_a_pyproject_that_configures_dtypelint_still_says_which_rules_are_enabled(tmp_path):
+    (tmp_path / "pyproject.toml").write_text('[tool.dtypelint]\nignore = ["DT106"]\n')
+    listed = run_command("rules", cwd=tmp_path)
+    assert listed.returncode == 0
+    [row] = [line for line in listed.stdout.splitlines() if line.startswith("DT106")]
+    assert row.split()[5] == "no"

@@ -101,7 +101,8 @@ def test_text_is_the_table_when_it_fits_and_one_line_per_finding_when_not(stray_
 def test_json_round_trips_to_the_same_findings(which, request):
     report = request.getfixturevalue(which)
     data = json.loads(render(report, "json"))
-    assert list(data) == ["model", "backend", "mode", "compute_dtype", "steps", "summary", "graph", "notes", "findings"]
+    assert list(data) == ["model", "backend", "mode", "compute_dtype", "steps", "summary", "graph", "notes", "findings",
+                          "groups"]
     assert data["summary"] == report.counts()
     graph = report.graph
     assert data["graph"] == {"ops": sum(1 for _ in graph.ops()), "tensors": sum(1 for _ in graph.tensors())}

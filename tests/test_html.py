@@ -158,7 +158,8 @@ def test_error_drawings_stop_at_the_cap_and_say_how_many_more(stray_report, tiny
     llama = audit(tiny_llama_fp16, {"input_ids": input_ids})
     error = stray_report.errors[1]
     sites = list(llama.graph.ops())[: MAX_DRAWINGS + 3]
-    many = replace(llama, findings=[replace(error, node=op) for op in sites])
+    # One distinct error at each site (identical ones would be one cause, drawn once).
+    many = replace(llama, findings=[replace(error, node=op, message=f"{op}: {error.message}") for op in sites])
     text = render(many, "html")
     assert len(Page(text).mermaid) == MAX_DRAWINGS
     assert "3 more error sites not drawn." in text

@@ -6,10 +6,11 @@ from __future__ import annotations
 import re
 import textwrap
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from dtypelint.diagnostics import ROOT_LOCATION, group_findings
 from dtypelint.escape import map_text, printable
 
 if TYPE_CHECKING:
@@ -51,6 +52,16 @@ def audited(report: Report, context: FormatContext) -> Report:
     if context.fix is not None and context.fix.before is not None:
         return context.fix.before
     return report
+
+
+def grouped(report: Report) -> Report:
+    """The report as the formats people read list it: one finding per group of findings that differ only in
+    layer indices (``diagnostics.group_findings``), located at its pattern with its count,
+    ``model.layers.{0..79}.self_attn (80x)``. Counts, next steps and data formats keep every finding."""
+    shown = [group.finding if group.count == 1 else
+             replace(group.finding, location=f"{group.finding.location or ROOT_LOCATION} ({group.count}x)")
+             for group in group_findings(report.findings)]
+    return replace(report, findings=shown)
 
 
 def notes(report: Report, width: int | None = None) -> list[str]:

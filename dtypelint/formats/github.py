@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from dtypelint.diagnostics import ROOT_LOCATION
-from dtypelint.formats.base import FormatContext, audited
+from dtypelint.formats.base import FormatContext, audited, grouped
 from dtypelint.formats.fix import fix_outcome
 
 if TYPE_CHECKING:
@@ -43,7 +43,7 @@ def github_line(finding: Finding, *, path: str | Path | None = None, rule_name: 
 def render_github(report: Report, context: FormatContext) -> str:
     names = context.rule_names()
     lines = [github_line(finding, path=context.path, rule_name=names.get(finding.code))
-             for finding in audited(report, context).ordered()]
+             for finding in grouped(audited(report, context)).ordered()]
     if context.fix is not None:  # the fix's outcome as one notice, after the findings it started from
         lines.append(f"::notice title={escape_property('dtypelint --fix')}::"
                      f"{escape_data('; '.join(fix_outcome(context.fix)))}")

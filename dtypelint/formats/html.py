@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 from dtypelint.diagnostics import CODE_COLUMNS, FINDING_COLUMNS, ROOT_LOCATION
 from dtypelint.drawing import ErrorDrawing, error_drawings
-from dtypelint.formats.base import FormatContext, audited
+from dtypelint.formats.base import FormatContext, audited, grouped
 from dtypelint.formats.fix import FIX_COLUMNS, fix_notes, fix_outcome, fix_rows
 
 if TYPE_CHECKING:
@@ -71,9 +71,9 @@ def render_html(report: Report, context: FormatContext) -> str:
     parts = [
         f"<h1>dtypelint</h1>\n<p class=\"summary\">{escape(shown.summary_line())}</p>",
         f"<p class=\"loaded\">{escape(shown.loaded_line())}</p>" if shown.loaded_line() else "",
-        findings_table(shown.ordered()),
+        findings_table(grouped(shown).ordered()),
         notes_list(shown.notes),
-        *drawing_sections(shown),
+        *drawing_sections(grouped(shown)),
         fix_section(context.fix) if context.fix is not None else "",
     ]
     return page(f"dtypelint: {shown.summary_line()}", "\n".join(part for part in parts if part))

@@ -28,6 +28,12 @@
           "pack": "cuda" | null                # the backend pack of a kernel contract; null: generic
         }
       ],
+      "groups": [                            # findings that differ only in layer indices, as the text
+        {                                    # formats list them; every finding stays in "findings"
+          "code": "CUDA102", "location": "model.layers.{0..79}.self_attn", "count": 80,
+          "message": "...", "findings": [0, 1, 2]   # indices into "findings"
+        }
+      ],
       "fix": {                               # only after --fix / --diff: formats.fix.fix_dict
         "applied": true, "rolled_back": false, "reason": null,
         "outcome": "cast 1 tensor; re-audit: ...",

@@ -12,7 +12,7 @@ import re
 from typing import TYPE_CHECKING
 
 from dtypelint.diagnostics import CODE_COLUMNS, FINDING_COLUMNS, ROOT_LOCATION
-from dtypelint.formats.base import FormatContext, audited, notes
+from dtypelint.formats.base import FormatContext, audited, grouped, notes
 from dtypelint.formats.fix import FIX_COLUMNS, fix_notes, fix_outcome, fix_rows
 
 if TYPE_CHECKING:
@@ -30,13 +30,13 @@ def render_markdown(report: Report, context: FormatContext) -> str:
         lines += table(FINDING_COLUMNS, [
             [md_code(cell, in_table=True) if column in CODE_COLUMNS and cell else md_literal(cell)
              for column, cell in zip(FINDING_COLUMNS, finding.cells(), strict=True)]
-            for finding in shown.ordered()
+            for finding in grouped(shown).ordered()
         ])
     else:
         lines.append("No findings.")
     if shown.notes or shown.loaded_line():
         lines += ["", *(f"- {md_literal(line)}" for line in notes(shown))]
-    lines += _drawings(shown)
+    lines += _drawings(grouped(shown))  # one drawing per cause
     if context.fix is not None:
         lines += _fix(context.fix)
     return "\n".join(lines)

@@ -14,7 +14,7 @@ from collections import Counter
 from typing import TYPE_CHECKING
 
 from dtypelint.diagnostics import ISLAND_CODE, ROOT_LOCATION, Applicability
-from dtypelint.formats.base import FormatContext, audited, notes
+from dtypelint.formats.base import FormatContext, audited, grouped, notes
 from dtypelint.formats.fix import fix_text
 
 if TYPE_CHECKING:
@@ -28,19 +28,21 @@ MIN_MESSAGE_WIDTH = 30
 def render_text(report: Report, context: FormatContext) -> str:
     """The table when it fits the terminal (``COLUMNS``), else one line per finding: names are never cut."""
     shown = audited(report, context)
-    table = fitted_table(shown, terminal_width())
-    return _text(shown, context, table if table is not None else concise_lines(shown))
+    listed = grouped(shown)
+    table = fitted_table(listed, terminal_width())
+    return _text(shown, context, table if table is not None else concise_lines(listed))
 
 
 def render_full(report: Report, context: FormatContext) -> str:
     shown = audited(report, context)
-    table = fitted_table(shown, terminal_width())
-    return _text(shown, context, table if table is not None else shown.table(message_width=MIN_MESSAGE_WIDTH))
+    listed = grouped(shown)
+    table = fitted_table(listed, terminal_width())
+    return _text(shown, context, table if table is not None else listed.table(message_width=MIN_MESSAGE_WIDTH))
 
 
 def render_concise(report: Report, context: FormatContext) -> str:
     shown = audited(report, context)
-    return _text(shown, context, concise_lines(shown))
+    return _text(shown, context, concise_lines(grouped(shown)))
 
 
 def terminal_width() -> int:
