@@ -125,7 +125,12 @@ def _model_arguments(command: argparse.ArgumentParser, *, path_help: str) -> Non
     command.add_argument("path", nargs="?", help=path_help)
     command.add_argument("--entry", metavar="MODULE:FUNCTION",
                          help="a function returning (model, inputs), imported as `python -m` would (from here)")
-    command.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    loudness = command.add_mutually_exclusive_group()
+    loudness.add_argument("-q", "--quiet", action="store_true",
+                          help="no progress bars, and nothing from other packages")
+    loudness.add_argument("-v", "--verbose", action="store_true",
+                          help="show other packages' warnings and log lines as they come (default: counted in "
+                               "one line on stderr)")
     command.add_argument("--backend", action="append", metavar="PACK",
                          help="rule pack name or path, repeatable or comma-separated for a device and a quantization "
                               f"pack (shipped: {', '.join(available_packs())}; default: hf-eager)")
@@ -209,7 +214,7 @@ def _check(options: argparse.Namespace) -> int:
     the report alone, which ``--format json`` readers parse."""
     path = _preflight(options)
     progress = not options.quiet and sys.stderr.isatty()
-    with _library_noise(quiet=options.quiet, progress=progress), _stdout_to_stderr():
+    with _library_noise(options, progress=progress), _stdout_to_stderr():
         report, fail_on, fixed = _run_check(options, path, progress)
     return _print(options, report, fail_on, fixed)
 
@@ -310,28 +315,66 @@ def _model_path(options: argparse.Namespace) -> Path | None:
 
 
 @contextmanager
-def _library_noise(*, quiet: bool, progress: bool) -> Iterator[None]:
-    """Without progress, no progress bars; with ``-q``, no library warnings or log lines (transformers'
-    load reports, ipex-llm banners, torch's pickle warnings) either, so a failure is one line on stderr.
-    Everything is restored afterwards: main() also runs in-process (tests, scripts)."""
+def _library_noise(options: argparse.Namespace, *, progress: bool) -> Iterator[None]:
+    """What other packages say while dtypelint loads and traces (transformers' deprecation warnings, ipex-llm's
+    "Converting the current model to sym_int4 format", torch's "Initializing zero-element tensors"): shown as
+    it comes with ``-v``, dropped with ``-q``, else held and counted in one line on stderr afterwards.
+    dtypelint's own warnings always show. Without progress, no progress bars. Everything is restored
+    afterwards: main() also runs in-process (tests, scripts)."""
     from transformers.utils import logging as transformers_logging
 
     verbosity = transformers_logging.get_verbosity()
     bars = transformers_logging.is_progress_bar_enabled()
-    logging_disabled = logging.root.manager.disable
-    with warnings.catch_warnings():
+    held: dict[str, int] = {}  # what kind (a warning's category, a logger's package) -> how many
+    with warnings.catch_warnings(record=not options.verbose) as caught, _held_log_lines(held, options.verbose):
         if not progress:
             transformers_logging.disable_progress_bar()
-        if quiet:
-            transformers_logging.set_verbosity_error()
-            logging.disable(logging.WARNING)
-            warnings.simplefilter("ignore")
+        if not options.verbose:
+            warnings.simplefilter("default")  # each distinct warning once, as Python shows them
         try:
             yield
         finally:
             transformers_logging.set_verbosity(verbosity)
             (transformers_logging.enable_progress_bar if bars else transformers_logging.disable_progress_bar)()
-            logging.disable(logging_disabled)
+    for warning in caught or ():
+        if Path(warning.filename).resolve().is_relative_to(_PACKAGE):
+            warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
+        else:
+            held[warning.category.__name__] = held.get(warning.category.__name__, 0) + 1
+    if held and not options.quiet:
+        count = sum(held.values())
+        print(f"dtypelint: other packages printed {count} warning{'s' if count != 1 else ''} or log "
+              f"line{'s' if count != 1 else ''} while loading and tracing ({', '.join(held)}); -v shows them",
+              file=sys.stderr)
+
+
+_PACKAGE = Path(__file__).resolve().parent
+
+
+@contextmanager
+def _held_log_lines(held: dict[str, int], verbose: bool) -> Iterator[None]:
+    """Log lines that stream handlers would write to stderr (or to stdout, which points there) are counted
+    in ``held`` by the logger's package instead, unless ``verbose``; errors, dtypelint's own lines and
+    handlers that write elsewhere (a file, a test's capture) are left alone."""
+    if verbose:
+        yield
+        return
+    emit = logging.StreamHandler.emit
+    terminal = (sys.stderr, sys.__stderr__, sys.stdout, sys.__stdout__)
+
+    def hold(handler: logging.StreamHandler, record: logging.LogRecord) -> None:
+        package = record.name.split(".")[0]
+        to_terminal = handler.stream in terminal or isinstance(handler.stream, _StderrStream)
+        if not to_terminal or record.levelno > logging.WARNING or package == "dtypelint":
+            emit(handler, record)
+        else:
+            held[f"{package} log"] = held.get(f"{package} log", 0) + 1
+
+    logging.StreamHandler.emit = hold  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        logging.StreamHandler.emit = emit  # type: ignore[method-assign]
 
 
 def _run_check(options: argparse.Namespace, path: Path | None, progress: bool) -> tuple[Report, str, FixResult | None]:
@@ -382,7 +425,7 @@ def _precision(options: argparse.Namespace) -> int:
         check_output_file("--write-plan", options.write_plan, _sources(options))
     path = _model_path(options)
     progress = not options.quiet and sys.stderr.isatty()
-    with _library_noise(quiet=options.quiet, progress=progress), _stdout_to_stderr():
+    with _library_noise(options, progress=progress), _stdout_to_stderr():
         plan = _run_precision(options, path, progress)
     if options.write_plan:
         _write_plan(plan, options, "the precision plan")

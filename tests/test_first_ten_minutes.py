@@ -235,3 +235,37 @@ def test_a_pyproject_that_configures_dtypelint_still_says_which_rules_are_enable
     assert listed.returncode == 0
     [row] = [line for line in listed.stdout.splitlines() if line.startswith("DT106")]
     assert row.split()[5] == "no"
+
+
+NOISY_ENTRY = """
+import logging
+import sys
+import warnings
+
+import torch
+from torch import nn
+
+def build():
+    warnings.warn("the old_api module is deprecated", FutureWarning)
+    banner = logging.getLogger("somepackage")
+    banner.addHandler(logging.StreamHandler())  # sys.stderr, as ipex-llm's own handler
+    banner.setLevel(logging.INFO)
+    banner.info("Converting the current model to sym_int4 format......")
+    return nn.Sequential(nn.Linear(8, 8).half()), torch.randn(2, 8, dtype=torch.float16)
+"""
+
+
+@pytest.mark.parametrize(("loudness", "shown"), [([], "counted"), (["-v"], "every line"), (["-q"], "nothing")])
+def test_other_packages_warnings_and_log_lines_are_counted_unless_asked_for(tmp_path, loudness, shown):
+    (tmp_path / "noisy.py").write_text(NOISY_ENTRY)
+    result = run_command("check", "--entry", "noisy:build", *loudness, cwd=tmp_path)
+    assert result.returncode == 0 and "0 errors" in result.stdout, result.stderr
+    texts = ("old_api module is deprecated", "Converting the current model")
+    if shown == "every line":
+        assert all(text in result.stderr for text in texts), result.stderr
+        assert "-v shows them" not in result.stderr
+    else:
+        assert not any(text in result.stderr for text in texts), result.stderr
+        counted = ("other packages printed 2 warnings or log lines while loading and tracing "
+                   "(somepackage log, FutureWarning); -v shows them")
+        assert (counted in result.stderr) == (shown == "counted"), result.stderr
