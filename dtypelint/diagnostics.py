@@ -12,6 +12,8 @@ from enum import StrEnum
 from typing import Any
 
 ISLAND_CODE = "DT103"  # the rule whose fix is a precision plan (``dtypelint.advisor``)
+FORWARD_ERROR_CODE = "DT001"  # the forward raised
+MIXED_INPUT_CODE = "DT101"  # an op got a mix of dtypes: often why the forward raised
 
 
 class Severity(StrEnum):

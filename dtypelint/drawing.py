@@ -64,14 +64,26 @@ class ErrorDrawing:
 
 
 @dataclass(frozen=True)
+class ContractDrawing:
+    """A kernel contract broken by a tensor the traced forward never used (a per-layer rotary ``inv_freq``
+    whose cos/sin were cached while the model was built): the contract itself, the tensor and the operands
+    it must match meeting at the kernel the backend substitutes."""
+
+    codes: str
+    location: str
+    kernel: str
+    mermaid: str
+
+
+@dataclass(frozen=True)
 class ErrorDrawings:
-    """What a report draws: up to ``MAX_DRAWINGS`` error sites, how many more there were, and the errors
-    that name nothing the traced forward used (a per-layer rotary ``inv_freq`` whose cos/sin were cached at
-    load has nothing to draw)."""
+    """What a report draws: up to ``MAX_DRAWINGS`` error sites, how many more there were, the contracts
+    broken by tensors the traced forward never used, and the other errors that name nothing it used."""
 
     drawn: list[ErrorDrawing]
     more: int
     unplaced: list[Finding]
+    contracts: list[ContractDrawing] = field(default_factory=list)
 
 
 def error_drawings(report: Report, *, max_drawings: int = MAX_DRAWINGS) -> ErrorDrawings:
@@ -96,7 +108,38 @@ def error_drawings(report: Report, *, max_drawings: int = MAX_DRAWINGS) -> Error
             path=path,
             mermaid=to_mermaid(graph, path.nodes, classes=path.classes()),
         ))
-    return ErrorDrawings(drawn, max(len(sites) - max_drawings, 0), unplaced)
+    broken = [finding for finding in unplaced if finding.pack and finding.tensor and finding.op][:max_drawings]
+    contracts = [contract_drawing(finding, report.compute_dtype, report.tensor_dtypes.get(finding.tensor or ""))
+                 for finding in broken]
+    return ErrorDrawings(drawn, max(len(sites) - max_drawings, 0),
+                         [finding for finding in unplaced if all(finding is not other for other in broken)], contracts)
+
+
+def contract_drawing(finding: Finding, compute_dtype: str, tensor_dtype: str | None) -> ContractDrawing:
+    """The broken contract of a kernel-contract finding: its tensor (in its dtype) and the operands it must
+    match (the pack's ``must-match-label``: "query/key") flowing into the kernel."""
+    odd = tensor_dtype or next((dtype for dtype in finding.dtypes if dtype != compute_dtype), compute_dtype)
+    others = next((dtype for dtype in finding.dtypes if dtype != odd), compute_dtype)
+    operands = _must_match(finding) or "the operands it must match"
+    lines = ["flowchart LR", *(f"    classDef {name} {style}" for name, style in MERMAID_CLASSES.items()),
+             f'    tensor("{mermaid_text(f"{finding.tensor} {odd}")}"):::culprit',
+             f'    operands("{mermaid_text(f"{operands} {others}")}")',
+             f'    kernel["{mermaid_text(f"{finding.op} ({finding.pack} kernel)")}"]:::conflict',
+             f'    tensor -->|"{odd}"| kernel', f'    operands -->|"{others}"| kernel']
+    return ContractDrawing(finding.code, finding.location or ROOT_LOCATION, finding.op or "", "\n".join(lines) + "\n")
+
+
+def _must_match(finding: Finding) -> str | None:
+    """What the contract's tensor must match, in the pack's words without "dtype" ("query/key")."""
+    from dtypelint.errors import DtypelintError
+    from dtypelint.packs.schema import load_pack
+
+    try:
+        contract = next((c for c in load_pack(finding.pack or "").contracts if c.code == finding.code), None)
+    except DtypelintError:  # a pack file that moved since the audit: drawn without the label
+        return None
+    label = contract.must_match_label if contract is not None else ""
+    return label.removesuffix(" dtype") or None
 
 
 def cause_path(graph: DtypeGraph, site: str, compute_dtype: str, *, max_nodes: int = MAX_PATH_NODES) -> CausePath:

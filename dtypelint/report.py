@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import textwrap
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -110,9 +112,9 @@ class Report:
 
     def table(self, message_width: int = 70) -> str:
         """The findings as a table. Names are never cut; the message wraps at ``message_width``."""
-        rows = [(*finding.cells()[:-1], finding.fix.short() if finding.fix else "no automatic fix")
-                for finding in self.ordered()]
-        return tabulate(rows, headers=FINDING_COLUMNS, tablefmt="simple", maxcolwidths=[None] * 6 + [message_width, None],
+        rows = [(*finding.cells()[:-2], wrap_text(finding.message, message_width),
+                 finding.fix.short() if finding.fix else "no automatic fix") for finding in self.ordered()]
+        return tabulate(rows, headers=FINDING_COLUMNS, tablefmt="simple",
                         disable_numparse=True)  # module "1" is a name, not a number to right-align
 
     def render(self) -> str:
@@ -127,3 +129,12 @@ class Report:
 
     def __str__(self) -> str:
         return self.render()
+
+
+def wrap_text(text: str, width: int, subsequent_indent: str = "") -> str:
+    """``text`` wrapped at spaces to ``width``, never inside a word: a name longer than that overflows its line
+    rather than being split (``model.layers`` / ``.0.mlp``), and a bracketed shape or range (``int64[1, 16]``,
+    ``[inf, inf]``) stays on one line."""
+    kept = re.sub(r"\[[^\]]*\]", lambda bracketed: bracketed.group().replace(" ", "\xa0"), text)
+    return textwrap.fill(kept, width, subsequent_indent=subsequent_indent, break_long_words=False,
+                         break_on_hyphens=False).replace("\xa0", " ")

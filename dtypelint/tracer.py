@@ -40,7 +40,7 @@ from dtypelint.attention import AttentionRecorder, autocast_dtype
 from dtypelint.autocast import autocast_operands
 from dtypelint.model_info import ModelInfo, infer_compute_dtype, qualified_name
 from dtypelint.state import GlobalModes, has_values, settings_guarded
-from dtypelint.vocabulary import OpKind, OriginKind, packets
+from dtypelint.vocabulary import WEIGHT_ORIGINS, OpKind, OriginKind, packets
 
 
 @dataclass(frozen=True)
@@ -117,6 +117,8 @@ class PythonCall:
 
 
 _CONSTANT = Origin(OriginKind.CONSTANT)
+# Leaves measured with value statistics: what comes in, and the weights (half precision only, as every tensor).
+MEASURED_LEAVES = frozenset({OriginKind.INPUT, *WEIGHT_ORIGINS})
 # Words by which an exception of the model's own code says it is about dtypes.
 _DTYPE_ERROR = re.compile(r"dtype|float|half|bfloat", re.IGNORECASE)
 _PACKAGE_DIRECTORY = str(Path(__file__).parent)
@@ -384,7 +386,7 @@ class Tracer(TorchDispatchMode):
             return recorded
         origin = self.origins.get(id(tensor), _CONSTANT)
         index = self._new(tensor, origin)
-        if self.stats and origin.kind == OriginKind.INPUT:
+        if self.stats and origin.kind in MEASURED_LEAVES:  # a weight's range can be what overflows (DT103)
             self._measure(index, tensor)
         return index
 

@@ -23,6 +23,7 @@ from dtypelint.drawing import MAX_PATH_NODES, error_drawings
 from dtypelint.errors import UsageError
 from dtypelint.fixes import fix
 from dtypelint.formats import FORMATS, render
+from dtypelint.formats.base import grouped
 from dtypelint.formats.github import escape_data, escape_property
 from dtypelint.formats.sarif import SARIF_SCHEMA_URI, artifact_uri
 from dtypelint.plan import FixResult
@@ -85,10 +86,12 @@ def test_text_is_the_table_when_it_fits_and_one_line_per_finding_when_not(stray_
     narrow = render(stray_report, "text")
     assert narrow == render(stray_report, "concise")
     lines = narrow.splitlines()
-    assert lines[0].startswith("head: error DT001 forward raised RuntimeError") and lines[0].endswith("[no automatic fix]")
-    assert lines[1] == ("head: error DT101 aten.addmm needs one dtype but receives parameter head.bias float32, "
-                        "activation from aten.addmm float16, parameter head.weight float32 "
+    # DT001 raised at the op DT101 names: one cause, one line, which ends with the exception.
+    assert lines[0] == ("head: error DT101 aten.addmm needs one dtype but receives parameter head.bias float32, "
+                        "activation from aten.addmm float16, parameter head.weight float32; the forward raised "
+                        "here (DT001): RuntimeError: mat1 and mat2 must have the same dtype, but got Half and Float "
                         "[cast 2 tensors to float16 (safe)]")
+    assert not [line for line in lines if "DT001 forward raised" in line]
     for finding in stray_report.findings:  # names are never cut, whatever the width
         assert finding.tensor is None or finding.tensor in narrow
     assert "1 error, 1 warning fixable with `--fix`" in lines
@@ -206,10 +209,11 @@ def test_artifact_uris_are_uri_references():
 
 def test_github_has_one_parsable_line_per_finding(stray_report):
     lines = render(stray_report, "github", path=CHECKPOINT).splitlines()
-    assert len(lines) == len(stray_report.findings)
+    listed = grouped(stray_report).findings  # DT001 joins the DT101 line: one annotation per cause
+    assert len(lines) == len(listed) == len(stray_report.findings) - 1
     parsed = [parse_github_command(line) for line in lines]
-    assert [command for command, _, _ in parsed] == ["error", "error", "warning"]
-    for (_, properties, message), finding in zip(parsed, stray_report.findings, strict=True):
+    assert [command for command, _, _ in parsed] == ["error", "warning"]
+    for (_, properties, message), finding in zip(parsed, listed, strict=True):
         assert properties["file"] == CHECKPOINT
         assert properties["title"] == f"{finding.code} {finding.category}"  # the generic rules' names
         assert message == f"head: {finding.message}"
@@ -218,7 +222,7 @@ def test_github_has_one_parsable_line_per_finding(stray_report):
 def test_github_escapes_data_and_properties(stray_report):
     path = "ckpt/50%,v2:final"
     lines = render(awkward(stray_report), "github", path=path).splitlines()
-    assert len(lines) == 4  # the CR LF inside the message did not break the line
+    assert len(lines) == 3  # the CR LF inside the message did not break the line (DT001 joins DT101's)
     command, properties, message = parse_github_command(lines[-1])
     assert command == "notice"
     assert properties == {"file": path, "title": "ZZ999 promotion"}
@@ -251,14 +255,14 @@ def test_markdown_has_the_summary_the_table_and_a_drawing_of_the_error(stray_rep
     assert header == "| severity | code | pack | location | tensor | dtypes | message | fix |"
     assert separator == "|" + " --- |" * 8
     view = markdown_view(text)  # what the comment shows
-    assert view.headings == [f"dtypelint: {stray_report.summary_line()}", "DT001, DT101 at head: aten.addmm @ head"]
+    assert view.headings == [f"dtypelint: {stray_report.summary_line()}", "DT101 at head: aten.addmm @ head"]
     header, *rows = view.rows
     assert header == list(FINDING_COLUMNS)
-    assert [row[1] for row in rows] == ["DT001", "DT101", "DT105"]
-    assert rows[1][7] == "cast head.weight, head.bias to float16 (safe)"
+    assert [row[1] for row in rows] == ["DT101", "DT105"]  # DT001, raised at the op DT101 names, joins its row
+    assert rows[0][7] == "cast head.weight, head.bias to float16 (safe)" and "here (DT001): RuntimeError" in rows[0][6]
     names = ["head", "head.weight"]
-    assert view.code == ["DT001", *names, "DT101", *names, "DT105", *names, "head"]  # the drawing's heading: head
-    (block,) = mermaid_blocks(text)  # DT001 and DT101 are at one op: one drawing
+    assert view.code == ["DT101", *names, "DT105", *names, "head"]  # the drawing's heading: head
+    (block,) = mermaid_blocks(text)  # one cause, one drawing
     assert block.startswith("flowchart TD\n")
     assert "head.weight float32" in block and "head.bias float32" in block
     (node,) = {finding.node for finding in stray_report.errors}
@@ -353,7 +357,7 @@ def test_every_format_shows_the_audit_before_the_fix_and_what_the_fix_did(format
         shown = html.unescape(output).replace("\\", "")  # markdown escapes punctuation, html markup
         if format == "github":
             *annotations, outcome = output.splitlines()
-            assert len(annotations) == len(before.findings)
+            assert len(annotations) == len(grouped(before).findings)
             assert parse_github_command(outcome)[0] == "notice"
             assert "re-audit" in parse_github_command(outcome)[2]
         else:

@@ -182,7 +182,10 @@ def test_first_overflowing_op_is_one_nonfinite_error_with_input_ranges():
     assert finding.dtypes == ["float16"]
     assert "aten.addmm produced non-finite values (float16 range [inf, inf]) from finite inputs" in finding.message
     assert "input x float16 [100, 100]" in finding.message
-    assert "parameter up.weight float16" in finding.message
+    assert "parameter up.weight float16 [300, 300]" in finding.message  # the weight's range is what overflows
+    assert finding.message.endswith("ways out: keep up in float32, run in bfloat16 (float32's range), or "
+                                    "`dtypelint precision` finds the fewest modules to keep in float32, verified "
+                                    "by a forward")
 
 
 class ConstantRowNorm(nn.Module):
@@ -601,3 +604,23 @@ def test_an_integer_operand_elsewhere_is_no_mixed_input():
 
     report = dtypelint.audit(Scaled(), {"x": fp16(2, 4), "step": torch.tensor(3)}, mode="meta")
     assert report.by_code("DT101") == []
+
+
+class DeepMlp(nn.Module):
+    """``Mlp`` where a decoder layer sits: its names are longer than a narrow message column."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.model = nn.ModuleDict({"layers": nn.ModuleList([Mlp(300.0)])})
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model["layers"][0](x)
+
+
+def test_a_wrapped_message_never_splits_a_name_or_a_range():
+    report = dtypelint.audit(DeepMlp().eval(), HUNDREDS)
+    [finding] = report.by_code("DT103")
+    assert "parameter model.layers.0.up.weight float16 [300, 300]" in finding.message
+    lines = report.table(message_width=16).splitlines()
+    assert any("model.layers.0.up.weight" in line for line in lines)  # whole, though wider than the column
+    assert any("[300, 300]" in line for line in lines) and any("[inf, inf]" in line for line in lines)

@@ -25,6 +25,7 @@ import torch
 
 from dtypelint import audit
 from dtypelint.cli import main
+from dtypelint.diagnostics import Finding
 from dtypelint.drawing import MAX_DRAWINGS, MERMAID_CLASSES, cause_path, mermaid_text, to_dot, to_mermaid, write_graph
 from dtypelint.formats import render
 from dtypelint.formats.html import mermaid_js
@@ -101,10 +102,10 @@ def test_the_page_has_the_summary_the_findings_and_one_drawing_per_error_site(st
     assert text.startswith("<!DOCTYPE html>")
     assert f'<p class="summary">{stray_report.summary_line()}</p>' in text
     rows = [attrs.get("class") for tag, attrs in page.tags if tag == "tr" and attrs]
-    assert rows == ["error", "error", "warning"]
+    assert rows == ["error", "warning"]  # DT001 raised at the op DT101 names: one row
     assert "cast head.weight, head.bias to float16 (safe)" in page.cells
-    (drawing,) = page.mermaid  # DT001 and DT101 are at one op
-    assert "DT001, DT101 at <code>head</code>: aten.addmm @ head</h2>" in text
+    (drawing,) = page.mermaid
+    assert "DT101 at <code>head</code>: aten.addmm @ head</h2>" in text
     assert drawing.lstrip().startswith("flowchart TD")
     assert len(page.scripts) == 2 and mermaid_js()[:200] in page.scripts[0]
 
@@ -177,13 +178,38 @@ def test_an_error_at_a_tensor_is_drawn_from_its_roots_and_one_without_a_node_is_
     (drawing,) = Page(text).mermaid
     assert f"{view}(" in drawing and ":::conflict" in drawing.split(f"{view}(", 1)[1].split("\n", 1)[0]
     assert f'{weight}("head.weight float32[4, 16]"):::culprit' in drawing
-    assert "Not drawn:" in text and "<li>IPX101 at <code>head</code>: <code>model.layers.0.self_attn" in text
+    assert "Not drawn:" in text and "<li>IPX101 at <code>head</code>: <code>model.<wbr>layers.<wbr>0.<wbr>self_attn" in text
 
 
-def test_a_clean_report_has_no_drawing(tiny_llama_fp16, input_ids):
+def test_a_clean_report_has_no_drawing_and_carries_no_script(tiny_llama_fp16, input_ids):
     report = audit(tiny_llama_fp16, {"input_ids": input_ids})
-    page = Page(render(report, "html"))
-    assert page.mermaid == [] and "<p>No findings.</p>" in render(report, "html")
+    text = render(report, "html")
+    assert Page(text).mermaid == [] and "<p>No findings.</p>" in text
+    assert "<script" not in text and len(text.encode()) < 20_000  # not the 5.5 MB of Mermaid
+
+
+def _rotary_contract_error(report: Report) -> Finding:
+    """IPX101 as ipex-llm's per-layer layout gets it: a buffer read while the model was built, which the
+    traced forward never used (no graph node)."""
+    return replace(report.errors[1], code="IPX101", pack="ipex-llm-xpu", node=None, op="xe_addons.rotary_half_inplaced",
+                   location="model.layers.0.self_attn.rotary_emb", tensor="model.layers.0.self_attn.rotary_emb.inv_freq",
+                   dtypes=["float16", "float32"])
+
+
+def test_a_contract_broken_by_a_buffer_the_forward_never_used_is_drawn_as_the_contract(stray_report):
+    text = render(replace(stray_report, findings=[_rotary_contract_error(stray_report)]), "html")
+    (drawing,) = Page(text).mermaid
+    assert 'tensor("model.layers.0.self_attn.rotary_emb.inv_freq float32"):::culprit' in drawing
+    assert 'operands("query/key float16")' in drawing  # the pack's must-match label
+    assert 'kernel["xe_addons.rotary_half_inplaced (ipex-llm-xpu kernel)"]:::conflict' in drawing
+    assert "Not drawn" not in text and "the contract of <code>xe_addons.<wbr>rotary_half_inplaced</code>" in text
+    assert "<script>" in text
+
+
+def test_table_names_wrap_at_dots_not_inside_a_word(stray_report):
+    text = render(stray_report, "html")
+    assert "<code>model.<wbr>layers.<wbr>0" in text or "<code>head.<wbr>weight</code>" in text
+    assert "overflow-wrap: anywhere" not in text and "word-break: break-all" not in text
 
 
 def test_check_writes_the_page_with_format_html(tmp_path, capsys, monkeypatch):
@@ -317,6 +343,13 @@ def rendered_drawing_text(binary: str, report: Report, tmp_path: Path) -> tuple[
 def test_a_hostile_name_is_drawn_as_it_is_in_headless_chromium(hostile_report, tmp_path):
     _, text = rendered_drawing_text(chromium(), hostile_report, tmp_path)
     assert f"head.{HOSTILE} float32[4, 16]" in text
+
+
+def test_a_contract_drawing_renders_in_headless_chromium(stray_report, tmp_path):
+    report = replace(stray_report, findings=[_rotary_contract_error(stray_report)])
+    _, text = rendered_drawing_text(chromium(), report, tmp_path)
+    assert "model.layers.0.self_attn.rotary_emb.inv_freq float32" in text and "query/key float16" in text
+    assert "xe_addons.rotary_half_inplaced (ipex-llm-xpu kernel)" in text
 
 
 def test_the_page_renders_offline_in_headless_chromium(stray_report, tmp_path):

@@ -3,17 +3,17 @@ printable copy that the formats people read render."""
 
 from __future__ import annotations
 
-import re
-import textwrap
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from dtypelint.diagnostics import ROOT_LOCATION, group_findings
+from dtypelint.diagnostics import FORWARD_ERROR_CODE, MIXED_INPUT_CODE, ROOT_LOCATION, group_findings
 from dtypelint.escape import map_text, printable
+from dtypelint.report import wrap_text
 
 if TYPE_CHECKING:
+    from dtypelint.diagnostics import Finding
     from dtypelint.plan import FixResult
     from dtypelint.report import Report
     from dtypelint.rules.base import Rule
@@ -55,13 +55,31 @@ def audited(report: Report, context: FormatContext) -> Report:
 
 
 def grouped(report: Report) -> Report:
-    """The report as the formats people read list it: one finding per group of findings that differ only in
-    layer indices (``diagnostics.group_findings``), located at its pattern with its count,
+    """The report as the formats people read list it: one line per cause. The forward's error at the op
+    where DT101 found the mix of dtypes joins that DT101 line; findings that differ only in layer indices
+    (``diagnostics.group_findings``) are one, located at their pattern with their count,
     ``model.layers.{0..79}.self_attn (80x)``. Counts, next steps and data formats keep every finding."""
     shown = [group.finding if group.count == 1 else
              replace(group.finding, location=f"{group.finding.location or ROOT_LOCATION} ({group.count}x)")
-             for group in group_findings(report.findings)]
+             for group in group_findings(_raised_where_mixed(report.findings))]
     return replace(report, findings=shown)
+
+
+def _raised_where_mixed(findings: list[Finding]) -> list[Finding]:
+    """DT001 at the op DT101 names is one cause: its exception ends the DT101 line, which keeps its advice."""
+    mixed = {finding.node for finding in findings if finding.code == MIXED_INPUT_CODE and finding.node}
+    raised = {finding.node: finding for finding in findings
+              if finding.code == FORWARD_ERROR_CODE and finding.node in mixed}
+    kept = []
+    for finding in findings:
+        if finding.code == FORWARD_ERROR_CODE and finding.node in raised:
+            continue
+        if finding.code == MIXED_INPUT_CODE and finding.node in raised:
+            error = raised.pop(finding.node).message.split(" (at ", 1)[0].removeprefix("forward raised ")
+            finding = replace(finding, message=f"{finding.message}; the forward raised here "
+                                               f"({FORWARD_ERROR_CODE}): {error}")
+        kept.append(finding)
+    return kept
 
 
 def notes(report: Report, width: int | None = None) -> list[str]:
@@ -69,10 +87,7 @@ def notes(report: Report, width: int | None = None) -> list[str]:
     status line wraps to fit it (between names, never inside one)."""
     loaded = report.loaded_line()
     if loaded and width:
-        # A shape (``int64[1, 16]``) is one word: non-breaking spaces inside brackets while wrapping.
-        kept = re.sub(r"\[[^\]]*\]", lambda shape: shape.group().replace(" ", "\xa0"), loaded)
-        loaded = textwrap.fill(kept, width, subsequent_indent="  ", break_long_words=False,
-                               break_on_hyphens=False).replace("\xa0", " ")
+        loaded = wrap_text(loaded, width, subsequent_indent="  ")
     return [f"note: {note}" for note in report.notes] + ([loaded] if loaded else [])
 
 

@@ -21,7 +21,7 @@ from importlib.resources import files
 from typing import TYPE_CHECKING
 
 from dtypelint.diagnostics import CODE_COLUMNS, FINDING_COLUMNS, ROOT_LOCATION
-from dtypelint.drawing import ErrorDrawing, error_drawings
+from dtypelint.drawing import ContractDrawing, ErrorDrawing, error_drawings
 from dtypelint.formats.base import FormatContext, audited, grouped
 from dtypelint.formats.fix import FIX_COLUMNS, fix_notes, fix_outcome, fix_rows
 
@@ -42,7 +42,7 @@ h1 { font-size: 1.4em; margin-bottom: .2em; }
 table { border-collapse: collapse; width: 100%; margin: 1em 0; }
 th, td { border: 1px solid #ccc; padding: .3em .5em; text-align: left; vertical-align: top; }
 th { background: #f3f3f3; }
-td code, h2 code { overflow-wrap: anywhere; }
+td code, h2 code { overflow-wrap: normal; word-break: normal; }
 td:nth-child(-n+2) { white-space: nowrap; }
 tr.error td:first-child { color: #b71c1c; font-weight: 600; }
 tr.warning td:first-child { color: #8a5a00; font-weight: 600; }
@@ -80,6 +80,9 @@ def render_html(report: Report, context: FormatContext) -> str:
 
 
 def page(title: str, body: str) -> str:
+    """The whole page; Mermaid (5.5 MB) is inlined only where the body has something to draw."""
+    drawn = '<pre class="mermaid">' in body
+    scripts = f"<script>{inline_script(mermaid_js())}</script>\n<script>{START_SCRIPT}</script>\n" if drawn else ""
     return f"""<!DOCTYPE html>
 <html lang="en">
 <head>
@@ -91,9 +94,7 @@ def page(title: str, body: str) -> str:
 </head>
 <body>
 {body}
-<script>{inline_script(mermaid_js())}</script>
-<script>{START_SCRIPT}</script>
-</body>
+{scripts}</body>
 </html>
 """
 
@@ -129,6 +130,8 @@ def drawing_sections(report: Report) -> list[str]:
     nothing to draw."""
     drawings = error_drawings(report)
     sections = [error_section(number, drawing) for number, drawing in enumerate(drawings.drawn, start=1)]
+    sections += [contract_section(number, drawing)
+                 for number, drawing in enumerate(drawings.contracts, start=len(drawings.drawn) + 1)]
     if drawings.more:
         sections.append(f"<p class=\"more\">{drawings.more} more error sites not drawn.</p>")
     if drawings.unplaced:
@@ -161,6 +164,18 @@ def error_section(number: int, drawing: ErrorDrawing) -> str:
     ])
 
 
+def contract_section(number: int, drawing: ContractDrawing) -> str:
+    return "\n".join([
+        f"<section class=\"error-site\" id=\"error-{number}\">",
+        f"<h2>{escape(drawing.codes)} at {code(drawing.location)}: the contract of {code(drawing.kernel)}</h2>",
+        "<p class=\"legend\"><span class=\"conflict\">the kernel the backend substitutes</span>"
+        "<span class=\"culprit\">the tensor in the odd dtype</span>read while the model was built, so the traced "
+        "forward does not show it: this is the contract it breaks</p>",
+        f"<pre class=\"mermaid\">\n{escape(drawing.mermaid)}</pre>",
+        "</section>",
+    ])
+
+
 def legend(drawing: ErrorDrawing) -> str:
     path = drawing.path
     roots = ", ".join(drawing.roots) or "not reached"
@@ -184,7 +199,8 @@ def fix_section(result: FixResult) -> str:
 
 
 def code(text: str) -> str:
-    return f"<code>{escape(text)}</code>"
+    """A name as code that a narrow column wraps after a dot (``model.<wbr>layers.<wbr>0``), not mid-word."""
+    return "<code>" + escape(text).replace(".", ".<wbr>") + "</code>"
 
 
 @cache

@@ -58,6 +58,10 @@ def _drawings(report: Report) -> list[str]:
         lines += ["", f"#### {md_literal(drawing.codes)} at {md_code(drawing.location, in_table=False)}: "
                       f"{md_literal(drawing.site)}{md_literal(trimmed)}",
                   "", "```mermaid", drawing.mermaid.rstrip("\n"), "```"]
+    for contract in drawings.contracts:
+        lines += ["", f"#### {md_literal(contract.codes)} at {md_code(contract.location, in_table=False)}: the contract "
+                      f"of {md_code(contract.kernel, in_table=False)} (its tensor is read while the model is built)",
+                  "", "```mermaid", contract.mermaid.rstrip("\n"), "```"]
     if drawings.more:
         lines += ["", f"_{drawings.more} more error sites not drawn._"]
     if drawings.unplaced:

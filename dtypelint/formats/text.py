@@ -99,7 +99,8 @@ def _next_steps(report: Report) -> list[str]:
     if report.mode != "value" and any(finding.code == ISLAND_CODE for finding in report.findings):
         steps.append(f"`dtypelint precision PATH --dtype {report.compute_dtype}` (with the weights) finds the "
                      "fewest modules to keep in float32, verified by a forward")
-    example = next((finding for finding in report.ordered() if finding.fix), report.ordered()[0])
+    listed = grouped(report).ordered()  # the rule named is one the lines above show
+    example = next((finding for finding in listed if finding.fix), listed[0])
     steps.append(f"`dtypelint explain {example.code}` explains a rule and how to fix it by hand")
     return steps
 

@@ -97,7 +97,7 @@ class Nonfinite(Rule):
             dtypes=sorted({output["dtype"], *(graph.tensor(t)["dtype"] for t in inputs)}),
             message=f"{data['name']} produced non-finite values ({output['dtype']} range "
             f"{format_range(graph.value_range(produced))}) from {where}, and they reach the end of the forward: "
-            f"{described}" + (VAE_WAYS_OUT if in_vae else ""),
+            f"{described}" + (VAE_WAYS_OUT if in_vae else _ways_out(data["module"])),
             node=op,
             severity=Severity.WARNING if likely else None,
             fix=Fix((), "float32", Applicability.UNSAFE, "keep the modules `dtypelint precision` finds in float32"),
@@ -107,6 +107,11 @@ class Nonfinite(Rule):
 # What diffusers users do about a VAE that overflows float16 (the SDXL VAE's black images).
 VAE_WAYS_OUT = ("; a diffusers VAE past float16's range: run it in bfloat16 or float32 (pipelines upcast a VAE whose "
                 "config says force_upcast=True), or use a VAE fine-tuned for float16 (madebyollin/sdxl-vae-fp16-fix)")
+
+
+def _ways_out(module: str) -> str:
+    return (f"; ways out: keep {module or 'the model'} in float32, run in bfloat16 (float32's range), or "
+            f"`dtypelint precision` finds the fewest modules to keep in float32, verified by a forward")
 
 
 def _in_vae(class_name: str, module: str) -> bool:

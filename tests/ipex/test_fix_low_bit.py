@@ -105,3 +105,14 @@ def test_save_fixed_writes_a_low_bit_checkpoint_that_load_low_bit_reads_back(inp
 
     assert main(["check", str(target), *arguments[2:6]]) == 1  # the command loads it too, and says why it still fails
     assert f"{PLAN_FILE} holds a fix plan" in capsys.readouterr().out
+
+
+def test_the_html_report_draws_the_rotary_contract_the_traced_forward_never_shows(capsys):
+    """ipex-llm reads the per-layer inv_freq while it builds the model: no traced op uses it, so the page draws
+    the contract itself, once for both layers."""
+    assert main(["check", str(LOW_BIT), "--dtype", "float16", "--backend", "ipex-llm-xpu", "--format", "html",
+                 "-q"]) == 1
+    page = capsys.readouterr().out
+    assert page.count('<pre class="mermaid">') == 1 and "Not drawn" not in page
+    assert "inv_freq float32&quot;):::culprit" in page and "operands(&quot;query/key float16&quot;)" in page
+    assert "xe_addons.rotary_half_inplaced (ipex-llm-xpu kernel)" in page
