@@ -113,7 +113,8 @@ def component_inputs(model: torch.nn.Module, *, batch: int, dtype: torch.dtype, 
     """A forward's required arguments, and the optional ones its config says the model uses (class labels,
     SDXL's added conditions, Flux's guidance), made from the config as a pipeline makes them. A required
     argument nothing here knows how to make is a LoadError naming it (use --entry)."""
-    config = {"_class_name": type(model).__name__, **dict(getattr(model, "config", {}) or {})}
+    config = {"_class_name": type(model).__name__, "_video": _convolves_in_3d(model),
+              **dict(getattr(model, "config", {}) or {})}
     generator = torch.Generator().manual_seed(seed)
     made: dict[str, Any] = {}
     parameters = inspect.signature(model.forward).parameters
@@ -187,6 +188,13 @@ def _documented_input(documented: str, name: str, config: Mapping[str, Any], bat
     return torch.randn(*sizes, generator=generator).to(dtype)
 
 
+def _convolves_in_3d(model: torch.nn.Module) -> bool:
+    """Whether the model's first convolution is 3D: its sample is a video (Wan's and QwenImage's VAEs)."""
+    first = next((module for module in model.modules()
+                  if isinstance(module, (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d))), None)
+    return isinstance(first, torch.nn.Conv3d)
+
+
 def _first(value: Any) -> Any:
     return value[0] if isinstance(value, (list, tuple)) and value else value
 
@@ -216,7 +224,7 @@ def _packed(parameters: Mapping[str, inspect.Parameter]) -> bool:
 
 def _sample(config: Mapping[str, Any], made: dict, parameters: Mapping[str, inspect.Parameter], batch: int,
             dtype: torch.dtype, generator: torch.Generator) -> torch.Tensor | None:
-    channels = config.get("in_channels")
+    channels = next((config[key] for key in ("in_channels", "input_channels") if isinstance(config.get(key), int)), None)
     if not isinstance(channels, int):
         return None
     side = _side(config)
@@ -225,7 +233,8 @@ def _sample(config: Mapping[str, Any], made: dict, parameters: Mapping[str, insp
     axis = _frame_axis(str(config.get("_class_name")))
     if axis == 1:
         return torch.randn(batch, 2, channels, side, side, generator=generator).to(dtype)
-    if frames := _patch(config)[0] or (2 if axis == 2 or "3D" in str(config.get("_class_name")) else 0):
+    video = axis == 2 or config["_video"] or "3D" in str(config.get("_class_name"))
+    if frames := _patch(config)[0] or (2 if video else 0):
         return torch.randn(batch, channels, frames, side, side, generator=generator).to(dtype)
     return torch.randn(batch, channels, side, side, generator=generator).to(dtype)
 

@@ -339,6 +339,8 @@ MORE_COMPONENTS = {
                                          "cross_attention_dim": 32, "num_attention_heads": (2, 2, 2, 2)},
     "CogView4Transformer2DModel": {"num_layers": 1, "num_attention_heads": 2, "text_embed_dim": 32, "sample_size": 32},
     "QwenImageTransformer2DModel": {"num_layers": 1, "num_attention_heads": 2, "joint_attention_dim": 32},
+    "AutoencoderKLWan": {"base_dim": 16, "z_dim": 4, "dim_mult": [1, 2], "num_res_blocks": 1, "attn_scales": [],
+                         "temperal_downsample": [False]},
 }
 
 
@@ -417,5 +419,15 @@ def test_size_conditions_and_image_shapes_are_made_as_the_pipelines_make_them(na
 
     model, inputs = _made(name)
     assert set(made) <= set(inputs)
+    report = dtypelint.audit(model, inputs, dtype="float16")
+    assert not report.errors and not report.by_code("DT001"), report.findings
+
+
+def test_a_vae_whose_first_convolution_is_3d_gets_a_video():
+    """Wan's VAE says nothing of frames in its name or config: its causal Conv3d does."""
+    import dtypelint
+
+    model, inputs = _made("AutoencoderKLWan")
+    assert inputs["sample"].shape == (1, 3, 2, 32, 32)
     report = dtypelint.audit(model, inputs, dtype="float16")
     assert not report.errors and not report.by_code("DT001"), report.findings
