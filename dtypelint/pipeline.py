@@ -18,7 +18,7 @@ from dtypelint.diffusion import component_class_name
 from dtypelint.dtypes import dtype_name, parse_dtype
 from dtypelint.errors import UsageError, first_line
 from dtypelint.forward import Call, run_forward
-from dtypelint.graph import DtypeGraph
+from dtypelint.graph import DtypeGraph, no_cyclic_collection
 from dtypelint.load import Loaded, Request, config_dtype, load, load_config, stored_dtypes
 from dtypelint.model_info import ModelInfo, TensorInfo, config_value, infer_compute_dtype
 from dtypelint.paths import local_path
@@ -318,7 +318,15 @@ def audit(
 
 def _audit(model: torch.nn.Module, inputs: Any, chosen: TraceOptions, settings: Settings,
            stored: Mapping[str, str] | None = None) -> Report:
-    """``audit`` with resolved settings; ``stored``: the dtypes the checkpoint stores, by tensor name."""
+    """``audit`` with resolved settings; ``stored``: the dtypes the checkpoint stores, by tensor name. The
+    cyclic collector pauses meanwhile: records, graph nodes and findings make no cycles, and scanning them
+    cost a fifth of a launch-bound audit; what the forward leaves in cycles is collected afterwards."""
+    with no_cyclic_collection():
+        return _audited(model, inputs, chosen, settings, stored)
+
+
+def _audited(model: torch.nn.Module, inputs: Any, chosen: TraceOptions, settings: Settings,
+             stored: Mapping[str, str] | None) -> Report:
     notes: list[str] = []
     model = _unwrap(model, notes)
     compute_dtype = parse_dtype(settings.dtype) or infer_compute_dtype(model)

@@ -111,6 +111,20 @@ def test_wrong_inputs_for_the_forward_are_a_finding_not_a_crash():
     assert "shapes cannot be multiplied" in report.findings[0].message
 
 
+@pytest.mark.parametrize("enabled", [True, False])
+def test_an_audit_pauses_the_cyclic_collector_and_leaves_it_as_it_found_it(tiny_llama_fp16, input_ids, enabled):
+    seen: list[bool] = []
+    hook = tiny_llama_fp16.model.layers[0].register_forward_hook(lambda *_: seen.append(gc.isenabled()))
+    (gc.enable if enabled else gc.disable)()
+    try:
+        dtypelint.audit(tiny_llama_fp16, {"input_ids": input_ids})
+        assert gc.isenabled() == enabled
+    finally:
+        gc.enable()
+        hook.remove()
+    assert seen and not any(seen)  # paused while the forward ran under the tracer
+
+
 def test_a_value_audit_keeps_no_activation_alive(tiny_llama_fp16, input_ids):
     seen: list[weakref.ref] = []
 
