@@ -278,27 +278,32 @@ def _timestep(config: Mapping[str, Any], made: dict, parameters: Mapping[str, in
 _INIT = re.compile(r"def __init__\(\s*self,(?P<parameters>.*?)\)(?:\s*->\s*None)?:", re.S)
 _ANNOTATED = re.compile(r"(\w+)\s*:\s*([A-Za-z_]\w*)")
 _FLOW = re.compile(r"flow[- ]matching", re.I)
+_MASK_CAST = re.compile(r"prompt_attention_mask\s*=\s*\w*prompt_attention_mask\.to\(\s*(?:dtype=)?\w*dtype\b")
+_MASK_BOOL = re.compile(r"prompt_attention_mask\s*=\s*\w*prompt_attention_mask\.bool\(\)")
 _DIVIDED = re.compile(r"\b(?:t|timesteps?)\b[^\n]*/\s*1000\b")
 
 
 @functools.cache
-def _pipelines() -> dict[str, list[tuple[str, bool]]]:
+def _pipelines() -> dict[str, list[tuple[str, bool, str]]]:
     """Each class a diffusers pipeline's ``__init__`` takes (by its annotation) -> (the scheduler class that
-    pipeline is annotated with, whether its source divides the timestep by 1000), for every pipeline. Read
-    from the installed sources, not imported: importing every pipeline costs seconds and optional packages."""
+    pipeline is annotated with, whether its source divides the timestep by 1000, how it passes the prompt's
+    attention mask: "model" (cast to a dtype), "bool" or "tokens" (as the tokenizer made it)), for every
+    pipeline. Read from the installed sources, not imported: importing
+    every pipeline costs seconds and optional packages."""
     import diffusers
 
-    found: dict[str, list[tuple[str, bool]]] = {}
+    found: dict[str, list[tuple[str, bool, str]]] = {}
     for source in sorted(Path(diffusers.__file__).parent.joinpath("pipelines").rglob("pipeline_*.py")):
         if "deprecated" in source.parts:
             continue
         text = source.read_text(encoding="utf-8", errors="replace")
         divided = bool(_DIVIDED.search(text))
+        mask = "model" if _MASK_CAST.search(text) else "bool" if _MASK_BOOL.search(text) else "tokens"
         for init in _INIT.finditer(text):
             annotated = dict(_ANNOTATED.findall(init["parameters"]))
             scheduler = annotated.pop("scheduler", None)
             for component in set(annotated.values()) if scheduler else ():
-                found.setdefault(component, []).append((scheduler, divided))
+                found.setdefault(component, []).append((scheduler, divided, mask))
     return found
 
 
@@ -325,7 +330,7 @@ def _floating_steps(scheduler_name: str) -> bool | None:
 def pipeline_timestep(class_name: str) -> tuple[bool, bool] | None:
     """(floating, divided by 1000) as most of the pipelines that take ``class_name`` pass its timestep; None
     where no pipeline whose scheduler decides it takes the class."""
-    votes = Counter((floating, floating and divided) for scheduler, divided in _pipelines().get(class_name, ())
+    votes = Counter((floating, floating and divided) for scheduler, divided, _ in _pipelines().get(class_name, ())
                     if (floating := _floating_steps(scheduler)) is not None)
     return votes.most_common(1)[0][0] if votes else None
 
@@ -347,11 +352,16 @@ def _encoder_hidden_states(config: Mapping[str, Any], made: dict, parameters: Ma
 
 def _text_mask(config: Mapping[str, Any], made: dict, parameters: Mapping[str, inspect.Parameter], batch: int,
                dtype: torch.dtype, generator: torch.Generator) -> torch.Tensor | None:
-    """The tokenizer's attention mask over the text tokens where the forward requires one, in the model's dtype
-    as the pipelines that require it pass it (HunyuanVideo's)."""
+    """The tokenizer's attention mask over the text tokens where the forward requires one: cast to the model's
+    dtype where the pipelines that take the class cast it (HunyuanVideo's ``prompt_attention_mask.to(
+    transformer_dtype)``), bool where they make it bool (LTX, Mochi), the tokenizer's int64 where they pass it
+    as it comes (Lumina2 sizes its rotary table from its sum); the model's dtype for a class no pipeline takes."""
     if parameters["encoder_attention_mask"].default is not inspect.Parameter.empty or "encoder_hidden_states" not in made:
         return None
-    return torch.ones(batch, made["encoder_hidden_states"].shape[1], dtype=dtype)
+    kinds = [kind for _, _, kind in _pipelines().get(str(config.get("_class_name")), ())]
+    kind = Counter(kinds).most_common(1)[0][0] if kinds else "model"
+    mask_dtype = {"model": dtype, "bool": torch.bool}.get(kind, torch.long)
+    return torch.ones(batch, made["encoder_hidden_states"].shape[1], dtype=mask_dtype)
 
 
 def _pooled(config: Mapping[str, Any], made: dict, parameters: Mapping[str, inspect.Parameter], batch: int,

@@ -431,3 +431,20 @@ def test_a_vae_whose_first_convolution_is_3d_gets_a_video():
     assert inputs["sample"].shape == (1, 3, 2, 32, 32)
     report = dtypelint.audit(model, inputs, dtype="float16")
     assert not report.errors and not report.by_code("DT001"), report.findings
+
+
+@pytest.mark.parametrize(("name", "dtype"), [("HunyuanVideoTransformer3DModel", torch.float16),
+                                             ("LTXVideoTransformer3DModel", torch.bool),
+                                             ("Lumina2Transformer2DModel", torch.long)])
+def test_the_text_mask_comes_in_the_dtype_the_pipelines_pass_it(name, dtype):
+    """HunyuanVideo's pipeline casts the mask to the transformer's dtype, LTX's makes it bool, Lumina2's passes
+    the tokenizer's int64 (and sizes its rotary table from the mask's sum, which a float mask breaks)."""
+    from dtypelint.diffusion import component_inputs
+    from dtypelint.fake import new_fake_mode
+
+    with torch.device("meta"):
+        model = getattr(diffusers, name)().to(torch.float16)
+    with new_fake_mode():
+        inputs = component_inputs(model, batch=1, dtype=torch.float16)
+    assert inputs["encoder_attention_mask"].dtype == dtype
+    assert inputs["encoder_attention_mask"].shape == inputs["encoder_hidden_states"].shape[:2]
