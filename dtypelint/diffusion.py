@@ -234,7 +234,7 @@ def _sample(config: Mapping[str, Any], made: dict, parameters: Mapping[str, insp
     if axis == 1:
         return torch.randn(batch, 2, channels, side, side, generator=generator).to(dtype)
     video = axis == 2 or config["_video"] or "3D" in str(config.get("_class_name"))
-    if frames := _patch(config)[0] or (2 if video else 0):
+    if frames := _patch(config)[0] or (_video_frames(config) if video else 0):
         return torch.randn(batch, channels, frames, side, side, generator=generator).to(dtype)
     return torch.randn(batch, channels, side, side, generator=generator).to(dtype)
 
@@ -248,6 +248,14 @@ def _forward_source(class_name: str) -> tuple[str, str]:
         return (inspect.getsource(forward) if forward is not None else ""), inspect.getdoc(forward) or ""
     except (OSError, TypeError):
         return "", ""
+
+
+def _video_frames(config: Mapping[str, Any]) -> int:
+    """Frames for a video sample: one more than a causal video VAE's temporal compression (its encoder takes
+    1 + k * ratio frames: KVAE's 5), else two."""
+    ratio = next((config[key] for key in ("temporal_compression_ratio", "temporal_compress_times")
+                  if isinstance(config.get(key), int)), None)
+    return 1 + ratio if ratio else 2
 
 
 def _frame_axis(class_name: str) -> int | None:

@@ -448,3 +448,19 @@ def test_the_text_mask_comes_in_the_dtype_the_pipelines_pass_it(name, dtype):
         inputs = component_inputs(model, batch=1, dtype=torch.float16)
     assert inputs["encoder_attention_mask"].dtype == dtype
     assert inputs["encoder_attention_mask"].shape == inputs["encoder_hidden_states"].shape[:2]
+
+
+def test_a_causal_video_vae_gets_one_more_frame_than_it_compresses():
+    """KVAE's video VAE compresses time by 4: two frames leave its temporal downsampler nothing (DT001 from
+    our input, not the model); 1 + 4 frames pass, as its encoder takes 1 + k * 4."""
+    import dtypelint
+    from dtypelint.diffusion import component_inputs
+    from dtypelint.fake import new_fake_mode
+
+    with torch.device("meta"):
+        model = diffusers.AutoencoderKLKVAEVideo().to(torch.float16)
+    with new_fake_mode():
+        inputs = component_inputs(model, batch=1, dtype=torch.float16)
+    assert inputs["sample"].shape[2] == 1 + model.config.temporal_compress_times
+    report = dtypelint.audit(model, inputs, mode="meta", dtype="float16")
+    assert not report.by_code("DT001"), report.findings
