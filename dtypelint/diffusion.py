@@ -113,12 +113,14 @@ def component_inputs(model: torch.nn.Module, *, batch: int, dtype: torch.dtype, 
     """A forward's required arguments, and the optional ones its config says the model uses (class labels,
     SDXL's added conditions, Flux's guidance), made from the config as a pipeline makes them. A required
     argument nothing here knows how to make is a LoadError naming it (use --entry)."""
+    documented = inspect.getdoc(model.forward) or ""
+    # What the model's own code says, read once: its frame axis, whether its docstring says flow matching.
     config = {"_class_name": type(model).__name__, "_video": _convolves_in_3d(model),
+              "_frame_axis": _frame_axis(model.forward), "_flow_matching": bool(_FLOW.search(documented)),
               **dict(getattr(model, "config", {}) or {})}
     generator = torch.Generator().manual_seed(seed)
     made: dict[str, Any] = {}
     parameters = inspect.signature(model.forward).parameters
-    documented = inspect.getdoc(model.forward) or ""
     for name, parameter in parameters.items():
         if parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
             continue
@@ -230,24 +232,13 @@ def _sample(config: Mapping[str, Any], made: dict, parameters: Mapping[str, insp
     side = _side(config)
     if _packed(parameters):
         return torch.randn(batch, (side // 2) ** 2, channels, generator=generator).to(dtype)
-    axis = _frame_axis(str(config.get("_class_name")))
+    axis = config["_frame_axis"]
     if axis == 1:
         return torch.randn(batch, 2, channels, side, side, generator=generator).to(dtype)
     video = axis == 2 or config["_video"] or "3D" in str(config.get("_class_name"))
     if frames := _patch(config)[0] or (_video_frames(config) if video else 0):
         return torch.randn(batch, channels, frames, side, side, generator=generator).to(dtype)
     return torch.randn(batch, channels, side, side, generator=generator).to(dtype)
-
-
-def _forward_source(class_name: str) -> tuple[str, str]:
-    """The diffusers class's forward: its code and its docstring (empty for a class diffusers does not name)."""
-    import diffusers
-
-    forward = getattr(getattr(diffusers, class_name, None), "forward", None)
-    try:
-        return (inspect.getsource(forward) if forward is not None else ""), inspect.getdoc(forward) or ""
-    except (OSError, TypeError):
-        return "", ""
 
 
 def _video_frames(config: Mapping[str, Any]) -> int:
@@ -258,11 +249,15 @@ def _video_frames(config: Mapping[str, Any]) -> int:
     return 1 + ratio if ratio else 2
 
 
-def _frame_axis(class_name: str) -> int | None:
-    """The sample's axis the class's forward reads its frame count from: 1 for Stable Video Diffusion's UNet
+def _frame_axis(forward: Callable[..., Any]) -> int | None:
+    """The sample's axis a forward reads its frame count from: 1 for Stable Video Diffusion's UNet
     (``batch_size, num_frames = sample.shape[:2]``), 2 for AnimateDiff's (``sample.shape[2]``). Its code, not
     its docstring, which some classes copy unchanged."""
-    axis = re.search(r"num_frames\s*=\s*sample\.shape\[(:2|1|2)\]", _forward_source(class_name)[0])
+    try:
+        source = inspect.getsource(forward)
+    except (OSError, TypeError):  # no source at hand (a compiled or built-in forward)
+        return None
+    axis = re.search(r"num_frames\s*=\s*sample\.shape\[(:2|1|2)\]", source)
     return None if axis is None else 2 if axis[1] == "2" else 1
 
 
@@ -275,7 +270,7 @@ def _timestep(config: Mapping[str, Any], made: dict, parameters: Mapping[str, in
     name = str(config.get("_class_name"))
     timing = pipeline_timestep(name)
     if timing is None:
-        flow = "pooled_projections" in parameters or bool(_FLOW.search(_forward_source(name)[1]))
+        flow = "pooled_projections" in parameters or config["_flow_matching"]
         timing = (flow, flow and _packed(parameters))
     floating, unit = timing
     if floating:
@@ -296,8 +291,8 @@ def _pipelines() -> dict[str, list[tuple[str, bool, str]]]:
     """Each class a diffusers pipeline's ``__init__`` takes (by its annotation) -> (the scheduler class that
     pipeline is annotated with, whether its source divides the timestep by 1000, how it passes the prompt's
     attention mask: "model" (cast to a dtype), "bool" or "tokens" (as the tokenizer made it)), for every
-    pipeline. Read from the installed sources, not imported: importing
-    every pipeline costs seconds and optional packages."""
+    pipeline. Read from the installed sources, not imported: importing every pipeline costs seconds and
+    optional packages."""
     import diffusers
 
     found: dict[str, list[tuple[str, bool, str]]] = {}
