@@ -75,7 +75,7 @@ def _raised_where_mixed(findings: list[Finding]) -> list[Finding]:
         if finding.code == FORWARD_ERROR_CODE and finding.node in raised:
             continue
         if finding.code == MIXED_INPUT_CODE and finding.node in raised:
-            error = raised.pop(finding.node).message.split(" (at ", 1)[0].removeprefix("forward raised ")
+            error = raised[finding.node].message.split(" (at ", 1)[0].removeprefix("forward raised ")
             finding = replace(finding, message=f"{finding.message}; the forward raised here "
                                                f"({FORWARD_ERROR_CODE}): {error}")
         kept.append(finding)
