@@ -113,14 +113,25 @@ def component_inputs(model: torch.nn.Module, *, batch: int, dtype: torch.dtype, 
     """A forward's required arguments, and the optional ones its config says the model uses (class labels,
     SDXL's added conditions, Flux's guidance), made from the config as a pipeline makes them. A required
     argument nothing here knows how to make is a LoadError naming it (use --entry)."""
-    documented = inspect.getdoc(model.forward) or ""
-    # What the model's own code says, read once: its frame axis, whether its docstring says flow matching.
-    config = {"_class_name": type(model).__name__, "_video": _convolves_in_3d(model),
+    signature = inspect.signature(model.forward)
+    if signature.return_annotation in (None, "None"):
+        name, host = type(model).__name__, _loaded_by(type(model))
+        raise LoadError(f"{name}.forward returns nothing: a {name} holds weights another model loads"
+                        f"{f' ({host})' if host else ''}; audit that model")
+    documented, parameters = inspect.getdoc(model.forward) or "", signature.parameters
+    # What the model's own code and layers say, read once: its frame axis, whether its docstring says flow
+    # matching, the convolution its sample enters by.
+    entry = _entry_convolution(model)
+    stored = dict(getattr(model, "config", {}) or {})
+    config = {"_class_name": type(model).__name__, "_video": isinstance(entry, torch.nn.Conv3d),
+              "_input_channels": getattr(entry, "in_channels", None),
+              "_waveform": None if isinstance(entry, (torch.nn.Conv2d, torch.nn.Conv3d)) else _waveform_samples(stored),
+              "_packed": _packed(parameters),
+              "_input_features": None if entry else _entry_features(model),
               "_frame_axis": _frame_axis(model.forward), "_flow_matching": bool(_FLOW.search(documented)),
-              **dict(getattr(model, "config", {}) or {})}
+              "_per_frame_timestep": _per_frame_timestep(type(model)), **stored}
     generator = torch.Generator().manual_seed(seed)
     made: dict[str, Any] = {}
-    parameters = inspect.signature(model.forward).parameters
     for name, parameter in parameters.items():
         if parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
             continue
@@ -150,26 +161,31 @@ _NOT_FLOATING = ("ids", "indices", "index", "mask", "tags", "position", "shapes"
 
 def _shape_documented(documented: str, name: str) -> list[str] | None:
     """The dimensions a forward's docstring gives an argument: ``name (`torch.Tensor` of shape `(batch,
-    in_channels, length)`)`` or a shape in backticks on the line that introduces it."""
-    introduced = re.search(rf"^\s*{re.escape(name)} \((?P<line>[^\n]*(?:\n[^\n]*)?)", documented, re.M)
-    shape = re.search(r"`\(([^`()]+)\)`", introduced["line"]) if introduced else None
+    in_channels, length)`)``, or a shape in backticks, round or square, on its line or the two indented below."""
+    introduced = re.search(rf"^(?P<indent>\s*){re.escape(name)}(?: \(|:)(?P<line>[^\n]*(?:\n(?P=indent)\s+[^\n]*){{0,2}})",
+                           documented, re.M)
+    shape = re.search(r"`[(\[]([^`()\[\]]+)[)\]]`", introduced["line"]) if introduced else None
     return [word.strip() for word in shape[1].split(",") if word.strip()] if shape else None
 
 
-def _dimension(word: str, config: Mapping[str, Any], batch: int) -> int | None:
-    """A documented dimension's size: the batch, two frames, a width the config names, a few text tokens for a
-    text sequence, the latents' side for any other length; None for a width the config does not name."""
+def _dimension(word: str, config: Mapping[str, Any], batch: int, *, text: bool) -> int | None:
+    """A documented dimension's size: the batch, two frames, a width the config names (else the text's for a text
+    argument, Ernie's `embed_dims`, or the sample's channels, AnyFlow's `num_channels`), a few tokens for a text
+    sequence (a text argument's `sequence_length`), the latents' side for any other length (MiniMax-Music's
+    frame-aligned condition shares it)."""
     lowered = word.lower()
     if lowered in _BATCH_WORDS:
         return batch
     if word.isdigit():
         return int(word)
+    if config["_waveform"] and ("sample" in lowered or lowered in ("t", "time", "length")):
+        return config["_waveform"]
     if "frame" in lowered:
         return 2
-    if any(mark in lowered for mark in _WIDTH_WORDS):
-        value = config.get(word)
+    if any(mark in lowered for mark in _WIDTH_WORDS) or lowered == "d" or lowered.startswith("d_"):  # SANA's D_caption
+        value = config.get(word, _text_width(config) if text else _sample_channels(config))
         return value if isinstance(value, int) and not isinstance(value, bool) else None
-    if any(mark in lowered for mark in _TEXT_WORDS):
+    if any(mark in lowered for mark in _TEXT_WORDS) or (text and lowered.startswith(("seq", "num_tokens"))):
         return TEXT_TOKENS
     if any(lowered == mark or lowered.startswith(mark + "_") or lowered.endswith("_" + mark) or
            (len(mark) > 2 and mark in lowered) for mark in _LENGTH_WORDS):
@@ -184,17 +200,67 @@ def _documented_input(documented: str, name: str, config: Mapping[str, Any], bat
     if any(mark in name for mark in _NOT_FLOATING):
         return None
     words = _shape_documented(documented, name)
-    sizes = [_dimension(word, config, batch) for word in words or ()]
+    text = any(mark in name for mark in _TEXT_WORDS)
+    if config["_packed"] and name in _MAKERS and _MAKERS[name] is _sample and len(words or ()) != 3:
+        return None  # Flux-style latents are a sequence of patches, whatever a copied docstring says
+    sizes = [_dimension(word, config, batch, text=text) for word in words or ()]
     if not sizes or None in sizes:
         return None
     return torch.randn(*sizes, generator=generator).to(dtype)
 
 
-def _convolves_in_3d(model: torch.nn.Module) -> bool:
-    """Whether the model's first convolution is 3D: its sample is a video (Wan's and QwenImage's VAEs)."""
-    first = next((module for module in model.modules()
-                  if isinstance(module, (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d))), None)
-    return isinstance(first, torch.nn.Conv3d)
+def _loaded_by(model_class: type) -> str | None:
+    """The constructor of its own module that takes the class (``UNetMotionModel.from_unet2d(unet,
+    motion_adapter: MotionAdapter)``): where a class with no forward of its own goes."""
+    module = inspect.getmodule(model_class)
+    for host in vars(module).values() if module else ():
+        if not isinstance(host, type) or host is model_class or host.__module__ != model_class.__module__:
+            continue
+        for method_name, method in vars(host).items():
+            function = getattr(method, "__func__", method)
+            annotations = getattr(function, "__annotations__", {}) if callable(function) else {}
+            if any(model_class.__name__ in str(annotation) for annotation in annotations.values()):
+                return f"{host.__name__}.{method_name}"
+    return None
+
+
+def _entry_convolution(model: torch.nn.Module) -> torch.nn.Module | None:
+    """The convolution the sample enters by: the shallowest ``conv_in`` (diffusers' name for it, ``base_conv_in`` in
+    ControlNet-XS), else the first.
+    A 3D one means the sample is a video (Wan's and QwenImage's VAEs); its input channels stand in for a config
+    that names none (ControlNet-XS)."""
+    convolutions = [(name, module) for name, module in model.named_modules()
+                    if isinstance(module, (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d))]
+    entries = [(name.count("."), index) for index, (name, _) in enumerate(convolutions)
+               if name.rpartition(".")[2].endswith("conv_in")]
+    if entries:
+        return convolutions[min(entries)[1]][1]
+    return convolutions[0][1] if convolutions else None
+
+
+def _entry_features(model: torch.nn.Module) -> int | None:
+    """The width of a model without convolutions that starts with a linear layer (Flux's Redux projection):
+    its sample is a few tokens of that width."""
+    first = next((module for module in model.modules() if isinstance(module, torch.nn.Linear)), None)
+    return None if first is None else first.in_features
+
+
+_SAMPLING_RATES = ("sampling_rate", "sample_rate")
+_AUDIO_STRIDES = ("downsampling_ratios", "downsampling_ratio", "encoder_rates", "encoder_strides", "strides", "enc_strides",
+                  "enc_hop_length")
+
+
+def _waveform_samples(config: Mapping[str, Any]) -> int | None:
+    """A waveform's length for an audio model (its config names a sampling rate): two latent frames' worth of
+    samples, the product of its encoder's strides, patch and STFT hop; None for any other model."""
+    if not any(isinstance(config.get(key), int) for key in _SAMPLING_RATES):
+        return None
+    per_frame = 1
+    for key in (*_AUDIO_STRIDES, "patch_size", "hop_length"):
+        value = config.get(key)
+        for stride in value if isinstance(value, (list, tuple)) else (value,):
+            per_frame *= stride if isinstance(stride, int) and not isinstance(stride, bool) and stride > 0 else 1
+    return 2 * per_frame
 
 
 def _first(value: Any) -> Any:
@@ -213,8 +279,9 @@ def _patch(config: Mapping[str, Any]) -> tuple[int, int]:
 
 def _side(config: Mapping[str, Any]) -> int:
     """The latents' side: the config's sample size capped, a multiple of every down-sampling step."""
-    widths = config.get("block_out_channels")
+    widths = config.get("block_out_channels") or config.get("channels")  # T2I-Adapter's
     factor = 2 ** max(len(widths) - 1 if isinstance(widths, (list, tuple)) else 0, 0) * _patch(config)[1]
+    factor *= config.get("downscale_factor") if isinstance(config.get("downscale_factor"), int) else 1
     side = min(int(_first(config.get("sample_size")) or MAX_SIDE), MAX_SIDE)
     return max(factor, side // factor * factor)
 
@@ -226,9 +293,12 @@ def _packed(parameters: Mapping[str, inspect.Parameter]) -> bool:
 
 def _sample(config: Mapping[str, Any], made: dict, parameters: Mapping[str, inspect.Parameter], batch: int,
             dtype: torch.dtype, generator: torch.Generator) -> torch.Tensor | None:
-    channels = next((config[key] for key in ("in_channels", "input_channels") if isinstance(config.get(key), int)), None)
+    channels = _sample_channels(config)
     if not isinstance(channels, int):
-        return None
+        features = config["_input_features"]
+        return None if features is None else torch.randn(batch, TEXT_TOKENS, features, generator=generator).to(dtype)
+    if config["_waveform"]:
+        return torch.randn(batch, channels, config["_waveform"], generator=generator).to(dtype)
     side = _side(config)
     if _packed(parameters):
         return torch.randn(batch, (side // 2) ** 2, channels, generator=generator).to(dtype)
@@ -241,6 +311,12 @@ def _sample(config: Mapping[str, Any], made: dict, parameters: Mapping[str, insp
     return torch.randn(batch, channels, side, side, generator=generator).to(dtype)
 
 
+def _sample_channels(config: Mapping[str, Any]) -> int | None:
+    """The sample's channels: as the config names them, else the entry convolution's."""
+    return next((config[key] for key in ("in_channels", "input_channels", "audio_channels")
+                 if isinstance(config.get(key), int)), config["_input_channels"])
+
+
 def _video_frames(config: Mapping[str, Any]) -> int:
     """Frames for a video sample: one more than a causal video VAE's temporal compression (its encoder takes
     1 + k * ratio frames: KVAE's 5), else two."""
@@ -251,14 +327,29 @@ def _video_frames(config: Mapping[str, Any]) -> int:
 
 def _frame_axis(forward: Callable[..., Any]) -> int | None:
     """The sample's axis a forward reads its frame count from: 1 for Stable Video Diffusion's UNet
-    (``batch_size, num_frames = sample.shape[:2]``), 2 for AnimateDiff's (``sample.shape[2]``). Its code, not
-    its docstring, which some classes copy unchanged."""
+    (``batch_size, num_frames = sample.shape[:2]``), 2 for AnimateDiff's (``sample.shape[2]``) and I2VGen-XL's
+    (``batch_size, channels, num_frames, height, width = sample.shape``). Its code, not its docstring, which
+    some classes copy unchanged."""
     try:
         source = inspect.getsource(forward)
     except (OSError, TypeError):  # no source at hand (a compiled or built-in forward)
         return None
-    axis = re.search(r"num_frames\s*=\s*sample\.shape\[(:2|1|2)\]", source)
-    return None if axis is None else 2 if axis[1] == "2" else 1
+    for unpacked in re.finditer(r"^\s*([\w\s,]+?)\s*=\s*sample\.shape(?:\[(\d+)\]|\[:\d+\])?\s*$", source, re.M):
+        names = [name.strip() for name in unpacked[1].split(",")]
+        if "num_frames" in names:
+            return int(unpacked[2]) if unpacked[2] else names.index("num_frames")
+    return None
+
+
+@functools.cache
+def _per_frame_timestep(model_class: type) -> bool:
+    """Whether the class's code reads a timestep per frame (AnyFlow's ``batch_size, num_frames =
+    timestep.shape``); its pipelines repeat the step along the latents' second axis."""
+    try:
+        source = inspect.getsource(inspect.getmodule(model_class))  # type: ignore[arg-type]
+    except (OSError, TypeError):
+        return False
+    return bool(re.search(r"batch_size,\s*num_frames\s*=\s*timesteps?\.shape\b", source))
 
 
 def _timestep(config: Mapping[str, Any], made: dict, parameters: Mapping[str, inspect.Parameter], batch: int,
@@ -273,9 +364,11 @@ def _timestep(config: Mapping[str, Any], made: dict, parameters: Mapping[str, in
         flow = "pooled_projections" in parameters or config["_flow_matching"]
         timing = (flow, flow and _packed(parameters))
     floating, unit = timing
+    latents = made.get("hidden_states", made.get("sample"))
+    shape = (batch, latents.shape[1]) if config["_per_frame_timestep"] and latents is not None else (batch,)
     if floating:
-        return torch.full((batch,), 0.5 if unit else 500.0, dtype=dtype)
-    return torch.full((batch,), 10, dtype=torch.long)
+        return torch.full(shape, 0.5 if unit else 500.0, dtype=dtype)
+    return torch.full(shape, 10, dtype=torch.long)
 
 
 _INIT = re.compile(r"def __init__\(\s*self,(?P<parameters>.*?)\)(?:\s*->\s*None)?:", re.S)
@@ -341,7 +434,7 @@ def pipeline_timestep(class_name: str) -> tuple[bool, bool] | None:
 def _text_width(config: Mapping[str, Any]) -> int | None:
     for key in ("caption_channels", "joint_attention_dim", "encoder_hid_dim", "cross_attention_dim", "text_dim",
                 "text_embed_dim", "cap_feat_dim", "context_in_dim", "text_hidden_dim", "condition_dim",
-                "cond_token_dim", "dit_text_dim"):
+                "cond_token_dim", "dit_text_dim", "text_in_dim"):
         if isinstance(width := _first(config.get(key)), int):
             return width
     return None
@@ -365,6 +458,13 @@ def _text_mask(config: Mapping[str, Any], made: dict, parameters: Mapping[str, i
     kind = Counter(kinds).most_common(1)[0][0] if kinds else "model"
     mask_dtype = {"model": dtype, "bool": torch.bool}.get(kind, torch.long)
     return torch.ones(batch, made["encoder_hidden_states"].shape[1], dtype=mask_dtype)
+
+
+def _text_lengths(config: Mapping[str, Any], made: dict, parameters: Mapping[str, inspect.Parameter], batch: int,
+                  dtype: torch.dtype, generator: torch.Generator) -> torch.Tensor | None:
+    """Each prompt's token count, int64 as Ernie-Image's pipeline pads them: every text token is real."""
+    text = next((value for key, value in made.items() if key.startswith("text") and torch.is_tensor(value)), None)
+    return None if text is None else torch.full((batch,), text.shape[1], dtype=torch.long)
 
 
 def _pooled(config: Mapping[str, Any], made: dict, parameters: Mapping[str, inspect.Parameter], batch: int,
@@ -445,15 +545,48 @@ def _controlnet_cond(config: Mapping[str, Any], made: dict, parameters: Mapping[
     return torch.randn(batch, channels, side, side, generator=generator).to(dtype)
 
 
+def _like_sample(config: Mapping[str, Any], made: dict, parameters: Mapping[str, inspect.Parameter], batch: int,
+                 dtype: torch.dtype, generator: torch.Generator) -> torch.Tensor | None:
+    """Latents of the conditioning image, shaped as the sample (I2VGen-XL's ``image_latents``)."""
+    sample = made.get("sample")
+    return None if sample is None else torch.randn(sample.shape, generator=generator).to(dtype)
+
+
+def _timestep_ratio(config: Mapping[str, Any], made: dict, parameters: Mapping[str, inspect.Parameter], batch: int,
+                    dtype: torch.dtype, generator: torch.Generator) -> torch.Tensor:
+    """Stable Cascade's timestep as a fraction of the schedule, in the latents' dtype as its pipelines pass it."""
+    return torch.full((batch,), 0.5, dtype=dtype)
+
+
+def _frames_per_second(config: Mapping[str, Any], made: dict, parameters: Mapping[str, inspect.Parameter],
+                       batch: int, dtype: torch.dtype, generator: torch.Generator) -> torch.Tensor:
+    """I2VGen-XL's frame-rate micro-condition: an integer, embedded like a timestep."""
+    return torch.full((batch,), 16, dtype=torch.long)
+
+
+def _pooled_text_tokens(config: Mapping[str, Any], made: dict, parameters: Mapping[str, inspect.Parameter],
+                        batch: int, dtype: torch.dtype, generator: torch.Generator) -> torch.Tensor | None:
+    """Stable Cascade's pooled CLIP text embedding, one token wide."""
+    width = config.get("clip_text_pooled_in_channels")
+    return torch.randn(batch, 1, width, generator=generator).to(dtype) if isinstance(width, int) else None
+
+
 _MAKERS: dict[str, Callable[..., Any]] = {
     "sample": _sample,
     "hidden_states": _sample,
+    "x": _sample,
     "timestep": _timestep,
+    "r_timestep": _timestep,  # AnyFlow's flow-map target step, made as the source step
+    "timestep_ratio": _timestep_ratio,
+    "fps": _frames_per_second,
+    "image_latents": _like_sample,
+    "clip_text_pooled": _pooled_text_tokens,
     "encoder_hidden_states": _encoder_hidden_states,
     "pooled_projections": _pooled,
     "img_ids": _ids(lambda made: made["hidden_states"].shape[1]),
     "txt_ids": _ids(lambda made: made["encoder_hidden_states"].shape[1]),
     "encoder_attention_mask": _text_mask,
+    "text_lens": _text_lengths,
     "guidance": _guidance,
     "class_labels": _class_labels,
     "added_cond_kwargs": _added_cond_kwargs,

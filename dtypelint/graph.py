@@ -89,6 +89,7 @@ class Lineage:
     roots: tuple[str, ...] = ()
     casts: tuple[str, ...] = ()
     mixed: bool = False  # an op on the way also took another dtype: the stream, promoted by the roots
+    data: bool = False  # a root is a model input with a data's shape (a sample, a waveform), not positions
 
     @property
     def from_weights(self) -> bool:
@@ -101,7 +102,14 @@ class Lineage:
         return self.from_weights and not self.mixed
 
     def merge(self, other: Lineage) -> Lineage:
-        return Lineage(_capped(self.roots, other.roots), _capped(self.casts, other.casts), self.mixed or other.mixed)
+        return Lineage(_capped(self.roots, other.roots), _capped(self.casts, other.casts), self.mixed or other.mixed,
+                       self.data or other.data)
+
+
+def _carries_data(shape: tuple[int, ...] | None) -> bool:
+    """Whether a model input has a data's shape (a sample, a waveform, hidden states): positions and timesteps
+    come one per sample or as a few coordinates per token (Flux's ``img_ids``, ``(tokens, 3)``)."""
+    return shape is not None and len(shape) > 2
 
 
 def _capped(first: tuple[str, ...], second: tuple[str, ...]) -> tuple[str, ...]:
@@ -381,8 +389,9 @@ class DtypeGraph(nx.DiGraph):
         return [source for source in self._pred[op] if self._node[source]["dtype"] == data["dtype"]]
 
     def _lineage_here(self, tensor: str, memo: dict[str, Lineage]) -> Lineage:
-        if self._node[tensor]["origin"] in LEAF_ORIGINS:
-            return Lineage(roots=(tensor,))
+        data = self._node[tensor]
+        if data["origin"] in LEAF_ORIGINS:
+            return Lineage(roots=(tensor,), data=data["origin"] is OriginKind.INPUT and _carries_data(data["shape"]))
         same = self._same_dtype_inputs(tensor)
         if same:
             lineage = Lineage(mixed=len(same) < len(self.floating_inputs(self.producer(tensor))))  # type: ignore[arg-type]

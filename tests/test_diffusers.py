@@ -464,3 +464,89 @@ def test_a_causal_video_vae_gets_one_more_frame_than_it_compresses():
     assert inputs["sample"].shape[2] == 1 + model.config.temporal_compress_times
     report = dtypelint.audit(model, inputs, mode="meta", dtype="float16")
     assert not report.by_code("DT001"), report.findings
+
+
+AUDIO_AND_ADAPTERS = {
+    "AutoencoderOobleck": {"encoder_hidden_size": 16, "downsampling_ratios": [2, 4], "channel_multiples": [1, 2],
+                           "decoder_channels": 16, "decoder_input_channels": 8, "audio_channels": 2},
+    "T2IAdapter": {"in_channels": 3, "channels": [32, 32], "num_res_blocks": 1, "downscale_factor": 8},
+    "ReduxImageEncoder": {"redux_dim": 32, "txt_in_features": 64},
+    "CLIPImageProjection": {"hidden_size": 32},
+}
+
+
+@pytest.mark.parametrize(("name", "argument"), [("AutoencoderOobleck", "sample"), ("T2IAdapter", "x"),
+                                                ("ReduxImageEncoder", "x"), ("CLIPImageProjection", "x")])
+def test_waveforms_adapter_images_and_projected_tokens_are_made_from_the_models_first_layer(name, argument):
+    """Oobleck's config names a sampling rate: its sample is a stereo waveform of two latent frames
+    (2 x 4 samples each). T2I-Adapter's image side is a multiple of its pixel-unshuffle (8) times its two stages'
+    downsampling (2): 32. Redux and the CLIP image projection start with a linear layer, so they take a few
+    tokens of its width. Snake's ``sin(alpha * x)`` on the waveform is an activation, not rotary angles: no
+    DT107."""
+    import dtypelint
+    from dtypelint.diffusion import component_inputs
+
+    torch.manual_seed(0)
+    model = getattr(diffusers, name)(**AUDIO_AND_ADAPTERS[name]).to(torch.float16).eval()
+    inputs = component_inputs(model, batch=1, dtype=torch.float16)
+    expected = {"AutoencoderOobleck": (1, 2, 2 * 2 * 4), "T2IAdapter": (1, 3, 32, 32), "ReduxImageEncoder": (1, 8, 32),
+                "CLIPImageProjection": (1, 8, 32)}[name]
+    assert inputs[argument].shape == expected
+    report = dtypelint.audit(model, inputs, dtype="float16")
+    assert not report.by_code("DT001") and not report.by_code("DT107"), report.findings
+
+
+def test_frames_and_channels_come_from_the_forwards_code_and_its_entry_convolution():
+    """I2VGen-XL unpacks ``batch_size, channels, num_frames, height, width = sample.shape``; SVD takes frames
+    first. ControlNet-XS's config names no input channels: its ``base_conv_in`` (4), not the control branch's
+    first convolution (3), is what the sample enters."""
+    from dtypelint.diffusion import _frame_axis, component_inputs
+    from dtypelint.fake import new_fake_mode
+
+    assert _frame_axis(diffusers.I2VGenXLUNet.forward) == 2
+    assert _frame_axis(diffusers.UNetSpatioTemporalConditionModel.forward) == 1
+    with torch.device("meta"):
+        model = diffusers.UNetControlNetXSModel().to(torch.float16)
+    with new_fake_mode():
+        inputs = component_inputs(model, batch=1, dtype=torch.float16)
+    assert inputs["sample"].shape[1] == model.base_conv_in.in_channels == 4
+
+
+def test_a_transformer_that_reads_a_timestep_per_frame_gets_one():
+    """AnyFlow's condition embedder unpacks ``batch_size, num_frames = timestep.shape``; its pipeline repeats
+    the step along the latents' frames, for ``r_timestep`` too."""
+    import dtypelint
+    from dtypelint.diffusion import component_inputs
+    from dtypelint.fake import new_fake_mode
+
+    with torch.device("meta"):
+        model = diffusers.AnyFlowTransformer3DModel().to(torch.float16)
+    with new_fake_mode():
+        inputs = component_inputs(model, batch=1, dtype=torch.float16)
+    frames = inputs["hidden_states"].shape[1]
+    assert inputs["timestep"].shape == inputs["r_timestep"].shape == (1, frames)
+    report = dtypelint.audit(model, inputs, mode="meta", dtype="float16")
+    assert not report.by_code("DT001"), report.findings
+
+
+def test_a_shape_documented_below_its_argument_and_the_text_lengths_are_read():
+    """Ernie-Image documents ``text_bth`` two lines down, with `embed_dims` for the config's ``text_in_dim``;
+    ``text_lens`` are the prompts' int64 token counts, as its pipeline pads them."""
+    from dtypelint.diffusion import component_inputs
+
+    with torch.device("meta"):
+        model = diffusers.ErnieImageTransformer2DModel().to(torch.float16)
+    inputs = component_inputs(model, batch=1, dtype=torch.float16)
+    assert inputs["text_bth"].shape == (1, 8, model.config.text_in_dim)
+    assert inputs["text_lens"].dtype == torch.long and inputs["text_lens"].tolist() == [8]
+
+
+def test_a_class_whose_forward_returns_nothing_is_named_with_what_to_audit(tmp_path, capsys):
+    """A MotionAdapter is weights a UNetMotionModel loads; its forward is ``pass``."""
+    root = tmp_path / "adapter"
+    diffusers.MotionAdapter(block_out_channels=(32,), motion_layers_per_block=1, motion_num_attention_heads=2,
+                            motion_norm_num_groups=8).save_pretrained(root)
+    assert main(["check", str(root), "--dtype", "float16", "-q"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert "MotionAdapter.forward returns nothing" in error and "UNetMotionModel" in error
+    assert len(error.splitlines()) == 1

@@ -100,7 +100,9 @@ class IntendedFp32(Rule):
                 continue
             self.looked(context)
             inputs = graph.floating_inputs(op)
-            if not inputs or graph.dtype(inputs[0]) not in HALF or not graph.lineage(inputs[0]).table:
+            # Angles come from positions and weights; sin of a sample's values is an activation (Snake's).
+            lineage = graph.lineage(inputs[0]) if inputs else None
+            if lineage is None or graph.dtype(inputs[0]) not in HALF or not lineage.table or lineage.data:
                 continue
             angles, data = inputs[0], graph.op(op)
             dtype = graph.tensor(angles)["dtype"]
