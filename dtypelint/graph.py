@@ -197,10 +197,17 @@ class DtypeGraph(nx.DiGraph):
 
     def ops(self) -> Iterator[str]:
         """Op nodes in execution order."""
-        return (node for node, data in self._node.items() if data["kind"] == "op")
+        return iter(self._listed("op"))
 
     def tensors(self) -> Iterator[str]:
-        return (node for node, data in self._node.items() if data["kind"] == "tensor")
+        return iter(self._listed("tensor"))
+
+    def _listed(self, kind: str) -> tuple[str, ...]:
+        """The nodes of a kind, listed once: every rule walks them, and the graph is not changed once built."""
+        listed: dict[str, tuple[str, ...]] = self.__dict__.setdefault("_listed_nodes", {})
+        if kind not in listed:
+            listed[kind] = tuple(node for node, data in self._node.items() if data["kind"] == kind)
+        return listed[kind]
 
     def failed_op(self) -> str | None:
         """The op at which the forward raised, if it raised inside one."""
@@ -223,7 +230,12 @@ class DtypeGraph(nx.DiGraph):
         return _DTYPES[self._node[tensor]["dtype"]]
 
     def floating_inputs(self, op: str) -> list[str]:
-        return [node for node, _ in self.inputs(op) if self.dtype(node).is_floating_point]
+        """The op's floating inputs, in argument order. Memoized per graph (a fresh list each call)."""
+        memo: dict[str, tuple[str, ...]] = self.__dict__.setdefault("_floating_inputs", {})
+        floating = memo.get(op)
+        if floating is None:
+            floating = memo[op] = tuple(node for node in self._pred[op] if self.dtype(node).is_floating_point)
+        return list(floating)
 
     def leaves(self, tensor: str) -> list[str]:
         """Every leaf tensor (parameter, buffer, attribute, input, constant) the tensor derives from."""

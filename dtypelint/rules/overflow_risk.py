@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 
 import torch
@@ -56,13 +57,15 @@ class OverflowRisk(Rule):
                 if bounds is None or not finite(bounds) or not dtype.is_floating_point:
                     continue
                 self.looked(context)
-                largest = torch.finfo(dtype).max
+                largest = _largest(dtype)
                 peak = max((abs(bound) for bound in bounds if abs(bound) < largest), default=0.0)
+                if peak < fraction * largest:
+                    continue
                 carried = max(
                     (max(map(abs, graph.value_range(t) or (0.0, 0.0))) for t in graph.floating_inputs(op)),
                     default=0.0,
                 )
-                if peak < fraction * largest or carried >= fraction * largest:
+                if carried >= fraction * largest:
                     continue
                 reported.add(data["module"])
                 yield self.finding(
@@ -74,3 +77,8 @@ class OverflowRisk(Rule):
                     node=op,
                 )
                 break
+
+
+@functools.cache
+def _largest(dtype: torch.dtype) -> float:
+    return torch.finfo(dtype).max
