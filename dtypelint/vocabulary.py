@@ -43,6 +43,10 @@ class OpKind(Enum):
     REDUCTION = "reduces many elements to few"
     NARROWER_IN_META = "its meta function accepts fewer dtypes than its kernels"
 
+    # Members are singletons compared by identity: hash them so too. Enum's own __hash__ is Python code,
+    # and `kind in kinds` runs ten thousand times in a launch-bound audit.
+    __hash__ = object.__hash__
+
 
 _KINDS: dict[OpOverloadPacket, frozenset[OpKind]] = {}
 _NO_KINDS: frozenset[OpKind] = frozenset()
