@@ -3,7 +3,10 @@
 ``DtypeGraph`` *is* a ``networkx.DiGraph``. Op nodes (``op0``, ``op1``, ... in execution order) and
 tensor nodes (``t0``, ``t1``, ...) alternate: an edge ``tensor -> op`` is an input (attribute ``arg``,
 the argument position or keyword), an edge ``op -> tensor`` an output. An in-place op produces a new
-version of the tensor it mutates, so the graph stays acyclic.
+version of the tensor it mutates, so the graph stays acyclic. A graph built from a trace answers the
+rules' queries from its ``Links`` (an op's inputs and outputs, a tensor's producer and consumers, made
+once from the trace's records) and makes networkx's edge dicts only when networkx's own API is first used
+(exports, drawings, ``nx`` algorithms): they were half the cost of the build, and no rule reads them.
 
 Op node attributes: ``kind="op"``, ``index``, ``target`` (``aten.mm.default``), ``name`` (``aten.mm``),
 ``module`` (state-dict path of the module that ran it, ``""`` for the root), ``inplace``, ``failed`` (it
@@ -116,8 +119,54 @@ def _capped(first: tuple[str, ...], second: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(first + second))[:_ROOTS_KEPT]
 
 
+@dataclass(frozen=True)
+class Links:
+    """Who feeds whom, by node: an op's ``(tensor, argument)`` inputs (one per tensor, as a digraph has one
+    edge: the last argument that passed it) and its outputs, a tensor's producer and its consumers."""
+
+    inputs: dict[str, tuple[tuple[str, str], ...]]
+    outputs: dict[str, tuple[str, ...]]
+    producer: dict[str, str]
+    consumers: dict[str, list[str]]
+
+    @classmethod
+    def read(cls, graph: nx.DiGraph) -> Links:
+        """The links of a graph made through networkx's API (a copy), read from its edges."""
+        ops = [node for node, data in graph.nodes(data="kind") if data == "op"]
+        outputs = {op: tuple(graph.succ[op]) for op in ops}
+        return cls(
+            inputs={op: tuple((source, data["arg"]) for source, data in graph.pred[op].items()) for op in ops},
+            outputs=outputs,
+            producer={tensor: op for op in ops for tensor in outputs[op]},
+            consumers={node: list(graph.succ[node]) for node, data in graph.nodes(data="kind") if data == "tensor"},
+        )
+
+
+class _EdgesOnFirstRead:
+    """networkx's adjacency dicts (``_adj`` and ``_succ``, one dict, and ``_pred``) of a graph built from a
+    trace: made from its links on the first read. Set as networkx sets them (its own descriptors keep
+    ``_adj`` and ``_succ`` one and reset the cached views)."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, graph: DtypeGraph | None, owner: type | None = None) -> Any:
+        if graph is None:
+            return self
+        if self.name not in graph.__dict__:
+            graph.add_traced_edges()
+        return graph.__dict__[self.name]
+
+    def __set__(self, graph: DtypeGraph, value: Any) -> None:
+        vars(nx.DiGraph)[self.name].__set__(graph, value)
+
+
 class DtypeGraph(nx.DiGraph):
     """A networkx digraph of ops and tensors with the queries the rules need."""
+
+    _adj = _EdgesOnFirstRead()
+    _succ = _EdgesOnFirstRead()
+    _pred = _EdgesOnFirstRead()
 
     @classmethod
     def from_tracer(cls, tracer: Tracer, error: BaseException | None = None) -> DtypeGraph:
@@ -149,12 +198,12 @@ class DtypeGraph(nx.DiGraph):
             returns_known=bool(tracer.returned),
             attention_calls=tuple(tracer.attention.calls),  # dtypelint.attention.AttentionCall; not exported
         )
-        graph.add_nodes_from(
-            (f"t{index}", _tensor_attributes(tensor)) for index, tensor in enumerate(tracer.tensors)
-        )
+        tensors = [f"t{index}" for index in range(len(tracer.tensors))]
+        graph._node.update(zip(tensors, map(_tensor_attributes, tracer.tensors), strict=True))
         for index in tracer.returned:
-            graph.nodes[f"t{index}"]["returned"] = True
-        ops, edges = [], []
+            graph._node[tensors[index]]["returned"] = True
+        ops: dict[str, dict[str, Any]] = {}
+        links = Links({}, {}, {}, {})
         autocast_casts = {index for casts in tracer.autocast_casts for index in casts}
         identities: dict[int, dict[str, Any]] = {}  # per distinct op: its names and kinds, worked out once
         for index, record in enumerate(tracer.records):
@@ -162,8 +211,7 @@ class DtypeGraph(nx.DiGraph):
             if identity is None:
                 identity = identities[id(record.func)] = _op_identity(record.func)
             op = f"op{index}"
-            name = identity["name"]
-            attributes = dict(
+            ops[op] = dict(
                 identity,
                 kind="op",
                 index=index,
@@ -172,19 +220,56 @@ class DtypeGraph(nx.DiGraph):
                 autocast=index in autocast_casts,
                 step=bisect.bisect_right(result.step_starts, index),  # 0: the first call; n: decode step n
             )
-            ops.append((op, attributes))
-            edges += [(f"t{tensor}", op, {"arg": argument}) for argument, tensor in record.inputs]
-            edges += [(op, f"t{tensor}", {"out": position}) for position, tensor in enumerate(record.outputs or [])]
+            arguments = {tensors[tensor]: argument for argument, tensor in record.inputs}
+            links.inputs[op] = tuple(arguments.items())
+            for tensor in arguments:
+                links.consumers.setdefault(tensor, []).append(op)
+            made = links.outputs[op] = tuple(tensors[tensor] for tensor in record.outputs or ())
+            for tensor in made:
+                links.producer[tensor] = op
             if not record.inputs:
-                for tensor in record.outputs or []:
-                    graph.nodes[f"t{tensor}"].update(origin=OriginKind.CONSTANT, name=name)
-        graph.add_nodes_from(ops)
-        graph.add_edges_from(edges)
+                for tensor in made:
+                    graph._node[tensor].update(origin=OriginKind.CONSTANT, name=identity["name"])
+        graph._node.update(ops)
+        graph.__dict__.update(links=links, _listed_nodes={"tensor": tuple(tensors), "op": tuple(ops)})
+        for name in ("_adj", "_succ", "_pred"):
+            del graph.__dict__[name]  # made on the first read: ``add_traced_edges``
         return graph
+
+    def add_traced_edges(self) -> None:
+        """networkx's edges, from the links: for networkx's own API (exports, drawings, algorithms)."""
+        successors: dict[str, dict[str, dict[str, Any]]] = {node: {} for node in self._node}
+        predecessors: dict[str, dict[str, dict[str, Any]]] = {node: {} for node in self._node}
+        for op, inputs in self.links.inputs.items():
+            for tensor, argument in inputs:
+                successors[tensor][op] = predecessors[op][tensor] = {"arg": argument}
+            for position, tensor in enumerate(self.links.outputs[op]):
+                successors[op][tensor] = predecessors[tensor][op] = {"out": position}
+        self._adj = successors
+        self._pred = predecessors
+
+    def copy(self, as_view: bool = False) -> DtypeGraph:
+        """An independent copy (attribute dicts copied) with the same links: networkx's own copy adds edges
+        by source node, which would reorder an op's inputs (argument 0 first is what ``source`` follows)."""
+        if as_view:
+            return super().copy(as_view=True)  # type: ignore[return-value]
+        copied = type(self)()
+        copied.graph.update(self.graph)
+        copied._node.update((node, dict(data)) for node, data in self._node.items())
+        copied.__dict__["links"] = self.links
+        for name in ("_adj", "_succ", "_pred"):
+            del copied.__dict__[name]
+        return copied
+
+    @functools.cached_property
+    def links(self) -> Links:
+        """Who feeds whom (see ``Links``). Made with the graph from a trace; read from the edges of a graph
+        made otherwise."""
+        return Links.read(self)
 
     # Queries -------------------------------------------------------------------------------------------
 
-    # The node and adjacency dicts are read directly: these queries run for every op of every rule, and
+    # The node dicts and the links are read directly: these queries run for every op of every rule, and
     # networkx's views cost several times more.
     def op(self, node: str) -> OpNode:
         return self._node[node]  # type: ignore[return-value]
@@ -211,20 +296,20 @@ class DtypeGraph(nx.DiGraph):
 
     def failed_op(self) -> str | None:
         """The op at which the forward raised, if it raised inside one."""
-        return next((op for op in self.ops() if self.nodes[op]["failed"]), None)
+        return next((op for op in self.ops() if self._node[op]["failed"]), None)
 
     def inputs(self, op: str) -> list[tuple[str, str]]:
         """``(tensor node, argument)`` pairs of an op, in argument order."""
-        return [(source, data["arg"]) for source, data in self._pred[op].items()]
+        return list(self.links.inputs[op])
 
     def outputs(self, op: str) -> list[str]:
-        return list(self._succ[op])
+        return list(self.links.outputs[op])
 
     def producer(self, tensor: str) -> str | None:
-        return next(iter(self._pred[tensor]), None)
+        return self.links.producer.get(tensor)
 
     def consumers(self, tensor: str) -> list[str]:
-        return list(self._succ[tensor])
+        return list(self.links.consumers.get(tensor, ()))
 
     def dtype(self, tensor: str) -> torch.dtype:
         return _DTYPES[self._node[tensor]["dtype"]]
@@ -234,16 +319,18 @@ class DtypeGraph(nx.DiGraph):
         memo: dict[str, tuple[str, ...]] = self.__dict__.setdefault("_floating_inputs", {})
         floating = memo.get(op)
         if floating is None:
-            floating = memo[op] = tuple(node for node in self._pred[op] if self.dtype(node).is_floating_point)
+            floating = memo[op] = tuple(node for node, _ in self.links.inputs[op] if self.dtype(node).is_floating_point)
         return list(floating)
 
     def leaves(self, tensor: str) -> list[str]:
         """Every leaf tensor (parameter, buffer, attribute, input, constant) the tensor derives from."""
-        return [
-            node
-            for node in sorted(nx.ancestors(self, tensor) | {tensor}, key=node_order)
-            if self.nodes[node]["kind"] == "tensor" and self.nodes[node]["origin"] in LEAF_ORIGINS
-        ]
+        behind, frontier = {tensor}, [tensor]
+        while frontier:
+            op = self.links.producer.get(frontier.pop())
+            fresh = [source for source, _ in self.links.inputs[op] if source not in behind] if op else []
+            behind.update(fresh)
+            frontier += fresh
+        return [node for node in sorted(behind, key=node_order) if self._node[node]["origin"] in LEAF_ORIGINS]
 
     def find_tensor(self, name: str) -> str | None:
         """The leaf node of a named parameter, buffer, attribute or input, if the forward used it."""
@@ -269,12 +356,13 @@ class DtypeGraph(nx.DiGraph):
         frontier, seen = [tensor], {tensor}
         while frontier:
             node = frontier.pop()
-            for op in self._succ[node]:
+            for op in self.links.consumers.get(node, ()):
                 if self.op_is(op, OpKind.CAST):
                     continue
                 if any(self._node[source]["dtype"] != dtype for source in self.floating_inputs(op)):
                     return op
-                fresh = [output for output in self._succ[op] if output not in seen and self.lineage(output).from_weights]
+                fresh = [output for output in self.links.outputs[op]
+                         if output not in seen and self.lineage(output).from_weights]
                 seen.update(fresh)
                 frontier += fresh
         return None
@@ -398,7 +486,7 @@ class DtypeGraph(nx.DiGraph):
         op = self.producer(tensor)
         if op is None or data["origin"] in LEAF_ORIGINS:
             return []
-        return [source for source in self._pred[op] if self._node[source]["dtype"] == data["dtype"]]
+        return [source for source, _ in self.links.inputs[op] if self._node[source]["dtype"] == data["dtype"]]
 
     def _lineage_here(self, tensor: str, memo: dict[str, Lineage]) -> Lineage:
         data = self._node[tensor]
@@ -472,7 +560,7 @@ class DtypeGraph(nx.DiGraph):
         for op in self.ops():
             if self.op_is(op, OpKind.CAST):
                 continue
-            if len({self.nodes[node]["dtype"] for node in self.floating_inputs(op)}) > 1:
+            if len({self._node[node]["dtype"] for node in self.floating_inputs(op)}) > 1:
                 yield op
 
     def neighbourhood(self, node: str, radius: int = 2) -> DtypeGraph:

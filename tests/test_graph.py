@@ -39,6 +39,43 @@ def test_conflicts_ancestry_and_neighbourhood(failing_graph):
     assert around.number_of_nodes() < failing_graph.number_of_nodes()
 
 
+class Squares(torch.nn.Module):
+    def forward(self, x):
+        return torch.mul(x, x) + 1  # one tensor passed twice: a digraph has one edge for it
+
+
+def test_rules_answer_from_links_and_networkx_edges_are_made_on_first_use(stray_fp32_layer):
+    report = dtypelint.audit(stray_fp32_layer, torch.randn(2, 16, dtype=torch.float16))
+    graph = report.graph
+    assert report.findings and "_succ" not in vars(graph)  # the rules ran without networkx's edge dicts
+    assert graph.number_of_edges() == sum(len(graph.inputs(op)) + len(graph.outputs(op)) for op in graph.ops())
+    for op in graph.ops():
+        assert list(graph.predecessors(op)) == [tensor for tensor, _ in graph.inputs(op)]
+        assert [graph.edges[tensor, op]["arg"] for tensor, _ in graph.inputs(op)] == [arg for _, arg in graph.inputs(op)]
+        assert list(graph.successors(op)) == graph.outputs(op)
+    for tensor in graph.tensors():
+        assert list(graph.successors(tensor)) == graph.consumers(tensor)
+        assert next(graph.predecessors(tensor), None) == graph.producer(tensor)
+    copy = graph.copy()
+    (conflict,) = graph.dtype_conflicts()
+    for tensor in graph.floating_inputs(conflict):
+        copy.nodes[tensor]["dtype"] = "float16"
+    assert [copy.inputs(op) for op in copy.ops()] == [graph.inputs(op) for op in graph.ops()]  # argument order
+    assert list(copy.edges(data=True)) == list(graph.edges(data=True))
+    assert list(graph.dtype_conflicts()) == [conflict] and not list(copy.dtype_conflicts())  # its own node dicts
+    around = graph.neighbourhood(graph.inputs(graph.failed_op())[0][0])
+    assert all(around.inputs(op) == [pair for pair in graph.inputs(op) if pair[0] in around] for op in around.ops())
+
+
+def test_a_tensor_passed_twice_is_one_input_as_one_edge():
+    graph = dtypelint.trace(Squares(), torch.randn(3))
+    (mul,) = [op for op in graph.ops() if graph.op(op)["name"] == "aten.mul"]
+    (square,) = graph.outputs(mul)
+    assert graph.inputs(mul) == [(graph.find_tensor("x"), "1")]  # the last argument that passed it
+    assert graph.consumers(graph.find_tensor("x")) == [mul] and graph.producer(square) == mul
+    assert graph.number_of_edges() == 4  # x -> mul -> square -> add -> out
+
+
 @pytest.mark.parametrize("suffix", [".json", ".graphml", ".dot", ".mmd"])
 def test_exports_round_trip_their_format(failing_graph, tmp_path, suffix):
     path = write_graph(failing_graph, tmp_path / f"graph{suffix}")

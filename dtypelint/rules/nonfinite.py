@@ -153,7 +153,7 @@ def _reaches_end(graph: DtypeGraph, start: list[str], harmless: set[str]) -> boo
 def _main_output(graph: DtypeGraph, tensor: str) -> bool:
     """Not a by-product (a norm's saved mean and rstd): those are never a forward's result."""
     producer = graph.producer(tensor)
-    return producer is None or graph.edges[producer, tensor].get("out", 0) == 0
+    return producer is None or graph.outputs(producer)[0] == tensor
 
 
 def _nonfinite_behind(graph: DtypeGraph, tensor: str, clean: set[str]) -> bool:
