@@ -45,6 +45,7 @@ from dtypelint.vocabulary import LEAF_ORIGINS, WEIGHT_ORIGINS, OpKind, OriginKin
 
 _PRODUCED = Origin(OriginKind.OP)
 _DTYPES = {dtype_name(dtype): dtype for dtype in vars(torch).values() if isinstance(dtype, torch.dtype)}
+_FLOATING = frozenset(name for name, dtype in _DTYPES.items() if dtype.is_floating_point)
 
 
 class OpNode(TypedDict):
@@ -319,7 +320,8 @@ class DtypeGraph(nx.DiGraph):
         memo: dict[str, tuple[str, ...]] = self.__dict__.setdefault("_floating_inputs", {})
         floating = memo.get(op)
         if floating is None:
-            floating = memo[op] = tuple(node for node, _ in self.links.inputs[op] if self.dtype(node).is_floating_point)
+            nodes = self._node
+            floating = memo[op] = tuple(node for node, _ in self.links.inputs[op] if nodes[node]["dtype"] in _FLOATING)
         return list(floating)
 
     def leaves(self, tensor: str) -> list[str]:

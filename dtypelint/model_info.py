@@ -4,6 +4,7 @@ and tensor attributes as they were when the trace started, and the config fields
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,7 +49,9 @@ class ModelInfo:
                     compute)
 
     @classmethod
-    def of(cls, model: torch.nn.Module) -> ModelInfo:
+    def of(cls, model: torch.nn.Module, modules: Sequence[tuple[str, torch.nn.Module]] | None = None) -> ModelInfo:
+        """``modules``: ``model.named_modules()`` where the caller has walked them already."""
+        modules = list(model.named_modules()) if modules is None else modules
         tensors: dict[str, TensorInfo] = {}
         dtype_attributes: dict[str, torch.dtype] = {}
         aliases: dict[str, list[str]] = {}
@@ -61,7 +64,7 @@ class ModelInfo:
             tensors[name] = TensorInfo(
                 OriginKind.PARAMETER, param.dtype, tuple(param.shape), str(param.device), True, param.requires_grad
             )
-        for module_name, module in model.named_modules():
+        for module_name, module in modules:
             non_persistent = module._non_persistent_buffers_set
             for buffer_name, buffer in module._buffers.items():
                 if buffer is None:
@@ -71,17 +74,18 @@ class ModelInfo:
                     OriginKind.BUFFER, buffer.dtype, tuple(buffer.shape), str(buffer.device), buffer_name not in non_persistent
                 )
             for attribute, value in vars(module).items():
-                name = qualified_name(module_name, attribute)
-                if isinstance(value, torch.Tensor) and name not in tensors:
-                    tensors[name] = TensorInfo(OriginKind.ATTRIBUTE, value.dtype, tuple(value.shape), str(value.device))
+                if isinstance(value, torch.Tensor):
+                    name = qualified_name(module_name, attribute)
+                    if name not in tensors:
+                        tensors[name] = TensorInfo(OriginKind.ATTRIBUTE, value.dtype, tuple(value.shape), str(value.device))
                 elif isinstance(value, torch.dtype):
-                    dtype_attributes[name] = value
+                    dtype_attributes[qualified_name(module_name, attribute)] = value
         config = getattr(model, "config", None)
         # A pipeline's or wrapper's components bring their own (T5's ``wo`` inside a diffusers pipeline).
-        keep = {kept for module in model.modules() for kept in getattr(module, "_keep_in_fp32_modules", None) or ()}
+        keep = {kept for _, module in modules for kept in getattr(module, "_keep_in_fp32_modules", None) or ()}
         return cls(
             class_name=type(model).__name__,
-            modules={name: type(module).__name__ for name, module in model.named_modules()},
+            modules={name: type(module).__name__ for name, module in modules},
             tensors=tensors,
             aliases=aliases,
             keep_in_fp32_modules=sorted(keep),

@@ -22,7 +22,7 @@ import re
 import sys
 import weakref
 from collections import deque
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -226,8 +226,10 @@ class ModuleTracker:
     shape of ``torch.utils.module_tracker``). ``on_module`` is called as each module starts (a progress
     bar's update)."""
 
-    def __init__(self, model: torch.nn.Module, on_module: Callable[[], object] | None = None) -> None:
-        self._names = {id(module): name for name, module in model.named_modules()}
+    def __init__(self, model: torch.nn.Module, on_module: Callable[[], object] | None = None,
+                 modules: Sequence[tuple[str, torch.nn.Module]] | None = None) -> None:
+        """``modules``: ``model.named_modules()`` where the caller has walked them already."""
+        self._names = {id(module): name for name, module in (model.named_modules() if modules is None else modules)}
         self._root = model
         self.root_outputs: list[Any] = []  # what the model's forward returned, each time it returned
         self._stack: list[str] = [""]
@@ -320,14 +322,15 @@ class Tracer(TorchDispatchMode):
         self.records: list[OpRecord] = []
         self.tensors: list[TensorRecord] = []
         self.origins: dict[int, Origin] = {}
-        self.model_info = ModelInfo.of(model)
+        self._walked = list(model.named_modules())  # the module tree, walked once per trace
+        self.model_info = ModelInfo.of(model, self._walked)
         # Origin tensors stay referenced so their ids cannot be reused during the trace. Activations are
         # not kept alive (that would defeat the allocator's reuse): a weak reference guards their ids.
         self._keepalive: list[torch.Tensor] = []
         self._live: dict[int, tuple[int, weakref.ref]] = {}
         self._extremes: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # measured, not yet read back
         self._on_module = on_module
-        self.modules = ModuleTracker(model, self._module_started)
+        self.modules = ModuleTracker(model, self._module_started, self._walked)
         self._saved_modes: GlobalModes | None = None
         self.attention = AttentionRecorder(lambda: (self.modules.current, len(self.records)))
         self.autocast: str | None = None  # the autocast dtype the forward started under, if any
@@ -350,7 +353,7 @@ class Tracer(TorchDispatchMode):
         for name, tensor in state.items():
             info = self.model_info.tensors.get(name)
             self._add_origin(tensor, Origin(info.kind if info else OriginKind.PARAMETER, name))
-        for module_name, module in self.model.named_modules():
+        for module_name, module in self._walked:
             for attribute, value in vars(module).items():
                 if isinstance(value, torch.Tensor):
                     self._add_origin(value, Origin(OriginKind.ATTRIBUTE, qualified_name(module_name, attribute)))
@@ -572,7 +575,7 @@ class Tracer(TorchDispatchMode):
     def _note_stored_tensors(self) -> None:
         """Name the tensors the forward made and assigned to a buffer or tensor attribute (timm rebuilds
         ``self.rel_indices`` for a new input size): the table then carries the buffer's name."""
-        for module_name, module in self.model.named_modules():
+        for module_name, module in self._walked:
             attributes = [(OriginKind.ATTRIBUTE, key, value) for key, value in vars(module).items()]
             for kind, attribute, value in [*((OriginKind.BUFFER, *item) for item in module._buffers.items()), *attributes]:
                 index = self._recorded(value)
