@@ -74,7 +74,9 @@ def runs_cuda_kernels(implementation: str) -> bool:
     backend such as sage or xformers."""
     if is_flash(implementation):
         return True
-    return implementation not in _OFF_CUDA_BACKENDS and implementation in diffusers_attention_backends()
+    if implementation in _OFF_CUDA_BACKENDS or implementation in known_attention_implementations():
+        return False  # transformers' sdpa or eager: no need to import diffusers to know
+    return implementation in diffusers_attention_backends()
 
 
 def check_attention_implementation(name: str) -> None:

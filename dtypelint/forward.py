@@ -90,7 +90,8 @@ def _attention_standin(model: torch.nn.Module, requested: str | None,
         _note(notes, f"attention traced with a CPU stand-in for diffusers' {backend} backend (SDPA numerics); "
                      f"every attention call is checked {checked}")
         return attention_backend_standin(backend)
-    if requested in diffusers_attention_backends() and requested not in known_attention_implementations():
+    if (requested is not None and requested not in known_attention_implementations()
+            and requested in diffusers_attention_backends()):  # diffusers imported only for a name it may own
         raise UsageError(f"attn_implementation {requested!r} is a backend of diffusers' attention dispatcher; "
                          f"{type(model).__name__} is not a diffusers model")
     flash = requested_flash(model, requested)

@@ -269,3 +269,21 @@ def test_other_packages_warnings_and_log_lines_are_counted_unless_asked_for(tmp_
         counted = ("other packages printed 2 warnings or log lines while loading and tracing "
                    "(somepackage log, FutureWarning); -v shows them")
         assert (counted in result.stderr) == (shown == "counted"), result.stderr
+
+
+@pytest.mark.parametrize("attn_implementation", [None, "sdpa"])
+def test_a_transformers_check_does_not_import_diffusers(attn_implementation, tmp_path):
+    """diffusers (0.2 s of imports) is read only for an attention name transformers does not know."""
+    chosen = [] if attn_implementation is None else ["--attn-implementation", attn_implementation]
+    probe = textwrap.dedent(f"""
+        import sys
+        from dtypelint.cli import main
+        code = main(["check", {str(ROOT / "examples" / "configs" / "llama-3-70b")!r}, "--mode", "meta", "-q", *{chosen!r}])
+        assert "diffusers" not in sys.modules, "diffusers was imported"
+        sys.exit(code)
+    """)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    checked = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, env=env,
+                             timeout=300)
+    assert "diffusers was imported" not in checked.stderr
+    assert checked.returncode in (0, 1), checked.stderr
